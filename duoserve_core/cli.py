@@ -1,0 +1,95 @@
+"""``python -m duoserve_core generate ...``: one generation, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .engine import load
+from .errors import DuoServeError
+from .experts.formats import QUANT_CHOICES
+from .policy import POLICIES
+from .units import format_bytes
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m duoserve_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate from a Mixtral checkpoint with offloaded experts")
+    g.add_argument("--model", required=True, help="checkpoint folder, or synthetic:mixtral-8x7b|mixtral-8x22b|tiny")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
+    prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--memory-budget", default=None,
+                   help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
+    g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
+    g.add_argument("--policy", choices=sorted(POLICIES), default="on-demand")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")
+    g.add_argument("--max-context", type=int, default=None, help="longest prompt + output to plan memory for")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, and the seed of synthesized weights")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--timeline-out", default=None, help="write a Chrome trace (open in ui.perfetto.dev)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> dict:
+    runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
+                   policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
+                   max_context=args.max_context, seed=args.seed)
+    result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
+    if args.timeline_out:
+        runtime.timeline.write_chrome_trace(args.timeline_out)
+    return {**result.as_dict(), "runtime": runtime.describe()}
+
+
+def _print_table(out: dict) -> None:
+    rt = out["runtime"]
+    rows = [
+        ("model", f"{rt['model']} ({rt['layers']} layers, {rt['experts']} experts, top-{rt['top_k']})"),
+        ("device", out["device"]), ("policy", rt["policy"]), ("experts stored as", rt["expert_format"]),
+        ("expert slots", f"{rt['memory_plan']['num_slots']} of {rt['memory_plan']['total_experts']}"),
+        ("tokens", " ".join(map(str, out["tokens"]))),
+        ("TTFT", f"{out['ttft_s'] * 1e3:.1f} ms"),
+        ("TPOT", "-" if out["tpot_s"] is None else f"{out['tpot_s'] * 1e3:.1f} ms"),
+        ("E2E", f"{out['e2e_s'] * 1e3:.1f} ms"),
+        ("peak GPU memory", "-" if out["peak_gpu_bytes"] is None else format_bytes(out["peak_gpu_bytes"])),
+        ("H2D moved", f"{format_bytes(out['h2d_bytes'])} in {out['h2d_copies']} copies"),
+        ("expert hits / misses", f"{out['expert_hits']} / {out['expert_misses']}"),
+    ]
+    if out["text"] is not None:
+        rows.insert(5, ("text", out["text"]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = generate(args)
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(out)
+    return 0

@@ -1,0 +1,284 @@
+"""Requests in, tokens out: loading, the prefill and decode phases, metrics and the timeline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .checkpoint import TensorSource, dense_shapes, open_source
+from .errors import DeviceError, PromptError
+from .experts.cache import ExpertCache
+from .experts.executor import ExpertExecutor
+from .experts.formats import make_format
+from .experts.host_store import HostExpertStore
+from .experts.transfer import TransferEngine
+from .memory import MemoryPlan, plan_memory
+from .model import OffloadedMixtral, build_skeleton, dense_bytes, materialize
+from .policy import Phase, Policy, make_policy
+from .timeline import Timeline
+from .units import format_bytes, parse_bytes
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass
+class GenerationResult:
+    """What one ``generate`` call produced and what it cost."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    ttft_s: float
+    tpot_s: float | None
+    e2e_s: float
+    peak_gpu_bytes: int | None
+    h2d_bytes: int
+    h2d_copies: int
+    h2d_bandwidth_gbps: float | None
+    expert_hits: int
+    expert_misses: int
+    device: str
+    policy: dict
+    phases: dict = field(default_factory=dict)
+    text: str | None = None
+    logits: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("logits")
+        return out
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` picks CUDA when present; a device that is not there is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"device {device!r} is not supported; use cpu or cuda")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise DeviceError(f"--device {device} was asked for, but no CUDA GPU is visible (torch {torch.__version__}, "
+                          f"{build}); use --device cpu, or run on a machine with an NVIDIA GPU")
+    index = dev.index or 0
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+class Runtime:
+    """An offloaded Mixtral: non-expert weights on the device, experts in host memory."""
+
+    def __init__(self, source: TensorSource, *, device: str | torch.device | None = "auto", quant: str = "nf4",
+                 memory_budget: str | int | None = None, policy: str | Policy = "on-demand",
+                 dtype: torch.dtype | None = None, max_context: int | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True):
+        self.device = resolve_device(device)
+        self.source, self.config, self.tokenizer = source, source.config, tokenizer
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.quant = quant
+        model_context = self.config.max_position_embeddings
+        self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, model_context)
+        if max_context and max_context > model_context:
+            raise PromptError(f"max_context {max_context} exceeds the model's context of {model_context} tokens")
+
+        skeleton = build_skeleton(source)
+        checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = getattr(torch, checkpoint_dtype)
+        self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
+        budget = self._budget_bytes(memory_budget)
+        self.plan: MemoryPlan = plan_memory(self.config, dense_bytes(skeleton, self.dtype), self.format, budget,
+                                            self.max_context, self.dtype, self.device.type)
+        self.policy = make_policy(policy)
+
+        cuda = self.device.type == "cuda"
+        self.timeline = Timeline(self.device, enabled=record_timeline)
+        self.store = HostExpertStore(self.config.num_hidden_layers, self.config.num_local_experts,
+                                     self.format.nbytes, pin=cuda)
+        t0 = time.perf_counter()
+        self._load_experts()
+        self.expert_load_s = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.empty_cache()
+        materialize(skeleton, source, self.device, self.dtype)
+        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.timeline)
+        self.cache = ExpertCache(self.engine, self.policy, self.config.num_hidden_layers,
+                                 self.config.num_local_experts)
+        self.policy.attach(self.cache)
+        executor = ExpertExecutor(self.cache, self.engine, self.policy, self.format, self.timeline,
+                                  self.config.num_experts_per_tok)
+        for layer in skeleton.model.layers:
+            layer.mlp.executor = executor
+        self.executor = executor
+        self.model = OffloadedMixtral(skeleton, self.timeline,
+                                      lambda layer: executor.apply(self.policy.layer_started(layer)))
+
+    # -- loading -----------------------------------------------------------------------------
+    def _budget_bytes(self, memory_budget: str | int | None) -> int | None:
+        full = self.full_model_bytes()
+        if memory_budget is None:
+            if self.device.type != "cuda":
+                return None
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.9)
+        budget = parse_bytes(memory_budget, percent_of=full)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if budget > free:
+                raise DeviceError(f"memory budget {format_bytes(budget)} exceeds the GPU's free memory "
+                                  f"{format_bytes(free)}; lower --memory-budget")
+        return budget
+
+    def full_model_bytes(self) -> int:
+        """The whole model at this quantization: what "15%" of the model is taken of."""
+        c = self.config
+        experts = c.num_hidden_layers * c.num_local_experts * self.format.nbytes
+        skeleton_params = sum(int(torch.Size(s).numel()) for s in dense_shapes(c).values())
+        return experts + skeleton_params * torch.empty((), dtype=self.dtype).element_size()
+
+    def _load_experts(self) -> None:
+        """Read each expert once, convert it to the storage format, write it into the host store."""
+        work = self.device
+        for layer in range(self.config.num_hidden_layers):
+            for expert in range(self.config.num_local_experts):
+                self.format.pack(self.source.expert(layer, expert), self.store.record(layer, expert), work)
+        if work.type == "cuda":
+            torch.cuda.synchronize(work)
+
+    # -- generation --------------------------------------------------------------------------
+    def encode(self, prompt: str | None, prompt_ids: list[int] | None) -> list[int]:
+        if (prompt is None) == (prompt_ids is None):
+            raise PromptError("give exactly one of prompt (text) or prompt_ids (token ids)")
+        if prompt is not None:
+            if not prompt.strip():
+                raise PromptError("the prompt is empty; pass some text")
+            if self.tokenizer is None:
+                raise PromptError(f"{self.source.name} has no tokenizer; pass token ids (--prompt-ids 1,2,3)")
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise PromptError("the prompt is empty; pass at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise PromptError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+                 return_logits: bool = False) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens; greedy when ``temperature`` is 0."""
+        ids = self.encode(prompt, prompt_ids)
+        if max_new_tokens < 1:
+            raise PromptError("max_new_tokens must be at least 1")
+        if len(ids) + max_new_tokens > self.max_context:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {len(ids) + max_new_tokens} "
+                f"exceed the context of {self.max_context} tokens this runtime was built for; shorten the prompt, "
+                f"lower max_new_tokens, or load with a larger max_context (the model allows "
+                f"{self.config.max_position_embeddings})"
+            )
+        eos = self.config.eos_token_id if stop_at_eos else None
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timeline.reset()
+        stats_start = self.cache.stats.as_dict()
+        cache = self.model.new_cache()
+        tokens, logits_out, phases = [], [], {}
+        step_input = torch.tensor([ids], device=self.device)
+        t0 = time.perf_counter()
+        ttft = 0.0
+        for step in range(max_new_tokens):
+            phase = Phase.PREFILL if step == 0 else Phase.DECODE
+            self.timeline.phase, self.timeline.step = phase.value, step
+            self.executor.apply(self.policy.phase(phase))
+            logits = self.model.forward(step_input, cache)
+            token = _sample(logits[0], temperature, generator)
+            tokens.append(token)
+            if return_logits:
+                logits_out.append(logits[0].cpu())
+            if step == 0:
+                ttft = time.perf_counter() - t0
+                phases["prefill"] = _delta(stats_start, self.cache.stats.as_dict())
+                stats_decode = self.cache.stats.as_dict()
+            if token in eos:
+                break
+            step_input = torch.tensor([[token]], device=self.device)
+        e2e = time.perf_counter() - t0
+        phases["decode"] = _delta(stats_decode, self.cache.stats.as_dict())
+        total = _delta(stats_start, self.cache.stats.as_dict())
+        copies = [r for r in self.timeline.rows() if r["kind"] == "h2d"]
+        copy_ms = sum(r["duration_ms"] for r in copies)
+        return GenerationResult(
+            tokens=tokens, prompt_tokens=len(ids), ttft_s=ttft,
+            tpot_s=(e2e - ttft) / (len(tokens) - 1) if len(tokens) > 1 else None, e2e_s=e2e,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
+            h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
+            expert_hits=total["hits"], expert_misses=total["misses"], device=_device_name(self.device),
+            policy=self.policy.describe(), phases=phases,
+            text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
+            logits=logits_out if return_logits else None,
+        )
+
+    def describe(self) -> dict:
+        """The runtime's configuration, for result files."""
+        return {
+            "model": self.source.name, "layers": self.config.num_hidden_layers,
+            "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
+            "quant": self.quant, "expert_format": self.format.name, "compute_dtype": str(self.dtype).split(".")[-1],
+            "device": _device_name(self.device), "max_context": self.max_context,
+            "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
+            "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
+            "full_model_bytes": self.full_model_bytes(), **self.policy.describe(),
+        }
+
+
+def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",
+         memory_budget: str | int | None = None, policy: str | Policy = "on-demand", num_layers: int | None = None,
+         dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
+         synth_device: str | torch.device | None = None, record_timeline: bool = True) -> Runtime:
+    """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
+
+    ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
+    device, which keeps full-size synthesis fast on a GPU).
+    """
+    dev = resolve_device(device)
+    source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or dev)
+    tokenizer = _load_tokenizer(source.path) if source.path is not None else None
+    return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
+                   max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline)
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((path / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

@@ -1,0 +1,25 @@
+"""Errors a user can act on.
+
+Every error names the problem and the fix. They subclass ValueError/RuntimeError so that
+callers who do not care about the distinction can still catch them broadly.
+"""
+
+
+class DuoServeError(Exception):
+    """Base class for errors raised by duoserve_core."""
+
+
+class CheckpointError(DuoServeError, ValueError):
+    """The checkpoint folder, its config or its tensors are missing or malformed."""
+
+
+class BudgetError(DuoServeError, ValueError):
+    """The memory budget cannot hold what the runtime needs."""
+
+
+class PromptError(DuoServeError, ValueError):
+    """The prompt is empty, too long, or cannot be tokenized."""
+
+
+class DeviceError(DuoServeError, RuntimeError):
+    """The requested device does not exist on this machine."""

@@ -1,0 +1,1 @@
+"""Expert storage and movement: host store, formats, device slots, copy stream, cache."""

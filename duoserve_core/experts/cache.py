@@ -1,0 +1,107 @@
+"""Which expert sits in which slot, what is pinned, and what every decision cost.
+
+The cache is the bookkeeping half of the executor: it maps (layer, expert) to slots, asks
+the policy which expert to evict when it needs room, never evicts a pinned expert, and counts
+every hit, miss, prefetch and byte moved. The transfer engine does the moving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..policy.base import ExpertKey, Policy
+from .transfer import TransferEngine
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0              # needed by the router and already resident (or in flight)
+    misses: int = 0            # needed by the router and loaded on demand
+    prefetches: int = 0        # loaded ahead of need by the policy's plan
+    prefetch_hits: int = 0     # prefetched experts later needed before being evicted
+    prefetch_wasted: int = 0   # prefetched experts evicted or released without being needed
+    evictions: int = 0
+    h2d_copies: int = 0
+    h2d_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ExpertCache:
+    """Slot bookkeeping over a ``TransferEngine``; implements the policy's ``CacheView``."""
+
+    def __init__(self, engine: TransferEngine, policy: Policy, num_layers: int, num_experts: int):
+        self.engine, self.policy = engine, policy
+        self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, engine.num_slots
+        self.stats = CacheStats()
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._free: list[int] = list(range(self.capacity - 1, -1, -1))
+        self._pinned: set[ExpertKey] = set()
+        self._last_use: dict[ExpertKey, int] = {}
+        self._unused_prefetch: set[ExpertKey] = set()
+        self._clock = 0
+
+    # -- CacheView ---------------------------------------------------------------------------
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self._slot_of
+
+    def resident(self) -> set[ExpertKey]:
+        return set(self._slot_of)
+
+    def last_use(self, key: ExpertKey) -> int:
+        return self._last_use.get(key, -1)
+
+    # -- executor side -----------------------------------------------------------------------
+    def can_make_room(self) -> bool:
+        return bool(self._free) or len(self._pinned) < len(self._slot_of)
+
+    def acquire(self, key: ExpertKey) -> tuple[int, bool]:
+        """Pin ``key`` for the layer in progress, loading it on demand; return (slot, hit)."""
+        hit = key in self._slot_of
+        if hit:
+            self.stats.hits += 1
+            if key in self._unused_prefetch:
+                self._unused_prefetch.discard(key)
+                self.stats.prefetch_hits += 1
+        else:
+            self.stats.misses += 1
+            self._load(key)
+        self._pinned.add(key)
+        self._clock += 1
+        self._last_use[key] = self._clock
+        return self._slot_of[key], hit
+
+    def unpin(self, key: ExpertKey) -> None:
+        self._pinned.discard(key)
+
+    def prefetch(self, key: ExpertKey) -> bool:
+        """Load ``key`` ahead of need if there is room; return whether a copy was issued."""
+        if key in self._slot_of or not self.can_make_room():
+            return False
+        self._load(key)
+        self.stats.prefetches += 1
+        self._unused_prefetch.add(key)
+        return True
+
+    def release(self, key: ExpertKey) -> None:
+        """Forget ``key`` (its slot becomes free) unless it is pinned by the layer in progress."""
+        if key in self._slot_of and key not in self._pinned:
+            self._free.append(self._slot_of.pop(key))
+            if key in self._unused_prefetch:
+                self._unused_prefetch.discard(key)
+                self.stats.prefetch_wasted += 1
+
+    def _load(self, key: ExpertKey) -> None:
+        if not self._free:
+            candidates = [k for k in self._slot_of if k not in self._pinned]
+            if not candidates:
+                raise RuntimeError("no expert slot can be freed: every slot is pinned by the layer in progress")
+            victim = self.policy.eviction_order(candidates)[0]
+            self.release(victim)
+            self.stats.evictions += 1
+        slot = self._free.pop()
+        self._slot_of[key] = slot
+        self.engine.copy_in(slot, key)
+        self.stats.h2d_copies += 1
+        self.stats.h2d_bytes += self.engine.store.record_bytes

@@ -1,0 +1,106 @@
+"""Runs one MoE layer with experts that live in the cache, and carries out the policy's plans.
+
+Per layer: the router runs on the compute stream; its top-k goes to the host (the one
+unavoidable sync per layer: which experts to fetch is data-dependent); the policy hears
+``router_done``; experts already resident are computed first while the missing ones are
+copied; each expert's kernels start as soon as its own copy has landed.
+
+Numbers never depend on the schedule: each expert writes its weighted output to its own rows
+of a (token, k) buffer, and the k contributions of each token are summed in ascending expert
+order at the end, the same order transformers' ``MixtralExperts`` accumulates in. So whatever
+order the experts were computed in, the result has the same bits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..policy.base import Plan, Policy
+from ..timeline import Timeline
+from .cache import ExpertCache
+from .formats import ExpertFormat
+from .transfer import TransferEngine
+
+
+class ExpertExecutor:
+    """Owns the cache, the transfer engine and the policy for every MoE layer of a model."""
+
+    def __init__(self, cache: ExpertCache, engine: TransferEngine, policy: Policy, fmt: ExpertFormat,
+                 timeline: Timeline, top_k: int):
+        self.cache, self.engine, self.policy, self.fmt = cache, engine, policy, fmt
+        self.timeline, self.top_k = timeline, top_k
+
+    def apply(self, plan: Plan) -> None:
+        for key in plan.release:
+            self.cache.release(key)
+        for key in plan.load:
+            if not self.cache.prefetch(key) and not self.cache.is_resident(key) and not self.cache.can_make_room():
+                break  # every slot is pinned; the rest of the plan waits for the next event
+
+    def moe(self, layer: int, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        k = self.top_k
+        with self.timeline.span("compute", "router", layer):
+            router_logits, top_w, top_idx = gate(x)
+            probs = F.softmax(router_logits.float(), dim=-1)
+            routed = torch.cat([top_idx.to(torch.float32), probs], dim=1).cpu()  # one device->host sync
+        idx_cpu, probs_cpu = routed[:, :k].to(torch.int64), routed[:, k:]
+        self.apply(self.policy.router_done(layer, idx_cpu, probs_cpu))
+
+        flat = idx_cpu.flatten()  # row r = token * k + j
+        rows_by_expert = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.cache.num_experts).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        rows_dev = rows_by_expert.to(x.device, non_blocking=True)
+        needed = [e for e, c in enumerate(counts) if c]
+        resident_first = sorted(needed, key=lambda e: not self.cache.is_resident((layer, e)))
+
+        contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
+        weights = top_w.reshape(-1)
+        pending, in_flight = deque(resident_first), deque()
+        while pending or in_flight:
+            while pending and (self.cache.is_resident((layer, pending[0])) or self.cache.can_make_room()):
+                e = pending.popleft()
+                slot, _ = self.cache.acquire((layer, e))
+                in_flight.append((e, slot))
+            e, slot = in_flight.popleft()
+            rows = rows_dev[starts[e]:starts[e + 1]]
+            self.engine.wait_ready(slot)
+            span = self.timeline.start("compute", "expert", layer, e)
+            y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // k))
+            contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
+            self.engine.mark_read(slot)
+            self.timeline.end(span)
+            self.cache.unpin((layer, e))
+
+        per_token = contrib.view(x.shape[0], k, x.shape[1])
+        order = top_idx.argsort(dim=1)
+        per_token = per_token.gather(1, order[:, :, None].expand(-1, -1, x.shape[1]))
+        out = per_token[:, 0]
+        for j in range(1, k):
+            out = out + per_token[:, j]
+        self.apply(self.policy.layer_done(layer))
+        return out.reshape(shape)
+
+
+class OffloadedMoE(nn.Module):
+    """Drop-in replacement for transformers' ``MixtralSparseMoeBlock`` (``layer.mlp``).
+
+    Keeps the model's own router (``gate``) and computes the experts through the executor.
+    """
+
+    def __init__(self, gate: nn.Module, layer: int):
+        super().__init__()
+        self.gate = gate
+        self.layer = layer
+        self.executor: ExpertExecutor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.executor.moe(self.layer, self.gate, hidden_states)

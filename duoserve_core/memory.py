@@ -1,0 +1,97 @@
+"""The memory budget, spent once, before anything is loaded.
+
+Order of claims on the budget: non-expert weights (exact, from the model's parameters), the KV
+cache at the longest context the runtime accepts, activations of the largest forward pass,
+the workspace a quantized expert needs while it is computed, a margin for the allocator; the
+rest is expert slots. A budget that cannot hold one layer's top-k experts after that fails
+here, with the figure that would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import MixtralConfig
+
+from .errors import BudgetError
+from .experts.formats import ExpertFormat, NF4Format
+from .units import format_bytes
+
+# Room for the CUDA caching allocator's rounding and fragmentation; the CPU has no such allocator.
+CUDA_ALLOCATOR_MARGIN = 64 * 2**20
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int | None
+    dense_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    workspace_bytes: int
+    margin_bytes: int
+    expert_bytes: int          # one expert record
+    num_slots: int
+    total_experts: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return (self.dense_bytes + self.kv_cache_bytes + self.activation_bytes + self.workspace_bytes
+                + self.margin_bytes)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.num_slots * self.expert_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "fixed_bytes": self.fixed_bytes, "slot_bytes": self.slot_bytes}
+
+
+def kv_cache_bytes(config: MixtralConfig, context: int, dtype: torch.dtype, batch: int = 1) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return batch * context * per_token * _size(dtype)
+
+
+def activation_bytes(config: MixtralConfig, tokens: int, dtype: torch.dtype) -> int:
+    """Live activations of one layer's forward over ``tokens`` tokens (an upper estimate)."""
+    h, i, k, e = config.hidden_size, config.intermediate_size, config.num_experts_per_tok, config.num_local_experts
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    qkv = (2 * config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    per_token = (6 * h + qkv + k * h + 2 * h + 3 * i) * _size(dtype) + 3 * e * 4
+    return tokens * per_token + config.vocab_size * 4 * 2
+
+
+def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype) -> int:
+    """NF4 experts over many tokens are dequantized to dense weights for the duration of a matmul."""
+    return fmt.params * _size(dtype) if isinstance(fmt, NF4Format) else 0
+
+
+def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budget: int | None,
+                max_context: int, dtype: torch.dtype, device_type: str) -> MemoryPlan:
+    total = config.num_hidden_layers * config.num_local_experts
+    plan = MemoryPlan(
+        budget_bytes=budget, dense_bytes=dense_bytes,
+        kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
+        activation_bytes=activation_bytes(config, max_context, dtype),
+        workspace_bytes=workspace_bytes(fmt, dtype), margin_bytes=CUDA_ALLOCATOR_MARGIN if device_type == "cuda" else 0,
+        expert_bytes=fmt.nbytes, num_slots=total, total_experts=total,
+    )
+    if budget is None:
+        return plan
+    minimum = plan.fixed_bytes + config.num_experts_per_tok * fmt.nbytes
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} is too small: non-expert weights {format_bytes(plan.dense_bytes)} "
+            f"+ KV cache {format_bytes(plan.kv_cache_bytes)} ({max_context} tokens) + activations "
+            f"{format_bytes(plan.activation_bytes)} + expert workspace {format_bytes(plan.workspace_bytes)} "
+            f"+ margin {format_bytes(plan.margin_bytes)} + one layer's top-{config.num_experts_per_tok} experts "
+            f"({config.num_experts_per_tok} x {format_bytes(fmt.nbytes)}) need {format_bytes(minimum)}. "
+            f"Raise --memory-budget to at least {format_bytes(minimum)}, or lower --max-context."
+        )
+    plan.num_slots = min(total, (budget - plan.fixed_bytes) // fmt.nbytes)
+    return plan
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

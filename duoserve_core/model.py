@@ -1,0 +1,82 @@
+"""The non-expert part of Mixtral, built from transformers' own modules, on the device.
+
+The model is first built on the ``meta`` device (no memory), its MoE blocks are swapped for
+``OffloadedMoE`` (which keeps the router and drops the experts), and only then are the
+remaining parameters materialised on the device and filled from the tensor source. So the
+full model never exists anywhere, and the byte count of what remains is exact before a
+single weight is read.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, MixtralForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+from .checkpoint import TensorSource
+from .experts.executor import OffloadedMoE
+from .timeline import Timeline
+
+
+def build_skeleton(source: TensorSource) -> MixtralForCausalLM:
+    """Mixtral on the meta device with every ``layer.mlp`` replaced by an ``OffloadedMoE``."""
+    config = source.config
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp = OffloadedMoE(layer.mlp.gate, index)
+    return model.eval()
+
+
+def dense_bytes(model: MixtralForCausalLM, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def materialize(model: MixtralForCausalLM, source: TensorSource, device: torch.device, dtype: torch.dtype) -> None:
+    """Allocate the non-expert parameters on ``device`` and copy them from ``source``."""
+    model.to(dtype)  # on meta: free, and avoids a transient fp32 copy on the device
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(source.dense(name))
+    # Non-persistent buffers (rotary frequencies) were left uninitialised by to_empty.
+    model.model.rotary_emb = MixtralRotaryEmbedding(model.config).to(device)
+
+
+class OffloadedMixtral:
+    """A forward pass over transformers' Mixtral modules, one layer at a time.
+
+    Written out (rather than calling ``MixtralModel.forward``) so that the engine sees layer
+    boundaries: the policy hears ``layer_started`` before each attention, and attention is
+    timed on its own, which the prefill pipeline and the timeline need.
+    """
+
+    def __init__(self, model: MixtralForCausalLM, timeline: Timeline, on_layer_started):
+        self.model, self.timeline, self.on_layer_started = model, timeline, on_layer_started
+        self.config = model.config
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Logits of the last position, ``[batch, vocab]`` in fp32; ``cache`` is extended."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        past = cache.get_seq_length()
+        position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+        mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache,
+                       position_ids=position_ids)
+        rotary = inner.rotary_emb(hidden, position_ids=position_ids)
+        for index, layer in enumerate(inner.layers):
+            self.on_layer_started(index)
+            with self.timeline.span("compute", "attention", index):
+                attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
+                                          attention_mask=mask, past_key_values=cache)
+                hidden = hidden + attn
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = inner.norm(hidden[:, -1:])
+        return self.model.lm_head(last)[:, -1].float()

@@ -1,0 +1,86 @@
+"""The policy interface: events in, plans out. A policy never touches CUDA.
+
+The executor (real or simulated) tells the policy what happens, in this order per forward:
+
+    phase(prefill | decode)                        once per step
+    layer_started(l)                               before layer l's attention
+    router_done(l, topk, probs)                    after layer l's router (CPU tensors)
+    layer_done(l)                                  after layer l's experts are queued
+
+and carries out the ``Plan`` each call returns: ``load`` lists (layer, expert) pairs to copy
+ahead of need, most urgent first; ``release`` lists experts whose slots may be reused now.
+Loading what the router asks for and is not resident is the executor's job (a demand miss),
+as is pinning the experts of the layer in progress until their kernels have been queued.
+
+When the executor needs a slot and none is free, it asks ``eviction_order`` to rank the
+unpinned resident experts, and evicts the first. The default rule is least recently used;
+policies override it (the decode scheduler ranks by predicted reuse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, Sequence
+
+import torch
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+class Phase(str, Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Plan:
+    load: list[ExpertKey] = field(default_factory=list)
+    release: list[ExpertKey] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.load or self.release)
+
+
+NO_PLAN = Plan()
+
+
+class CacheView(Protocol):
+    """What a policy may read of the executor's cache."""
+
+    num_layers: int
+    num_experts: int
+    capacity: int  # slots
+
+    def is_resident(self, key: ExpertKey) -> bool: ...
+    def resident(self) -> set[ExpertKey]: ...
+    def last_use(self, key: ExpertKey) -> int: ...
+
+
+class Policy:
+    """Base policy: no prefetch, keep whatever is loaded, evict least recently used."""
+
+    name = "base"
+
+    def attach(self, cache: CacheView) -> None:
+        """Called once when the runtime is built; may raise if the budget cannot serve the policy."""
+        self.cache = cache
+
+    def phase(self, phase: Phase) -> Plan:
+        return NO_PLAN
+
+    def layer_started(self, layer: int) -> Plan:
+        return NO_PLAN
+
+    def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
+        return NO_PLAN
+
+    def layer_done(self, layer: int) -> Plan:
+        return NO_PLAN
+
+    def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
+        return sorted(candidates, key=self.cache.last_use)
+
+    def describe(self) -> dict:
+        """Knobs worth reporting beside results."""
+        return {"policy": self.name}

@@ -1,0 +1,113 @@
+"""A record of every copy and every computation: stream, layer, expert, start and end.
+
+On CUDA the times come from CUDA events recorded on the stream that did the work, resolved
+after the run (reading them during the run would synchronise); on the CPU from a monotonic
+clock. Either way the timeline is measured, never inferred. It is exported as a pandas
+DataFrame (for the notebooks) and as a Chrome trace that Perfetto and chrome://tracing open.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+COLUMNS = ["stream", "kind", "phase", "step", "layer", "expert", "nbytes", "start_ms", "end_ms", "duration_ms"]
+
+
+@dataclass
+class _Span:
+    stream: str
+    kind: str
+    phase: str
+    step: int
+    layer: int
+    expert: int | None
+    nbytes: int
+    start: object
+    end: object = None
+
+
+class Timeline:
+    """Collects spans; ``phase`` and ``step`` are set by the engine as generation advances."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda = device.type == "cuda"
+        self.enabled = enabled
+        self.phase, self.step = "prefill", 0
+        self._spans: list[_Span] = []
+        self._origin: object = None
+
+    def reset(self) -> None:
+        """Forget previous spans and start the clock now (on the current stream)."""
+        self._spans.clear()
+        self._origin = self._mark(None)
+
+    def _mark(self, stream: torch.cuda.Stream | None):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def start(self, stream: str, kind: str, layer: int, expert: int | None = None, nbytes: int = 0,
+              cuda_stream: torch.cuda.Stream | None = None) -> _Span | None:
+        if not self.enabled:
+            return None
+        span = _Span(stream, kind, self.phase, self.step, layer, expert, nbytes, self._mark(cuda_stream))
+        self._spans.append(span)
+        return span
+
+    def end(self, span: _Span | None, cuda_stream: torch.cuda.Stream | None = None) -> None:
+        if span is not None:
+            span.end = self._mark(cuda_stream)
+
+    @contextmanager
+    def span(self, stream: str, kind: str, layer: int, expert: int | None = None) -> Iterator[None]:
+        handle = self.start(stream, kind, layer, expert)
+        yield
+        self.end(handle)
+
+    def _ms(self, mark) -> float:
+        if self.cuda:
+            return self._origin.elapsed_time(mark)
+        return (mark - self._origin) * 1e3
+
+    def rows(self) -> list[dict]:
+        """Spans as dicts, times in ms from ``reset``. On CUDA, call after the work has finished."""
+        if self.cuda and self._spans:
+            torch.cuda.synchronize()
+        out = []
+        for s in self._spans:
+            start, end = self._ms(s.start), self._ms(s.end)
+            out.append(dict(stream=s.stream, kind=s.kind, phase=s.phase, step=s.step, layer=s.layer,
+                            expert=s.expert, nbytes=s.nbytes, start_ms=start, end_ms=end, duration_ms=end - start))
+        return out
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows(), columns=COLUMNS)
+
+    def to_chrome_trace(self) -> dict:
+        """Chrome trace event format: one complete event ('X') per span, one track per stream."""
+        tids = {"compute": 1, "copy": 2}
+        events = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": f"{name} stream"}}
+                  for name, tid in tids.items()]
+        for r in self.rows():
+            label = f"{r['kind']} L{r['layer']}" + ("" if r["expert"] is None else f"E{r['expert']}")
+            events.append({
+                "ph": "X", "name": label, "cat": r["phase"], "pid": 1, "tid": tids.get(r["stream"], 3),
+                "ts": r["start_ms"] * 1e3, "dur": max(r["duration_ms"], 0.0) * 1e3,
+                "args": {k: r[k] for k in ("phase", "step", "layer", "expert", "nbytes")},
+            })
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def write_chrome_trace(self, path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_chrome_trace()))

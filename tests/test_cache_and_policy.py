@@ -1,0 +1,97 @@
+"""The cache's bookkeeping: pinned experts are never evicted, the policy picks victims, all is counted."""
+
+from __future__ import annotations
+
+import torch
+
+from duoserve_core.experts.cache import ExpertCache
+from duoserve_core.experts.host_store import HostExpertStore
+from duoserve_core.experts.transfer import TransferEngine
+from duoserve_core.policy import OnDemandPolicy, Plan, Policy, ResidentPolicy
+from duoserve_core.timeline import Timeline
+
+
+def _cache(policy, slots=3, layers=2, experts=4):
+    store = HostExpertStore(layers, experts, 16, pin=False)
+    for l in range(layers):
+        for e in range(experts):
+            store.record(l, e).fill_(10 * l + e)
+    tl = Timeline(torch.device("cpu"))
+    tl.reset()
+    engine = TransferEngine(store, slots, torch.device("cpu"), tl)
+    cache = ExpertCache(engine, policy, layers, experts)
+    policy.attach(cache)
+    return cache, engine, tl
+
+
+def test_acquire_loads_on_miss_and_hits_after():
+    cache, engine, _ = _cache(Policy())
+    slot, hit = cache.acquire((0, 1))
+    assert not hit and bool((engine.slot(slot) == 1).all())
+    cache.unpin((0, 1))
+    assert cache.acquire((0, 1)) == (slot, True)
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.h2d_bytes) == (1, 1, 16)
+
+
+def test_lru_victim_and_pins_respected():
+    cache, engine, _ = _cache(Policy(), slots=3)
+    for e in range(3):
+        cache.acquire((0, e))
+    for e in (1, 2, 0):  # 1 is now least recently used... but 0,1,2 are pinned
+        cache.unpin((0, e))
+    cache.acquire((0, 2))  # touch 2: order of last use is now 0, 1, 2
+    cache.acquire((1, 0))  # evicts 0 (LRU among unpinned 0 and 1)
+    assert not cache.is_resident((0, 0)) and cache.is_resident((0, 1)) and cache.is_resident((0, 2))
+    assert cache.stats.evictions == 1
+    slot = cache._slot_of[(1, 0)]
+    assert bool((engine.slot(slot) == 10).all())
+
+
+def test_prefetch_counts_hits_and_waste():
+    cache, _, _ = _cache(Policy(), slots=2)
+    assert cache.prefetch((1, 3))
+    assert cache.prefetch((1, 2))
+    assert not cache.prefetch((1, 2))  # already resident: no copy
+    cache.acquire((1, 3))
+    cache.unpin((1, 3))
+    cache.acquire((0, 0))  # evicts (1, 2), a prefetch never used
+    s = cache.stats
+    assert (s.prefetches, s.prefetch_hits, s.prefetch_wasted, s.h2d_copies) == (2, 1, 1, 3)
+
+
+def test_full_pinned_cache_refuses_prefetch():
+    cache, _, _ = _cache(Policy(), slots=2)
+    cache.acquire((0, 0))
+    cache.acquire((0, 1))
+    assert not cache.can_make_room() and not cache.prefetch((1, 1))
+
+
+def test_on_demand_releases_the_layer_when_done():
+    policy = OnDemandPolicy()
+    cache, _, _ = _cache(policy, slots=4)
+    cache.acquire((0, 1))
+    cache.unpin((0, 1))
+    cache.acquire((1, 2))
+    cache.unpin((1, 2))
+    plan = policy.layer_done(0)
+    assert plan == Plan(release=[(0, 1)])
+
+
+def test_resident_plans_every_expert_once():
+    policy = ResidentPolicy()
+    cache, _, _ = _cache(policy, slots=8)
+    plan = policy.phase("prefill")
+    assert len(plan.load) == 8
+    for key in plan.load:
+        cache.prefetch(key)
+    assert policy.phase("decode").load == []
+
+
+def test_timeline_records_copies_as_rows_and_chrome_events():
+    cache, _, tl = _cache(Policy())
+    cache.acquire((1, 2))
+    df = tl.to_dataframe()
+    assert list(df["kind"]) == ["h2d"] and df.iloc[0]["nbytes"] == 16 and df.iloc[0]["duration_ms"] >= 0
+    trace = tl.to_chrome_trace()
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert xs[0]["name"] == "h2d L1E2" and xs[0]["tid"] == 2

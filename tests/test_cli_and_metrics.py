@@ -1,0 +1,64 @@
+"""The command line, the JSON it prints, and metrics that agree with the timeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import duoserve_core
+from duoserve_core.cli import main
+
+REQUIRED = {"tokens", "text", "ttft_s", "tpot_s", "e2e_s", "peak_gpu_bytes", "h2d_bytes", "expert_hits",
+            "expert_misses", "device"}
+
+
+def test_generate_json(tiny_checkpoint, capsys, tmp_path):
+    trace = tmp_path / "trace.json"
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                 "--device", "cpu", "--quant", "nf4", "--policy", "on-demand", "--json", "--timeline-out", str(trace)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert REQUIRED <= set(out)
+    assert len(out["tokens"]) == 5 and out["device"] == "cpu" and out["peak_gpu_bytes"] is None
+    assert out["h2d_bytes"] == out["expert_misses"] * out["runtime"]["memory_plan"]["expert_bytes"]
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["name"].split()[0] for e in events if e["ph"] == "X"} >= {"attention", "router", "expert", "h2d"}
+
+
+def test_generate_table_and_errors(capsys):
+    assert main(["generate", "--model", "synthetic:tiny", "--num-layers", "2", "--prompt-ids", "4,5",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "TTFT" in capsys.readouterr().out
+    assert main(["generate", "--model", "/no/such/folder", "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_prompt_ids_rejected_by_parser():
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "synthetic:tiny", "--prompt-ids", "1,x"])
+
+
+def test_counts_agree_with_the_timeline(tiny_checkpoint):
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="nf4")
+    budget = rt.plan.fixed_bytes + 3 * rt.format.nbytes
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="nf4", memory_budget=budget)
+    r = rt.generate(prompt_ids=[3, 1, 4, 1, 5, 9, 2, 6], max_new_tokens=6)
+    df = rt.timeline.to_dataframe()
+    uses = int((df["kind"] == "expert").sum())
+    assert r.expert_hits + r.expert_misses == uses
+    assert r.h2d_copies == int((df["kind"] == "h2d").sum()) == r.expert_misses  # on-demand never prefetches
+    assert int((df["kind"] == "attention").sum()) == 6 * rt.config.num_hidden_layers
+    assert r.phases["prefill"]["misses"] + r.phases["decode"]["misses"] == r.expert_misses
+    # decode touches k experts per layer per token: at most k uses, at least one
+    decode = df[(df["kind"] == "expert") & (df["phase"] == "decode")]
+    per_layer = decode.groupby(["step", "layer"]).size()
+    assert per_layer.max() <= rt.config.num_experts_per_tok and per_layer.min() >= 1
+
+
+def test_resident_moves_each_expert_once(tiny_checkpoint):
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="bf16", policy="resident")
+    r = rt.generate(prompt_ids=[1, 2, 3, 4], max_new_tokens=4)
+    assert r.expert_misses == 0 and r.h2d_copies == 18 and r.h2d_bytes == 18 * rt.format.nbytes
+    again = rt.generate(prompt_ids=[1, 2, 3, 4], max_new_tokens=4)
+    assert again.h2d_copies == 0 and again.tokens == r.tokens

@@ -1,0 +1,103 @@
+"""Invariant 1: scheduling never changes the numbers, and the numbers are transformers' numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import duoserve_core
+from conftest import hf_greedy
+
+PROMPT = [5, 17, 33, 2, 71, 40, 12, 90, 3, 64]
+STEPS = 12
+
+
+def _runtime(path, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("quant", "none")
+    return duoserve_core.load(path, **kw)
+
+
+def _run(rt, steps=STEPS):
+    return rt.generate(prompt_ids=PROMPT, max_new_tokens=steps, return_logits=True)
+
+
+def _assert_matches(result, ref_tokens, ref_logits, atol):
+    assert result.tokens == ref_tokens
+    for ours, theirs in zip(result.logits, ref_logits):
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+
+
+def test_fp32_experts_match_transformers(tiny_checkpoint, reference_model):
+    ref_tokens, ref_logits = hf_greedy(reference_model, PROMPT, STEPS)
+    _assert_matches(_run(_runtime(tiny_checkpoint)), ref_tokens, ref_logits, atol=1e-5)
+
+
+def test_fused_layout_loads_the_same_weights(fused_checkpoint, reference_model):
+    ref_tokens, ref_logits = hf_greedy(reference_model, PROMPT, STEPS)
+    _assert_matches(_run(_runtime(fused_checkpoint)), ref_tokens, ref_logits, atol=1e-5)
+
+
+def _reference_with_runtime_experts(reference_model, rt):
+    """transformers' model with each expert replaced by the weights the runtime computes with."""
+    ref = copy.deepcopy(reference_model)
+    with torch.no_grad():
+        for l, layer in enumerate(ref.model.layers):
+            for e in range(rt.config.num_local_experts):
+                w13, w2 = rt.format.weights(rt.store.record(l, e), torch.float32)
+                layer.mlp.experts.gate_up_proj[e].copy_(w13)
+                layer.mlp.experts.down_proj[e].copy_(w2)
+    return ref
+
+
+@pytest.mark.parametrize("quant", ["bf16", "nf4"])
+def test_quantized_experts_match_reference_with_same_weights(tiny_checkpoint, reference_model, quant):
+    rt = _runtime(tiny_checkpoint, quant=quant)
+    ref = _reference_with_runtime_experts(reference_model, rt)
+    ref_tokens, ref_logits = hf_greedy(ref, PROMPT, STEPS)
+    _assert_matches(_run(rt), ref_tokens, ref_logits, atol=1e-5)
+
+
+def test_nf4_really_quantizes(tiny_checkpoint, reference_model):
+    rt = _runtime(tiny_checkpoint, quant="nf4")
+    w13, _ = rt.format.weights(rt.store.record(0, 0), torch.float32)
+    original = reference_model.model.layers[0].mlp.experts.gate_up_proj[0]
+    err = (w13 - original).abs().max().item()
+    assert 0 < err < 0.5 * original.abs().max().item()
+    assert rt.format.nbytes < 0.6 * 3 * 64 * 96  # about 0.5625 bytes per parameter, plus alignment
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_tokens_identical_for_every_policy_and_budget(tiny_checkpoint, quant):
+    base = _runtime(tiny_checkpoint, quant=quant, policy="resident")
+    expected = _run(base)
+    minimal = base.plan.fixed_bytes + 2 * base.format.nbytes
+    for policy in ("on-demand", "resident"):
+        for budget in (minimal, minimal + 3 * base.format.nbytes, None):
+            if policy == "resident" and budget is not None and budget < base.plan.fixed_bytes + 18 * base.format.nbytes:
+                continue
+            rt = _runtime(tiny_checkpoint, quant=quant, policy=policy, memory_budget=budget)
+            got = _run(rt)
+            assert got.tokens == expected.tokens, (policy, budget)
+            for a, b in zip(got.logits, expected.logits):
+                assert torch.equal(a, b), (policy, budget)
+
+
+def test_one_layer_budget_really_runs_with_few_slots(tiny_checkpoint):
+    rt = _runtime(tiny_checkpoint, quant="nf4")
+    minimal = rt.plan.fixed_bytes + 2 * rt.format.nbytes
+    small = _runtime(tiny_checkpoint, quant="nf4", memory_budget=minimal)
+    assert small.plan.num_slots == 2
+    result = _run(small)
+    assert result.expert_misses > 0 and result.expert_hits == 0
+
+
+def test_synthetic_model_is_deterministic():
+    a = duoserve_core.load("synthetic:tiny", device="cpu", num_layers=2).generate(prompt_ids=[1, 2, 3], max_new_tokens=6)
+    b = duoserve_core.load("synthetic:tiny", device="cpu", num_layers=2).generate(prompt_ids=[1, 2, 3], max_new_tokens=6)
+    c = duoserve_core.load("synthetic:tiny", device="cpu", num_layers=2, seed=1).generate(prompt_ids=[1, 2, 3],
+                                                                                          max_new_tokens=6)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens or a.logits != c.logits

@@ -1,0 +1,54 @@
+"""GPU behaviour: the same tokens as on the CPU and as transformers, and the budget is a ceiling.
+
+These skip cleanly where CUDA is absent (CI); they run on the lent H100 through
+``benchmarks/foundation_gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duoserve_core
+from conftest import hf_greedy, requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.gpu]
+PROMPT = [5, 17, 33, 2, 71, 40, 12, 90, 3, 64]
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_cpu_and_gpu_generate_the_same_tokens(quant):
+    kw = dict(num_layers=3, quant=quant, dtype=torch.float32, synth_device="cpu")
+    cpu = duoserve_core.load("synthetic:tiny", device="cpu", **kw).generate(prompt_ids=PROMPT, max_new_tokens=16)
+    gpu = duoserve_core.load("synthetic:tiny", device="cuda", **kw).generate(prompt_ids=PROMPT, max_new_tokens=16)
+    assert cpu.tokens == gpu.tokens
+
+
+def test_gpu_logits_match_transformers(tiny_checkpoint, reference_model):
+    ref_tokens, ref_logits = hf_greedy(reference_model, PROMPT, 8)
+    rt = duoserve_core.load(tiny_checkpoint, device="cuda", quant="none", dtype=torch.float32)
+    r = rt.generate(prompt_ids=PROMPT, max_new_tokens=8, return_logits=True)
+    assert r.tokens == ref_tokens
+    for ours, theirs in zip(r.logits, ref_logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_gpu_tokens_identical_across_policies_and_peak_within_budget(tiny_checkpoint):
+    base = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4", policy="resident", max_context=64)
+    expected = base.generate(prompt_ids=PROMPT, max_new_tokens=12, return_logits=True)
+    budget = base.plan.fixed_bytes + 2 * base.format.nbytes
+    small = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4", policy="on-demand", memory_budget=budget,
+                               max_context=64)
+    got = small.generate(prompt_ids=PROMPT, max_new_tokens=12, return_logits=True)
+    assert got.tokens == expected.tokens
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    assert small.plan.num_slots == 2 and got.expert_misses > 0
+    assert got.peak_gpu_bytes <= budget
+
+
+def test_gpu_timeline_has_both_streams(tiny_checkpoint):
+    rt = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4")
+    rt.generate(prompt_ids=PROMPT, max_new_tokens=4)
+    df = rt.timeline.to_dataframe()
+    assert set(df["stream"]) == {"compute", "copy"}
+    assert (df["duration_ms"] >= 0).all() and df["end_ms"].max() > 0
