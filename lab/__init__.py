@@ -1,0 +1,1 @@
+"""Notebook-facing glue: experiment runners, tables, figures and widgets over duoserve_core."""
