@@ -20,7 +20,7 @@ ifneq ($(NOTEBOOKS),)
 endif
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --notebook-dir=.
 
 # Removes outputs, never the venv.
 clean:
