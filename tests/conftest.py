@@ -78,3 +78,19 @@ def hf_greedy(model: MixtralForCausalLM, prompt: list[int], steps: int) -> tuple
             tokens.append(int(logits.argmax()))
             out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens, logits_seen
+
+
+@pytest.fixture(scope="session")
+def checkpoint_with_tokenizer(tmp_path_factory, reference_model) -> Path:
+    """The tiny checkpoint plus a word-level tokenizer trained here (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = save_checkpoint(reference_model, tmp_path_factory.mktemp("with_tokenizer"))
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["the quick brown fox jumps over the lazy dog", "experts live in host memory and move on demand"]
+    tok.train_from_iterator(text, trainers.WordLevelTrainer(vocab_size=TINY["vocab_size"],
+                                                            special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path

@@ -62,3 +62,14 @@ def test_resident_moves_each_expert_once(tiny_checkpoint):
     assert r.expert_misses == 0 and r.h2d_copies == 18 and r.h2d_bytes == 18 * rt.format.nbytes
     again = rt.generate(prompt_ids=[1, 2, 3, 4], max_new_tokens=4)
     assert again.h2d_copies == 0 and again.tokens == r.tokens
+
+
+def test_text_prompt_through_the_checkpoints_tokenizer(checkpoint_with_tokenizer, capsys):
+    code = main(["generate", "--model", str(checkpoint_with_tokenizer), "--prompt", "the quick brown fox",
+                 "--max-new-tokens", "4", "--device", "cpu", "--quant", "none", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    rt = duoserve_core.load(checkpoint_with_tokenizer, device="cpu", quant="none")
+    ids = rt.tokenizer("the quick brown fox")["input_ids"]
+    assert out["tokens"] == rt.generate(prompt_ids=ids, max_new_tokens=4).tokens
+    assert out["text"] == rt.tokenizer.decode(out["tokens"])
