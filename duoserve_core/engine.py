@@ -115,6 +115,7 @@ class Runtime:
                                   self.config.num_experts_per_tok)
         for layer in skeleton.model.layers:
             layer.mlp.executor = executor
+        executor.gates = [layer.mlp.gate for layer in skeleton.model.layers]
         self.executor = executor
         self.model = OffloadedMixtral(skeleton, self.timeline,
                                       lambda layer: executor.apply(self.policy.layer_started(layer)))
@@ -172,8 +173,11 @@ class Runtime:
 
     def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                 return_logits: bool = False) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens; greedy when ``temperature`` is 0."""
+                 return_logits: bool = False, recorder=None, request_id: int = 0) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens; greedy when ``temperature`` is 0.
+
+        ``recorder`` (a ``traces.TraceRecorder``) is told every token's routing at every layer.
+        """
         ids = self.encode(prompt, prompt_ids)
         if max_new_tokens < 1:
             raise PromptError("max_new_tokens must be at least 1")
@@ -186,21 +190,50 @@ class Runtime:
             )
         eos = self.config.eos_token_id if stop_at_eos else None
         eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.timeline.reset()
-        stats_start = self.cache.stats.as_dict()
+        if recorder is not None:
+            self.executor.observers.append(recorder)
+        try:
+            run = self._decode_loop(ids, max_new_tokens, temperature, torch.Generator().manual_seed(seed), eos,
+                                    return_logits, recorder, request_id)
+        finally:
+            if recorder is not None:
+                self.executor.observers.remove(recorder)
+        tokens, logits_out, stats, ttft, e2e = run
+        copies = [r for r in self.timeline.rows() if r["kind"] == "h2d"]
+        copy_ms = sum(r["duration_ms"] for r in copies)
+        total = _delta(stats[0], stats[2])
+        return GenerationResult(
+            tokens=tokens, prompt_tokens=len(ids), ttft_s=ttft,
+            tpot_s=(e2e - ttft) / (len(tokens) - 1) if len(tokens) > 1 else None, e2e_s=e2e,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
+            h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
+            expert_hits=total["hits"], expert_misses=total["misses"], device=_device_name(self.device),
+            policy=self.policy.describe(),
+            phases={"prefill": _delta(stats[0], stats[1]), "decode": _delta(stats[1], stats[2])},
+            text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
+            logits=logits_out if return_logits else None,
+        )
+
+    def _decode_loop(self, ids: list[int], max_new_tokens: int, temperature: float, generator: torch.Generator,
+                     eos: set[int], return_logits: bool, recorder, request_id: int):
+        """Prefill, then one token per step; returns tokens, logits, cache-stat snapshots, TTFT, E2E."""
         cache = self.model.new_cache()
-        tokens, logits_out, phases = [], [], {}
+        tokens, logits_out = [], []
+        snapshots = [self.cache.stats.as_dict()]
         step_input = torch.tensor([ids], device=self.device)
         t0 = time.perf_counter()
         ttft = 0.0
         for step in range(max_new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
             self.timeline.phase, self.timeline.step = phase.value, step
+            if recorder is not None:
+                recorder.begin_step(request_id, phase.value, cache.get_seq_length())
             self.executor.apply(self.policy.phase(phase))
             logits = self.model.forward(step_input, cache)
             token = _sample(logits[0], temperature, generator)
@@ -209,27 +242,13 @@ class Runtime:
                 logits_out.append(logits[0].cpu())
             if step == 0:
                 ttft = time.perf_counter() - t0
-                phases["prefill"] = _delta(stats_start, self.cache.stats.as_dict())
-                stats_decode = self.cache.stats.as_dict()
+                snapshots.append(self.cache.stats.as_dict())
             if token in eos:
                 break
             step_input = torch.tensor([[token]], device=self.device)
         e2e = time.perf_counter() - t0
-        phases["decode"] = _delta(stats_decode, self.cache.stats.as_dict())
-        total = _delta(stats_start, self.cache.stats.as_dict())
-        copies = [r for r in self.timeline.rows() if r["kind"] == "h2d"]
-        copy_ms = sum(r["duration_ms"] for r in copies)
-        return GenerationResult(
-            tokens=tokens, prompt_tokens=len(ids), ttft_s=ttft,
-            tpot_s=(e2e - ttft) / (len(tokens) - 1) if len(tokens) > 1 else None, e2e_s=e2e,
-            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
-            h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
-            h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
-            expert_hits=total["hits"], expert_misses=total["misses"], device=_device_name(self.device),
-            policy=self.policy.describe(), phases=phases,
-            text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
-            logits=logits_out if return_logits else None,
-        )
+        snapshots.append(self.cache.stats.as_dict())
+        return tokens, logits_out, snapshots, ttft, e2e
 
     def describe(self) -> dict:
         """The runtime's configuration, for result files."""

@@ -33,6 +33,8 @@ class ExpertExecutor:
                  timeline: Timeline, top_k: int):
         self.cache, self.engine, self.policy, self.fmt = cache, engine, policy, fmt
         self.timeline, self.top_k = timeline, top_k
+        self.gates: list[nn.Module] = []  # every layer's router, for the speculative gate
+        self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
 
     def apply(self, plan: Plan) -> None:
         for key in plan.release:
@@ -45,11 +47,18 @@ class ExpertExecutor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         k = self.top_k
+        speculate = bool(self.observers) and layer + 1 < len(self.gates)
         with self.timeline.span("compute", "router", layer):
             router_logits, top_w, top_idx = gate(x)
             probs = F.softmax(router_logits.float(), dim=-1)
-            routed = torch.cat([top_idx.to(torch.float32), probs], dim=1).cpu()  # one device->host sync
-        idx_cpu, probs_cpu = routed[:, :k].to(torch.int64), routed[:, k:]
+            parts = [top_idx.to(torch.float32), probs]
+            if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
+                parts.append(self.gates[layer + 1](x)[2].to(torch.float32))
+            routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
+        idx_cpu, probs_cpu = routed[:, :k].to(torch.int64), routed[:, k:k + probs.shape[1]]
+        spec_cpu = routed[:, k + probs.shape[1]:].to(torch.int64) if speculate else None
+        for observer in self.observers:
+            observer.routed(layer, idx_cpu, probs_cpu, spec_cpu)
         self.apply(self.policy.router_done(layer, idx_cpu, probs_cpu))
 
         flat = idx_cpu.flatten()  # row r = token * k + j

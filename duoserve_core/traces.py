@@ -1,0 +1,249 @@
+"""Activation traces: which experts every token used at every layer.
+
+Format (version 1, kept stable because the predictor, the simulator and the notebooks read it):
+one Parquet row per (request, token, layer) with columns
+
+    request_id   int      which prompt
+    token_index  int      position in the sequence (prompt tokens first, then generated ones)
+    phase        string   "prefill" or "decode"
+    layer        int
+    experts      list<int>    the top-k expert ids, in router order (highest weight first)
+    weights      list<float>  the renormalised top-k weights; optional column, may be null
+    probs        list<float>  the full softmax over experts; optional column
+    spec_experts list<int>    optional: layer+1's router applied to this layer's MoE input
+                              (the speculative gate of mixtral-offloading/AdapMoE); null at the last layer
+
+and file metadata ``model``, ``num_layers``, ``num_experts``, ``top_k`` (plus ``format``). Readers
+accept any number of experts and any top-k, and traces with only ``experts``.
+
+    python -m duoserve_core.traces record --model PATH --prompts FILE --max-new-tokens N --out T.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .errors import DuoServeError
+from .io import atomic_write_bytes
+
+FORMAT = "duoserve-trace/1"
+REQUIRED_COLUMNS = ("request_id", "token_index", "phase", "layer", "experts")
+META_KEYS = ("model", "num_layers", "num_experts", "top_k")
+
+
+class TraceError(DuoServeError, ValueError):
+    """A trace file is missing, malformed, or would be overwritten."""
+
+
+@dataclass
+class TraceMeta:
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "num_layers": self.num_layers, "num_experts": self.num_experts,
+                "top_k": self.top_k}
+
+
+@dataclass
+class Trace:
+    """A trace in memory: the rows as a DataFrame, sorted by request, token and layer."""
+
+    df: pd.DataFrame
+    meta: TraceMeta
+
+    @property
+    def has_weights(self) -> bool:
+        return "weights" in self.df and self.df["weights"].notna().all()
+
+    def tokens(self) -> pd.DataFrame:
+        """One row per (request, token) with its phase: the index of ``expert_array``."""
+        first = self.df[self.df["layer"] == 0]
+        return first[["request_id", "token_index", "phase"]].reset_index(drop=True)
+
+    def expert_array(self, column: str = "experts") -> np.ndarray:
+        """``[tokens, layers, top_k]`` int array of expert ids (``-1`` where a list is null)."""
+        n_tok, L, k = len(self.tokens()), self.meta.num_layers, self.meta.top_k
+        values = self.df[column].map(lambda v: v if v is not None else [-1] * k)
+        arr = np.asarray(values.tolist(), dtype=np.int64)
+        return arr.reshape(n_tok, L, k)
+
+    def weight_array(self) -> np.ndarray:
+        """``[tokens, layers, top_k]`` float array of router weights (uniform where absent)."""
+        n_tok, L, k = len(self.tokens()), self.meta.num_layers, self.meta.top_k
+        if not self.has_weights:
+            return np.full((n_tok, L, k), 1.0 / k, dtype=np.float32)
+        return np.asarray(self.df["weights"].tolist(), dtype=np.float32).reshape(n_tok, L, k)
+
+
+def write_trace(path: str | Path, df: pd.DataFrame, meta: TraceMeta, *, overwrite: bool = False) -> None:
+    """Validate and write atomically; refuse to replace an existing file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TraceError(f"{path} exists; choose another --out or pass --force to replace it")
+    _validate(df, meta, str(path))
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"format": FORMAT.encode(),
+                                           **{k.encode(): str(v).encode() for k, v in meta.as_dict().items()}})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read and check a trace; errors name the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for non-Parquet input
+        raise TraceError(f"{path} is not a readable Parquet trace: {exc}") from exc
+    raw = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    missing = [k for k in META_KEYS if k not in raw]
+    if missing:
+        raise TraceError(f"{path} lacks trace metadata {missing}; was it written by duoserve_core.traces?")
+    try:
+        meta = TraceMeta(raw["model"], int(raw["num_layers"]), int(raw["num_experts"]), int(raw["top_k"]))
+    except ValueError as exc:
+        raise TraceError(f"{path} has malformed metadata: {exc}") from exc
+    df = table.to_pandas()
+    _validate(df, meta, str(path))
+    df = df.sort_values(["request_id", "token_index", "layer"], kind="stable").reset_index(drop=True)
+    return Trace(df, meta)
+
+
+def _validate(df: pd.DataFrame, meta: TraceMeta, where: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise TraceError(f"{where} lacks columns {missing}; a trace needs {list(REQUIRED_COLUMNS)}")
+    if not (1 <= meta.top_k <= meta.num_experts and meta.num_layers >= 1):
+        raise TraceError(f"{where}: metadata top_k={meta.top_k}, num_experts={meta.num_experts}, "
+                         f"num_layers={meta.num_layers} are inconsistent")
+    bad_phase = set(df["phase"].unique()) - {"prefill", "decode"}
+    if bad_phase:
+        raise TraceError(f"{where}: phase must be 'prefill' or 'decode', found {sorted(bad_phase)}")
+    if len(df) and (df["layer"].min() < 0 or df["layer"].max() >= meta.num_layers):
+        raise TraceError(f"{where}: layer outside 0..{meta.num_layers - 1}")
+    lengths = df["experts"].map(len)
+    if len(df) and (lengths != meta.top_k).any():
+        raise TraceError(f"{where}: every 'experts' list must hold top_k={meta.top_k} ids")
+    flat = np.concatenate(df["experts"].to_numpy()) if len(df) else np.zeros(0)
+    if len(flat) and (flat.min() < 0 or flat.max() >= meta.num_experts):
+        raise TraceError(f"{where}: expert id outside 0..{meta.num_experts - 1}")
+    per_token = df.groupby(["request_id", "token_index"])["layer"].nunique()
+    if len(df) and (per_token != meta.num_layers).any():
+        raise TraceError(f"{where}: every (request, token) must have a row for each of the {meta.num_layers} layers")
+
+
+class TraceRecorder:
+    """Collects the routing of every token at every layer while the runtime generates.
+
+    The engine tells it where each forward's tokens sit (``begin_step``); the executor reports
+    each layer's routing (``routed``). Rows are assembled once, at the end.
+    """
+
+    def __init__(self, *, keep_probs: bool = False):
+        self.keep_probs = keep_probs
+        self._rows: list[dict] = []
+        self._step: tuple[int, str, int] | None = None
+
+    def begin_step(self, request_id: int, phase: str, first_position: int) -> None:
+        self._step = (request_id, phase, first_position)
+
+    def routed(self, layer: int, topk: torch.Tensor, probs: torch.Tensor, spec_topk: torch.Tensor | None) -> None:
+        request_id, phase, first = self._step
+        weights = probs.gather(1, topk)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        for t in range(topk.shape[0]):
+            row = {"request_id": request_id, "token_index": first + t, "phase": phase, "layer": layer,
+                   "experts": topk[t].tolist(), "weights": weights[t].tolist(),
+                   "spec_experts": None if spec_topk is None else spec_topk[t].tolist()}
+            if self.keep_probs:
+                row["probs"] = probs[t].tolist()
+            self._rows.append(row)
+
+    def dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(self._rows)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A text file (one prompt per line) or JSONL with a ``prompt`` field; blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"prompts file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise TraceError(f"{path}:{number}: a JSONL prompts file needs a 'prompt' field per line") from exc
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise TraceError(f"{path} holds no prompts")
+    return prompts
+
+
+def record(runtime, prompts: list[str] | list[list[int]], max_new_tokens: int, *,
+           keep_probs: bool = False) -> tuple[pd.DataFrame, TraceMeta]:
+    """Run every prompt through ``runtime`` and return its routing as trace rows."""
+    recorder = TraceRecorder(keep_probs=keep_probs)
+    for request_id, prompt in enumerate(prompts):
+        kw = {"prompt_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+        runtime.generate(**kw, max_new_tokens=max_new_tokens, recorder=recorder, request_id=request_id)
+    c = runtime.config
+    meta = TraceMeta(runtime.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
+    return recorder.dataframe(), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine import load
+
+    parser = argparse.ArgumentParser(prog="python -m duoserve_core.traces", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("record", help="record the routing of prompts")
+    r.add_argument("--model", required=True)
+    r.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt'")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--out", required=True)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--quant", default="none", help="expert storage; routing is recorded at this precision")
+    r.add_argument("--probs", action="store_true", help="also store the full softmax over experts")
+    r.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        if out.exists() and not args.force:
+            raise TraceError(f"{out} exists; choose another --out or pass --force to replace it")
+        prompts = read_prompts(args.prompts)
+        runtime = load(args.model, device=args.device, quant=args.quant, policy="resident")
+        df, meta = record(runtime, prompts, args.max_new_tokens, keep_probs=args.probs)
+        write_trace(out, df, meta, overwrite=args.force)
+    except DuoServeError as exc:
+        print(f"error: {exc}")
+        return 2
+    tokens = df.groupby(["request_id", "token_index"]).ngroups
+    print(f"wrote {out}: {len(prompts)} requests, {tokens} tokens x {meta.num_layers} layers "
+          f"({meta.num_experts} experts, top-{meta.top_k})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
