@@ -20,8 +20,9 @@ import duoserve_core
 from duoserve_core.io import atomic_write_json, atomic_write_text
 from duoserve_core.units import format_bytes
 
-DEFAULT_MODEL = "synthetic:tiny"
-PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28734, 28723]
+DEFAULT_MODEL = "data/small-moe"
+PROMPT = "Return the file system representation for path. If the object is a str or bytes object, then"
+PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28734, 28723]  # for models without a tokenizer
 
 
 def runs_for(runtime: duoserve_core.Runtime) -> list[tuple[str, int | None]]:
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(device=args.device, quant=args.quant, num_layers=args.num_layers, max_context=256)
     probe = duoserve_core.load(args.model, **common)
-    prompt = [t % probe.config.vocab_size for t in PROMPT_IDS]
+    if probe.tokenizer is not None:
+        prompt = probe.tokenizer(PROMPT)["input_ids"]
+    else:
+        prompt = [t % probe.config.vocab_size for t in PROMPT_IDS]
     results, reference = [], None
     for policy, budget in reversed(runs_for(probe)):  # resident first: it is the reference
         runtime = duoserve_core.load(args.model, policy=policy, memory_budget=budget, **common)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tokens_match_resident": result.tokens == reference})
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model": args.model,
-              "prompt_ids": prompt, "runs": results}
+              "prompt_ids": prompt, "text": results[0]["text"], "runs": results}
     atomic_write_json(out / "main_job.json", report)
     lines = [f"# Main job: {args.model} on {results[0]['device']}", "",
              "| policy | budget | slots | TTFT ms | TPOT ms | H2D | hits / misses | tokens = resident |",
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['runtime']['memory_plan']['num_slots']} | {r['ttft_s'] * 1e3:.1f} | "
                      f"{(r['tpot_s'] or 0) * 1e3:.2f} | {format_bytes(r['h2d_bytes'])} | "
                      f"{r['expert_hits']} / {r['expert_misses']} | {r['tokens_match_resident']} |")
+    if results[0]["text"] is not None:
+        lines += ["", f"Generated (greedy): {results[0]['text']!r}"]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "main_job.md", table)
     print(table)
