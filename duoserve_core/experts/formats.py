@@ -14,6 +14,7 @@ the expert's SwiGLU MLP straight from a record on the compute device.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from ..checkpoint import ExpertTensors
 
 _ALIGN = 64  # bytes; keeps every segment aligned for any dtype view and for vector loads
+
+# On CPUs with AVX512-BF16, importing bitsandbytes warns that an optional kernel hub package is
+# missing; the lab computes CPU experts by dequantize + linear and never needs it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
