@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed, and the seed of synthesized weights")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--routing-trace", default=None,
+                   help="take each token's experts from this trace (realistic reuse on synthesized weights)")
     g.add_argument("--timeline-out", default=None, help="write a Chrome trace (open in ui.perfetto.dev)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> dict:
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
                    policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
-                   max_context=args.max_context, seed=args.seed)
+                   max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace)
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

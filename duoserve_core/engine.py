@@ -20,6 +20,7 @@ from .memory import MemoryPlan, plan_memory
 from .model import OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, make_policy
 from .timeline import Timeline
+from .traces import RoutingReplay, read_trace
 from .units import format_bytes, parse_bytes
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -77,7 +78,8 @@ class Runtime:
     def __init__(self, source: TensorSource, *, device: str | torch.device | None = "auto", quant: str = "nf4",
                  memory_budget: str | int | None = None, policy: str | Policy = "on-demand",
                  dtype: torch.dtype | None = None, max_context: int | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True):
+                 tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
+                 routing_trace: str | Path | None = None):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -87,6 +89,12 @@ class Runtime:
         if max_context and max_context > model_context:
             raise PromptError(f"max_context {max_context} exceeds the model's context of {model_context} tokens")
 
+        self.routing_trace = str(routing_trace) if routing_trace is not None else None
+        replay = None  # read before anything heavy, so a mismatched trace fails at once
+        if routing_trace is not None:
+            c = self.config
+            replay = RoutingReplay(read_trace(routing_trace), c.num_hidden_layers, c.num_local_experts,
+                                   c.num_experts_per_tok)
         skeleton = build_skeleton(source)
         checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
@@ -116,6 +124,7 @@ class Runtime:
         for layer in skeleton.model.layers:
             layer.mlp.executor = executor
         executor.gates = [layer.mlp.gate for layer in skeleton.model.layers]
+        executor.replay = replay
         self.executor = executor
         self.model = OffloadedMixtral(skeleton, self.timeline,
                                       lambda layer: executor.apply(self.policy.layer_started(layer)))
@@ -232,8 +241,7 @@ class Runtime:
         for step in range(max_new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
             self.timeline.phase, self.timeline.step = phase.value, step
-            if recorder is not None:
-                recorder.begin_step(request_id, phase.value, cache.get_seq_length())
+            self.executor.begin_step(request_id, phase.value, cache.get_seq_length())
             self.executor.apply(self.policy.phase(phase))
             logits = self.model.forward(step_input, cache)
             token = _sample(logits[0], temperature, generator)
@@ -259,24 +267,28 @@ class Runtime:
             "device": _device_name(self.device), "max_context": self.max_context,
             "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
-            "full_model_bytes": self.full_model_bytes(), **self.policy.describe(),
+            "full_model_bytes": self.full_model_bytes(), "routing_trace": self.routing_trace,
+            **self.policy.describe(),
         }
 
 
 def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",
          memory_budget: str | int | None = None, policy: str | Policy = "on-demand", num_layers: int | None = None,
          dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
-         synth_device: str | torch.device | None = None, record_timeline: bool = True) -> Runtime:
+         synth_device: str | torch.device | None = None, record_timeline: bool = True,
+         routing_trace: str | Path | None = None) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
-    device, which keeps full-size synthesis fast on a GPU).
+    device, which keeps full-size synthesis fast on a GPU). ``routing_trace`` replays each
+    token's top-k experts and weights from a trace instead of the router's choice.
     """
     dev = resolve_device(device)
     source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or dev)
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
     return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
-                   max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline)
+                   max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
+                   routing_trace=routing_trace)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -163,10 +163,9 @@ class TraceRecorder:
     def begin_step(self, request_id: int, phase: str, first_position: int) -> None:
         self._step = (request_id, phase, first_position)
 
-    def routed(self, layer: int, topk: torch.Tensor, probs: torch.Tensor, spec_topk: torch.Tensor | None) -> None:
+    def routed(self, layer: int, topk: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor,
+               spec_topk: torch.Tensor | None) -> None:
         request_id, phase, first = self._step
-        weights = probs.gather(1, topk)
-        weights = weights / weights.sum(dim=1, keepdim=True)
         for t in range(topk.shape[0]):
             row = {"request_id": request_id, "token_index": first + t, "phase": phase, "layer": layer,
                    "experts": topk[t].tolist(), "weights": weights[t].tolist(),
@@ -177,6 +176,50 @@ class TraceRecorder:
 
     def dataframe(self) -> pd.DataFrame:
         return pd.DataFrame(self._rows)
+
+
+class RoutingReplay:
+    """Routing taken from a trace, so that synthesized weights see realistic expert reuse.
+
+    Request ``r`` of a run replays the trace's request ``r mod R``; the token at position ``p``
+    takes the routing of that request's token ``p mod n`` (its ``n`` recorded tokens), so runs
+    longer than the trace wrap around instead of failing. Weights come from the trace, or are
+    uniform where it has none.
+
+    A model with more layers than the trace (Mixtral-8x7B's 32 against the bundled model's 8)
+    reuses the trace's layers in blocks: model layer ``l`` replays trace layer ``l mod L`` with the
+    expert ids of block ``l // L`` relabelled by a fixed permutation. Per-layer statistics (load
+    balance, repeats across tokens) and layer-to-layer affinity inside a block are the trace's;
+    blocks do not repeat each other, so nothing can be predicted across them for free. The number
+    of experts and top-k must match.
+    """
+
+    def __init__(self, trace: Trace, num_layers: int, num_experts: int, top_k: int, seed: int = 0):
+        m = trace.meta
+        if (m.num_experts, m.top_k) != (num_experts, top_k):
+            raise TraceError(
+                f"routing trace of {m.model} routes over {m.num_experts} experts, top-{m.top_k}; the model has "
+                f"{num_experts} experts, top-{top_k}. Record a routing trace of a model with the same experts")
+        self.trace_layers = m.num_layers
+        generator = torch.Generator().manual_seed(seed)
+        blocks = -(-num_layers // m.num_layers)
+        self.relabel = [torch.arange(num_experts) if b == 0 else torch.randperm(num_experts, generator=generator)
+                        for b in range(blocks)]
+        tokens = trace.tokens()
+        experts = torch.tensor(trace.expert_array())
+        weights = torch.tensor(trace.weight_array())
+        self.requests = []
+        for _, rows in tokens.groupby("request_id", sort=True):
+            order = torch.tensor(rows.sort_values("token_index").index.to_numpy())
+            self.requests.append((experts[order], weights[order]))
+
+    def routing(self, request_id: int, first_position: int, n_tokens: int, layer: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(experts [n, k] int64, weights [n, k] float32)`` for positions ``first .. first+n-1``."""
+        experts, weights = self.requests[request_id % len(self.requests)]
+        positions = torch.arange(first_position, first_position + n_tokens) % experts.shape[0]
+        block, trace_layer = divmod(layer, self.trace_layers)
+        return self.relabel[block][experts[positions, trace_layer]], weights[positions, trace_layer]
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -118,3 +118,36 @@ def test_record_cli_writes_a_readable_trace_once(checkpoint_with_tokenizer, tmp_
     assert trace.df["request_id"].nunique() == 2 and set(trace.df["phase"]) == {"prefill", "decode"}
     assert main(args) == 2  # refuses to overwrite
     assert main(args + ["--force"]) == 0
+
+
+def test_routing_replay_drives_the_experts(tiny_checkpoint, tmp_path):
+    """With --routing-trace, recorded routing is the trace's, whatever the router would pick."""
+    df, meta = _synthetic(num_experts=6, top_k=2, layers=3, requests=2, tokens=6)
+    meta = TraceMeta("hand", 3, 6, 2)
+    write_trace(tmp_path / "r.parquet", df, meta)
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none", routing_trace=tmp_path / "r.parquet")
+    got, _ = record(rt, [[5, 17, 33, 2], [7, 7]], max_new_tokens=4)
+    want = read_trace(tmp_path / "r.parquet").df
+    for _, row in got.iterrows():
+        src = want[(want["request_id"] == row["request_id"]) & (want["token_index"] == row["token_index"] % 6)
+                   & (want["layer"] == row["layer"])].iloc[0]
+        assert list(row["experts"]) == list(src["experts"])
+        assert np.allclose(row["weights"], src["weights"], atol=1e-6)
+    natural = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none")
+    assert record(natural, [[5, 17, 33, 2]], max_new_tokens=4)[0]["experts"].tolist() != \
+        got[got["request_id"] == 0]["experts"].tolist()
+
+
+def test_routing_replay_relabels_blocks_and_checks_shape(tmp_path):
+    from duoserve_core.traces import RoutingReplay
+
+    df, meta = _synthetic(num_experts=8, top_k=2, layers=2, requests=1, tokens=3)
+    write_trace(tmp_path / "r.parquet", df, meta)
+    trace = read_trace(tmp_path / "r.parquet")
+    replay = RoutingReplay(trace, num_layers=6, num_experts=8, top_k=2)
+    e0, w0 = replay.routing(0, 0, 3, 0)
+    e2, w2 = replay.routing(0, 0, 3, 2)  # layer 2 = trace layer 0 of block 1: same tokens, relabelled
+    assert torch.equal(w0, w2) and torch.equal(replay.relabel[1][e0], e2)
+    assert e0.tolist() == trace.expert_array()[:, 0].tolist()
+    with pytest.raises(TraceError, match="routes over 8 experts, top-2; the model has 6"):
+        RoutingReplay(trace, num_layers=2, num_experts=6, top_k=2)

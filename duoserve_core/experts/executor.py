@@ -35,6 +35,14 @@ class ExpertExecutor:
         self.timeline, self.top_k = timeline, top_k
         self.gates: list[nn.Module] = []  # every layer's router, for the speculative gate
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
+        self.replay = None                # a traces.RoutingReplay: routing taken from a trace
+        self._step = (0, "prefill", 0)    # (request id, phase, position of the first token)
+
+    def begin_step(self, request_id: int, phase: str, first_position: int) -> None:
+        """Where the next forward's tokens sit; observers and the replay need it."""
+        self._step = (request_id, phase, first_position)
+        for observer in self.observers:
+            observer.begin_step(request_id, phase, first_position)
 
     def apply(self, plan: Plan) -> None:
         for key in plan.release:
@@ -48,17 +56,23 @@ class ExpertExecutor:
         x = hidden.reshape(-1, shape[-1])
         k = self.top_k
         speculate = bool(self.observers) and layer + 1 < len(self.gates)
+        num_experts = self.cache.num_experts
         with self.timeline.span("compute", "router", layer):
             router_logits, top_w, top_idx = gate(x)
             probs = F.softmax(router_logits.float(), dim=-1)
-            parts = [top_idx.to(torch.float32), probs]
+            if self.replay is not None:  # the router still runs (its cost is real); the trace decides
+                request_id, _, first = self._step
+                idx_r, w_r = self.replay.routing(request_id, first, x.shape[0], layer)
+                top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
+            parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
             if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
                 parts.append(self.gates[layer + 1](x)[2].to(torch.float32))
             routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
-        idx_cpu, probs_cpu = routed[:, :k].to(torch.int64), routed[:, k:k + probs.shape[1]]
-        spec_cpu = routed[:, k + probs.shape[1]:].to(torch.int64) if speculate else None
+        idx_cpu, w_cpu = routed[:, :k].to(torch.int64), routed[:, k:2 * k]
+        probs_cpu = routed[:, 2 * k:2 * k + num_experts]
+        spec_cpu = routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None
         for observer in self.observers:
-            observer.routed(layer, idx_cpu, probs_cpu, spec_cpu)
+            observer.routed(layer, idx_cpu, w_cpu, probs_cpu, spec_cpu)
         self.apply(self.policy.router_done(layer, idx_cpu, probs_cpu))
 
         flat = idx_cpu.flatten()  # row r = token * k + j
