@@ -11,6 +11,7 @@ import torch
 from .engine import load
 from .errors import DuoServeError
 from .experts.formats import QUANT_CHOICES
+from .model import ATTENTION_QUANT_CHOICES
 from .policy import POLICIES
 from .units import format_bytes
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-budget", default=None,
                    help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
     g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
+    g.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
+                   help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
     g.add_argument("--policy", choices=sorted(POLICIES), default="on-demand")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> dict:
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
                    policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
-                   max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace)
+                   max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace,
+                   attention_quant=args.quant_attention)
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import TensorSource, dense_shapes, open_source
+from .checkpoint import TensorSource, open_source
 from .errors import DeviceError, PromptError
 from .experts.cache import ExpertCache
 from .experts.executor import ExpertExecutor
@@ -79,7 +79,7 @@ class Runtime:
                  memory_budget: str | int | None = None, policy: str | Policy = "on-demand",
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
-                 routing_trace: str | Path | None = None):
+                 routing_trace: str | Path | None = None, attention_quant: str = "none"):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -95,13 +95,15 @@ class Runtime:
             c = self.config
             replay = RoutingReplay(read_trace(routing_trace), c.num_hidden_layers, c.num_local_experts,
                                    c.num_experts_per_tok)
-        skeleton = build_skeleton(source)
+        self.attention_quant = attention_quant
+        skeleton = build_skeleton(source, self.dtype, attention_quant)
+        self._dense_bytes = dense_bytes(skeleton)
         checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
         budget = self._budget_bytes(memory_budget)
-        self.plan: MemoryPlan = plan_memory(self.config, dense_bytes(skeleton, self.dtype), self.format, budget,
+        self.plan: MemoryPlan = plan_memory(self.config, self._dense_bytes, self.format, budget,
                                             self.max_context, self.dtype, self.device.type)
         self.policy = make_policy(policy)
 
@@ -114,7 +116,7 @@ class Runtime:
         self.expert_load_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.empty_cache()
-        materialize(skeleton, source, self.device, self.dtype)
+        materialize(skeleton, source, self.device)
         self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.timeline)
         self.cache = ExpertCache(self.engine, self.policy, self.config.num_hidden_layers,
                                  self.config.num_local_experts)
@@ -148,9 +150,7 @@ class Runtime:
     def full_model_bytes(self) -> int:
         """The whole model at this quantization: what "15%" of the model is taken of."""
         c = self.config
-        experts = c.num_hidden_layers * c.num_local_experts * self.format.nbytes
-        skeleton_params = sum(int(torch.Size(s).numel()) for s in dense_shapes(c).values())
-        return experts + skeleton_params * torch.empty((), dtype=self.dtype).element_size()
+        return c.num_hidden_layers * c.num_local_experts * self.format.nbytes + self._dense_bytes
 
     def _load_experts(self) -> None:
         """Read each expert once, convert it to the storage format, write it into the host store."""
@@ -263,7 +263,7 @@ class Runtime:
         return {
             "model": self.source.name, "layers": self.config.num_hidden_layers,
             "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
-            "quant": self.quant, "expert_format": self.format.name, "compute_dtype": str(self.dtype).split(".")[-1],
+            "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name, "compute_dtype": str(self.dtype).split(".")[-1],
             "device": _device_name(self.device), "max_context": self.max_context,
             "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
@@ -276,19 +276,20 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          memory_budget: str | int | None = None, policy: str | Policy = "on-demand", num_layers: int | None = None,
          dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
          synth_device: str | torch.device | None = None, record_timeline: bool = True,
-         routing_trace: str | Path | None = None) -> Runtime:
+         routing_trace: str | Path | None = None, attention_quant: str = "none") -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
     device, which keeps full-size synthesis fast on a GPU). ``routing_trace`` replays each
     token's top-k experts and weights from a trace instead of the router's choice.
+    ``attention_quant="nf4"`` stores the attention projections in NF4 too.
     """
     dev = resolve_device(device)
     source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or dev)
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
     return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
-                   routing_trace=routing_trace)
+                   routing_trace=routing_trace, attention_quant=attention_quant)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -16,31 +16,53 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
 from .checkpoint import TensorSource
 from .experts.executor import OffloadedMoE
+from .nf4 import NF4Linear
 from .timeline import Timeline
 
 
-def build_skeleton(source: TensorSource) -> MixtralForCausalLM:
-    """Mixtral on the meta device with every ``layer.mlp`` replaced by an ``OffloadedMoE``."""
+ATTENTION_QUANT_CHOICES = ("none", "nf4")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def build_skeleton(source: TensorSource, dtype: torch.dtype, attention_quant: str = "none") -> MixtralForCausalLM:
+    """Mixtral on the meta device in ``dtype``, every ``layer.mlp`` replaced by an ``OffloadedMoE``.
+
+    With ``attention_quant="nf4"`` the attention projections become ``NF4Linear``: at Mixtral-8x7B
+    scale that takes attention from 2.7 GB to 0.75 GB, which is what leaves room for expert slots
+    under a budget of 15% of the model.
+    """
+    if attention_quant not in ATTENTION_QUANT_CHOICES:
+        raise ValueError(f"unknown attention quantization {attention_quant!r}; choose one of "
+                         + ", ".join(ATTENTION_QUANT_CHOICES))
     config = source.config
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    for index, layer in enumerate(model.model.layers):
-        layer.mlp = OffloadedMoE(layer.mlp.gate, index)
+        model = MixtralForCausalLM(config).to(dtype)  # on meta: free, no transient fp32 copy later
+        for index, layer in enumerate(model.model.layers):
+            layer.mlp = OffloadedMoE(layer.mlp.gate, index)
+            if attention_quant == "nf4":
+                for name in PROJECTIONS:
+                    linear = getattr(layer.self_attn, name)
+                    setattr(layer.self_attn, name, NF4Linear(linear.out_features, linear.in_features))
     return model.eval()
 
 
-def dense_bytes(model: MixtralForCausalLM, dtype: torch.dtype) -> int:
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+def dense_bytes(model: MixtralForCausalLM) -> int:
+    """Bytes of every non-expert parameter and persistent buffer (NF4 data included), exactly."""
+    tensors = list(model.parameters()) + [m.q for m in model.modules() if isinstance(m, NF4Linear)] + \
+        [m.absmax for m in model.modules() if isinstance(m, NF4Linear)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def materialize(model: MixtralForCausalLM, source: TensorSource, device: torch.device, dtype: torch.dtype) -> None:
-    """Allocate the non-expert parameters on ``device`` and copy them from ``source``."""
-    model.to(dtype)  # on meta: free, and avoids a transient fp32 copy on the device
+def materialize(model: MixtralForCausalLM, source: TensorSource, device: torch.device) -> None:
+    """Allocate the non-expert weights on ``device`` and fill them from ``source``."""
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(source.dense(name))
+        for name, module in model.named_modules():
+            if isinstance(module, NF4Linear):
+                module.load(source.dense(name + ".weight"))
     # Non-persistent buffers (rotary frequencies) were left uninitialised by to_empty.
     model.model.rotary_emb = MixtralRotaryEmbedding(model.config).to(device)
 

@@ -52,3 +52,20 @@ def test_gpu_timeline_has_both_streams(tiny_checkpoint):
     df = rt.timeline.to_dataframe()
     assert set(df["stream"]) == {"compute", "copy"}
     assert (df["duration_ms"] >= 0).all() and df["end_ms"].max() > 0
+
+
+def test_gpu_nf4_attention_and_routing_replay(tiny_checkpoint, tmp_path):
+    from duoserve_core.traces import record, write_trace
+
+    kw = dict(device="cuda", quant="nf4", attention_quant="nf4", max_context=64)
+    resident = duoserve_core.load(tiny_checkpoint, policy="resident", **kw)
+    expected = resident.generate(prompt_ids=PROMPT, max_new_tokens=8, return_logits=True)
+    small = duoserve_core.load(tiny_checkpoint, memory_budget=resident.plan.fixed_bytes + 2 * resident.format.nbytes,
+                               **kw)
+    got = small.generate(prompt_ids=PROMPT, max_new_tokens=8, return_logits=True)
+    assert got.tokens == expected.tokens and all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    df, meta = record(resident, [PROMPT], max_new_tokens=4)
+    write_trace(tmp_path / "t.parquet", df, meta)
+    replayed = duoserve_core.load(tiny_checkpoint, routing_trace=tmp_path / "t.parquet", **kw)
+    again, _ = record(replayed, [PROMPT], max_new_tokens=4)
+    assert again["experts"].map(list).tolist() == df["experts"].map(list).tolist()

@@ -14,7 +14,6 @@ the expert's SwiGLU MLP straight from a record on the compute device.
 
 from __future__ import annotations
 
-import logging
 import math
 from abc import ABC
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import nf4
 from ..checkpoint import ExpertTensors
 
 _ALIGN = 64  # bytes; keeps every segment aligned for any dtype view and for vector loads
-
-# On CPUs with AVX512-BF16, importing bitsandbytes warns that an optional kernel hub package is
-# missing; the lab computes CPU experts by dequantize + linear and never needs it.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -104,51 +100,33 @@ class DenseFormat(ExpertFormat):
 
 class NF4Format(ExpertFormat):
     name = "nf4"
-    blocksize = 64
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__(hidden, intermediate)
-        n13, n2 = 2 * intermediate * hidden, hidden * intermediate
         self.shapes = {"w13": (2 * intermediate, hidden), "w2": (hidden, intermediate)}
-        self.segments, self.nbytes = _layout([
-            ("w13.q", torch.uint8, ((n13 + 1) // 2, 1)),
-            ("w13.absmax", torch.float32, (-(-n13 // self.blocksize),)),
-            ("w2.q", torch.uint8, ((n2 + 1) // 2, 1)),
-            ("w2.absmax", torch.float32, (-(-n2 // self.blocksize),)),
-        ])
-        self._codes: dict[torch.device, torch.Tensor] = {}
+        parts = []
+        for name, (rows, cols) in self.shapes.items():
+            q_shape, absmax_shape = nf4.packed_shapes(rows * cols)
+            parts += [(f"{name}.q", torch.uint8, q_shape), (f"{name}.absmax", torch.float32, absmax_shape)]
+        self.segments, self.nbytes = _layout(parts)
 
     def pack(self, tensors: ExpertTensors, out: torch.Tensor, work_device: torch.device) -> None:
-        import bitsandbytes.functional as bnbf
-
         for name, w in (("w13", torch.cat([tensors.w1, tensors.w3], dim=0)), ("w2", tensors.w2)):
-            q, state = bnbf.quantize_4bit(w.to(work_device), blocksize=self.blocksize, quant_type="nf4")
+            q, absmax = nf4.quantize(w.to(work_device))
             self.segments[f"{name}.q"].view(out).copy_(q)
-            self.segments[f"{name}.absmax"].view(out).copy_(state.absmax)
+            self.segments[f"{name}.absmax"].view(out).copy_(absmax)
 
-    def _state(self, record: torch.Tensor, name: str, dtype: torch.dtype):
-        from bitsandbytes.functional import QuantState, get_4bit_type
-
-        dev = record.device
-        if dev not in self._codes:
-            self._codes[dev] = get_4bit_type("nf4", device=dev)
-        return QuantState(absmax=self.segments[f"{name}.absmax"].view(record), shape=torch.Size(self.shapes[name]),
-                          code=self._codes[dev], blocksize=self.blocksize, quant_type="nf4", dtype=dtype)
+    def _parts(self, record: torch.Tensor, name: str):
+        return self.segments[f"{name}.q"].view(record), self.segments[f"{name}.absmax"].view(record), self.shapes[name]
 
     def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        from bitsandbytes.functional import dequantize_4bit
-
-        return tuple(dequantize_4bit(self.segments[f"{n}.q"].view(record), self._state(record, n, dtype))
-                     for n in ("w13", "w2"))
+        return tuple(nf4.dequantize(*self._parts(record, n), dtype) for n in ("w13", "w2"))
 
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if record.device.type != "cuda":
             return super().forward(record, x)
-        import bitsandbytes as bnb
-
-        q13, q2 = self.segments["w13.q"].view(record), self.segments["w2.q"].view(record)
-        gate, up = bnb.matmul_4bit(x, q13.t(), quant_state=self._state(record, "w13", x.dtype)).chunk(2, dim=-1)
-        return bnb.matmul_4bit(F.silu(gate) * up, q2.t(), quant_state=self._state(record, "w2", x.dtype))
+        gate, up = nf4.linear(x, *self._parts(record, "w13")).chunk(2, dim=-1)
+        return nf4.linear(F.silu(gate) * up, *self._parts(record, "w2"))
 
 
 QUANT_CHOICES = ("none", "bf16", "nf4")
