@@ -63,7 +63,7 @@ def test_malformed_files_get_clear_errors(tmp_path):
     with pytest.raises(TraceError, match="lacks trace metadata"):
         read_trace(tmp_path / "nolayer.parquet")
     bad = df.copy()
-    bad.loc[0, "experts"] = [0, 9]
+    bad["experts"] = [[0, 9]] + bad["experts"].tolist()[1:]
     with pytest.raises(TraceError, match="expert id outside 0..7"):
         write_trace(tmp_path / "bad.parquet", bad, meta)
     short = df[df["layer"] != 2]
