@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
     g.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
                    help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
-    g.add_argument("--policy", choices=sorted(POLICIES), default="on-demand")
+    g.add_argument("--policy", choices=POLICIES, default="on-demand")
+    g.add_argument("--predictor", default=None, help="predictor file for duoserve/uniform decode prefetch")
+    g.add_argument("--prefetch-depth", type=int, default=2, help="layers ahead to prefetch")
+    g.add_argument("--predictor-threshold", type=float, default=0.3, help="prefetch experts scored at least this")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")
@@ -58,7 +61,8 @@ def generate(args: argparse.Namespace) -> dict:
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
                    policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
                    max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace,
-                   attention_quant=args.quant_attention)
+                   attention_quant=args.quant_attention, predictor=args.predictor,
+                   prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold)
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

@@ -79,7 +79,8 @@ class Runtime:
                  memory_budget: str | int | None = None, policy: str | Policy = "on-demand",
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
-                 routing_trace: str | Path | None = None, attention_quant: str = "none"):
+                 routing_trace: str | Path | None = None, attention_quant: str = "none",
+                 predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -105,7 +106,15 @@ class Runtime:
         budget = self._budget_bytes(memory_budget)
         self.plan: MemoryPlan = plan_memory(self.config, self._dense_bytes, self.format, budget,
                                             self.max_context, self.dtype, self.device.type)
-        self.policy = make_policy(policy)
+        layer_predictor = None
+        if predictor is not None:
+            from .predict import load_predictor
+
+            c = self.config
+            layer_predictor = load_predictor(predictor, expect=(source.name, c.num_hidden_layers, c.num_local_experts,
+                                                                c.num_experts_per_tok), device="cpu")
+        self.policy = make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
+                                  predictor_threshold=predictor_threshold)
 
         cuda = self.device.type == "cuda"
         self.timeline = Timeline(self.device, enabled=record_timeline)
@@ -276,7 +285,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          memory_budget: str | int | None = None, policy: str | Policy = "on-demand", num_layers: int | None = None,
          dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
          synth_device: str | torch.device | None = None, record_timeline: bool = True,
-         routing_trace: str | Path | None = None, attention_quant: str = "none") -> Runtime:
+         routing_trace: str | Path | None = None, attention_quant: str = "none",
+         predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
@@ -289,7 +299,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
     return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
-                   routing_trace=routing_trace, attention_quant=attention_quant)
+                   routing_trace=routing_trace, attention_quant=attention_quant, predictor=predictor,
+                   prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -95,3 +95,19 @@ def test_timeline_records_copies_as_rows_and_chrome_events():
     trace = tl.to_chrome_trace()
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert xs[0]["name"] == "h2d L1E2" and xs[0]["tid"] == 2
+
+
+def test_prefetch_never_evicts_what_the_policy_values_more():
+    class Stubborn(Policy):
+        def worth_replacing(self, victim, incoming):
+            return incoming[0] == 1  # only layer-1 experts may push others out
+
+    cache, _, _ = _cache(Stubborn(), slots=2)
+    cache.acquire((0, 0))
+    cache.acquire((0, 1))
+    cache.unpin((0, 0))
+    cache.unpin((0, 1))
+    assert not cache.prefetch((0, 2)) and cache.stats.h2d_copies == 2
+    assert cache.prefetch((1, 2)) and cache.stats.evictions == 1
+    cache.acquire((0, 3))  # a demand miss evicts regardless
+    assert cache.is_resident((0, 3))

@@ -79,6 +79,10 @@ class ExpertCache:
         """Load ``key`` ahead of need if there is room; return whether a copy was issued."""
         if key in self._slot_of or not self.can_make_room():
             return False
+        if not self._free:
+            victim = self.policy.eviction_order([k for k in self._slot_of if k not in self._pinned])[0]
+            if not self.policy.worth_replacing(victim, key):
+                return False
         self._load(key)
         self.stats.prefetches += 1
         self._unused_prefetch.add(key)

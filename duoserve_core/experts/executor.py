@@ -48,8 +48,8 @@ class ExpertExecutor:
         for key in plan.release:
             self.cache.release(key)
         for key in plan.load:
-            if not self.cache.prefetch(key) and not self.cache.is_resident(key) and not self.cache.can_make_room():
-                break  # every slot is pinned; the rest of the plan waits for the next event
+            if not self.cache.prefetch(key) and not self.cache.is_resident(key):
+                break  # no room, or only for something worth less: the rest of the plan ranks lower still
 
     def moe(self, layer: int, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from .base import NO_PLAN, CacheView, ExpertKey, Phase, Plan, Policy
+from .duoserve import DuoServePolicy
 from .simple import OnDemandPolicy, ResidentPolicy
 
-POLICIES: dict[str, type[Policy]] = {
-    OnDemandPolicy.name: OnDemandPolicy,
-    ResidentPolicy.name: ResidentPolicy,
-}
+POLICIES = ("duoserve", "uniform", "on-demand", "resident")
 
 
-def make_policy(name: str | Policy, **knobs) -> Policy:
-    """A policy by its ``--policy`` name (or an instance, returned as is)."""
+def make_policy(name: str | Policy, *, predictor=None, prefetch_depth: int = 2,
+                predictor_threshold: float = 0.3) -> Policy:
+    """A policy by its ``--policy`` name (or an instance, returned as is), with its knobs."""
     if isinstance(name, Policy):
         return name
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](**knobs)
+    if name in ("duoserve", "uniform"):
+        return DuoServePolicy(predictor, prefetch_depth, predictor_threshold, uniform=name == "uniform")
+    if name == "on-demand":
+        return OnDemandPolicy()
+    if name == "resident":
+        return ResidentPolicy()
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
 
 
-__all__ = ["NO_PLAN", "POLICIES", "CacheView", "ExpertKey", "OnDemandPolicy", "Phase", "Plan", "Policy",
+__all__ = ["NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "OnDemandPolicy", "Phase", "Plan", "Policy",
            "ResidentPolicy", "make_policy"]

@@ -13,8 +13,10 @@ Loading what the router asks for and is not resident is the executor's job (a de
 as is pinning the experts of the layer in progress until their kernels have been queued.
 
 When the executor needs a slot and none is free, it asks ``eviction_order`` to rank the
-unpinned resident experts, and evicts the first. The default rule is least recently used;
-policies override it (the decode scheduler ranks by predicted reuse).
+unpinned resident experts, and evicts the first; for a prefetch it first asks
+``worth_replacing(victim, incoming)``, so that a guess never pushes out something more needed.
+The default rule is least recently used; policies override it (the decode scheduler ranks by
+predicted reuse).
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class Policy:
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
         return sorted(candidates, key=self.cache.last_use)
+
+    def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
+        """May a prefetch of ``incoming`` evict ``victim``? (Demand misses always may.)"""
+        return True
 
     def describe(self) -> dict:
         """Knobs worth reporting beside results."""

@@ -1,0 +1,120 @@
+"""DuoServe-MoE's dual-phase schedule, and the single-policy strawman it argues against.
+
+Prefill (many tokens; nearly every expert of a layer is hit): a sliding window of layers. When
+layer l starts, the experts of layers l .. l+depth-1 are queued on the copy stream, nearest layer
+first, so they load while the compute stream runs attention; when layer l is done its experts
+are released, so at most ``prefetch_depth`` layers of experts are ever resident.
+
+Decode (one token, k experts per layer): after layer l's router, the predictor scores every
+expert of layers l+1 .. l+depth; those above ``predictor_threshold`` and not resident are queued,
+nearest layer and most likely first. Experts stay cached across tokens under the budget; the
+victim is the expert least likely to be needed soon: the predictor's score where it has one,
+else how often that expert was used at its layer recently (consecutive tokens repeat experts).
+A prefetch never evicts an expert that is more likely to be needed than the one it brings.
+
+``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import CacheView, ExpertKey, Phase, Plan, Policy
+
+# Reuse estimate of an expert with no prediction: decayed use frequency at its layer, scaled so
+# that an expert the predictor names above threshold always ranks higher.
+_FREQUENCY_WEIGHT = 0.5
+_DECAY = 0.8
+
+
+class DuoServePolicy(Policy):
+    name = "duoserve"
+
+    def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
+                 uniform: bool = False):
+        if prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
+        self.predictor, self.depth, self.threshold = predictor, prefetch_depth, predictor_threshold
+        self.uniform = uniform
+        if uniform:
+            self.name = "uniform"
+
+    def attach(self, cache: CacheView) -> None:
+        super().attach(cache)
+        L, E = cache.num_layers, cache.num_experts
+        self.frequency = torch.zeros(L, E)
+        self.scores: dict[ExpertKey, float] = {}
+        self.current_layer = 0
+        self.prefill = True
+        self.prev_experts: torch.Tensor | None = None   # [L, k] of the previous token, -1 unknown
+        self.this_experts: torch.Tensor | None = None
+        self.this_weights: torch.Tensor | None = None
+
+    # -- events ------------------------------------------------------------------------------
+    def phase(self, phase: Phase) -> Plan:
+        self.prefill = Phase(phase) is Phase.PREFILL and not self.uniform
+        if Phase(phase) is Phase.PREFILL:
+            self.prev_experts = None
+        self.scores.clear()
+        return Plan()
+
+    def layer_started(self, layer: int) -> Plan:
+        self.current_layer = layer
+        if not self.prefill:
+            return Plan()
+        last = min(self.cache.num_layers, layer + self.depth)
+        return Plan(load=[(l, e) for l in range(layer, last) for e in range(self.cache.num_experts)])
+
+    def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
+        L, E = self.cache.num_layers, self.cache.num_experts
+        used = torch.bincount(topk.flatten(), minlength=E).float()
+        self.frequency[layer] = _DECAY * self.frequency[layer] + (1 - _DECAY) * (used > 0).float()
+        if self.prefill or self.predictor is None or topk.shape[0] != 1:
+            return Plan()
+        if layer == 0 or self.this_experts is None:
+            self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
+            self.this_weights = torch.zeros(L, topk.shape[1])
+        weights = probs.gather(1, topk)
+        self.this_experts[layer] = topk[0]
+        self.this_weights[layer] = (weights / weights.sum(dim=1, keepdim=True))[0]
+        if layer == L - 1:
+            self.prev_experts = self.this_experts.clone()
+            return Plan()
+        prev = self.prev_experts if self.prev_experts is not None else torch.full_like(self.this_experts, -1)
+        feats = self.predictor.features(layer, self.this_experts[None, :layer + 1],
+                                        self.this_weights[None, :layer + 1], prev[None])
+        predicted = self.predictor.predict(layer, feats)[0]  # [depth_at(layer), E]
+        self.scores = {(layer + 1 + d, e): float(predicted[d, e])
+                       for d in range(min(self.depth, predicted.shape[0])) for e in range(E)}
+        wanted = [(key, p) for key, p in self.scores.items() if p >= self.threshold]
+        wanted.sort(key=lambda kp: (kp[0][0], -kp[1]))
+        return Plan(load=[key for key, _ in wanted])
+
+    def layer_done(self, layer: int) -> Plan:
+        if self.prefill:
+            return Plan(release=[k for k in self.cache.resident() if k[0] == layer])
+        return Plan()
+
+    # -- eviction ----------------------------------------------------------------------------
+    def _value(self, key: ExpertKey) -> float:
+        """How much keeping ``key`` is worth: higher is more likely needed soon."""
+        layer = key[0]
+        if self.prefill:
+            if layer < self.current_layer:
+                return -1.0                                  # its layer is done
+            return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
+        if key in self.scores:
+            return self.scores[key]
+        return _FREQUENCY_WEIGHT * float(self.frequency[key])
+
+    def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
+        return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
+
+    def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
+        return self._value(victim) < self._value(incoming)
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,
+                "predictor": None if self.predictor is None else getattr(self.predictor, "name", "layer-mlp")}

@@ -1,0 +1,74 @@
+"""The DuoServe schedulers: never change the tokens, bound prefill residency, and cut decode misses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+import duoserve_core
+from duoserve_core.policy import DuoServePolicy
+from duoserve_core.predict import PredictorError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+MODEL, PREDICTOR = DATA / "small-moe", DATA / "predictors" / "small-moe-depth2.safetensors"
+PROMPT = "Return the file system representation for path. If the object is a str or bytes object, then"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rt = duoserve_core.load(MODEL, device="cpu", quant="nf4", policy="resident", max_context=128)
+    return rt, rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+
+
+def _load(reference_rt, slots, **kw):
+    budget = reference_rt.plan.fixed_bytes + slots * reference_rt.format.nbytes
+    return duoserve_core.load(MODEL, device="cpu", quant="nf4", memory_budget=budget, max_context=128, **kw)
+
+
+def test_randomised_knobs_never_change_the_tokens(reference):
+    rt0, expected = reference
+    rng = random.Random(0)
+    for _ in range(6):
+        policy = rng.choice(["duoserve", "uniform"])
+        slots = rng.choice([2, 3, 5, 9, 17, 64])
+        depth, threshold = rng.choice([1, 2, 3]), rng.choice([0.05, 0.3, 0.9])
+        rt = _load(rt0, slots, policy=policy, predictor=PREDICTOR, prefetch_depth=depth, predictor_threshold=threshold)
+        got = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+        assert got.tokens == expected.tokens, (policy, slots, depth, threshold)
+        assert rt.plan.fixed_bytes + rt.plan.num_slots * rt.plan.expert_bytes <= rt.plan.budget_bytes
+
+
+class _Watching(DuoServePolicy):
+    """Records how many layers have experts resident whenever a layer finishes."""
+
+    def layer_done(self, layer):
+        if self.prefill:
+            self.widest = max(getattr(self, "widest", 0), len({k[0] for k in self.cache.resident()}))
+        return super().layer_done(layer)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefill_keeps_at_most_depth_layers_resident(reference, depth):
+    rt0, _ = reference
+    policy = _Watching(prefetch_depth=depth)
+    rt = _load(rt0, 64, policy=policy)
+    r = rt.generate(PROMPT, max_new_tokens=1)
+    assert policy.widest <= depth
+    assert r.phases["prefill"]["prefetches"] > 0
+    assert r.phases["prefill"]["misses"] < 8  # nearly every expert arrived ahead of its layer
+
+
+def test_decode_prediction_cuts_misses(reference):
+    rt0, expected = reference
+    on_demand = _load(rt0, 16, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    duo = _load(rt0, 16, policy="duoserve", predictor=PREDICTOR).generate(PROMPT, max_new_tokens=16,
+                                                                          stop_at_eos=False)
+    assert duo.phases["decode"]["misses"] < 0.6 * on_demand.phases["decode"]["misses"]
+    assert duo.phases["decode"]["prefetch_hits"] > 0
+
+
+def test_predictor_for_another_model_is_refused(tiny_checkpoint):
+    with pytest.raises(PredictorError, match="layers"):
+        duoserve_core.load(tiny_checkpoint, device="cpu", policy="duoserve", predictor=PREDICTOR)
