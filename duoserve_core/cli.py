@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
     g.add_argument("--policy", choices=POLICIES, default="on-demand")
     g.add_argument("--predictor", default=None, help="predictor file for duoserve/uniform decode prefetch")
+    g.add_argument("--speculative-gate", action="store_true",
+                   help="duoserve/uniform: take the next layer's experts from its router on this layer's input")
     g.add_argument("--prefetch-depth", type=int, default=2, help="layers ahead to prefetch")
     g.add_argument("--predictor-threshold", type=float, default=0.3, help="prefetch experts scored at least this")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -62,7 +64,8 @@ def generate(args: argparse.Namespace) -> dict:
                    policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
                    max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace,
                    attention_quant=args.quant_attention, predictor=args.predictor,
-                   prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold)
+                   prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
+                   speculative_gate=args.speculative_gate)
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

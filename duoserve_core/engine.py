@@ -80,7 +80,8 @@ class Runtime:
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
                  routing_trace: str | Path | None = None, attention_quant: str = "none",
-                 predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3):
+                 predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
+                 speculative_gate: bool = False):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -114,7 +115,7 @@ class Runtime:
             layer_predictor = load_predictor(predictor, expect=(source.name, c.num_hidden_layers, c.num_local_experts,
                                                                 c.num_experts_per_tok), device="cpu")
         self.policy = make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
-                                  predictor_threshold=predictor_threshold)
+                                  predictor_threshold=predictor_threshold, speculative_gate=speculative_gate)
 
         cuda = self.device.type == "cuda"
         self.timeline = Timeline(self.device, enabled=record_timeline)
@@ -286,7 +287,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
          synth_device: str | torch.device | None = None, record_timeline: bool = True,
          routing_trace: str | Path | None = None, attention_quant: str = "none",
-         predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3) -> Runtime:
+         predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
+         speculative_gate: bool = False) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
@@ -300,7 +302,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
                    routing_trace=routing_trace, attention_quant=attention_quant, predictor=predictor,
-                   prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold)
+                   prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold,
+                   speculative_gate=speculative_gate)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -72,3 +72,23 @@ def test_decode_prediction_cuts_misses(reference):
 def test_predictor_for_another_model_is_refused(tiny_checkpoint):
     with pytest.raises(PredictorError, match="layers"):
         duoserve_core.load(tiny_checkpoint, device="cpu", policy="duoserve", predictor=PREDICTOR)
+
+
+def test_lru_speculative_prefetches_from_the_gate_and_keeps_tokens(reference):
+    rt0, expected = reference
+    rt = _load(rt0, 16, policy="lru-speculative")
+    got = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert got.tokens == expected.tokens
+    d = got.phases["decode"]
+    assert d["prefetches"] > 0 and d["prefetch_hits"] > 0.5 * d["prefetches"]  # the gate is right most of the time
+    on_demand = _load(rt0, 16, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert d["misses"] < on_demand.phases["decode"]["misses"]
+
+
+def test_duoserve_with_the_speculative_gate(reference):
+    rt0, expected = reference
+    rt = _load(rt0, 16, policy="duoserve", predictor=PREDICTOR, predictor_threshold=0.6, speculative_gate=True)
+    got = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert got.tokens == expected.tokens and rt.policy.describe()["speculative_gate"]
+    on_demand = _load(rt0, 16, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert got.phases["decode"]["misses"] < 0.5 * on_demand.phases["decode"]["misses"]

@@ -84,6 +84,8 @@ class ExpertCache:
             if not self.policy.worth_replacing(victim, key):
                 return False
         self._load(key)
+        self._clock += 1
+        self._last_use[key] = self._clock  # a fresh prefetch is not the first thing to evict
         self.stats.prefetches += 1
         self._unused_prefetch.add(key)
         return True

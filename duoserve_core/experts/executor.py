@@ -55,7 +55,7 @@ class ExpertExecutor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         k = self.top_k
-        speculate = bool(self.observers) and layer + 1 < len(self.gates)
+        speculate = (bool(self.observers) or self.policy.wants_speculation) and layer + 1 < len(self.gates)
         num_experts = self.cache.num_experts
         with self.timeline.span("compute", "router", layer):
             router_logits, top_w, top_idx = gate(x)
@@ -73,7 +73,11 @@ class ExpertExecutor:
         spec_cpu = routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None
         for observer in self.observers:
             observer.routed(layer, idx_cpu, w_cpu, probs_cpu, spec_cpu)
-        self.apply(self.policy.router_done(layer, idx_cpu, probs_cpu))
+        # The policy hears the routing now, but its prefetches are issued after this layer's own
+        # demand loads: the copy stream is in order, and what is needed now goes first.
+        ahead = [self.policy.router_done(layer, idx_cpu, probs_cpu)]
+        if spec_cpu is not None and self.policy.wants_speculation:
+            ahead.append(self.policy.speculated(layer + 1, spec_cpu))
 
         flat = idx_cpu.flatten()  # row r = token * k + j
         rows_by_expert = torch.argsort(flat, stable=True)
@@ -93,6 +97,9 @@ class ExpertExecutor:
                 e = pending.popleft()
                 slot, _ = self.cache.acquire((layer, e))
                 in_flight.append((e, slot))
+            for plan in ahead:
+                self.apply(plan)
+            ahead = []
             e, slot = in_flight.popleft()
             rows = rows_dev[starts[e]:starts[e + 1]]
             self.engine.wait_ready(slot)

@@ -7,6 +7,9 @@ The executor (real or simulated) tells the policy what happens, in this order pe
     router_done(l, topk, probs)                    after layer l's router (CPU tensors)
     layer_done(l)                                  after layer l's experts are queued
 
+and, to a policy that sets ``wants_speculation``, ``speculated(l+1, topk)`` after layer l's router:
+layer l+1's router applied to layer l's MoE input, the speculative gate of mixtral-offloading.
+
 and carries out the ``Plan`` each call returns: ``load`` lists (layer, expert) pairs to copy
 ahead of need, most urgent first; ``release`` lists experts whose slots may be reused now.
 Loading what the router asks for and is not resident is the executor's job (a demand miss),
@@ -63,6 +66,7 @@ class Policy:
     """Base policy: no prefetch, keep whatever is loaded, evict least recently used."""
 
     name = "base"
+    wants_speculation = False
 
     def attach(self, cache: CacheView) -> None:
         """Called once when the runtime is built; may raise if the budget cannot serve the policy."""
@@ -78,6 +82,9 @@ class Policy:
         return NO_PLAN
 
     def layer_done(self, layer: int) -> Plan:
+        return NO_PLAN
+
+    def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
         return NO_PLAN
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:

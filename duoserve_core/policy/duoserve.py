@@ -7,7 +7,8 @@ are released, so at most ``prefetch_depth`` layers of experts are ever resident.
 
 Decode (one token, k experts per layer): after layer l's router, the predictor scores every
 expert of layers l+1 .. l+depth; those above ``predictor_threshold`` and not resident are queued,
-nearest layer and most likely first. Experts stay cached across tokens under the budget; the
+nearest layer and most likely first (with ``speculative_gate``, layer l+1's experts are taken from
+the next router applied to this layer's input instead). Experts stay cached across tokens under the budget; the
 victim is the expert least likely to be needed soon: the predictor's score where it has one,
 else how often that expert was used at its layer recently (consecutive tokens repeat experts).
 A prefetch never evicts an expert that is more likely to be needed than the one it brings.
@@ -33,11 +34,14 @@ class DuoServePolicy(Policy):
     name = "duoserve"
 
     def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
-                 uniform: bool = False):
+                 uniform: bool = False, speculative_gate: bool = False):
         if prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
         self.predictor, self.depth, self.threshold = predictor, prefetch_depth, predictor_threshold
         self.uniform = uniform
+        # The speculative gate (next router on this layer's input) names layer l+1's experts; the
+        # trained predictor still covers l+2 .. l+depth, where the gate cannot see.
+        self.wants_speculation = speculative_gate
         if uniform:
             self.name = "uniform"
 
@@ -92,6 +96,14 @@ class DuoServePolicy(Policy):
         wanted.sort(key=lambda kp: (kp[0][0], -kp[1]))
         return Plan(load=[key for key, _ in wanted])
 
+    def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
+        if self.prefill or topk.shape[0] != 1:
+            return Plan()
+        guessed = [(layer, int(e)) for e in topk[0].tolist()]
+        for key in guessed:
+            self.scores[key] = 1.0
+        return Plan(load=guessed)
+
     def layer_done(self, layer: int) -> Plan:
         if self.prefill:
             return Plan(release=[k for k in self.cache.resident() if k[0] == layer])
@@ -117,4 +129,5 @@ class DuoServePolicy(Policy):
 
     def describe(self) -> dict:
         return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,
-                "predictor": None if self.predictor is None else getattr(self.predictor, "name", "layer-mlp")}
+                "predictor": None if self.predictor is None else "layer-mlp",
+                "speculative_gate": self.wants_speculation}

@@ -1,15 +1,23 @@
-"""The two reference policies every other one is measured between.
+"""The reference policies every other one is measured between.
 
 - ``on-demand``: load each expert when the router asks for it; keep nothing beyond the layer
   in progress. Every use is a transfer: the floor of what offloading costs without a schedule.
 - ``resident``: every expert on the device, loaded once; the speed of light for compute, and
   only possible where the budget holds the whole model.
+- ``lru-speculative``: the mixtral-offloading approach: an LRU cache per layer (each layer gets an
+  equal share of the slots) plus speculative loading of layer l+1's experts guessed by applying
+  layer l+1's router to layer l's hidden state.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Sequence
+
+import torch
+
 from ..errors import BudgetError
-from .base import CacheView, Phase, Plan, Policy
+from .base import CacheView, ExpertKey, Phase, Plan, Policy
 
 
 class OnDemandPolicy(Policy):
@@ -35,3 +43,16 @@ class ResidentPolicy(Policy):
         missing = [(l, e) for l in range(self.cache.num_layers) for e in range(self.cache.num_experts)
                    if not self.cache.is_resident((l, e))]
         return Plan(load=missing)
+
+
+class LRUSpeculativePolicy(Policy):
+    name = "lru-speculative"
+    wants_speculation = True
+
+    def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
+        return Plan(load=sorted({(layer, int(e)) for e in topk.flatten().tolist()}))
+
+    def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
+        """Least recently used within the layer holding the most experts: per-layer LRU caches."""
+        per_layer = Counter(layer for layer, _ in self.cache.resident())
+        return sorted(candidates, key=lambda k: (-per_layer[k[0]], self.cache.last_use(k)))
