@@ -1,0 +1,57 @@
+"""Belady's optimal cache: the fewest expert loads any policy could make at a given number of slots.
+
+This is the decode bound every policy is drawn against: perfect knowledge of the future routing
+(the routing actually taken in the run), eviction of the expert whose next use is farthest away,
+and every copy overlapped with compute. Belady (1966) proved farthest-next-use optimal for a
+cache that must hold what is being used, which is what a layer's pinned experts are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+ExpertKey = tuple[int, int]
+
+
+def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: Iterable[ExpertKey] = ()) -> int:
+    """Loads needed to serve ``groups`` in order with ``capacity`` slots.
+
+    Each group is the set of experts one layer step needs at once (so it must fit: a group larger
+    than the capacity is an error). ``initial`` is what the cache holds before the first group.
+    """
+    groups = [set(g) for g in groups]
+    if groups and max(len(g) for g in groups) > capacity:
+        raise ValueError(f"a step needs {max(len(g) for g in groups)} experts at once but there are {capacity} slots")
+    uses: dict[ExpertKey, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        for key in group:
+            uses[key].append(index)
+    pointer: dict[ExpertKey, int] = defaultdict(int)
+
+    def next_use(key: ExpertKey) -> float:
+        positions = uses.get(key, [])
+        i = pointer[key]
+        return positions[i] if i < len(positions) else math.inf
+
+    cache = set(list(initial)[:capacity])
+    loads = 0
+    for group in groups:
+        for key in group:
+            pointer[key] += 1  # past this use: next_use now looks beyond the current step
+        for key in group - cache:
+            if len(cache) >= capacity:
+                cache.remove(max(cache - group, key=next_use))
+            cache.add(key)
+            loads += 1
+    return loads
+
+
+def expert_groups(timeline_rows: Iterable[dict], phase: str | None = "decode") -> list[set[ExpertKey]]:
+    """A run's expert uses, one set per (step, layer), from its timeline rows (``phase=None``: all)."""
+    steps: dict[tuple[int, int], set[ExpertKey]] = defaultdict(set)
+    for row in timeline_rows:
+        if row["kind"] == "expert" and phase in (None, row["phase"]):
+            steps[(row["step"], row["layer"])].add((row["layer"], row["expert"]))
+    return [steps[k] for k in sorted(steps)]
