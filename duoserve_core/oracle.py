@@ -15,11 +15,14 @@ from typing import Iterable, Sequence
 ExpertKey = tuple[int, int]
 
 
-def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: Iterable[ExpertKey] = ()) -> int:
+def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: Iterable[ExpertKey] = (),
+                 count_from: int = 0) -> int:
     """Loads needed to serve ``groups`` in order with ``capacity`` slots.
 
     Each group is the set of experts one layer step needs at once (so it must fit: a group larger
     than the capacity is an error). ``initial`` is what the cache holds before the first group.
+    Only loads from group ``count_from`` on are counted: the decode bound runs the whole request
+    and counts its decode steps, so decode starts from the cache the optimum left after prefill.
     """
     groups = [set(g) for g in groups]
     if groups and max(len(g) for g in groups) > capacity:
@@ -37,14 +40,14 @@ def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: 
 
     cache = set(list(initial)[:capacity])
     loads = 0
-    for group in groups:
+    for index, group in enumerate(groups):
         for key in group:
             pointer[key] += 1  # past this use: next_use now looks beyond the current step
         for key in group - cache:
             if len(cache) >= capacity:
                 cache.remove(max(cache - group, key=next_use))
             cache.add(key)
-            loads += 1
+            loads += index >= count_from
     return loads
 
 
