@@ -67,6 +67,7 @@ def run_policy(args: argparse.Namespace, policy: str, prompt_ids: list[int]) -> 
                    else None, prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
                    speculative_gate=args.speculative_gate and policy in ("duoserve", "uniform"),
                    routing_trace=args.routing_trace)
+    prompt_ids = [t % runtime.config.vocab_size for t in prompt_ids]
     runs = []
     for _ in range(args.repeats + 1):  # the first run warms kernels, the allocator and the clocks
         if policy != "resident":
