@@ -1,0 +1,53 @@
+"""What notebook 01 runs: load a model, generate under a policy and budget, summarise the cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import duoserve_core
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_MODEL = str(DATA / "small-moe")
+BUNDLED_PREDICTOR = str(DATA / "predictors" / "small-moe-depth2.safetensors")
+
+
+def default_device() -> str:
+    """The GPU when there is one; the notebooks say which they used."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class QuickRun:
+    runtime: duoserve_core.Runtime
+    result: duoserve_core.GenerationResult
+
+    def summary(self) -> pd.DataFrame:
+        r, plan = self.result, self.runtime.plan
+        rows = {
+            "device": r.device, "policy": r.policy["policy"],
+            "expert slots": f"{plan.num_slots} of {plan.total_experts}",
+            "TTFT (ms)": round(r.ttft_s * 1e3, 2), "TPOT (ms)": round((r.tpot_s or 0) * 1e3, 2),
+            "experts copied": r.h2d_copies, "bytes copied": r.h2d_bytes,
+            "hits / misses": f"{r.expert_hits} / {r.expert_misses}",
+            "prefetched (used)": f"{r.phases['decode']['prefetches']} ({r.phases['decode']['prefetch_hits']})",
+        }
+        return pd.DataFrame({"value": rows})
+
+
+def quick_run(prompt: str, *, model: str = BUNDLED_MODEL, policy: str = "duoserve", slots: int = 16,
+              prefetch_depth: int = 2, threshold: float = 0.5, max_new_tokens: int = 24,
+              device: str | None = None) -> QuickRun:
+    """Generate with ``slots`` expert slots left after everything else the budget must hold."""
+    device = device or default_device()
+    probe = duoserve_core.load(model, device=device, quant="nf4", max_context=256)
+    budget = probe.plan.fixed_bytes + slots * probe.format.nbytes
+    predictor = BUNDLED_PREDICTOR if policy in ("duoserve", "uniform") and model == BUNDLED_MODEL else None
+    runtime = duoserve_core.load(model, device=device, quant="nf4", max_context=256, memory_budget=budget,
+                                 policy=policy, predictor=predictor, prefetch_depth=prefetch_depth,
+                                 predictor_threshold=threshold, speculative_gate=policy == "duoserve")
+    result = runtime.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
+    return QuickRun(runtime, result)
