@@ -58,3 +58,29 @@ def expert_heatmap(counts: np.ndarray, title: str = "") -> go.Figure:
                                hovertemplate="layer %{y}, expert %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="expert", yaxis_title="layer", height=320)
     return fig
+
+
+def affinity_heatmap(affinity: np.ndarray, layer: int) -> go.Figure:
+    """How layer l's experts predict layer l+1's: the structure a layer-level predictor learns."""
+    fig = go.Figure(go.Heatmap(z=affinity, colorscale="Magma", zmin=0, colorbar_title="P",
+                               hovertemplate=f"layer {layer} expert %{{y}} -> layer {layer + 1} expert %{{x}}: "
+                                             "%{z:.2f}<extra></extra>"))
+    fig.update_layout(xaxis_title=f"expert at layer {layer + 1}", yaxis_title=f"expert at layer {layer}", height=340,
+                      title=f"P(expert at layer {layer + 1} | expert at layer {layer})")
+    return fig
+
+
+def token_routing(trace: Trace, request_id: int, max_tokens: int = 96) -> go.Figure:
+    """First-choice expert of every token (x) at every layer (y) for one request; prefill is shaded."""
+    tokens = trace.tokens()
+    mask = (tokens["request_id"] == request_id).to_numpy()
+    first = trace.expert_array()[mask][:max_tokens, :, 0]
+    phases = tokens[mask]["phase"].to_numpy()[:max_tokens]
+    fig = go.Figure(go.Heatmap(z=first.T, colorscale="Turbo", colorbar_title="expert",
+                               hovertemplate="token %{x}, layer %{y}: expert %{z}<extra></extra>"))
+    prefill_end = int((phases == "prefill").sum())
+    fig.add_vrect(x0=-0.5, x1=prefill_end - 0.5, fillcolor="white", opacity=0.15, line_width=0,
+                  annotation_text="prefill", annotation_position="top left")
+    fig.update_layout(xaxis_title="token position", yaxis_title="layer", height=300,
+                      title=f"first-choice expert per token, request {request_id}")
+    return fig

@@ -67,3 +67,18 @@ def summary(trace: Trace) -> dict:
         "decode_first_choice_repeat": rates_decode["first_choice_repeat"].tolist(),
         "decode_any_shared": rates_decode["any_shared"].tolist(),
     }
+
+
+def layer_affinity(trace: Trace, layer: int, phase: str | None = None) -> np.ndarray:
+    """``[E, E]``: P(expert j is among layer+1's top-k | expert i is among layer's top-k), same token."""
+    experts = trace.expert_array()
+    if phase is not None:
+        experts = experts[trace.tokens()["phase"].to_numpy() == phase]
+    E = trace.meta.num_experts
+    here, there = experts[:, layer], experts[:, layer + 1]
+    counts = np.zeros((E, E))
+    for i_col in range(here.shape[1]):
+        for j_col in range(there.shape[1]):
+            np.add.at(counts, (here[:, i_col], there[:, j_col]), 1)
+    chosen = np.bincount(here.ravel(), minlength=E)[:, None]
+    return counts / np.maximum(chosen, 1)

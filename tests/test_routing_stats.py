@@ -34,3 +34,13 @@ def test_load_balance_and_random_rates():
     assert balance.loc[0].tolist() == [0.5, 0.25, 0.25, 0.0]
     first, share = random_repeat_rates(8, 2)
     assert first == 0.125 and share == pytest.approx(1 - 15 / 28)
+
+
+def test_layer_affinity_by_hand():
+    from lab.routing_stats import layer_affinity
+
+    # two layers, E=4, k=2: token A: {0,1} -> {2,3}; token B: {0,2} -> {2,1}
+    trace = _trace([[[[0, 1], [2, 3]], [[0, 2], [2, 1]]]])
+    a = layer_affinity(trace, 0)
+    assert a[0].tolist() == [0.0, 0.5, 1.0, 0.5]  # expert 0 chosen twice: 2 always follows, 1 and 3 once each
+    assert a[1].tolist() == [0.0, 0.0, 1.0, 1.0] and a[3].tolist() == [0.0] * 4
