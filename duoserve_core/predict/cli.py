@@ -38,24 +38,21 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _bytes(text: str) -> int:
-    try:
-        n = parse_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--expert-bytes must be positive, got {text!r}")
-    return n
+def _positive(parse, what: str):
+    """An argparse type: ``parse(text)`` must give a number of at least 1."""
+    def convert(text: str) -> int:
+        try:
+            n = parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from exc
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be positive, got {text!r}")
+        return n
+    return convert
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+_bytes = _positive(parse_bytes, "--expert-bytes")
+_count = _positive(int, "this option")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fit a predictor on one or more traces")
     t.add_argument("--trace", action="append", required=True, help="training trace (repeat for several)")
-    t.add_argument("--depth", type=_positive, default=2, help="how many layers ahead to predict")
+    t.add_argument("--depth", type=_count, default=2, help="how many layers ahead to predict")
     t.add_argument("--out", required=True, help="predictor file to write (safetensors)")
-    t.add_argument("--window", type=_positive, default=4, help="current-token layers in the features")
+    t.add_argument("--window", type=_count, default=4, help="current-token layers in the features")
     t.add_argument("--hidden", type=_hidden, default=(64,),
                    help="MLP hidden sizes, e.g. 64 or 128,64; 0: no hidden layer (logistic regression)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-iter", type=_positive, default=200, help="training epochs per MLP at most")
+    t.add_argument("--max-iter", type=_count, default=200, help="training epochs per MLP at most")
     t.add_argument("--jobs", type=int, default=1, help="MLPs fitted in parallel (-1: one per CPU core)")
     t.add_argument("--include-prefill", action="store_true",
                    help="also train on prefill tokens (default: decode tokens only)")
@@ -93,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time one layer's prediction on a device")
     b.add_argument("--predictor", required=True)
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    b.add_argument("--batch", type=_positive, default=1, help="tokens per call")
-    b.add_argument("--iters", type=_positive, default=1000, help="timed calls per layer")
+    b.add_argument("--batch", type=_count, default=1, help="tokens per call")
+    b.add_argument("--iters", type=_count, default=1000, help="timed calls per layer")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
