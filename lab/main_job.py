@@ -3,7 +3,8 @@
     python -m lab.main_job            # or: make run
     python -m lab.main_job --model synthetic:mixtral-8x7b --num-layers 4 --device cuda
 
-For each policy and budget it generates the same prompt, checks that the tokens are the same
+For each policy and budget (on-demand and, for the bundled model with its predictor, duoserve)
+it generates the same prompt, checks that the tokens are the same
 as with every expert resident (the lab's first invariant), and writes under ``reports/``:
 ``main_job.json`` (every figure), ``main_job.md`` (the table), and one Chrome trace per run
 (open in https://ui.perfetto.dev) with the copy and compute streams.
@@ -21,17 +22,25 @@ from duoserve_core.io import atomic_write_json, atomic_write_text
 from duoserve_core.units import format_bytes
 
 DEFAULT_MODEL = "data/small-moe"
+BUNDLED_PREDICTOR = "data/predictors/small-moe-depth2.safetensors"
 PROMPT = "Return the file system representation for path. If the object is a str or bytes object, then"
 PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28734, 28723]  # for models without a tokenizer
 
 
-def runs_for(runtime: duoserve_core.Runtime) -> list[tuple[str, int | None]]:
-    """(policy, budget) pairs: the tightest budget that works, a roomier one, and all-resident."""
+def runs_for(runtime: duoserve_core.Runtime, predictor: str | None) -> list[tuple[str, int | None, dict]]:
+    """(policy, budget, knobs): all-resident first (the reference), then the tightest budget that
+    works and a quarter of the experts, each under on-demand and, with a predictor, duoserve."""
     plan = runtime.plan
     tight = plan.fixed_bytes + runtime.config.num_experts_per_tok * plan.expert_bytes
-    roomy = plan.fixed_bytes + runtime.config.num_local_experts * plan.expert_bytes
+    quarter = plan.fixed_bytes + max(runtime.config.num_local_experts, plan.total_experts // 4) * plan.expert_bytes
     everything = plan.fixed_bytes + plan.total_experts * plan.expert_bytes
-    return [("on-demand", tight), ("on-demand", roomy), ("resident", everything)]
+    runs = [("resident", everything, {})]
+    for budget in (tight, quarter):
+        runs.append(("on-demand", budget, {}))
+        if predictor is not None:
+            runs.append(("duoserve", budget, dict(predictor=predictor, speculative_gate=True,
+                                                  predictor_threshold=0.6)))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt = probe.tokenizer(PROMPT)["input_ids"]
     else:
         prompt = [t % probe.config.vocab_size for t in PROMPT_IDS]
+    predictor = BUNDLED_PREDICTOR if args.model == DEFAULT_MODEL and args.num_layers is None else None
     results, reference = [], None
-    for policy, budget in reversed(runs_for(probe)):  # resident first: it is the reference
-        runtime = duoserve_core.load(args.model, policy=policy, memory_budget=budget, **common)
+    for policy, budget, knobs in runs_for(probe, predictor):
+        runtime = duoserve_core.load(args.model, policy=policy, memory_budget=budget, **common, **knobs)
         result = runtime.generate(prompt_ids=prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=False)
         reference = reference or result.tokens
         name = f"{policy}_{runtime.plan.num_slots}slots"
