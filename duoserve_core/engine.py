@@ -104,18 +104,11 @@ class Runtime:
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
-        budget = self._budget_bytes(memory_budget)
-        self.plan: MemoryPlan = plan_memory(self.config, self._dense_bytes, self.format, budget,
-                                            self.max_context, self.dtype, self.device.type)
-        layer_predictor = None
-        if predictor is not None:
-            from .predict import load_predictor
-
-            c = self.config
-            layer_predictor = load_predictor(predictor, expect=(source.name, c.num_hidden_layers, c.num_local_experts,
-                                                                c.num_experts_per_tok), device="cpu")
-        self.policy = make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
-                                  predictor_threshold=predictor_threshold, speculative_gate=speculative_gate)
+        self.plan: MemoryPlan = self._plan(memory_budget, self.max_context)  # fail before anything heavy
+        self.policy = self._make_policy(policy, predictor, prefetch_depth, predictor_threshold, speculative_gate)
+        self._knobs = dict(memory_budget=memory_budget, policy=policy, predictor=predictor,
+                           prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold,
+                           speculative_gate=speculative_gate)
 
         cuda = self.device.type == "cuda"
         self.timeline = Timeline(self.device, enabled=record_timeline)
@@ -127,31 +120,92 @@ class Runtime:
         if cuda:
             torch.cuda.empty_cache()
         materialize(skeleton, source, self.device)
+        self.skeleton, self.replay = skeleton, replay
+        self.engine = None
+        self._build_scheduler()
+
+    def configure(self, *, memory_budget: str | int | None = None, policy: str | Policy | None = None,
+                  predictor: str | Path | None = None, prefetch_depth: int | None = None,
+                  predictor_threshold: float | None = None, speculative_gate: bool | None = None,
+                  max_context: int | None = None) -> "Runtime":
+        """Change the budget, the policy or its knobs without reloading the model.
+
+        The host store and the dense weights stay; the expert slots are reallocated for the new
+        budget and the policy and cache start empty. This is what makes a sweep, or a notebook
+        slider, cost a run instead of a 26 GB reload. Knobs left ``None`` keep their values
+        (so a predictor, once given, stays until another replaces it).
+        """
+        knobs = {**self._knobs, **{k: v for k, v in dict(
+            memory_budget=memory_budget, policy=policy, predictor=predictor, prefetch_depth=prefetch_depth,
+            predictor_threshold=predictor_threshold, speculative_gate=speculative_gate).items() if v is not None}}
+        context = self.max_context
+        if max_context is not None:
+            if max_context > self.config.max_position_embeddings:
+                raise PromptError(f"max_context {max_context} exceeds the model's context of "
+                                  f"{self.config.max_position_embeddings} tokens")
+            context = max_context
+        plan = self._plan(knobs["memory_budget"], context)
+        new_policy = self._make_policy(knobs["policy"], knobs["predictor"], knobs["prefetch_depth"],
+                                       knobs["predictor_threshold"], knobs["speculative_gate"])
+        before = (self.plan, self.policy, self.max_context, self._knobs)
+        self.plan, self.policy, self.max_context, self._knobs = plan, new_policy, context, knobs
+        try:
+            self._build_scheduler()
+        except Exception:  # e.g. 'resident' refusing a budget that cannot hold every expert
+            self.plan, self.policy, self.max_context, self._knobs = before
+            self._build_scheduler()
+            raise
+        return self
+
+    def _plan(self, memory_budget: str | int | None, max_context: int) -> MemoryPlan:
+        return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget),
+                           max_context, self.dtype, self.device.type)
+
+    def _make_policy(self, policy: str | Policy, predictor: str | Path | None, prefetch_depth: int,
+                     predictor_threshold: float, speculative_gate: bool) -> Policy:
+        layer_predictor = None
+        if predictor is not None:
+            from .predict import load_predictor
+
+            c = self.config
+            layer_predictor = load_predictor(predictor, expect=(self.source.name, c.num_hidden_layers,
+                                                                c.num_local_experts, c.num_experts_per_tok),
+                                             device="cpu")
+        return make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
+                           predictor_threshold=predictor_threshold, speculative_gate=speculative_gate)
+
+    def _build_scheduler(self) -> None:
+        """Slots, cache, policy and executor for the current plan; the old slots are freed first."""
+        if self.engine is not None:
+            self.engine = self.cache = self.executor = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.timeline)
         self.cache = ExpertCache(self.engine, self.policy, self.config.num_hidden_layers,
                                  self.config.num_local_experts)
         self.policy.attach(self.cache)
         executor = ExpertExecutor(self.cache, self.engine, self.policy, self.format, self.timeline,
                                   self.config.num_experts_per_tok)
-        for layer in skeleton.model.layers:
+        for layer in self.skeleton.model.layers:
             layer.mlp.executor = executor
-        executor.gates = [layer.mlp.gate for layer in skeleton.model.layers]
-        executor.replay = replay
+        executor.gates = [layer.mlp.gate for layer in self.skeleton.model.layers]
+        executor.replay = self.replay
         self.executor = executor
-        self.model = OffloadedMixtral(skeleton, self.timeline,
+        self.model = OffloadedMixtral(self.skeleton, self.timeline,
                                       lambda layer: executor.apply(self.policy.layer_started(layer)))
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None) -> int | None:
         full = self.full_model_bytes()
-        if memory_budget is None:
-            if self.device.type != "cuda":
-                return None
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.9)
-        budget = parse_bytes(memory_budget, percent_of=full)
+        free = None
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            if getattr(self, "engine", None) is not None:  # configure(): count what this runtime holds
+                free += self.engine.buffer.numel() + self._dense_bytes
+        if memory_budget is None:
+            return None if free is None else int(free * 0.9)
+        budget = parse_bytes(memory_budget, percent_of=full)
+        if free is not None:
             if budget > free:
                 raise DeviceError(f"memory budget {format_bytes(budget)} exceeds the GPU's free memory "
                                   f"{format_bytes(free)}; lower --memory-budget")

@@ -17,6 +17,7 @@ and file metadata ``model``, ``num_layers``, ``num_experts``, ``top_k`` (plus ``
 accept any number of experts and any top-k, and traces with only ``experts``.
 
     python -m duoserve_core.traces record --model PATH --prompts FILE --max-new-tokens N --out T.parquet
+    python -m duoserve_core.traces expand --trace T.parquet --layers 32 --out T32.parquet
 """
 
 from __future__ import annotations
@@ -192,6 +193,10 @@ class RoutingReplay:
     balance, repeats across tokens) and layer-to-layer affinity inside a block are the trace's;
     blocks do not repeat each other, so nothing can be predicted across them for free. The number
     of experts and top-k must match.
+
+    Where the trace holds the speculative gate's guesses (``spec_experts``), ``speculation`` replays
+    them too, relabelled like the layer they guess: on synthesized weights the model's own gate
+    would guess at a routing the replay then overrides.
     """
 
     def __init__(self, trace: Trace, num_layers: int, num_experts: int, top_k: int, seed: int = 0):
@@ -208,10 +213,13 @@ class RoutingReplay:
         tokens = trace.tokens()
         experts = torch.tensor(trace.expert_array())
         weights = torch.tensor(trace.weight_array())
-        self.requests = []
+        has_spec = "spec_experts" in trace.df and trace.df["spec_experts"].notna().any()
+        spec = torch.tensor(trace.expert_array("spec_experts")) if has_spec else None
+        self.requests, self.spec = [], []
         for _, rows in tokens.groupby("request_id", sort=True):
             order = torch.tensor(rows.sort_values("token_index").index.to_numpy())
             self.requests.append((experts[order], weights[order]))
+            self.spec.append(None if spec is None else spec[order])
 
     def routing(self, request_id: int, first_position: int, n_tokens: int, layer: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +228,41 @@ class RoutingReplay:
         positions = torch.arange(first_position, first_position + n_tokens) % experts.shape[0]
         block, trace_layer = divmod(layer, self.trace_layers)
         return self.relabel[block][experts[positions, trace_layer]], weights[positions, trace_layer]
+
+    def speculation(self, request_id: int, first_position: int, n_tokens: int, layer: int) -> torch.Tensor | None:
+        """The gate's recorded guess at layer ``layer + 1``'s experts, ``[n, k]``; ``None`` where the
+        trace has none (no ``spec_experts``, or ``layer`` ends a block: the trace's last layer)."""
+        spec = self.spec[request_id % len(self.spec)]
+        block, trace_layer = divmod(layer, self.trace_layers)
+        if spec is None or trace_layer == self.trace_layers - 1:
+            return None
+        positions = torch.arange(first_position, first_position + n_tokens) % spec.shape[0]
+        guess = spec[positions, trace_layer]
+        if (guess < 0).any():
+            return None
+        return self.relabel[block][guess]
+
+
+def expand_trace(trace: Trace, num_layers: int, seed: int = 0) -> tuple[pd.DataFrame, TraceMeta]:
+    """The routing a ``num_layers``-deep model sees when it replays ``trace`` (same blocks and labels
+    as ``RoutingReplay``), as trace rows: what a predictor for that model is trained on."""
+    m = trace.meta
+    replay = RoutingReplay(trace, num_layers, m.num_experts, m.top_k, seed=seed)
+    tokens = trace.tokens()
+    rows = []
+    for request, (_, group) in enumerate(tokens.groupby("request_id", sort=True)):
+        group = group.sort_values("token_index")
+        n = len(group)
+        for layer in range(num_layers):
+            experts, weights = replay.routing(request, 0, n, layer)
+            spec = replay.speculation(request, 0, n, layer) if layer + 1 < num_layers else None
+            for i, (position, phase) in enumerate(zip(group["token_index"], group["phase"])):
+                rows.append({"request_id": int(group["request_id"].iloc[0]), "token_index": int(position),
+                             "phase": phase, "layer": layer, "experts": experts[i].tolist(),
+                             "weights": weights[i].tolist(), "spec_experts": None if spec is None else spec[i].tolist()})
+    meta = TraceMeta(f"{m.model} x{num_layers // m.num_layers if num_layers % m.num_layers == 0 else num_layers} "
+                     f"layers (replayed)", num_layers, m.num_experts, m.top_k)
+    return pd.DataFrame(rows), meta
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -270,8 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quant", default="none", help="expert storage; routing is recorded at this precision")
     r.add_argument("--probs", action="store_true", help="also store the full softmax over experts")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x = sub.add_parser("expand", help="the routing a deeper model replays from this trace (--routing-trace)")
+    x.add_argument("--trace", required=True)
+    x.add_argument("--layers", type=int, required=True, help="layers of the model that will replay it")
+    x.add_argument("--seed", type=int, default=0, help="the relabelling seed (RoutingReplay's; the runtime uses 0)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.command == "expand":
+        try:
+            df, meta = expand_trace(read_trace(args.trace), args.layers, seed=args.seed)
+            write_trace(out, df, meta, overwrite=args.force)
+        except DuoServeError as exc:
+            print(f"error: {exc}")
+            return 2
+        print(f"wrote {out}: {df.groupby(['request_id', 'token_index']).ngroups} tokens x {meta.num_layers} layers")
+        return 0
     try:
         if out.exists() and not args.force:
             raise TraceError(f"{out} exists; choose another --out or pass --force to replace it")

@@ -45,3 +45,28 @@ def test_bounds_by_hand():
     assert abs(b["transfer_floor_s"] - 1e-3) < 1e-12 and abs(b["ttft_floor_s"] - 1e-3) < 1e-12
     assert b["oracle_decode_loads"] == 2  # one slot: expert 1, then expert 0 again
     assert abs(b["oracle_tpot_s"] - 1e-3) < 1e-12  # 2 loads x 1 ms over 2 tokens
+
+
+def test_sweep_and_peer(tmp_path):
+    """The second command: one loaded model, every knob swept; and the peer's figures beside duoserve's."""
+    out = tmp_path / "sweep.json"
+    common = ["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "15.5MiB", "--gen", "3",
+              "--repeats", "1", "--predictor", str(DATA / "predictors" / "small-moe-depth2.safetensors")]
+    assert main(common + ["--sweep", "--prompt-len", "12", "--policies", "duoserve,on-demand", "--prompt-lens", "8,16",
+                          "--budgets", "2slots,all", "--depths", "1,2", "--thresholds", "0.5", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sweep"], r["policy"]) for r in rows][:4] == [("prompt", "duoserve"), ("prompt", "on-demand")] * 2
+    budget_rows = [r for r in rows if r["sweep"] == "budget"]
+    assert [r["slots"] for r in budget_rows] == [2, 2, 64, 64, 64] and budget_rows[-1]["policy"] == "resident"
+    assert [(r["prefetch_depth"], r["predictor_threshold"]) for r in rows if r["sweep"] == "knobs"] == [(1, 0.5), (2, 0.5)]
+    peer = tmp_path / "peer.json"
+    peer.write_text(json.dumps({"device": "cpu", "date": "2026-11-23", "prompt_len": 12, "scaling_note": "as run",
+                                "ttft_s_scaled_to_full_depth": 2.0, "tpot_s_scaled_to_full_depth": 1.0}))
+    assert main(common + ["--prompt-len", "12", "--policies", "duoserve", "--peer", str(peer),
+                          "--out", str(tmp_path / "b.json"), "--record-trace", str(tmp_path / "t.parquet")]) == 0
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["peer"]["e2e_s"] == 4.0  # 2 s + (3 - 1) x 1 s
+    assert record["peer"]["duoserve_speedup_e2e"] == 4.0 / record["results"]["duoserve"]["e2e_s"]
+    from duoserve_core.traces import read_trace
+
+    assert len(read_trace(tmp_path / "t.parquet").tokens()) == 12 + 2  # the prompt and the decoded inputs

@@ -92,3 +92,33 @@ def test_duoserve_with_the_speculative_gate(reference):
     assert got.tokens == expected.tokens and rt.policy.describe()["speculative_gate"]
     on_demand = _load(rt0, 16, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
     assert got.phases["decode"]["misses"] < 0.5 * on_demand.phases["decode"]["misses"]
+
+
+def test_configure_swaps_budget_and_policy_without_changing_tokens(reference):
+    rt0, expected = reference
+    rt = _load(rt0, 16, policy="on-demand")
+    store = rt.store
+    for slots, policy, kw in ((4, "duoserve", dict(predictor=PREDICTOR, speculative_gate=True)),
+                              (40, "lru-speculative", {}), (10, "uniform", dict(prefetch_depth=3))):
+        rt.configure(memory_budget=rt0.plan.fixed_bytes + slots * rt0.format.nbytes, policy=policy, **kw)
+        assert rt.plan.num_slots == slots and rt.engine.num_slots == slots and rt.policy.name == policy
+        assert rt.store is store  # the host store is kept: no reload
+        assert rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == expected.tokens
+    with pytest.raises(duoserve_core.errors.BudgetError):
+        rt.configure(policy="resident")  # 10 slots cannot hold 64 experts
+    assert rt.policy.name == "uniform" and rt.plan.num_slots == 10  # left as it was
+    assert rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == expected.tokens
+
+
+def test_gate_guesses_are_scored_by_their_measured_precision(reference):
+    """The gate's precision per layer and rank is counted from every token; the threshold then picks."""
+    rt0, expected = reference
+    rt = _load(rt0, 16, policy="duoserve", speculative_gate=True, predictor_threshold=0.99)
+    got = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    precision = rt.policy.gate_precision()
+    L = rt.config.num_hidden_layers
+    assert precision.shape == (L, 2) and ((precision > 0) & (precision < 1)).all()
+    assert (precision[:L - 1, 0] > precision[:L - 1, 1]).float().mean() >= 0.5  # rank 1 guesses better, mostly
+    assert got.tokens == expected.tokens and got.phases["decode"]["prefetches"] == 0  # nothing is 99% sure
+    rt.configure(predictor_threshold=0.5)
+    assert rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).phases["decode"]["prefetches"] > 0

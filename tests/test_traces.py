@@ -151,3 +151,30 @@ def test_routing_replay_relabels_blocks_and_checks_shape(tmp_path):
     assert e0.tolist() == trace.expert_array()[:, 0].tolist()
     with pytest.raises(TraceError, match="routes over 8 experts, top-2; the model has 6"):
         RoutingReplay(trace, num_layers=2, num_experts=6, top_k=2)
+
+
+def test_expanded_trace_is_what_the_replay_feeds_a_deeper_model(tmp_path):
+    """``traces expand`` writes the routing RoutingReplay gives a deeper model, gate guesses included."""
+    from duoserve_core.traces import RoutingReplay, expand_trace
+
+    df, meta = _synthetic(num_experts=8, top_k=2, layers=2, requests=2, tokens=3)
+    nxt = df["experts"].tolist()[1:] + [None]  # rows run (request, token, layer): the next row is layer 1
+    df["spec_experts"] = [None if l == 1 else list(n) for l, n in zip(df["layer"], nxt)]  # a perfect gate
+    write_trace(tmp_path / "r.parquet", df, meta)
+    trace = read_trace(tmp_path / "r.parquet")
+    assert main(["expand", "--trace", str(tmp_path / "r.parquet"), "--layers", "6",
+                 "--out", str(tmp_path / "x.parquet")]) == 0
+    deep = read_trace(tmp_path / "x.parquet")
+    assert deep.meta.num_layers == 6 and len(deep.tokens()) == len(trace.tokens())
+    replay = RoutingReplay(trace, num_layers=6, num_experts=8, top_k=2)
+    arr, spec = deep.expert_array(), deep.expert_array("spec_experts")
+    for request in (0, 1):
+        rows = np.flatnonzero(deep.tokens()["request_id"].to_numpy() == request)
+        for layer in range(6):
+            assert arr[rows, layer].tolist() == replay.routing(request, 0, 3, layer)[0].tolist()
+            guess = replay.speculation(request, 0, 3, layer)
+            if layer % 2 == 1:  # the trace's last layer: no guess recorded, none replayed
+                assert guess is None and (spec[rows, layer] == -1).all()
+            else:  # the gate's guess for layer+1, relabelled like layer+1 (same block)
+                assert spec[rows, layer].tolist() == guess.tolist()
+                assert guess.tolist() == replay.routing(request, 0, 3, layer + 1)[0].tolist()

@@ -66,7 +66,12 @@ class ExpertExecutor:
                 top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
             parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
             if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
-                parts.append(self.gates[layer + 1](x)[2].to(torch.float32))
+                guess = self.gates[layer + 1](x)[2]
+                if self.replay is not None:  # the gate still runs; the trace's recorded guess is used
+                    recorded = self.replay.speculation(request_id, first, x.shape[0], layer)
+                    if recorded is not None:
+                        guess = recorded.to(x.device, non_blocking=True)
+                parts.append(guess.to(torch.float32))
             routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
         idx_cpu, w_cpu = routed[:, :k].to(torch.int64), routed[:, k:2 * k]
         probs_cpu = routed[:, 2 * k:2 * k + num_experts]

@@ -7,8 +7,11 @@ are released, so at most ``prefetch_depth`` layers of experts are ever resident.
 
 Decode (one token, k experts per layer): after layer l's router, the predictor scores every
 expert of layers l+1 .. l+depth; those above ``predictor_threshold`` and not resident are queued,
-nearest layer and most likely first (with ``speculative_gate``, layer l+1's experts are taken from
-the next router applied to this layer's input instead). Experts stay cached across tokens under the budget; the
+nearest layer and most likely first. With ``speculative_gate``, layer l+1's experts are guessed by
+the next router applied to this layer's input instead; each guess is scored by how often a guess
+of that rank at that layer turned out right so far (counted online over every token, prefill's
+included), so the same threshold governs both kinds of guess and a gate that guesses badly on
+some layer stops costing bandwidth there. Experts stay cached across tokens under the budget; the
 victim is the expert least likely to be needed soon: the predictor's score where it has one,
 else how often that expert was used at its layer recently (consecutive tokens repeat experts).
 A prefetch never evicts an expert that is more likely to be needed than the one it brings.
@@ -55,6 +58,11 @@ class DuoServePolicy(Policy):
         self.prev_experts: torch.Tensor | None = None   # [L, k] of the previous token, -1 unknown
         self.this_experts: torch.Tensor | None = None
         self.this_weights: torch.Tensor | None = None
+        # Online precision of the speculative gate's guess of rank r for layer l: right / made,
+        # from a Beta(1, 1) prior. ``pending`` holds each layer's latest guess until its router runs.
+        self.gate_right: torch.Tensor | None = None  # [L, k], sized by the first guess
+        self.gate_made: torch.Tensor | None = None
+        self.pending: dict[int, torch.Tensor] = {}
 
     # -- events ------------------------------------------------------------------------------
     def phase(self, phase: Phase) -> Plan:
@@ -73,6 +81,11 @@ class DuoServePolicy(Policy):
 
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
         L, E = self.cache.num_layers, self.cache.num_experts
+        guess = self.pending.pop(layer, None)
+        if guess is not None and guess.shape[0] == topk.shape[0]:
+            right = (guess[:, :, None] == topk[:, None, :]).any(dim=2).sum(dim=0)  # per rank
+            self.gate_right[layer] += right.float()
+            self.gate_made[layer] += guess.shape[0]
         used = torch.bincount(topk.flatten(), minlength=E).float()
         self.frequency[layer] = _DECAY * self.frequency[layer] + (1 - _DECAY) * (used > 0).float()
         if self.prefill or self.predictor is None or topk.shape[0] != 1:
@@ -97,12 +110,24 @@ class DuoServePolicy(Policy):
         return Plan(load=[key for key, _ in wanted])
 
     def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
+        if self.gate_right is None:
+            self.gate_right = torch.ones(self.cache.num_layers, topk.shape[1])
+            self.gate_made = torch.full((self.cache.num_layers, topk.shape[1]), 2.0)
+        self.pending[layer] = topk
         if self.prefill or topk.shape[0] != 1:
             return Plan()
-        guessed = [(layer, int(e)) for e in topk[0].tolist()]
-        for key in guessed:
-            self.scores[key] = 1.0
-        return Plan(load=guessed)
+        precision = self.gate_right[layer] / self.gate_made[layer]
+        wanted = []
+        for rank, e in enumerate(topk[0].tolist()):
+            p = float(precision[rank])
+            self.scores[(layer, int(e))] = max(p, self.scores.get((layer, int(e)), 0.0))
+            if p >= self.threshold:
+                wanted.append((layer, int(e)))
+        return Plan(load=wanted)
+
+    def gate_precision(self) -> torch.Tensor | None:
+        """``[layers, k]``: how often the gate's guess of each rank was right, per layer, so far."""
+        return None if self.gate_right is None else self.gate_right / self.gate_made
 
     def layer_done(self, layer: int) -> Plan:
         if self.prefill:
