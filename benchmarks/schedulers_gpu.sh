@@ -19,6 +19,7 @@ POLICIES=duoserve,uniform,on-demand,lru-speculative,resident
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__)"
 
+[ "${1:-}" = sweep-only ] || true
 case "${1:-}" in
 compare-synth)
   python3 benchmarks/accelerate_peer.py --preset mixtral-8x7b --num-layers 4 --budget 3997356441 \
@@ -30,11 +31,20 @@ compare-trace)
   python3 -m duoserve_core.bench "${MODEL[@]}" --prompt-len 512 --gen 128 --repeats 2 --policies $POLICIES "${DUO[@]}" \
       --routing-trace $TRACE --predictor $PREDICTOR --peer benchmarks/results/accelerate_peer_h100.json \
       --timelines "$OUT/timelines" --out "$OUT/bench_h100_8x7b_trace.json" ;;
-sweep)
-  python3 -m duoserve_core.bench --sweep "${MODEL[@]}" --prompt-len 512 --gen 32 --repeats 1 \
-      --policies duoserve,on-demand,lru-speculative "${DUO[@]}" --routing-trace $TRACE --predictor $PREDICTOR \
-      --prompt-lens 128,512,1024,2048 --budgets 2slots,8slots,15%,30%,50%,all --depths 1,2,3 \
-      --thresholds 0.5,0.7,0.9 --out "$OUT/sweep_h100_8x7b_trace.json" ;;
+gate-and-sweep)
+  python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --device auto \
+      --out "$OUT/calibration_h100_8x7b_nf4.json" 2>&1 | tail -4
+  # duoserve with the speculative gate only (no trained predictor) on the replayed routing, then the sweep
+  python3 -m duoserve_core.bench "${MODEL[@]}" --prompt-len 512 --gen 128 --repeats 1 \
+      --policies duoserve,uniform,on-demand,lru-speculative "${DUO[@]}" --routing-trace $TRACE \
+      --peer benchmarks/results/accelerate_peer_h100.json --timelines "$OUT/timelines" \
+      --out "$OUT/bench_h100_8x7b_trace_gate.json"
+  "$0" sweep-only ;;
+sweep|sweep-only)
+  python3 -m duoserve_core.bench --sweep "${MODEL[@]}" --prompt-len 512 --gen 16 --repeats 1 \
+      --policies duoserve,on-demand "${DUO[@]}" --routing-trace $TRACE --predictor $PREDICTOR \
+      --prompt-lens 128,2048 --budgets 8slots,15%,all --depths 1,2 \
+      --thresholds 0.6,0.9 --out "$OUT/sweep_h100_8x7b_trace.json" ;;
 extra)
   python3 -m duoserve_core.bench --model synthetic:mixtral-8x22b --num-layers 16 --quant nf4 --quant-attention nf4 \
       --memory-budget 15% --prompt-len 512 --gen 32 --repeats 1 --policies duoserve,uniform,on-demand,lru-speculative \

@@ -178,6 +178,8 @@ def make_prompt(length: int) -> list[int]:
 
 def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Every policy at one budget and prompt: the table of the issue, with the bounds."""
+    if args.peer and not Path(args.peer).is_file():  # before minutes of measuring, not after
+        raise DuoServeError(f"--peer {args.peer} does not exist; run benchmarks/accelerate_peer.py --out {args.peer}")
     runtime = open_runtime(args, args.prompt_len + args.gen)
     prompt = make_prompt(args.prompt_len)
     recorder = TraceRecorder() if args.record_trace else None

@@ -177,6 +177,9 @@ class Runtime:
     def _build_scheduler(self) -> None:
         """Slots, cache, policy and executor for the current plan; the old slots are freed first."""
         if self.engine is not None:
+            # Free the slots now: the old policy and cache refer to each other, so without this the
+            # buffer would live until the garbage collector ran, on top of the new one.
+            self.engine.buffer = None
             self.engine = self.cache = self.executor = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

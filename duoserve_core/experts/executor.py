@@ -64,6 +64,8 @@ class ExpertExecutor:
                 request_id, _, first = self._step
                 idx_r, w_r = self.replay.routing(request_id, first, x.shape[0], layer)
                 top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
+                # what the policy reads as router probabilities must agree with the replayed routing
+                probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
             parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
             if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
                 guess = self.gates[layer + 1](x)[2]

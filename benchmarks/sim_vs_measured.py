@@ -1,0 +1,122 @@
+"""The simulator against the GPU: every measured configuration simulated, TTFT and TPOT side by side.
+
+    python benchmarks/sim_vs_measured.py --calibration data/calibration/H100.json \\
+        benchmarks/results/bench_NVIDIA_H100_80GB_HBM3_*.json --out benchmarks/results/sim_vs_measured_h100
+
+For each policy of each bench result file (``python -m duoserve_core.bench``), the configuration is
+read back from the file itself: the bench command (model, quantization, routing trace, predictor,
+knobs), and the run's own runtime description (slot count, context the KV cache was sized for,
+prompt and generated lengths). The simulator replays the same routing (the bench's
+``--routing-trace``, request 0, the same positions) through the same policy at the same slot count,
+with the bench's warm-up habit, and the table gives the relative error of TTFT and TPOT, beside the
+expert copies each made (equal copies: the simulator took the real decisions). Written as JSON and
+Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from duoserve_core.bench import parse_args as bench_args  # noqa: E402
+from duoserve_core.errors import DuoServeError  # noqa: E402
+from duoserve_core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from duoserve_core.sim.bench import simulate  # noqa: E402
+from duoserve_core.sim.calibration import load_calibration  # noqa: E402
+from duoserve_core.sim.model import build_model  # noqa: E402
+from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
+
+
+def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
+    """What each policy of one bench result ran: enough to simulate it."""
+    record = json.loads(path.read_text())
+    words = shlex.split(record["command"])
+    args = bench_args(words[3:] if words[:3] == ["python", "-m", "duoserve_core.bench"] else words[1:])
+    out = []
+    for policy, r in record["results"].items():
+        rt = r["runtime"]
+        trace = trace_override or rt.get("routing_trace") or args.routing_trace
+        if trace is None:
+            raise TraceError(f"{path}: the {policy} run followed the model's own router; rerun the bench with "
+                             "--routing-trace (or --record-trace, and pass it here with --trace)")
+        out.append({"file": path.name, "policy": policy, "model": args.model, "num_layers": args.num_layers,
+                    "quant": args.quant, "attention_quant": args.quant_attention, "trace": trace,
+                    "slots": rt["memory_plan"]["num_slots"], "max_context": rt["max_context"],
+                    "prompt_len": r["prompt_tokens"], "gen": len(r["tokens"]), "predictor": args.predictor,
+                    "prefetch_depth": rt.get("prefetch_depth") or args.prefetch_depth,
+                    "predictor_threshold": rt.get("predictor_threshold") or args.predictor_threshold,
+                    "speculative_gate": bool(rt.get("speculative_gate")), "measured": r})
+    return out
+
+
+def compare(config: dict, calibration) -> dict:
+    """Simulate one configuration; the row of the table."""
+    model = build_model(config["model"], quant=config["quant"], attention_quant=config["attention_quant"],
+                        memory_budget="all", max_context=config["max_context"],
+                        device_type=calibration.raw["device_type"], num_layers=config["num_layers"],
+                        num_slots=config["slots"])
+    c = model.config
+    replay = RoutingReplay(read_trace(config["trace"]), c.num_hidden_layers, c.num_local_experts,
+                           c.num_experts_per_tok)
+    sim = simulate(model, calibration, replay, config["policy"], config["prompt_len"], config["gen"],
+                   predictor=config["predictor"], prefetch_depth=config["prefetch_depth"],
+                   predictor_threshold=config["predictor_threshold"], speculative_gate=config["speculative_gate"],
+                   routing_trace=config["trace"])
+    m = config["measured"]
+
+    def rel(simulated, measured):
+        return None if simulated is None or not measured else (simulated - measured) / measured
+
+    return {"file": config["file"], "policy": config["policy"], "prompt_len": config["prompt_len"],
+            "gen": config["gen"], "slots": config["slots"],
+            "ttft_measured_s": m["ttft_s"], "ttft_sim_s": sim["ttft_s"], "ttft_rel_error": rel(sim["ttft_s"], m["ttft_s"]),
+            "tpot_measured_s": m["tpot_s"], "tpot_sim_s": sim["tpot_s"], "tpot_rel_error": rel(sim["tpot_s"], m["tpot_s"]),
+            "h2d_copies_measured": m["h2d_copies"], "h2d_copies_sim": sim["h2d_copies"],
+            "hit_rate_measured": m.get("hit_rate"), "hit_rate_sim": sim["hit_rate"]}
+
+
+def markdown(rows: list[dict], calibration: str) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:+.1f}%"
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:.2f}"
+
+    lines = [f"Simulated against measured (calibration `{calibration}`).", "",
+             "| file | policy | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err | TPOT meas. ms "
+             "| TPOT sim ms | TPOT err | copies meas./sim |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['file']} | {r['policy']} | {r['prompt_len']} | {r['gen']} | {r['slots']} | "
+                     f"{ms(r['ttft_measured_s'])} | {ms(r['ttft_sim_s'])} | {pct(r['ttft_rel_error'])} | "
+                     f"{ms(r['tpot_measured_s'])} | {ms(r['tpot_sim_s'])} | {pct(r['tpot_rel_error'])} | "
+                     f"{r['h2d_copies_measured']}/{r['h2d_copies_sim']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", nargs="+", help="bench result JSON files")
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--trace", default=None, help="routing trace to use where a bench file names none")
+    p.add_argument("--out", default="benchmarks/results/sim_vs_measured", help="path stem: .json and .md are written")
+    args = p.parse_args(argv)
+    try:
+        calibration = load_calibration(args.calibration)
+        rows = [compare(c, calibration) for path in args.bench for c in configurations(Path(path), args.trace)]
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "bench_files": args.bench, "rows": rows})
+    table = markdown(rows, args.calibration)
+    atomic_write_text(f"{args.out}.md", table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

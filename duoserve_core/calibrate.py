@@ -1,0 +1,446 @@
+"""Measure on this device what the simulator's timing model needs, and write a calibration file.
+
+    python -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \\
+        --device auto --json [--out data/calibration/<device>_<model>_<quant>.json]
+
+Four groups of figures, each measured the way the runtime does the work (the file format is
+documented in ``duoserve_core.sim.calibration``):
+
+- H2D copies from pinned and from pageable host memory, by size (1 MiB .. 256 MiB and exactly one
+  expert record): back-to-back copies on a side stream, timed with CUDA events (perf_counter on
+  the CPU, where "H2D" is a host memcpy); and the mean of the runtime's own record copies;
+- one expert's computation by token count, for bf16 and NF4 at the model's shape, through the
+  runtime's own ``make_format(...).pack/forward`` on a device slot, with the gather and weighted
+  scatter the executor wraps around it;
+- attention (with its norm) and router time by new tokens and context length, read from the
+  timeline of the real runtime (``load(..., num_layers=2)``): prefill of ``c`` tokens and decode at
+  context ``c`` for every ``c`` of ``--contexts``;
+- the host's part: per layer, the time to queue attention, and the bookkeeping after the router's
+  device->host sync (a base per layer, plus a cost per expert computed and per copy issued, fitted
+  over every layer of a resident and an on-demand run); per step, the time before layer 0 and after
+  the last layer (embedding, lm_head, sampling). Host marks are taken by wrapping the runtime's
+  own callbacks, on the same clock as the timeline (its origin is taken right after a sync).
+
+Per-layer figures are what matter, so a 2-layer model is enough; synthetic weights are generated
+on the device. On an H100 the whole run takes well under two minutes at Mixtral-8x7B width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import ExpertTensors, expert_shapes, open_source
+from .engine import _device_name, load, resolve_device
+from .errors import DuoServeError
+from .experts.formats import make_format
+from .io import atomic_write_json
+from .sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
+from .traces import read_trace
+
+MIB = 2**20
+DEFAULT_SIZES_MIB = (1, 4, 16, 64, 256)
+DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+BUNDLED_TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "small-moe-heldout.parquet"
+DECODE_STEPS = 5  # decode tokens generated after each prefill; the first is not measured (warm-up)
+
+
+# -- timing helpers --------------------------------------------------------------------------
+def _time_per_call(fn, device: torch.device, repeats: int, inner: int) -> float:
+    """Median over ``repeats`` of the time per call of ``inner`` back-to-back calls of ``fn``.
+
+    On CUDA the work is bracketed by events on the current stream (device time, the host only
+    queues); on the CPU by perf_counter.
+    """
+    fn()  # warm-up: kernels, allocator, bitsandbytes code tables
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def measure_h2d(device: torch.device, sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
+    """Seconds per copy of each size, from pinned and from pageable host memory."""
+    out = {}
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    for kind in ("pinned", "pageable"):
+        points = []
+        for nbytes in sizes:
+            src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda and kind == "pinned")
+            src.fill_(1)
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            inner = max(2, min(16, (256 * MIB) // nbytes))
+
+            def copy() -> None:
+                dst.copy_(src, non_blocking=True)
+
+            if cuda:
+                with torch.cuda.stream(stream):
+                    seconds = _time_per_call(copy, device, repeats, inner)
+            else:
+                seconds = _time_per_call(copy, device, repeats, inner)
+            points.append([nbytes, seconds])
+            del src, dst
+        out[kind] = points
+    return out
+
+
+def measure_experts(config, formats: list[str], tokens: list[int], device: torch.device, dtype: torch.dtype,
+                    checkpoint_dtype: torch.dtype, repeats: int) -> tuple[dict, dict]:
+    """Seconds per expert by token count for each format, as the executor computes it."""
+    timings, sizes = {}, {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = ExpertTensors(**{
+        w: torch.empty(shape, dtype=checkpoint_dtype, device=device).normal_(0, 0.02, generator=gen)
+        for w, shape in expert_shapes(config).items()})
+    for name in formats:
+        fmt = make_format(name, config.hidden_size, config.intermediate_size, checkpoint_dtype)
+        record = torch.empty(fmt.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        fmt.pack(weights, record, device)
+        slot = record.to(device)
+        points = []
+        for n in tokens:
+            x = torch.randn(n, config.hidden_size, dtype=dtype, device=device, generator=gen)
+            rows = torch.arange(n, device=device)
+            w = torch.rand(n, device=device, generator=gen)
+            out = torch.empty_like(x)
+
+            def expert() -> None:  # the executor's expert step: gather, forward, weighted scatter
+                y = fmt.forward(slot, x.index_select(0, rows))
+                out.index_copy_(0, rows, (y * w.index_select(0, rows)[:, None]).to(dtype))
+
+            points.append([n, _time_per_call(expert, device, repeats, inner=8)])
+        timings[fmt.name], sizes[fmt.name] = points, fmt.nbytes
+        del slot, record
+    del weights
+    return timings, sizes
+
+
+# -- the runtime's own layers ----------------------------------------------------------------
+class _Probe:
+    """Host marks of every step and layer of a runtime's ``generate``, on the timeline's clock.
+
+    Wraps (as instance attributes, nothing in the runtime changes) the model's forward, the
+    layer-started callback, each router module, the policy's ``router_done`` (called right after
+    the device->host sync) and the executor's ``moe``. Install after every ``configure``.
+    """
+
+    def __init__(self, runtime):
+        self.rt = runtime
+        self.marks: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
+        self.forward_enter: dict[int, float] = {}
+        self.origin = 0.0
+        timeline, model, executor, policy = runtime.timeline, runtime.model, runtime.executor, runtime.policy
+        reset, forward, started = timeline.reset, model.forward, model.on_layer_started
+        moe, router_done = executor.moe, policy.router_done
+
+        def step() -> int:
+            return timeline.step
+
+        def reset_wrapper():
+            reset()
+            self.origin = time.perf_counter()  # generate() synchronised just before: the origin fires now
+
+        def forward_wrapper(*a, **kw):
+            self.forward_enter[step()] = time.perf_counter()
+            return forward(*a, **kw)
+
+        def started_wrapper(layer):
+            self.marks[(step(), layer)]["start"] = time.perf_counter()
+            return started(layer)
+
+        def moe_wrapper(layer, *a, **kw):
+            out = moe(layer, *a, **kw)
+            self.marks[(step(), layer)]["moe_exit"] = time.perf_counter()
+            return out
+
+        def router_done_wrapper(layer, *a, **kw):
+            self.marks[(step(), layer)].setdefault("synced", time.perf_counter())
+            return router_done(layer, *a, **kw)
+
+        self._restore = [(obj, name, vars(obj).get(name)) for obj, name in (
+            (timeline, "reset"), (model, "forward"), (model, "on_layer_started"), (executor, "moe"),
+            (policy, "router_done"))]
+        for layer in runtime.skeleton.model.layers:
+            gate = layer.mlp.gate
+            gate_forward = gate.forward
+
+            def gate_wrapper(*a, _index=layer.mlp.layer, _forward=gate_forward, **kw):
+                self.marks[(step(), _index)].setdefault("router", time.perf_counter())
+                return _forward(*a, **kw)
+
+            self._restore.append((gate, "forward", vars(gate).get("forward")))
+            gate.forward = gate_wrapper
+        timeline.reset, model.forward, model.on_layer_started = reset_wrapper, forward_wrapper, started_wrapper
+        executor.moe, policy.router_done = moe_wrapper, router_done_wrapper
+
+    def remove(self) -> None:
+        """Put back what each wrapped attribute was (an instance attribute, or the class's method)."""
+        for obj, name, original in self._restore:
+            if original is not None:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)
+
+    def run(self, prompt: list[int], gen: int) -> tuple[list[dict], list[dict]]:
+        """Generate and return (per-layer records, per-step records)."""
+        self.marks.clear()
+        self.forward_enter.clear()
+        self.rt.generate(prompt_ids=prompt, max_new_tokens=gen, stop_at_eos=False)
+        rows = self.rt.timeline.rows()
+        by_key = defaultdict(list)
+        for r in rows:
+            by_key[(r["step"], r["layer"], r["kind"])].append(r)
+        ms = lambda t: (t - self.origin) * 1e3  # noqa: E731 - host clock onto the timeline's
+        layers, steps = [], []
+        L = self.rt.config.num_hidden_layers
+        sync = self.rt.device.type == "cpu"
+        for (s, layer), m in sorted(self.marks.items()):
+            experts = by_key[(s, layer, "expert")]
+            copies = by_key[(s, layer, "h2d")]  # resident and on-demand copy only on demand, in this window
+            post = m["moe_exit"] - m["synced"]
+            if sync:  # the CPU computes and copies inline: take that work out of the host's bookkeeping
+                post -= sum(r["duration_ms"] for r in experts + copies) / 1e3
+            phase = "prefill" if s == 0 else "decode"
+            past = 0 if s == 0 else len(prompt) + s - 1
+            tokens = len(prompt) if s == 0 else 1
+            layers.append({
+                "step": s, "layer": layer, "phase": phase, "group": len(prompt),
+                "x": tokens if s == 0 else past + tokens,
+                "attention_s": by_key[(s, layer, "attention")][0]["duration_ms"] / 1e3,
+                "router_s": by_key[(s, layer, "router")][0]["duration_ms"] / 1e3,
+                "attention_launch_s": m["router"] - m["start"],
+                "post_s": post, "experts": len(experts), "copies": len(copies),
+                "copy_s": [r["duration_ms"] / 1e3 for r in copies],
+                "compute_end_ms": max([r["end_ms"] for r in experts] or [0.0]),
+                "moe_exit_ms": ms(m["moe_exit"]),
+            })
+        for s, enter in sorted(self.forward_enter.items()):
+            if s + 1 not in self.forward_enter:
+                continue
+            first = self.marks[(s, 0)]["start"]
+            last = next(r for r in layers if r["step"] == s and r["layer"] == L - 1)
+            busy = sum(r["duration_ms"] for r in rows if r["step"] == s and r["stream"] == "compute") / 1e3
+            after = max(last["moe_exit_ms"], last["compute_end_ms"])
+            steps.append({"step": s, "phase": "prefill" if s == 0 else "decode", "pre_s": first - enter,
+                          "post_s": max(0.0, ms(self.forward_enter[s + 1]) - after) / 1e3,
+                          "wall_s": self.forward_enter[s + 1] - enter, "compute_busy_s": busy})
+        return layers, steps
+
+
+def measure_runtime(args: argparse.Namespace, device: torch.device, contexts: list[int], repeats: int) -> dict:
+    """Attention, router and host figures from a resident and an on-demand run of the real runtime."""
+    gen = DECODE_STEPS
+    runtime = load(args.model, device=device, quant=args.quant, attention_quant=args.quant_attention,
+                   policy="resident", num_layers=args.num_layers, max_context=max(contexts) + gen + 1,
+                   routing_trace=routing_trace(args))
+    vocab = runtime.config.vocab_size
+    prompts = {c: torch.randint(3, vocab, (c,), generator=torch.Generator().manual_seed(c)).tolist()
+               for c in contexts}
+    per_mode = {}
+    for mode, policy in (("resident", "resident"), ("offloaded", "on-demand")):
+        runtime.configure(policy=policy)
+        probe = _Probe(runtime)
+        layers, steps = [], []
+        try:
+            probe.run(prompts[contexts[0]], gen)  # warm-up (and, resident, the one load of every expert)
+            for c in contexts:
+                for _ in range(repeats):
+                    lr, st = probe.run(prompts[c], gen)
+                    layers += [r for r in lr if r["step"] != 1]  # step 1: first decode, still warming
+                    steps += [r for r in st if r["step"] != 1]
+        finally:
+            probe.remove()
+        per_mode[mode] = (layers, steps)
+    return {"runtime": runtime, "per_mode": per_mode}
+
+
+def routing_trace(args: argparse.Namespace) -> str | None:
+    """The trace the runtime replays while it is timed: the bench replays one, and the replay's
+    lookups sit inside the router's span. The bundled trace is used when its experts and top-k fit."""
+    if args.routing_trace == "none":
+        return None
+    if args.routing_trace != "auto":
+        return args.routing_trace
+    meta = read_trace(BUNDLED_TRACE).meta if BUNDLED_TRACE.is_file() else None
+    config = open_source(args.model, num_layers=1).config
+    if meta is None or (meta.num_experts, meta.top_k) != (config.num_local_experts, config.num_experts_per_tok):
+        return None
+    return str(BUNDLED_TRACE)
+
+
+def _curve(records: list[dict], key: str, phase: str) -> list[list[float]]:
+    """``[[x, median seconds]]`` per prompt length: decode steps after one prompt are one point."""
+    groups = defaultdict(list)
+    for r in records:
+        if r["phase"] == phase:
+            groups[r["group"]].append(r)
+    return [[statistics.median(r["x"] for r in rs), max(statistics.median(r[key] for r in rs), 0.0)]
+            for _, rs in sorted(groups.items())]
+
+
+def host_terms(per_mode: dict) -> dict:
+    """Fit the host's post-sync bookkeeping per layer as base(mode) + a per expert + b per copy."""
+    rows, target = [], []
+    for mode_index, (_, (layers, _)) in enumerate(sorted(per_mode.items(), key=lambda kv: kv[0] != "resident")):
+        for r in layers:
+            rows.append([mode_index == 0, mode_index == 1, r["experts"], r["copies"]])
+            target.append(r["post_s"])
+    coef, *_ = np.linalg.lstsq(np.asarray(rows, dtype=float), np.asarray(target), rcond=None)
+    base_res, base_off, per_expert, per_copy = (max(float(c), 0.0) for c in coef)
+    steps = per_mode["resident"][1] + per_mode["offloaded"][1]
+
+    def median_of(key: str, phase: str) -> float:
+        values = [s[key] for s in steps if s["phase"] == phase]
+        return max(statistics.median(values), 0.0) if values else 0.0
+
+    return {"layer_base_s": {"resident": base_res, "offloaded": base_off}, "per_expert_s": per_expert,
+            "per_copy_s": per_copy,
+            "step_pre_s": {p: median_of("pre_s", p) for p in ("prefill", "decode")},
+            "step_post_s": {p: median_of("post_s", p) for p in ("prefill", "decode")}}
+
+
+def overhead_summary(per_mode: dict, num_layers: int) -> dict:
+    """The simple residual figure: (wall per decode token - compute-stream busy time) / layers."""
+    out = {}
+    for mode, (_, steps) in per_mode.items():
+        decode = [s for s in steps if s["phase"] == "decode"]
+        wall = statistics.median(s["wall_s"] for s in decode)
+        busy = statistics.median(s["compute_busy_s"] for s in decode)
+        out[mode] = {"wall_per_token_s": wall, "compute_busy_per_token_s": busy,
+                     "residual_per_layer_s": (wall - busy) / num_layers}
+    return out
+
+
+# -- the whole measurement -------------------------------------------------------------------
+def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t_start = time.perf_counter()
+    source = open_source(args.model, num_layers=1, synth_device=device)
+    config = source.config
+    checkpoint_dtype = getattr(source, "dtype", None) or config.dtype or torch.float32
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype)
+    model_max = config.max_position_embeddings - DECODE_STEPS - 1
+    contexts = sorted({min(int(c), model_max) for c in args.contexts.split(",")})
+    tokens = [1 << i for i in range(args.max_tokens.bit_length()) if 1 << i <= args.max_tokens]
+    formats = list(dict.fromkeys(args.formats.split(",") + [args.quant]))
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    log(f"calibrating {args.model} on {_device_name(device)}: expert compute ({', '.join(formats)})")
+    expert_compute, expert_bytes = measure_experts(config, formats, tokens, device, dtype, checkpoint_dtype,
+                                                   args.repeats)
+    record = expert_bytes[make_format(args.quant, config.hidden_size, config.intermediate_size,
+                                      checkpoint_dtype).name]
+    sizes = sorted({int(float(s) * MIB) for s in args.sizes_mib.split(",")} | {record})
+    log(f"H2D copies: {len(sizes)} sizes, pinned and pageable")
+    h2d = measure_h2d(device, sizes, args.repeats)
+    log(f"runtime layers: contexts {contexts}, resident and on-demand")
+    measured = measure_runtime(args, device, contexts, args.repeats)
+    runtime, per_mode = measured["runtime"], measured["per_mode"]
+    # Attention and router spans from the on-demand run: its compute stream waits on copies, so each
+    # layer's kernels are queued before the stream reaches them and the spans are device time alone.
+    offloaded_layers = per_mode["offloaded"][0]
+    # The runtime's own copies of one record (its on-demand loads) run a little slower on average than
+    # isolated back-to-back copies; the simulator prefers this figure at the record size.
+    runtime_copies = [d for r in offloaded_layers for d in r["copy_s"]]
+    if runtime_copies:
+        h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
+    out = {
+        "format": FORMAT, "device": _device_name(device), "device_type": device.type,
+        "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "command": "python -m duoserve_core.calibrate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "model": {"name": args.model, **{k: getattr(config, k) for k in SHAPE_KEYS},
+                  "vocab_size": config.vocab_size, "dtype": str(checkpoint_dtype).split(".")[-1],
+                  "layers_measured": runtime.config.num_hidden_layers},
+        "quant": args.quant, "attention_quant": args.quant_attention, "compute_dtype": str(dtype).split(".")[-1],
+        "expert_bytes": expert_bytes, "h2d": h2d, "expert_compute": expert_compute,
+        "attention": {p: _curve(offloaded_layers, "attention_s", p) for p in ("prefill", "decode")},
+        "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},
+        "router": {p: _curve(offloaded_layers, "router_s", p) for p in ("prefill", "decode")},
+        "host": {**host_terms(per_mode), "reference_s": host_reference_s()},
+        "routing_trace": routing_trace(args),
+        "overhead_summary": overhead_summary(per_mode, runtime.config.num_hidden_layers),
+        "seconds_taken": time.perf_counter() - t_start,
+    }
+    Calibration(out, "the new calibration")  # never write a file the simulator would refuse
+    return out
+
+
+def default_out(record: dict) -> Path:
+    slug = lambda s: re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_").lower()  # noqa: E731
+    model = record["model"]["name"].split(":")[-1]
+    return Path("data/calibration") / f"{slug(record['device'])}_{slug(model)}_{record['quant']}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m duoserve_core.calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthetic:mixtral-8x7b", help="synthetic:<preset> or a checkpoint folder")
+    p.add_argument("--quant", default="nf4", help="expert format the runtime parts use (none, bf16, nf4)")
+    p.add_argument("--quant-attention", default="none", help="attention projections: none or nf4")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--formats", default="bf16,nf4", help="expert formats to time (the --quant one is added)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="expert compute: 1, 2, 4, .. up to this")
+    p.add_argument("--sizes-mib", default=",".join(map(str, DEFAULT_SIZES_MIB)),
+                   help="H2D copy sizes in MiB (one expert record is always added)")
+    p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
+                   help="prefill lengths and decode contexts (capped by the model's context)")
+    p.add_argument("--routing-trace", default="auto",
+                   help="trace replayed while the runtime is timed, as the bench does (auto: the bundled one "
+                        "where experts and top-k fit; none: the model's own router)")
+    p.add_argument("--num-layers", type=int, default=2, help="layers of the runtime used for per-layer figures")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
+    p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = calibrate(args, argv)
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_out(record)
+    atomic_write_json(out, record)
+    if args.json:
+        print(json.dumps(record))
+    h2d = dict((int(b), s) for b, s in record["h2d"]["pinned"])
+    one = max(h2d)
+    print(f"wrote {out} in {record['seconds_taken']:.1f} s: pinned H2D {one / h2d[one] / 1e9:.1f} GB/s at "
+          f"{one // MIB} MiB", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

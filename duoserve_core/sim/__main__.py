@@ -1,0 +1,193 @@
+"""Replay a routing trace through the real policies on a calibrated timing model.
+
+    python -m duoserve_core.sim --trace data/traces/small-moe-heldout.parquet --model-preset mixtral-8x7b \\
+        --quant nf4 --quant-attention nf4 --calibration data/calibration/H100.json --memory-budget 15% \\
+        --policy duoserve,on-demand --predictor data/predictors/small-moe-x32-depth2.safetensors \\
+        --prompt-len 512 --gen 128 --json [--timeline-out trace.json]
+
+reports per policy what ``python -m duoserve_core.bench`` reports (TTFT, TPOT, E2E, peak memory,
+bytes moved, hit rate, prefetch precision, the bounds with Belady's oracle). Two more views:
+
+    --sweep                 hit rate, loads and TPOT estimates of Belady / LRU / per-layer LRU / LFU at
+                            every slot count, from the trace alone (``--requests N`` trace requests)
+    --arrival-rate R        QoS: N requests (``--requests``) arriving as a Poisson process of R per second
+    --arrivals 0,0.4,1.1    (or at these times), served FCFS; TTFT/TPOT percentiles and SLO attainment
+                            (``--slo-ttft-ms``, ``--slo-tpot-ms``) per policy
+
+A model with more layers than the trace replays it in relabelled blocks (``traces.RoutingReplay``),
+exactly as the runtime's ``--routing-trace`` does; prompt and generation lengths default to the
+trace request's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..bench import _print_table
+from ..errors import BudgetError, DuoServeError
+from ..io import atomic_write_json
+from ..traces import RoutingReplay, read_trace
+from . import qos, reference
+from .bench import simulate
+from .calibration import load_calibration
+from .engine import Simulator, SimTimeline
+from .model import build_model, open_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m duoserve_core.sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", required=True, help="routing trace (Parquet, duoserve-trace/1)")
+    p.add_argument("--model-preset", default="mixtral-8x7b",
+                   help="mixtral-8x7b, mixtral-8x22b, synthetic:<preset>, a checkpoint folder or its config.json")
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--quant-attention", default="none")
+    p.add_argument("--calibration", required=True, help="from python -m duoserve_core.calibrate")
+    p.add_argument("--memory-budget", default="15%", help="bytes, %% of the model, Nslots or all")
+    p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
+    p.add_argument("--predictor", default=None)
+    p.add_argument("--prefetch-depth", type=int, default=2)
+    p.add_argument("--predictor-threshold", type=float, default=0.3)
+    p.add_argument("--speculative-gate", action="store_true")
+    p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
+    p.add_argument("--gen", type=int, default=None, help="default: the trace request's generated tokens")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache the plan reserves (default: prompt + gen)")
+    p.add_argument("--warmup", type=int, default=1, help="runs before the reported one, as the bench does")
+    p.add_argument("--no-policy-time", action="store_true", help="do not charge the policy's decision time")
+    p.add_argument("--sweep", action="store_true", help="reference caches at every slot count")
+    p.add_argument("--requests", type=int, default=None, help="--sweep / QoS: how many requests")
+    p.add_argument("--arrival-rate", type=float, default=None, help="QoS: Poisson arrivals per second")
+    p.add_argument("--arrivals", default=None, help="QoS: comma-separated arrival times in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--timeline-out", default=None, help="Chrome trace of the run (one file per policy: NAME.POLICY.json)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = run(args, argv)
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        atomic_write_json(args.out, record)
+    if args.json:
+        print(json.dumps(record))
+    return 0
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    cal = load_calibration(args.calibration)
+    trace = read_trace(args.trace)
+    lengths = qos.request_lengths(trace)
+    prompt, gen = lengths[args.request % len(lengths)]
+    prompt, gen = args.prompt_len or prompt, args.gen or gen
+    qos_mode = args.arrival_rate is not None or args.arrivals is not None
+    n_requests = args.requests or (8 if args.sweep or qos_mode else 1)
+    requests = [(i % len(lengths), args.prompt_len or lengths[i % len(lengths)][0],
+                 args.gen or lengths[i % len(lengths)][1]) for i in range(n_requests)]
+    context = args.max_context or max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep
+                                      else [prompt + gen])
+    _, c, _ = open_config(args.model_preset, args.num_layers)  # shapes first: the errors a user fixes first
+    cal.check(c, args.quant, args.quant_attention)
+    replay = RoutingReplay(trace, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
+    model = build_model(args.model_preset, quant=args.quant, attention_quant=args.quant_attention,
+                        memory_budget=args.memory_budget, max_context=context, device_type=cal.raw["device_type"],
+                        num_layers=args.num_layers)
+    record = {"device": f"simulated {cal.device}", "calibration": str(args.calibration), "trace": str(args.trace),
+              "date": datetime.date.today().isoformat(),
+              "command": "python -m duoserve_core.sim " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "model": model.describe()}
+    if args.sweep:
+        w = reference.workload(replay, requests, c.num_hidden_layers, c.num_local_experts)
+        rows = reference.table(w, model, cal, reference.sweep(w))
+        record.update(view="sweep", requests=requests, rows=rows)
+        _print_sweep(rows, model.plan.num_slots)
+        return record
+    policies = args.policy.split(",")
+    knobs = dict(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+                 predictor_threshold=args.predictor_threshold)
+    results, skipped = {}, {}
+    if qos_mode:
+        arrivals = ([float(x) for x in args.arrivals.split(",")] if args.arrivals
+                    else qos.poisson_arrivals(args.arrival_rate, n_requests, args.seed))
+        reqs = qos.make_requests(arrivals, lengths, args.prompt_len, args.gen)
+        for policy in policies:
+            predicts = policy in ("duoserve", "uniform")
+            try:
+                sim = Simulator(model, cal, replay, policy, predictor=args.predictor if predicts else None,
+                                prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
+                                speculative_gate=args.speculative_gate and predicts, record_timeline=False,
+                                policy_time=not args.no_policy_time)
+            except BudgetError as exc:
+                skipped[policy] = str(exc)
+                continue
+            served = qos.serve(sim, reqs)
+            results[policy] = {"summary": qos.summarize(served, _ms(args.slo_ttft_ms), _ms(args.slo_tpot_ms)),
+                               "requests": served}
+        record.update(view="qos", arrival_rate=args.arrival_rate, results=results, skipped=skipped)
+        _print_qos(results, skipped)
+        return record
+    for policy in policies:
+        try:
+            results[policy] = simulate(model, cal, replay, policy, prompt, gen, request_id=args.request,
+                                       warmup=args.warmup, speculative_gate=args.speculative_gate,
+                                       routing_trace=str(args.trace), policy_time=not args.no_policy_time, **knobs)
+        except BudgetError as exc:
+            skipped[policy] = str(exc)
+    if not results:
+        raise BudgetError("no policy fits this budget: " + "; ".join(skipped.values()))
+    timelines = {name: r.pop("timeline") for name, r in results.items()}
+    if args.timeline_out:
+        _write_timelines(args.timeline_out, timelines)
+    record.update(view="replay", prompt_len=prompt, gen=gen, results=results, skipped=skipped)
+    _print_table(results, skipped)
+    return record
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value / 1e3
+
+
+def _write_timelines(path: str, timelines: dict[str, list[dict]]) -> None:
+    out = Path(path)
+    for name, rows in timelines.items():
+        target = out if len(timelines) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix or '.json'}")
+        SimTimeline.from_rows(rows).write_chrome_trace(target)
+
+
+def _print_sweep(rows: list[dict], slots_at_budget: int) -> None:
+    at = [r for r in rows if r["slots"] == slots_at_budget]
+    print(f"reference caches at {slots_at_budget} slots (the budget); --json / --out for every slot count")
+    print(f"{'policy':<14} {'budget %':>8} {'hit rate':>9} {'loads':>8} {'TPOT ms (overlapped..serial)':>30}")
+    for r in at:
+        print(f"{r['policy']:<14} {r['budget_pct']:>8.1f} {r['hit_rate']:>9.3f} {r['decode_loads']:>8} "
+              f"{r['tpot_overlapped_s'] * 1e3:>14.2f} .. {r['tpot_serial_s'] * 1e3:<10.2f}")
+
+
+def _print_qos(results: dict, skipped: dict) -> None:
+    print(f"{'policy':<16} {'TTFT p50':>9} {'p90':>9} {'p99':>9} {'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO met':>8}")
+    for name, r in results.items():
+        s = r["summary"]
+        t, p = s["ttft_s"], s["tpot_s"]
+        print(f"{name:<16} " + " ".join(f"{v * 1e3:>9.1f}" for v in (t["p50"], t["p90"], t["p99"])) + " "
+              + " ".join(f"{(v or 0) * 1e3:>8.2f}" for v in (p["p50"], p["p90"], p["p99"]))
+              + f" {s['slo_attainment']:>8.2f}")
+    for name, why in skipped.items():
+        print(f"{name:<16} skipped: {why}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

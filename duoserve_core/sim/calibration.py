@@ -1,0 +1,224 @@
+"""The calibration file: what one device measured, and the timing model's terms read from it.
+
+``python -m duoserve_core.calibrate`` writes it; the simulator reads it. Every figure is a
+measurement at one model shape on one device, stored as ``[x, seconds]`` points (x = bytes,
+tokens or context length); between points the simulator interpolates in log-log space (costs
+are close to power laws in size), outside them it follows the nearest segment's slope, clamped
+to [0, 1] (a cost never falls with size, and never grows faster than linearly).
+
+Format ``duoserve-calibration/1``::
+
+    format, device, device_type ("cuda" | "cpu"), synchronous (bool: the CPU runs every op inline),
+    date, torch, cuda, command,
+    model: {name, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+            num_local_experts, num_experts_per_tok, vocab_size, layers_measured},
+    quant, attention_quant, compute_dtype,
+    expert_bytes: {format: bytes of one expert record}
+    h2d: {pinned: [[bytes, s]...], pageable: [[bytes, s]...]}       back-to-back copies, per copy
+         runtime (optional): [[record bytes, s]]          mean of the runtime's own copies of a record
+    expert_compute: {format: [[tokens, s]...]}                      one expert, incl. gather/scatter
+    attention: {prefill: [[tokens, s]...], decode: [[context, s]...]}        compute-stream span
+    attention_launch: {prefill: [[tokens, s]...], decode: [[context, s]...]} host time to queue it
+    router: {prefill: [[tokens, s]...], decode: [[context, s]...]}           span, incl. the D2H sync
+    host: {layer_base_s: {resident, offloaded}, per_expert_s, per_copy_s,
+           step_pre_s: {prefill, decode}, step_post_s: {prefill, decode},
+           reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
+    routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
+    overhead_summary: {resident|offloaded: {wall_per_token_s, compute_busy_per_token_s,
+                                            residual_per_layer_s}}                 (reported only)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DuoServeError
+
+FORMAT = "duoserve-calibration/1"
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "num_local_experts", "num_experts_per_tok")
+PHASES = ("prefill", "decode")
+MODES = ("resident", "offloaded")
+
+
+class CalibrationError(DuoServeError, ValueError):
+    """A calibration file is missing, malformed, or was measured for another model or quantization."""
+
+
+def _points(raw, where: str) -> list[tuple[float, float]]:
+    try:
+        pts = sorted((float(x), float(y)) for x, y in raw)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationError(f"{where} must be a list of [x, seconds] pairs") from exc
+    if not pts:
+        raise CalibrationError(f"{where} holds no measurements")
+    if any(x <= 0 or not math.isfinite(y) or y < 0 for x, y in pts):
+        raise CalibrationError(f"{where} has a non-positive x or a negative/non-finite time")
+    return pts
+
+
+@dataclass
+class Curve:
+    """Measured ``(x, seconds)`` points; ``at(x)`` interpolates in log-log space."""
+
+    points: list[tuple[float, float]]
+
+    def at(self, x: float) -> float:
+        pts = self.points
+        x = max(float(x), 1e-12)
+        if len(pts) == 1:
+            return pts[0][1]
+        if x <= pts[0][0]:
+            return pts[0][1]
+        i = next((j for j in range(1, len(pts)) if pts[j][0] >= x), len(pts) - 1)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        if y0 <= 0 or y1 <= 0 or x1 == x0:
+            return y1 if x >= x1 else y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-30)
+        slope = math.log(y1 / y0) / math.log(x1 / x0)
+        if x > x1:  # beyond the last point: the last segment's slope, kept physical
+            slope = min(max(slope, 0.0), 1.0)
+        return y0 * (x / x0) ** slope
+
+
+class Calibration:
+    """A validated calibration; the simulator asks it for each term of the timing model."""
+
+    def __init__(self, raw: dict, where: str = "calibration"):
+        self.raw, self.where = raw, where
+        try:
+            if raw.get("format") != FORMAT:
+                raise CalibrationError(f"{where} is not a {FORMAT} file (format {raw.get('format')!r}); "
+                                       "write one with python -m duoserve_core.calibrate")
+            self.device = str(raw["device"])
+            self.synchronous = bool(raw["synchronous"])
+            self.model = dict(raw["model"])
+            missing = [k for k in SHAPE_KEYS if k not in self.model]
+            if missing:
+                raise CalibrationError(f"{where}: model lacks {missing}")
+            self.quant, self.attention_quant = str(raw["quant"]), str(raw["attention_quant"])
+            self.expert_bytes = {k: int(v) for k, v in raw["expert_bytes"].items()}
+            self.h2d = {k: Curve(_points(raw["h2d"][k], f"{where}: h2d.{k}")) for k in ("pinned", "pageable")}
+            runtime = raw["h2d"].get("runtime")
+            self.runtime_copy_s = {int(b): s for b, s in _points(runtime, f"{where}: h2d.runtime")} if runtime else {}
+            self.expert = {k: Curve(_points(v, f"{where}: expert_compute.{k}"))
+                           for k, v in raw["expert_compute"].items()}
+            self.attention = self._phased(raw, "attention")
+            self.attention_launch = self._phased(raw, "attention_launch")
+            self.router = self._phased(raw, "router")
+            host = raw["host"]
+            self.layer_base_s = {m: float(host["layer_base_s"][m]) for m in MODES}
+            self.per_expert_s, self.per_copy_s = float(host["per_expert_s"]), float(host["per_copy_s"])
+            self.step_pre_s = {p: float(host["step_pre_s"][p]) for p in PHASES}
+            self.step_post_s = {p: float(host["step_post_s"][p]) for p in PHASES}
+            self.host_reference_s = float(host["reference_s"]) if "reference_s" in host else None
+        except CalibrationError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CalibrationError(f"{where} is malformed ({type(exc).__name__}: {exc}); "
+                                   "write it again with python -m duoserve_core.calibrate") from exc
+        host_terms = [*self.layer_base_s.values(), self.per_expert_s, self.per_copy_s,
+                      *self.step_pre_s.values(), *self.step_post_s.values()]
+        if any(v < 0 or not math.isfinite(v) for v in host_terms):
+            raise CalibrationError(f"{where}: host terms must be finite and non-negative")
+
+    def _phased(self, raw: dict, key: str) -> dict[str, Curve]:
+        return {p: Curve(_points(raw[key][p], f"{self.where}: {key}.{p}")) for p in PHASES}
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self, config, quant: str, attention_quant: str) -> None:
+        """Refuse to time ``config`` at ``quant`` with figures measured for something else."""
+        want = {k: getattr(config, k) for k in SHAPE_KEYS}
+        got = {k: self.model[k] for k in SHAPE_KEYS}
+        if want != got:
+            diff = {k: (got[k], want[k]) for k in SHAPE_KEYS if got[k] != want[k]}
+            raise CalibrationError(
+                f"{self.where} was measured for {self.model.get('name')} and differs from the simulated model in "
+                + ", ".join(f"{k} (calibrated {a}, model {b})" for k, (a, b) in diff.items())
+                + "; calibrate this model with python -m duoserve_core.calibrate --model ...")
+        fmt = _format_name(quant, self.model)
+        if fmt not in self.expert:
+            raise CalibrationError(f"{self.where} has expert timings for {sorted(self.expert)}, not {fmt!r} "
+                                   f"(--quant {quant}); calibrate with --quant {quant}")
+        if attention_quant != self.attention_quant:
+            raise CalibrationError(f"{self.where} timed attention with --quant-attention {self.attention_quant}, "
+                                   f"not {attention_quant}; calibrate with --quant-attention {attention_quant}")
+
+    # -- terms -------------------------------------------------------------------------------
+    def copy_s(self, nbytes: int, pinned: bool = True) -> float:
+        """One copy of ``nbytes``: the runtime's own mean where it was measured at that size (pinned)."""
+        if pinned and nbytes in self.runtime_copy_s:
+            return self.runtime_copy_s[nbytes]
+        return self.h2d["pinned" if pinned else "pageable"].at(nbytes)
+
+    def expert_s(self, fmt: str, tokens: int) -> float:
+        return self.expert[fmt].at(tokens)
+
+    def bandwidth_Bps(self, nbytes: int) -> float:
+        return nbytes / self.copy_s(nbytes)
+
+    def host_scale(self) -> float:
+        """How much slower the calibrated host runs Python and small CPU ops than this one (1 if unknown)."""
+        if not self.host_reference_s:
+            return 1.0
+        return self.host_reference_s / local_host_reference_s()
+
+
+def host_reference_s(repeats: int = 5) -> float:
+    """Seconds for a fixed mix of what a policy does on the host: small CPU tensor ops, dict updates,
+    sorting keys. Stored in the calibration and measured again where the simulator runs, so that a
+    policy's decision time, timed as it runs in the simulator, is charged at the calibrated host's speed."""
+    x, w = torch.ones(1, 64), torch.full((64, 64), 0.01)
+    scores: dict[tuple[int, int], float] = {}
+
+    def work() -> None:
+        for i in range(64):
+            y = torch.nn.functional.linear(x, w).sigmoid()
+            scores[(i % 8, i % 13)] = float(y[0, i])
+            sorted(scores, key=scores.get)
+
+    work()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+@functools.lru_cache(maxsize=1)
+def local_host_reference_s() -> float:
+    return host_reference_s()
+
+
+def _format_name(quant: str, model: dict) -> str:
+    """The expert format a ``--quant`` value stores experts in (``none`` keeps the checkpoint's dtype)."""
+    if quant != "none":
+        return quant
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(model.get("dtype", "bfloat16"), "bf16")
+
+
+def format_name(quant: str, calibration: Calibration) -> str:
+    return _format_name(quant, calibration.model)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read and validate a calibration file; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist; measure one on the device with "
+                               "python -m duoserve_core.calibrate --json, or use one from data/calibration/")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CalibrationError(f"{path} holds no calibration object")
+    return Calibration(raw, str(path))

@@ -1,0 +1,73 @@
+"""The calibration on the CPU: the file is written, valid, positive, and refused for another model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from duoserve_core.calibrate import main
+from duoserve_core.checkpoint import open_source
+from duoserve_core.sim.calibration import CalibrationError, load_calibration
+
+ARGS = ["--model", "synthetic:tiny", "--device", "cpu", "--quant", "nf4", "--quant-attention", "nf4",
+        "--max-tokens", "16", "--sizes-mib", "1", "--contexts", "16,64", "--repeats", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "cpu.json"
+    assert main(ARGS + ["--out", str(out)]) == 0
+    return out
+
+
+def test_calibration_file_is_written_and_valid(calibration_file):
+    raw = json.loads(calibration_file.read_text())
+    cal = load_calibration(calibration_file)
+    assert raw["device"] == "cpu" and cal.synchronous and raw["model"]["hidden_size"] == 128
+    assert raw["quant"] == "nf4" and raw["attention_quant"] == "nf4"
+    nf4 = raw["expert_bytes"]["nf4"]
+    assert nf4 < raw["expert_bytes"]["bf16"]
+    sizes = [b for b, _ in raw["h2d"]["pinned"]]
+    assert nf4 in sizes and 2**20 in sizes
+    assert [n for n, _ in raw["expert_compute"]["nf4"]] == [1, 2, 4, 8, 16]
+    assert [x for x, _ in raw["attention"]["prefill"]] == [16, 64]
+    assert all(16 < x < 64 + 8 for x, _ in raw["attention"]["decode"][:1])
+    for key in ("attention", "attention_launch", "router"):
+        for phase in ("prefill", "decode"):
+            assert all(s > 0 for _, s in raw[key][phase]), (key, phase)
+    assert all(s > 0 for pts in raw["expert_compute"].values() for _, s in pts)
+    assert all(v >= 0 for v in raw["host"]["layer_base_s"].values())
+    assert raw["overhead_summary"]["offloaded"]["wall_per_token_s"] > 0
+    assert [b for b, _ in raw["h2d"]["runtime"]] == [nf4]  # the runtime's own copies of a record
+    assert cal.copy_s(nf4) == raw["h2d"]["runtime"][0][1] and cal.copy_s(nf4, pinned=False) > 0
+    assert cal.expert_s("nf4", 3) > 0
+
+
+def test_calibration_refuses_another_model_or_quant(calibration_file):
+    cal = load_calibration(calibration_file)
+    tiny = open_source("synthetic:tiny").config
+    cal.check(tiny, "nf4", "nf4")
+    with pytest.raises(CalibrationError, match="hidden_size"):
+        cal.check(open_source("synthetic:mixtral-8x7b").config, "nf4", "nf4")
+    with pytest.raises(CalibrationError, match="quant-attention"):
+        cal.check(tiny, "nf4", "none")
+
+
+def test_missing_and_malformed_calibration_files(tmp_path, calibration_file):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CalibrationError, match="not valid JSON"):
+        load_calibration(bad)
+    raw = json.loads(calibration_file.read_text())
+    del raw["h2d"]["pinned"]
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="malformed"):
+        load_calibration(bad)
+    raw = json.loads(calibration_file.read_text())
+    raw["format"] = "something/2"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="not a duoserve-calibration/1"):
+        load_calibration(bad)

@@ -1,0 +1,68 @@
+"""``python -m duoserve_core.sim``: replay, sweep and QoS views, files written, clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from duoserve_core.sim.__main__ import main
+from test_sim import fake_calibration, hand_trace, model_config
+
+
+def _files(tmp_path):
+    rng = random.Random(0)
+    token = lambda: [sorted(rng.sample(range(8), 2)) for _ in range(4)]  # noqa: E731
+    requests = [{"prefill": [token() for _ in range(5)], "decode": [token() for _ in range(6)]} for _ in range(3)]
+    return (hand_trace(tmp_path / "t.parquet", requests, 4, 8, 2), model_config(tmp_path / "m", 4, 8, 2),
+            fake_calibration(tmp_path / "cal.json", 8, 2))
+
+
+def test_replay_writes_results_and_chrome_traces(tmp_path, capsys):
+    trace, model, cal = _files(tmp_path)
+    code = main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal),
+                 "--memory-budget", "10slots", "--policy", "duoserve,on-demand,resident", "--json",
+                 "--out", str(tmp_path / "r.json"), "--timeline-out", str(tmp_path / "tl.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert printed == written and written["view"] == "replay"
+    assert set(written["results"]) == {"duoserve", "on-demand"} and "resident" in written["skipped"]
+    r = written["results"]["on-demand"]
+    assert written["prompt_len"] == 5 and written["gen"] == 7  # the trace request's own lengths
+    assert r["expert_misses"] == r["h2d_copies"] > 0 and r["hit_rate"] == 0
+    assert r["runtime"]["memory_plan"]["num_slots"] == 10 and "oracle_tpot_s" in r["bounds"]
+    for name in ("duoserve", "on-demand"):
+        assert json.loads((tmp_path / f"tl.{name}.json").read_text())["traceEvents"]
+    assert "TTFT ms" in out
+
+
+def test_sweep_and_qos_views(tmp_path, capsys):
+    trace, model, cal = _files(tmp_path)
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal), "--sweep", "--memory-budget", "all",
+                 "--requests", "3", "--out", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert {r["slots"] for r in rows} == set(range(2, 33))
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal),
+                 "--memory-budget", "12slots", "--policy", "on-demand,lru-speculative", "--arrivals", "0,0,0.001,1", "--requests", "4",
+                 "--slo-ttft-ms", "5", "--out", str(tmp_path / "q.json")]) == 0
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["view"] == "qos" and len(q["results"]["on-demand"]["requests"]) == 4
+    assert 0 <= q["results"]["lru-speculative"]["summary"]["slo_attainment"] <= 1
+    assert "SLO met" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    trace, model, _ = _files(tmp_path)
+    other = fake_calibration(tmp_path / "other.json", 8, 2, attention_quant="nf4")
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(other)]) == 2
+    assert "quant-attention" in capsys.readouterr().err
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(tmp_path / "no.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    wide = model_config(tmp_path / "wide", 4, 32, 8)
+    cal32 = fake_calibration(tmp_path / "c32.json", 32, 8)
+    assert main(["--trace", str(trace), "--model-preset", str(wide), "--calibration", str(cal32)]) == 2
+    assert "experts" in capsys.readouterr().err
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration",
+                 str(fake_calibration(tmp_path / "c.json", 8, 2)), "--memory-budget", "1KiB"]) == 2
+    assert "too small" in capsys.readouterr().err
