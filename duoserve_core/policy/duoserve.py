@@ -103,8 +103,8 @@ class DuoServePolicy(Policy):
         feats = self.predictor.features(layer, self.this_experts[None, :layer + 1],
                                         self.this_weights[None, :layer + 1], prev[None])
         predicted = self.predictor.predict(layer, feats)[0]  # [depth_at(layer), E]
-        self.scores = {(layer + 1 + d, e): float(predicted[d, e])
-                       for d in range(min(self.depth, predicted.shape[0])) for e in range(E)}
+        rows = predicted[:self.depth].tolist()  # one conversion: indexing a tensor per element costs ~1 us each
+        self.scores = {(layer + 1 + d, e): p for d, row in enumerate(rows) for e, p in enumerate(row)}
         wanted = [(key, p) for key, p in self.scores.items() if p >= self.threshold]
         wanted.sort(key=lambda kp: (kp[0][0], -kp[1]))
         return Plan(load=[key for key, _ in wanted])
