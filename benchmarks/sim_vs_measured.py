@@ -23,19 +23,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from duoserve_core.bench import parse_args as bench_args  # noqa: E402
+from duoserve_core.calibrate import device_terms  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.io import atomic_write_json, atomic_write_text  # noqa: E402
 from duoserve_core.sim.bench import simulate  # noqa: E402
-from duoserve_core.sim.calibration import load_calibration  # noqa: E402
+from duoserve_core.sim.calibration import format_name, load_calibration  # noqa: E402
 from duoserve_core.sim.model import build_model  # noqa: E402
 from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
 
 
-def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
-    """What each policy of one bench result ran: enough to simulate it."""
-    record = json.loads(path.read_text())
+def _command_args(record: dict):
     words = shlex.split(record["command"])
-    args = bench_args(words[3:] if words[:3] == ["python", "-m", "duoserve_core.bench"] else words[1:])
+    return bench_args(words[3:] if words[:3] == ["python", "-m", "duoserve_core.bench"] else words[1:])
+
+
+def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
+    """What each policy of one bench result (or each row of a sweep) ran: enough to simulate it."""
+    record = json.loads(path.read_text())
+    if "rows" in record:
+        return sweep_configurations(path, record, trace_override)
+    args = _command_args(record)
     out = []
     for policy, r in record["results"].items():
         rt = r["runtime"]
@@ -49,8 +56,66 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "prompt_len": r["prompt_tokens"], "gen": len(r["tokens"]), "predictor": args.predictor,
                     "prefetch_depth": rt.get("prefetch_depth") or args.prefetch_depth,
                     "predictor_threshold": rt.get("predictor_threshold") or args.predictor_threshold,
-                    "speculative_gate": bool(rt.get("speculative_gate")), "measured": r})
+                    "speculative_gate": bool(rt.get("speculative_gate")), "measured": r, "label": "bench"})
     return out
+
+
+def sweep_configurations(path: Path, record: dict, trace_override: str | None = None) -> list[dict]:
+    """One configuration per measured row of a ``bench --sweep`` file.
+
+    A row carries sweep, policy, prompt_len, slots and the knobs (prefetch_depth,
+    predictor_threshold, speculative_gate); the rest comes from the record's command: model,
+    quantization, routing trace, predictor, ``--gen``, and the context the runtime was opened with
+    (the longest prompt of the sweep + gen, as ``bench.sweep`` opens it)."""
+    args = _command_args(record)
+    trace = trace_override or args.routing_trace
+    if trace is None:
+        raise TraceError(f"{path}: the sweep followed the model's own router; pass the recorded routing with --trace")
+    lens = [int(x) for x in args.prompt_lens.split(",")] if getattr(args, "prompt_lens", None) else []
+    max_context = max(lens + [args.prompt_len]) + args.gen
+    out = []
+    for row in record["rows"]:
+        if "skipped" in row:
+            continue
+        predicts = row["policy"] in ("duoserve", "uniform")
+        measured = {"ttft_s": row["ttft_s"], "tpot_s": row["tpot_s"], "h2d_bytes": row.get("h2d_bytes"),
+                    "h2d_copies": row.get("h2d_copies"), "hit_rate": row.get("hit_rate")}
+        out.append({"file": path.name, "policy": row["policy"], "model": args.model, "num_layers": args.num_layers,
+                    "quant": args.quant, "attention_quant": args.quant_attention, "trace": trace,
+                    "slots": row["slots"], "max_context": max_context, "prompt_len": row["prompt_len"],
+                    "gen": args.gen, "predictor": args.predictor,
+                    "prefetch_depth": row.get("prefetch_depth") or args.prefetch_depth,
+                    "predictor_threshold": (row["predictor_threshold"] if row.get("predictor_threshold") is not None
+                                            else args.predictor_threshold),
+                    "speculative_gate": bool(row.get("speculative_gate")) if predicts else False,
+                    "measured": measured, "label": f"sweep:{row['sweep']}"})
+    return out
+
+
+def derived_device_terms(bench: Path, calibration):
+    """``calibrate.device_terms`` applied to the timelines a bench run wrote (``--timelines``; looked
+    for as ``<dir of the file>/timelines/<stem>_<policy>.parquet``): the calibration with the
+    derived ``device_time`` and decode host time per expert merged in, and a note of what was used."""
+    import pandas as pd
+
+    record = json.loads(bench.read_text())
+    fmt = format_name(calibration.quant, calibration)
+    runs, used = [], []
+    for policy, r in record["results"].items():
+        timeline = bench.parent / "timelines" / f"{bench.stem}_{policy}.parquet"
+        if timeline.is_file() and "skipped" not in r:
+            runs.append((policy, r["prompt_tokens"], pd.read_parquet(timeline).to_dict("records")))
+            used.append(str(timeline))
+    if not runs:
+        raise DuoServeError(f"{bench}: no timelines next to it (expected {bench.parent / 'timelines'}/{bench.stem}_<policy>.parquet)")
+    # device times from the on-demand run (its compute stream waits on every layer's copies, as in
+    # calibrate's own on-demand run); host per expert from the host-bound layers of the prefetching
+    # policies (on-demand copies in every layer, so it has none)
+    device_time, _ = device_terms([(prompt, rows) for policy, prompt, rows in runs if policy == "on-demand"], fmt)
+    _, per_expert = device_terms([(prompt, rows) for policy, prompt, rows in runs if policy != "on-demand"], fmt)
+    device_time["source"] = f"derived from the measured timelines of {bench} (calibrate.device_terms)"
+    note = {"from": str(bench), "timelines": used, "device_time": device_time, "per_expert_decode_s": per_expert}
+    return calibration.with_device_time(device_time, per_expert, f"{calibration.where} + device terms of {bench.name}"), note
 
 
 def compare(config: dict, calibration) -> dict:
@@ -66,13 +131,18 @@ def compare(config: dict, calibration) -> dict:
                    predictor=config["predictor"], prefetch_depth=config["prefetch_depth"],
                    predictor_threshold=config["predictor_threshold"], speculative_gate=config["speculative_gate"],
                    routing_trace=config["trace"])
-    m = config["measured"]
+    m = dict(config["measured"])
+    if m.get("h2d_copies") is None and m.get("h2d_bytes") is not None:
+        m["h2d_copies"] = m["h2d_bytes"] // model.format.nbytes
 
     def rel(simulated, measured):
         return None if simulated is None or not measured else (simulated - measured) / measured
 
-    return {"file": config["file"], "policy": config["policy"], "prompt_len": config["prompt_len"],
-            "gen": config["gen"], "slots": config["slots"],
+    return {"file": config["file"], "run": config.get("label", "bench"), "policy": config["policy"],
+            "prompt_len": config["prompt_len"], "gen": config["gen"], "slots": config["slots"],
+            "prefetch_depth": config["prefetch_depth"] if config["policy"] in ("duoserve", "uniform") else None,
+            "predictor_threshold": config["predictor_threshold"] if config["policy"] in ("duoserve", "uniform") else None,
+            "predictor": config["predictor"] if config["policy"] in ("duoserve", "uniform") else None,
             "ttft_measured_s": m["ttft_s"], "ttft_sim_s": sim["ttft_s"], "ttft_rel_error": rel(sim["ttft_s"], m["ttft_s"]),
             "tpot_measured_s": m["tpot_s"], "tpot_sim_s": sim["tpot_s"], "tpot_rel_error": rel(sim["tpot_s"], m["tpot_s"]),
             "h2d_copies_measured": m["h2d_copies"], "h2d_copies_sim": sim["h2d_copies"],
@@ -86,12 +156,18 @@ def markdown(rows: list[dict], calibration: str) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.2f}"
 
+    def knobs(r):
+        if r.get("prefetch_depth") is None:
+            return "-"
+        return f"d{r['prefetch_depth']} t{r['predictor_threshold']:g}" + (" +pred" if r.get("predictor") else "")
+
     lines = [f"Simulated against measured (calibration `{calibration}`).", "",
-             "| file | policy | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err | TPOT meas. ms "
-             "| TPOT sim ms | TPOT err | copies meas./sim |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| file | run | policy | knobs | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err "
+             "| TPOT meas. ms | TPOT sim ms | TPOT err | copies meas./sim |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['file']} | {r['policy']} | {r['prompt_len']} | {r['gen']} | {r['slots']} | "
+        lines.append(f"| {r['file']} | {r.get('run', 'bench')} | {r['policy']} | {knobs(r)} | {r['prompt_len']} | "
+                     f"{r['gen']} | {r['slots']} | "
                      f"{ms(r['ttft_measured_s'])} | {ms(r['ttft_sim_s'])} | {pct(r['ttft_rel_error'])} | "
                      f"{ms(r['tpot_measured_s'])} | {ms(r['tpot_sim_s'])} | {pct(r['tpot_rel_error'])} | "
                      f"{r['h2d_copies_measured']}/{r['h2d_copies_sim']} |")
@@ -104,15 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", required=True)
     p.add_argument("--trace", default=None, help="routing trace to use where a bench file names none")
     p.add_argument("--out", default="benchmarks/results/sim_vs_measured", help="path stem: .json and .md are written")
+    p.add_argument("--device-times-from", default=None, metavar="BENCH.json",
+                   help="derive the device times and the decode host time per expert from the timelines of this "
+                        "bench run (calibrate.device_terms), for a calibration measured without them; use a run "
+                        "that is not among the ones compared")
+    p.add_argument("--trace-for", action="append", default=[], metavar="FILE=TRACE",
+                   help="routing trace for one bench/sweep file (repeatable); --trace applies to the rest")
     args = p.parse_args(argv)
+    per_file = dict(item.split("=", 1) for item in args.trace_for)
     try:
         calibration = load_calibration(args.calibration)
-        rows = [compare(c, calibration) for path in args.bench for c in configurations(Path(path), args.trace)]
+        derived = None
+        if args.device_times_from:
+            calibration, derived = derived_device_terms(Path(args.device_times_from), calibration)
+        rows = [compare(c, calibration) for path in args.bench
+                for c in configurations(Path(path), per_file.get(path, args.trace))]
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "bench_files": args.bench, "rows": rows})
-    table = markdown(rows, args.calibration)
+    atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "derived_terms": derived,
+                                           "bench_files": args.bench, "rows": rows})
+    table = markdown(rows, args.calibration + (f" + device terms derived from `{args.device_times_from}`"
+                                               if args.device_times_from else ""))
     atomic_write_text(f"{args.out}.md", table)
     print(table, end="")
     return 0

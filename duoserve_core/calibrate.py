@@ -19,7 +19,16 @@ documented in ``duoserve_core.sim.calibration``):
   device->host sync (a base per layer, plus a cost per expert computed and per copy issued, fitted
   over every layer of a resident and an on-demand run); per step, the time before layer 0 and after
   the last layer (embedding, lm_head, sampling). Host marks are taken by wrapping the runtime's
-  own callbacks, on the same clock as the timeline (its origin is taken right after a sync).
+  own callbacks, on the same clock as the timeline (its origin is taken right after a sync);
+- device time apart from host time (``device_terms``): a span timed while the compute stream is
+  idle lasts as long as the host takes to queue its kernels, and at decode sizes (one token, one
+  expert: ~0.1 ms of device work, ~0.5-1 ms of Python) that is the host's time, not the device's.
+  The on-demand run is therefore made at top-k slots, so every layer copies: in layers >= 1 of a
+  decode step the host queues attention, router and experts while the stream still waits on the
+  previous layer's copies, and those spans are device time (``device_time``). The resident run's
+  decode experts are host-bound; their spans are the host's time per expert at decode
+  (``host.per_expert_s.decode``). Both are read from the timelines by the same function that
+  ``benchmarks/sim_vs_measured.py --device-times-from`` applies to a bench run's timeline.
 
 Per-layer figures are what matter, so a 2-layer model is enough; synthetic weights are generated
 on the device. On an H100 the whole run takes well under two minutes at Mixtral-8x7B width.
@@ -213,6 +222,7 @@ class _Probe:
         self.forward_enter.clear()
         self.rt.generate(prompt_ids=prompt, max_new_tokens=gen, stop_at_eos=False)
         rows = self.rt.timeline.rows()
+        self.last_rows = rows
         by_key = defaultdict(list)
         for r in rows:
             by_key[(r["step"], r["layer"], r["kind"])].append(r)
@@ -262,11 +272,15 @@ def measure_runtime(args: argparse.Namespace, device: torch.device, contexts: li
     vocab = runtime.config.vocab_size
     prompts = {c: torch.randint(3, vocab, (c,), generator=torch.Generator().manual_seed(c)).tolist()
                for c in contexts}
-    per_mode = {}
+    per_mode, timelines = {}, {}
+    # On-demand at top-k slots: every layer copies, so the host runs ahead of the compute stream in
+    # layers >= 1 and their spans are device time (``device_terms``); resident: every span host-bound.
+    k = runtime.config.num_experts_per_tok
     for mode, policy in (("resident", "resident"), ("offloaded", "on-demand")):
-        runtime.configure(policy=policy)
+        budget = None if mode == "resident" else runtime.plan.fixed_bytes + k * runtime.format.nbytes
+        runtime.configure(policy=policy, memory_budget=budget)
         probe = _Probe(runtime)
-        layers, steps = [], []
+        layers, steps, runs = [], [], []
         try:
             probe.run(prompts[contexts[0]], gen)  # warm-up (and, resident, the one load of every expert)
             for c in contexts:
@@ -274,10 +288,11 @@ def measure_runtime(args: argparse.Namespace, device: torch.device, contexts: li
                     lr, st = probe.run(prompts[c], gen)
                     layers += [r for r in lr if r["step"] != 1]  # step 1: first decode, still warming
                     steps += [r for r in st if r["step"] != 1]
+                    runs.append((c, [r for r in probe.last_rows if r["step"] != 1]))
         finally:
             probe.remove()
-        per_mode[mode] = (layers, steps)
-    return {"runtime": runtime, "per_mode": per_mode}
+        per_mode[mode], timelines[mode] = (layers, steps), runs
+    return {"runtime": runtime, "per_mode": per_mode, "timelines": timelines}
 
 
 def routing_trace(args: argparse.Namespace) -> str | None:
@@ -337,6 +352,83 @@ def overhead_summary(per_mode: dict, num_layers: int) -> dict:
     return out
 
 
+SLACK_MS = 0.05  # a span "follows" another when it starts within this of the other's end
+
+
+def _by_layer(rows: list[dict]) -> dict[tuple[int, int], dict[str, list[dict]]]:
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[(int(r["step"]), int(r["layer"]))][r["kind"]].append(r)
+    return out
+
+
+def _waits_on_copy(layer: dict[str, list[dict]]) -> bool:
+    """Did a copy of this layer land after its router ended (the stream then waited on it)?"""
+    router = layer["router"][0]["end_ms"] if layer.get("router") else None
+    return router is not None and any(c["end_ms"] > router for c in layer.get("h2d", []))
+
+
+def device_terms(runs: list[tuple[int, list[dict]]], fmt: str) -> tuple[dict, float | None]:
+    """Device times and the host's decode time per expert, from measured timelines.
+
+    ``runs``: ``(prompt tokens, timeline rows)`` per run. Returns (``device_time`` section,
+    host seconds per expert at decode or None). Decode steps only; step 0 and 1 are left out.
+
+    - attention and router of layer l >= 1 are device time when layer l-1's last expert waited on
+      its copy and this attention started within ``SLACK_MS`` of that expert's end: the host had
+      queued it while the stream waited. x = context (prompt + step), one point per run: the median.
+      Meant for on-demand runs (every layer copies, the host runs ahead).
+    - an expert is device time when it started within ``SLACK_MS`` of its own copy's end (queued
+      ahead, waiting on the copy); batch 1 decode routes one token to it.
+    - an expert of a layer that copied nothing after its router (the stream idle, every input
+      ready) is host-bound: its span is the host's time to queue it (``per_expert_s.decode``).
+    """
+    attention, router, expert, host = [], [], [], []
+    for prompt, rows in runs:
+        layers = _by_layer([r for r in rows if r["phase"] == "decode" and int(r["step"]) >= 2])
+        ctx_a, ctx_r = [], []
+        for (step, layer), spans in layers.items():
+            context = prompt + step
+            copies = {int(c["expert"]): c for c in spans.get("h2d", []) if c.get("expert") is not None}
+            for e in spans.get("expert", []):
+                copy = copies.get(int(e["expert"]))
+                if copy is not None and 0 <= e["start_ms"] - copy["end_ms"] <= SLACK_MS:
+                    expert.append(e["duration_ms"] / 1e3)
+            if spans.get("router") and spans.get("expert") and not _waits_on_copy(spans):
+                host += [e["duration_ms"] / 1e3 for e in spans["expert"]]
+            prev = layers.get((step, layer - 1))
+            if layer == 0 or prev is None or not prev.get("expert") or not spans.get("attention") \
+                    or not spans.get("router"):
+                continue
+            last = max(prev["expert"], key=lambda x: x["end_ms"])
+            prev_copies = {int(c["expert"]): c for c in prev.get("h2d", []) if c.get("expert") is not None}
+            waited = prev_copies.get(int(last["expert"]))
+            a = spans["attention"][0]
+            # the previous layer's last expert waited on its copy, and this attention followed it at once
+            if waited is not None and 0 <= last["start_ms"] - waited["end_ms"] <= SLACK_MS \
+                    and a["start_ms"] - last["end_ms"] <= SLACK_MS:
+                ctx_a.append((context, a["duration_ms"] / 1e3))
+                ctx_r.append((context, spans["router"][0]["duration_ms"] / 1e3))
+        for out, pts in ((attention, ctx_a), (router, ctx_r)):
+            if pts:
+                out.append([statistics.median(c for c, _ in pts), statistics.median(v for _, v in pts)])
+    section: dict = {}
+
+    def curve(points: list[list[float]]) -> list[list[float]]:
+        groups = defaultdict(list)  # runs at one context: one point
+        for x, v in points:
+            groups[round(x)].append(v)
+        return [[float(x), statistics.median(vs)] for x, vs in sorted(groups.items())]
+
+    if attention:
+        section["attention"] = {"decode": curve(attention)}
+    if router:
+        section["router"] = {"decode": curve(router)}
+    if expert:
+        section["expert"] = {"decode": {fmt: [[1.0, statistics.median(expert)]]}}
+    return section, (statistics.median(host) if host else None)
+
+
 # -- the whole measurement -------------------------------------------------------------------
 def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
@@ -372,6 +464,16 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     runtime_copies = [d for r in offloaded_layers for d in r["copy_s"]]
     if runtime_copies:
         h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
+    quant_format = make_format(args.quant, config.hidden_size, config.intermediate_size, checkpoint_dtype).name
+    device_time, per_expert_decode = {}, None
+    if device.type == "cuda":  # on the CPU every op runs inline: spans are device time already
+        device_time, _ = device_terms(measured["timelines"]["offloaded"], quant_format)
+        _, per_expert_decode = device_terms(measured["timelines"]["resident"], quant_format)
+    host = host_terms(per_mode)
+    if per_expert_decode is not None:
+        host["per_expert_s"] = {"prefill": host["per_expert_s"], "decode": per_expert_decode}
+    if device_time:
+        device_time["source"] = "layers >= 1 of the on-demand run at top-k slots (calibrate.device_terms)"
     out = {
         "format": FORMAT, "device": _device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
@@ -385,7 +487,8 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "attention": {p: _curve(offloaded_layers, "attention_s", p) for p in ("prefill", "decode")},
         "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},
         "router": {p: _curve(offloaded_layers, "router_s", p) for p in ("prefill", "decode")},
-        "host": {**host_terms(per_mode), "reference_s": host_reference_s()},
+        "host": {**host, "reference_s": host_reference_s()},
+        "device_time": device_time,
         "routing_trace": routing_trace(args),
         "overhead_summary": overhead_summary(per_mode, runtime.config.num_hidden_layers),
         "seconds_taken": time.perf_counter() - t_start,

@@ -20,9 +20,16 @@ Format ``duoserve-calibration/1``::
     attention: {prefill: [[tokens, s]...], decode: [[context, s]...]}        compute-stream span
     attention_launch: {prefill: [[tokens, s]...], decode: [[context, s]...]} host time to queue it
     router: {prefill: [[tokens, s]...], decode: [[context, s]...]}           span, incl. the D2H sync
-    host: {layer_base_s: {resident, offloaded}, per_expert_s, per_copy_s,
+    host: {layer_base_s: {resident, offloaded}, per_expert_s (seconds, or {prefill, decode}), per_copy_s,
            step_pre_s: {prefill, decode}, step_post_s: {prefill, decode},
            reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
+    device_time (optional): {attention: {phase: [[x, s]...]}, router: {phase: [[x, s]...]},
+                             expert: {phase: {format: [[tokens, s]...]}}, source: str}
+        device time alone: spans whose kernels were queued before the compute stream reached them
+        (layers >= 1 of an on-demand run, where the stream waits on each layer's copies). The spans
+        above (``attention``, ``router``, ``expert_compute``) were timed with the stream idle when
+        the host is slower than the kernels, so at decode sizes they are the host's launch time, not
+        the device's; where a phase is given here the simulator puts this on the compute clock.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
     overhead_summary: {resident|offloaded: {wall_per_token_s, compute_busy_per_token_s,
                                             residual_per_layer_s}}                 (reported only)
@@ -115,7 +122,12 @@ class Calibration:
             self.router = self._phased(raw, "router")
             host = raw["host"]
             self.layer_base_s = {m: float(host["layer_base_s"][m]) for m in MODES}
-            self.per_expert_s, self.per_copy_s = float(host["per_expert_s"]), float(host["per_copy_s"])
+            per_expert = host["per_expert_s"]
+            self.per_expert_phase_s = ({p: float(per_expert[p]) for p in PHASES} if isinstance(per_expert, dict)
+                                       else {p: float(per_expert) for p in PHASES})
+            self.per_expert_s = self.per_expert_phase_s["prefill"]
+            self.per_copy_s = float(host["per_copy_s"])
+            self.device_time = self._device_time(raw.get("device_time"))
             self.step_pre_s = {p: float(host["step_pre_s"][p]) for p in PHASES}
             self.step_post_s = {p: float(host["step_post_s"][p]) for p in PHASES}
             self.host_reference_s = float(host["reference_s"]) if "reference_s" in host else None
@@ -124,13 +136,46 @@ class Calibration:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"{where} is malformed ({type(exc).__name__}: {exc}); "
                                    "write it again with python -m duoserve_core.calibrate") from exc
-        host_terms = [*self.layer_base_s.values(), self.per_expert_s, self.per_copy_s,
+        host_terms = [*self.layer_base_s.values(), *self.per_expert_phase_s.values(), self.per_copy_s,
                       *self.step_pre_s.values(), *self.step_post_s.values()]
         if any(v < 0 or not math.isfinite(v) for v in host_terms):
             raise CalibrationError(f"{where}: host terms must be finite and non-negative")
 
     def _phased(self, raw: dict, key: str) -> dict[str, Curve]:
         return {p: Curve(_points(raw[key][p], f"{self.where}: {key}.{p}")) for p in PHASES}
+
+    def _device_time(self, raw: dict | None) -> dict:
+        """``{(kind, phase[, format]): Curve}`` of the optional ``device_time`` section."""
+        out: dict[tuple, Curve] = {}
+        if not raw:
+            return out
+        for kind in ("attention", "router"):
+            for phase, pts in (raw.get(kind) or {}).items():
+                if phase not in PHASES:
+                    raise CalibrationError(f"{self.where}: device_time.{kind} has unknown phase {phase!r}")
+                out[(kind, phase)] = Curve(_points(pts, f"{self.where}: device_time.{kind}.{phase}"))
+        for phase, by_format in (raw.get("expert") or {}).items():
+            if phase not in PHASES:
+                raise CalibrationError(f"{self.where}: device_time.expert has unknown phase {phase!r}")
+            for fmt, pts in by_format.items():
+                out[("expert", phase, fmt)] = Curve(_points(pts, f"{self.where}: device_time.expert.{phase}.{fmt}"))
+        return out
+
+    def with_device_time(self, device_time: dict, per_expert_decode_s: float | None = None,
+                         where: str | None = None) -> "Calibration":
+        """A copy with a ``device_time`` section (and optionally the decode host time per expert)
+        merged in, e.g. derived from a measured run's timeline (``calibrate.device_terms``)."""
+        raw = json.loads(json.dumps(self.raw))
+        merged = raw.setdefault("device_time", {})
+        for key, value in device_time.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        if per_expert_decode_s is not None:
+            raw["host"]["per_expert_s"] = {"prefill": self.per_expert_phase_s["prefill"],
+                                           "decode": float(per_expert_decode_s)}
+        return Calibration(raw, where or self.where)
 
     # -- checks ------------------------------------------------------------------------------
     def check(self, config, quant: str, attention_quant: str) -> None:
@@ -159,7 +204,25 @@ class Calibration:
         return self.h2d["pinned" if pinned else "pageable"].at(nbytes)
 
     def expert_s(self, fmt: str, tokens: int) -> float:
+        """One expert, timed back to back (``expert_compute``): max(device time, host launch time)."""
         return self.expert[fmt].at(tokens)
+
+    def attention_device_s(self, phase: str, x: float) -> float:
+        """Attention's device time: ``device_time`` where measured for the phase, else the span."""
+        curve = self.device_time.get(("attention", phase))
+        return curve.at(x) if curve is not None else self.attention[phase].at(x)
+
+    def router_device_s(self, phase: str, x: float) -> float:
+        curve = self.device_time.get(("router", phase))
+        return curve.at(x) if curve is not None else self.router[phase].at(x)
+
+    def expert_device_s(self, fmt: str, phase: str, tokens: int) -> float:
+        curve = self.device_time.get(("expert", phase, fmt))
+        return curve.at(tokens) if curve is not None else self.expert_s(fmt, tokens)
+
+    def per_expert(self, phase: str) -> float:
+        """Host time per expert the executor computes (queueing its kernels included)."""
+        return self.per_expert_phase_s[phase]
 
     def bandwidth_Bps(self, nbytes: int) -> float:
         return nbytes / self.copy_s(nbytes)

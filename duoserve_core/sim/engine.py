@@ -15,12 +15,13 @@ order ``Runtime._decode_loop``, ``OffloadedMixtral.forward`` and ``ExpertExecuto
 
 Timing rules (every term comes from the calibration, ``sim.calibration``):
 
-- a kernel starts at max(compute clock, host clock, its inputs ready) and runs its device time;
-  queuing attention costs the host ``attention_launch``, and attention cannot end before the
-  host finished queuing it;
+- a kernel starts at max(compute clock, host clock, its inputs ready) and runs its *device* time
+  (``device_time`` where the calibration has it: the spans timed with an idle stream are the
+  host's launch time at decode sizes, not the device's); queuing attention costs the host
+  ``attention_launch``, an expert ``per_expert[phase]``, and neither can end before the host
+  finished queuing it;
 - the router ends with a device->host sync: the host clock jumps to the compute clock;
-- after the sync the host spends ``layer_base`` (+ ``per_copy`` per copy it issues and
-  ``per_expert`` per expert it queues) before each launch;
+- after the sync the host spends ``layer_base`` (+ ``per_copy`` per copy it issues);
 - a copy starts at max(copy clock, host clock, the end of the last kernel that read its slot)
   and lasts the calibrated H2D time for one record; an expert waits for its slot's copy;
 - the policy's own decisions (its event handlers, eviction ranking, the predictor it runs) cost
@@ -239,8 +240,8 @@ class Simulator:
         self._apply(self.policy.phase(phase))
         c.host += cal.step_pre_s[p]
         x = n_tokens if phase is Phase.PREFILL else first + n_tokens  # prefill: tokens; decode: context
-        attention_s, launch_s = cal.attention[p].at(x), cal.attention_launch[p].at(x)
-        router_s = cal.router[p].at(x)
+        attention_s, launch_s = cal.attention_device_s(p, x), cal.attention_launch[p].at(x)
+        router_s = cal.router_device_s(p, x)
         for layer in range(self.L):
             self._apply(self.policy.layer_started(layer))
             start = max(c.compute, c.host)
@@ -249,10 +250,10 @@ class Simulator:
             self.timeline.add("compute", "attention", layer, None, 0, start, c.compute)
             self._compute("router", layer, None, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
-            self._moe(layer, request_id, first, n_tokens)
+            self._moe(layer, request_id, first, n_tokens, p)
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
 
-    def _moe(self, layer: int, request_id: int, first: int, n_tokens: int) -> None:
+    def _moe(self, layer: int, request_id: int, first: int, n_tokens: int, phase: str) -> None:
         cal, c = self.cal, self.clocks
         c.host += cal.layer_base_s[self.mode]
         experts, weights = self.replay.routing(request_id, first, n_tokens, layer)
@@ -276,8 +277,17 @@ class Simulator:
                 self._apply(plan)
             ahead = []
             e, slot = in_flight.popleft()
-            c.host += cal.per_expert_s
-            self._compute("expert", layer, e, cal.expert_s(self.fmt, counts[e]), self.engine.wait_ready(slot))
+            # Like attention: the kernels start once queued (and the slot's copy landed) and cannot end
+            # before the host has finished queueing them. (A synchronous device runs them inline.)
+            if cal.synchronous:
+                c.host += cal.per_expert(phase)
+            start = max(c.compute, c.host, self.engine.wait_ready(slot))
+            if cal.synchronous:
+                c.compute = c.host = start + cal.expert_device_s(self.fmt, phase, counts[e])
+            else:
+                c.host += cal.per_expert(phase)
+                c.compute = max(start + cal.expert_device_s(self.fmt, phase, counts[e]), c.host)
+            self.timeline.add("compute", "expert", layer, e, 0, start, c.compute)
             self.engine.mark_read(slot, c.compute)
             self.cache.unpin((layer, e))
         self._apply(self.policy.layer_done(layer))

@@ -180,9 +180,9 @@ def decode_step_compute_s(model: SimModel, cal: Calibration, context: int) -> fl
     host's per-layer and per-step work, from the calibration."""
     k, L = model.config.num_experts_per_tok, model.num_layers
     fmt = format_name(model.quant, cal)
-    attention = max(cal.attention["decode"].at(context), cal.attention_launch["decode"].at(context))
-    per_layer = (attention + cal.router["decode"].at(context) + cal.layer_base_s["offloaded"]
-                 + k * (cal.expert_s(fmt, 1) + cal.per_expert_s))
+    attention = max(cal.attention_device_s("decode", context), cal.attention_launch["decode"].at(context))
+    expert = max(cal.expert_device_s(fmt, "decode", 1), cal.per_expert("decode"))
+    per_layer = (attention + cal.router_device_s("decode", context) + cal.layer_base_s["offloaded"] + k * expert)
     return L * per_layer + cal.step_pre_s["decode"] + cal.step_post_s["decode"]
 
 
