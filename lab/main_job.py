@@ -8,18 +8,24 @@ it generates the same prompt, checks that the tokens are the same
 as with every expert resident (the lab's first invariant), and writes under ``reports/``:
 ``main_job.json`` (every figure), ``main_job.md`` (the table), and one Chrome trace per run
 (open in https://ui.perfetto.dev) with the copy and compute streams.
+
+Then it executes every numbered notebook (``notebooks/NN_*.ipynb``) headless with its knobs at
+their defaults and writes each, outputs included, to ``reports/notebooks/NN_name.ipynb`` and
+``NN_name.html`` (``lab.notebook_runner``); the job fails, naming the notebook and cell, if one
+fails. ``--notebooks none`` skips them.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import sys
 from pathlib import Path
 
 import duoserve_core
 from duoserve_core.io import atomic_write_json, atomic_write_text
 from duoserve_core.units import format_bytes
+from lab.notebook_runner import NOTEBOOKS, failure_message, numbered_notebooks, run_all
 
 DEFAULT_MODEL = "data/small-moe"
 BUNDLED_PREDICTOR = "data/predictors/small-moe-depth2.safetensors"
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--out", default="reports")
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS),
+                        help="folder of numbered notebooks to execute into OUT/notebooks/ ('none': skip them)")
+    parser.add_argument("--notebook-timeout", type=int, default=600, help="seconds one notebook cell may take")
     args = parser.parse_args(argv)
     out = Path(args.out)
 
@@ -88,7 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "main_job.md", table)
     print(table)
     print(f"wrote {out / 'main_job.json'}, {out / 'main_job.md'} and {len(results)} Chrome traces in {out}/")
-    return 0 if all(r["tokens_match_resident"] for r in results) else 1
+    tokens_ok = all(r["tokens_match_resident"] for r in results)
+
+    notebooks_ok = True
+    if args.notebooks != "none":
+        runs = run_all(numbered_notebooks(args.notebooks), out / "notebooks", timeout=args.notebook_timeout)
+        report["notebooks"] = [r.as_dict() for r in runs]
+        atomic_write_json(out / "main_job.json", report)
+        lines = ["", "## Notebooks, executed headless with their default knobs", "",
+                 "| notebook | status | seconds | with outputs |", "|---|---|---|---|"]
+        for r in runs:
+            status = "ok" if r.ok else f"FAILED: {r.error}"
+            lines.append(f"| {r.name} | {status} | {r.seconds:.1f} | [{r.html.name}](notebooks/{r.html.name}), "
+                         f"[{r.ipynb.name}](notebooks/{r.ipynb.name}) |")
+        atomic_write_text(out / "main_job.md", table + "\n".join(lines) + "\n")
+        message = failure_message(runs)
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+            notebooks_ok = False
+        else:
+            print(f"wrote {len(runs)} executed notebooks (.ipynb and .html) in {out / 'notebooks'}/")
+    return 0 if tokens_ok and notebooks_ok else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create/refresh the project venv: torch first (CPU build unless an NVIDIA GPU
-# is present), then `pip install -e ".[lab,test]"`.
+# is present), then `pip install -e ".[lab,test]"` (lab: JupyterLab, ipywidgets,
+# plotly, nbclient/nbconvert; test: pytest, nbval, and Playwright's Python package,
+# which drives the system's Chromium in the browser test: no browser is downloaded).
 #
 # Idempotent: a stamp file in the venv holds a hash of pyproject.toml; when it
 # matches, nothing is run at all.

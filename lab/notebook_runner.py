@@ -1,0 +1,156 @@
+"""Execute the numbered notebooks headless and keep them, outputs included, as .ipynb and HTML.
+
+    python -m lab.notebook_runner                       # every notebooks/NN_*.ipynb -> reports/notebooks/
+    python -m lab.notebook_runner notebooks/03_predictor.ipynb --out /tmp/nb
+
+Each notebook runs top to bottom in a fresh kernel (the ``python3`` kernel of the interpreter that
+runs this, so the repository's ``.venv``), in its own folder as the working directory, with its
+widgets at their default values. ``NN_name.ipynb`` (with outputs and widget state) and
+``NN_name.html`` are written atomically (a temporary file, then a rename), also when a cell
+fails: the error is then in place in both, and the run fails, naming the notebook and the cell.
+
+Figures are written with plotly's mimetype for JupyterLab and as HTML with plotly.js inlined
+once per notebook, so the HTML reports open offline (``PLOTLY_RENDERER``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+from duoserve_core.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+PLOTLY_RENDERER = "plotly_mimetype+notebook"
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    ipynb: Path
+    html: Path
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "seconds": round(self.seconds, 1), "ipynb": str(self.ipynb), "html": str(self.html),
+                "ok": self.ok, "error": self.error}
+
+
+def numbered_notebooks(folder: str | Path = NOTEBOOKS) -> list[Path]:
+    """``NN_name.ipynb`` files of ``folder``, in order."""
+    return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
+
+
+@contextmanager
+def _env(**values: str):
+    """Environment variables for the kernels started inside (they inherit this process's)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _failed_cell(nb: nbformat.NotebookNode) -> int | None:
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return i
+    return None
+
+
+def run_notebook(path: str | Path, out_dir: str | Path, *, timeout: int = 600, kernel_name: str = "python3"
+                 ) -> NotebookRun:
+    """Execute ``path`` and write ``out_dir/<name>.ipynb`` and ``.html``; never raises for a failing cell."""
+    path, out_dir = Path(path), Path(out_dir)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, store_widget_state=True,
+                            resources={"metadata": {"path": str(path.parent.resolve())}})
+    # No mimic of the Output widget: nbclient's sends comm messages on the shell channel while the
+    # cell runs, and with this jupyter_client/pyzmq the cell's execute_reply then only arrives when
+    # the cell's timeout expires (notebook 01's interactive_output waited 600 s). Without it, what
+    # an Output widget captures lands in the cell's own outputs, where the HTML report shows it.
+    client.widget_registry = {}
+    error = None
+    t0 = time.perf_counter()
+    with _env(PLOTLY_RENDERER=PLOTLY_RENDERER, PYTHONUNBUFFERED="1"):
+        try:
+            client.execute()
+        except CellExecutionError as exc:
+            cell = _failed_cell(nb)
+            summary = str(exc).strip().splitlines()
+            error = f"cell {cell}: {summary[-1] if summary else type(exc).__name__}"
+        except (CellTimeoutError, DeadKernelError) as exc:
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    seconds = time.perf_counter() - t0
+    ipynb, html = out_dir / path.name, out_dir / (path.stem + ".html")
+    atomic_write_text(ipynb, nbformat.writes(nb))
+    atomic_write_text(html, _to_html(nb))
+    return NotebookRun(path.stem, seconds, ipynb, html, error)
+
+
+def _to_html(nb: nbformat.NotebookNode) -> str:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    return body
+
+
+def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=print) -> list[NotebookRun]:
+    """Every notebook in order (a failure does not stop the others); ``log`` hears one line each."""
+    runs = []
+    for path in paths:
+        log(f"notebook {path.name} ...")
+        run = run_notebook(path, out_dir, timeout=timeout)
+        runs.append(run)
+        status = "ok" if run.ok else f"FAILED at {run.error}"
+        log(f"notebook {path.name}: {status} in {run.seconds:.1f} s -> {run.html}")
+    return runs
+
+
+def failure_message(runs: list[NotebookRun]) -> str | None:
+    failed = [r for r in runs if not r.ok]
+    if not failed:
+        return None
+    return "notebook(s) failed: " + "; ".join(f"{r.name} ({r.error}; see {r.html})" for r in failed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb)")
+    parser.add_argument("--out", default="reports/notebooks", help="folder for the executed .ipynb and .html")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may take")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.notebooks] or numbered_notebooks()
+    if not paths:
+        print(f"error: no numbered notebooks in {NOTEBOOKS}", file=sys.stderr)
+        return 2
+    runs = run_all(paths, args.out, timeout=args.timeout)
+    message = failure_message(runs)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

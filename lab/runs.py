@@ -1,0 +1,208 @@
+"""Live, instrumented runs for notebooks 04 and 05: a model, a budget in expert slots, a policy, a prompt.
+
+``live_run`` loads the chosen model under the knobs, generates, and keeps everything the figures
+need: the result, the stream timeline, every cache decision (``CacheLog``) and the bounds of the
+run (``duoserve_core.bench.bounds``: transfer floor, compute floor, Belady's loads for decode).
+One loaded model is reconfigured for every run (``Runtime.configure``: new slots, policy and an
+empty cache), so no run starts with experts another left behind and no knob change reloads the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+import pandas as pd
+
+import duoserve_core
+from duoserve_core.bench import bounds
+from duoserve_core.memory import MemoryPlan
+from duoserve_core.timeline import COLUMNS as TIMELINE_COLUMNS
+from duoserve_core.units import format_bytes
+
+from .cache_log import CacheLog
+from .quickstart import BUNDLED_MODEL, BUNDLED_PREDICTOR, DATA, default_device
+
+HELDOUT_TRACE = str(DATA / "traces" / "small-moe-heldout.parquet")
+HELDOUT_PROMPTS = DATA / "prompts" / "prompts_heldout.txt"
+PREDICTING = ("duoserve", "uniform")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model the notebooks can run, with what it needs to be served by every policy."""
+
+    label: str
+    model: str
+    num_layers: int | None = None
+    routing_trace: str | None = None   # routing replayed from a trace (synthesized weights)
+    predictor: str | None = None       # a predictor of the same shape (layers, experts, top-k)
+    gpu_only: bool = False
+
+    def load(self, **kw) -> duoserve_core.Runtime:
+        with warnings.catch_warnings():
+            # the bundled predictor serves the synthetic model's trace routing: same shape, other name
+            warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
+            return duoserve_core.load(self.model, quant="nf4", num_layers=self.num_layers,
+                                      routing_trace=self.routing_trace, **kw)
+
+
+BUNDLED = ModelChoice("small-moe (bundled, trained; 8 layers x 8 experts)", BUNDLED_MODEL,
+                      predictor=BUNDLED_PREDICTOR)
+MIXTRAL_8_LAYERS = ModelChoice(
+    "Mixtral-8x7B experts, first 8 layers (synthesized weights, routing of the bundled trace)",
+    "synthetic:mixtral-8x7b", num_layers=8, routing_trace=HELDOUT_TRACE, predictor=BUNDLED_PREDICTOR, gpu_only=True)
+MODELS = (BUNDLED, MIXTRAL_8_LAYERS)
+
+
+def model_choices(device: str | None = None) -> dict[str, ModelChoice]:
+    """Label -> model for a dropdown: full-size experts only where there is a GPU to move them to."""
+    gpu = (device or default_device()).startswith("cuda")
+    return {m.label: m for m in MODELS if gpu or not m.gpu_only}
+
+
+def default_model(device: str | None = None) -> ModelChoice:
+    """Mixtral-size experts on a GPU (where copies take real time), the bundled model on a CPU."""
+    return MIXTRAL_8_LAYERS if (device or default_device()).startswith("cuda") else BUNDLED
+
+
+@functools.lru_cache(maxsize=2)
+def shared_runtime(choice: ModelChoice, device: str, max_context: int) -> duoserve_core.Runtime:
+    """One loaded model per (model, device, context), reconfigured for every run
+    (``Runtime.configure``): a knob change costs a run, not a reload of every expert."""
+    return choice.load(device=device, max_context=max_context, memory_budget=None, policy="on-demand")
+
+
+def _plan(choice: ModelChoice, device: str, max_context: int) -> tuple[int, int, int, int]:
+    """(fixed bytes, bytes per expert, experts in the model, top-k): what a budget in slots needs.
+    Fixed bytes (weights, KV cache, activations) do not depend on the budget."""
+    runtime = shared_runtime(choice, device, max_context)
+    plan = runtime.plan
+    return plan.fixed_bytes, plan.expert_bytes, plan.total_experts, runtime.config.num_experts_per_tok
+
+
+def budget_bytes(choice: ModelChoice, slots: int, device: str, max_context: int) -> int:
+    """The memory budget that leaves exactly ``slots`` expert slots after everything else."""
+    fixed, expert, _, _ = _plan(choice, device, max_context)
+    return fixed + slots * expert
+
+
+def model_shape(choice: ModelChoice, device: str, max_context: int = 256) -> dict:
+    fixed, expert, total, top_k = _plan(choice, device, max_context)
+    return {"fixed_bytes": fixed, "expert_bytes": expert, "total_experts": total, "top_k": top_k}
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_ids() -> tuple[int, ...]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    text = " ".join(HELDOUT_PROMPTS.read_text().split("\n"))
+    return tuple(tokenizer(text)["input_ids"])
+
+
+def prompt_ids(n: int, offset: int = 0) -> list[int]:
+    """``n`` tokens of the held-out prompts (bundled tokenizer; valid ids for every model here)."""
+    ids = _heldout_ids()
+    return list(ids[offset:offset + n])
+
+
+@functools.lru_cache(maxsize=4)
+def _warm_up(choice: ModelChoice, device: str, max_context: int) -> None:
+    """The first forward of a process pays one-off costs (kernel selection, lazy initialisation);
+    run one before anything is measured."""
+    runtime = shared_runtime(choice, device, max_context)
+    runtime.configure(policy="on-demand", memory_budget=budget_bytes(choice, 8, device, max_context))
+    runtime.generate(prompt_ids=prompt_ids(16), max_new_tokens=2, stop_at_eos=False)
+
+
+@dataclass
+class LiveRun:
+    """One generation under one setting of the knobs, with all its instruments."""
+
+    choice: ModelChoice
+    knobs: dict
+    runtime: duoserve_core.Runtime   # shared and reconfigured by later runs: read ``plan``, not runtime.plan
+    plan: MemoryPlan                 # this run's memory plan (slots, bytes)
+    result: duoserve_core.GenerationResult
+    rows: list[dict]
+    log: CacheLog
+    bounds: dict = field(default_factory=dict)
+
+    @property
+    def timeline(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=TIMELINE_COLUMNS)
+
+    @property
+    def slots(self) -> int:
+        return self.plan.num_slots
+
+    @property
+    def device(self) -> str:
+        return self.result.device
+
+    @property
+    def decode_tokens(self) -> int:
+        return len(self.result.tokens) - 1
+
+    def label(self) -> str:
+        k = self.knobs
+        text = f"{k['policy']}, {self.slots} slots"
+        if k["policy"] in PREDICTING:
+            text += f", depth {k['depth']}, threshold {k['threshold']:.2f}" + (", gate" if k["gate"] else "")
+        return text
+
+
+def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: int = 16, depth: int = 2,
+             threshold: float = 0.5, gate: bool = True, prompt_tokens: int = 32, new_tokens: int = 24,
+             device: str | None = None, prompt_offset: int = 0) -> LiveRun:
+    """Generate ``new_tokens`` after ``prompt_tokens`` held-out tokens under the knobs, greedily.
+
+    ``new_tokens=1`` is a prefill alone. ``gate`` (the speculative gate for layer l+1) and the
+    predictor apply to the predicting policies only.
+    """
+    device = device or default_device()
+    max_context = max(256, prompt_tokens + new_tokens)
+    _warm_up(choice, device, max_context)
+    predicts = policy in PREDICTING
+    runtime = shared_runtime(choice, device, max_context)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
+        runtime.configure(policy=policy, memory_budget=budget_bytes(choice, slots, device, max_context),
+                          predictor=choice.predictor if predicts else None, prefetch_depth=depth,
+                          predictor_threshold=threshold, speculative_gate=gate and predicts)
+    log = CacheLog().attach(runtime)
+    log.start()
+    result = runtime.generate(prompt_ids=prompt_ids(prompt_tokens, prompt_offset), max_new_tokens=new_tokens,
+                              stop_at_eos=False)
+    log.detach()
+    rows = runtime.timeline.rows()
+    knobs = dict(policy=policy, slots=slots, depth=depth, threshold=threshold, gate=gate and predicts,
+                 prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    run = LiveRun(choice, knobs, runtime, runtime.plan, result, rows, log)
+    run.bounds = bounds(rows, run.plan.num_slots, run.plan.expert_bytes, run.decode_tokens)
+    return run
+
+
+def device_note(device: str) -> str:
+    """One sentence on what the device's times mean, for the top of a notebook."""
+    if device.startswith("cuda"):
+        import torch
+
+        return (f"Running on **{torch.cuda.get_device_name(device)}**: copies run on their own CUDA stream, "
+                "so the timelines show real overlap of copies with computation.")
+    return ("Running on the **CPU** with the bundled model: every count (copies, hits, misses, wasted prefetches, "
+            "slots held, bytes) is exact, but copies are synchronous memcpys here, so nothing overlaps and times "
+            "say little about scheduling. Overlap needs a GPU; the measured H100 results below show it.")
+
+
+def describe_budget(choice: ModelChoice, slots: int, device: str, max_context: int = 256) -> str:
+    s = model_shape(choice, device, max_context)
+    return (f"{slots} of {s['total_experts']} expert slots: {format_bytes(slots * s['expert_bytes'])} of experts "
+            f"on top of {format_bytes(s['fixed_bytes'])} for everything else "
+            f"(budget {format_bytes(s['fixed_bytes'] + slots * s['expert_bytes'])})")
+
+
+__all__ = ["BUNDLED", "MIXTRAL_8_LAYERS", "LiveRun", "ModelChoice", "budget_bytes", "default_model", "describe_budget",
+           "device_note", "live_run", "model_choices", "model_shape", "prompt_ids"]
+
