@@ -2,6 +2,7 @@
 # The schedulers issue's H100 runs, one stage per device call (each fits the 10-minute limit):
 #   bash benchmarks/schedulers_gpu.sh compare-synth   # accelerate peer + every policy, synthesized routing
 #   bash benchmarks/schedulers_gpu.sh compare-trace   # every policy, routing replayed from the bundled trace
+#   bash benchmarks/schedulers_gpu.sh gate-and-sweep  # calibration, every policy with the gate only, then the sweep
 #   bash benchmarks/schedulers_gpu.sh sweep           # prompt lengths, budgets, depth x threshold
 #   bash benchmarks/schedulers_gpu.sh extra           # Mixtral-8x22B (16 layers), compute-sanitizer, GPU tests
 # Mixtral-8x7B NF4 (experts and attention), budget 15% of the model, prompt 512, 128 new tokens.
@@ -19,7 +20,6 @@ POLICIES=duoserve,uniform,on-demand,lru-speculative,resident
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__)"
 
-[ "${1:-}" = sweep-only ] || true
 case "${1:-}" in
 compare-synth)
   python3 benchmarks/accelerate_peer.py --preset mixtral-8x7b --num-layers 4 --budget 3997356441 \
@@ -39,7 +39,7 @@ gate-and-sweep)
       --policies duoserve,uniform,on-demand,lru-speculative "${DUO[@]}" --routing-trace $TRACE \
       --peer benchmarks/results/accelerate_peer_h100.json --timelines "$OUT/timelines" \
       --out "$OUT/bench_h100_8x7b_trace_gate.json"
-  "$0" sweep-only ;;
+  bash "$0" sweep-only ;;
 sweep|sweep-only)
   python3 -m duoserve_core.bench --sweep "${MODEL[@]}" --prompt-len 512 --gen 16 --repeats 1 \
       --policies duoserve,on-demand "${DUO[@]}" --routing-trace $TRACE --predictor $PREDICTOR \
