@@ -243,7 +243,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
             measure("prompt", policy, n)
     for budget in args.budgets.split(","):
         for policy in policies + (["resident"] if budget == "all" else []):
-            measure("budget", policy, args.prompt_len, memory_budget=_budget(runtime, budget))
+            measure("budget", policy, args.prompt_len, memory_budget=budget)
     for depth in (int(x) for x in args.depths.split(",")):
         for threshold in (float(x) for x in args.thresholds.split(",")):
             measure("knobs", "duoserve", args.prompt_len, prefetch_depth=depth, predictor_threshold=threshold)
@@ -254,16 +254,6 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0
-
-
-def _budget(runtime, text: str) -> int | str:
-    """``Nslots`` and ``all`` in expert slots on top of the fixed memory; anything else as given."""
-    fixed, per = runtime.plan.fixed_bytes, runtime.format.nbytes
-    if text == "all":
-        return fixed + runtime.plan.total_experts * per
-    if text.endswith("slots"):
-        return fixed + int(text[:-5]) * per
-    return text
 
 
 def _summary(r: dict) -> dict:

@@ -16,12 +16,12 @@ from .experts.executor import ExpertExecutor
 from .experts.formats import make_format
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
-from .memory import MemoryPlan, plan_memory
+from .memory import MemoryPlan, plan_memory, resolve_budget
 from .model import OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, make_policy
 from .timeline import Timeline
 from .traces import RoutingReplay, read_trace
-from .units import format_bytes, parse_bytes
+from .units import format_bytes
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -158,7 +158,9 @@ class Runtime:
         return self
 
     def _plan(self, memory_budget: str | int | None, max_context: int) -> MemoryPlan:
-        return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget),
+        unbounded = plan_memory(self.config, self._dense_bytes, self.format, None, max_context, self.dtype,
+                                self.device.type)
+        return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget, unbounded),
                            max_context, self.dtype, self.device.type)
 
     def _make_policy(self, policy: str | Policy, predictor: str | Path | None, prefetch_depth: int,
@@ -198,8 +200,8 @@ class Runtime:
                                       lambda layer: executor.apply(self.policy.layer_started(layer)))
 
     # -- loading -----------------------------------------------------------------------------
-    def _budget_bytes(self, memory_budget: str | int | None) -> int | None:
-        full = self.full_model_bytes()
+    def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:
+        """``memory_budget`` in bytes (any spelling of ``memory.resolve_budget``), checked against the GPU."""
         free = None
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -207,7 +209,8 @@ class Runtime:
                 free += self.engine.buffer.numel() + self._dense_bytes
         if memory_budget is None:
             return None if free is None else int(free * 0.9)
-        budget = parse_bytes(memory_budget, percent_of=full)
+        budget = resolve_budget(memory_budget, unbounded.fixed_bytes, self.format.nbytes, unbounded.total_experts,
+                                self.full_model_bytes())
         if free is not None:
             if budget > free:
                 raise DeviceError(f"memory budget {format_bytes(budget)} exceeds the GPU's free memory "

@@ -16,7 +16,7 @@ from transformers import MixtralConfig
 
 from .errors import BudgetError
 from .experts.formats import ExpertFormat, NF4Format
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 # Room for the CUDA caching allocator's rounding and fragmentation; the CPU has no such allocator.
 CUDA_ALLOCATOR_MARGIN = 64 * 2**20
@@ -65,6 +65,20 @@ def activation_bytes(config: MixtralConfig, tokens: int, dtype: torch.dtype) -> 
 def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype) -> int:
     """NF4 experts over many tokens are dequantized to dense weights for the duration of a matmul."""
     return fmt.params * _size(dtype) if isinstance(fmt, NF4Format) else 0
+
+
+def resolve_budget(budget: str | int, fixed_bytes: int, expert_bytes: int, total_experts: int,
+                   full_model_bytes: int) -> int:
+    """A budget as bytes: bytes, ``%`` of the whole model, ``Nslots`` (the fixed memory + N experts) or
+    ``all`` (the fixed memory + every expert). The runtime, the bench and the simulator share it."""
+    if isinstance(budget, str) and budget == "all":
+        return fixed_bytes + total_experts * expert_bytes
+    if isinstance(budget, str) and budget.endswith("slots"):
+        return fixed_bytes + int(budget[:-5]) * expert_bytes
+    try:
+        return parse_bytes(budget, percent_of=full_model_bytes)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from exc
 
 
 def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budget: int | None,

@@ -260,8 +260,7 @@ def expand_trace(trace: Trace, num_layers: int, seed: int = 0) -> tuple[pd.DataF
                 rows.append({"request_id": int(group["request_id"].iloc[0]), "token_index": int(position),
                              "phase": phase, "layer": layer, "experts": experts[i].tolist(),
                              "weights": weights[i].tolist(), "spec_experts": None if spec is None else spec[i].tolist()})
-    meta = TraceMeta(f"{m.model} x{num_layers // m.num_layers if num_layers % m.num_layers == 0 else num_layers} "
-                     f"layers (replayed)", num_layers, m.num_experts, m.top_k)
+    meta = TraceMeta(f"{m.model} replayed at {num_layers} layers", num_layers, m.num_experts, m.top_k)
     return pd.DataFrame(rows), meta
 
 

@@ -161,3 +161,10 @@ def test_unknown_device_and_preset(tiny_checkpoint):
         duoserve_core.load("synthetic:mixtral-1x1b", device="cpu")
     with pytest.raises(CheckpointError, match="--num-layers 9 is outside 1..4"):
         duoserve_core.load("synthetic:tiny", device="cpu", num_layers=9)
+
+
+def test_budget_in_slots_and_all(tiny_checkpoint):
+    """``Nslots`` and ``all`` mean the fixed memory plus that many experts, in the runtime as in the bench."""
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none", memory_budget="3slots")
+    assert rt.plan.num_slots == 3 and rt.plan.budget_bytes == rt.plan.fixed_bytes + 3 * rt.format.nbytes
+    assert rt.configure(memory_budget="all").plan.num_slots == rt.plan.total_experts

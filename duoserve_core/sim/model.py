@@ -17,9 +17,8 @@ from transformers import MixtralConfig
 from ..checkpoint import PRESETS, SYNTHETIC_PREFIX, _Namespace, check_mixtral_config, open_source
 from ..errors import BudgetError, CheckpointError
 from ..experts.formats import ExpertFormat, make_format
-from ..memory import MemoryPlan, plan_memory
+from ..memory import MemoryPlan, plan_memory, resolve_budget
 from ..model import build_skeleton, dense_bytes
-from ..units import parse_bytes
 
 
 @dataclass
@@ -91,19 +90,6 @@ def open_config(model: str | Path, num_layers: int | None = None) -> tuple[str, 
     return name, config, dtype
 
 
-def budget_bytes(budget: str | int, fixed_bytes: int, expert_bytes: int, total_experts: int,
-                 full_model_bytes: int) -> int:
-    """Bench's budget spellings: bytes, ``%`` of the model, ``Nslots`` (fixed memory + N experts), ``all``."""
-    if isinstance(budget, str) and budget == "all":
-        return fixed_bytes + total_experts * expert_bytes
-    if isinstance(budget, str) and budget.endswith("slots"):
-        return fixed_bytes + int(budget[:-5]) * expert_bytes
-    try:
-        return parse_bytes(budget, percent_of=full_model_bytes)
-    except ValueError as exc:
-        raise BudgetError(str(exc)) from exc
-
-
 def build_model(model: str | Path, *, quant: str = "nf4", attention_quant: str = "none",
                 memory_budget: str | int = "all", max_context: int = 4096, device_type: str = "cuda",
                 dtype: torch.dtype | None = None, num_layers: int | None = None,
@@ -119,7 +105,7 @@ def build_model(model: str | Path, *, quant: str = "nf4", attention_quant: str =
     dense = dense_bytes(build_skeleton(_ConfigOnly(config), dtype, attention_quant))
     unbounded = plan_memory(config, dense, fmt, None, max_context, dtype, device_type)
     full = unbounded.total_experts * fmt.nbytes + dense
-    budget = budget_bytes(memory_budget, unbounded.fixed_bytes, fmt.nbytes, unbounded.total_experts, full)
+    budget = resolve_budget(memory_budget, unbounded.fixed_bytes, fmt.nbytes, unbounded.total_experts, full)
     plan = plan_memory(config, dense, fmt, budget, max_context, dtype, device_type)
     if num_slots is not None:
         if not config.num_experts_per_tok <= num_slots <= plan.total_experts:
