@@ -2,6 +2,7 @@
 
     python -m lab.notebook_runner                       # every notebooks/NN_*.ipynb -> reports/notebooks/
     python -m lab.notebook_runner notebooks/03_predictor.ipynb --out /tmp/nb
+    python -m lab.notebook_runner --summary nb.json   # also: per notebook, status, seconds and printed text
 
 Each notebook runs top to bottom in a fresh kernel (the ``python3`` kernel of the interpreter that
 runs this, so the repository's ``.venv``), in its own folder as the working directory, with its
@@ -16,6 +17,7 @@ once per notebook, so the HTML reports open offline (``PLOTLY_RENDERER``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -127,6 +129,37 @@ def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=p
     return runs
 
 
+def text_outputs(nb: nbformat.NotebookNode, limit: int = 4000) -> list[str]:
+    """What the notebook's cells printed (streams and plain-text results), each cut at ``limit``
+    characters: enough to read what a run measured without opening the notebook."""
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            text = o.get("text") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain")
+            if o.get("output_type") == "error":
+                text = f"{o.get('ename')}: {o.get('evalue')}"
+            if text:
+                out.append(text[:limit])
+    return out
+
+
+def summary(runs: list[NotebookRun]) -> dict:
+    """Where and how every notebook ran, with what it printed (``--summary``)."""
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    notebooks = []
+    for run in runs:
+        nb = nbformat.read(run.ipynb, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        notebooks.append({**run.as_dict(), "code_cells": len(code),
+                          "cells_run": sum(c.get("execution_count") is not None for c in code),
+                          "printed": text_outputs(nb)})
+    return {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "notebooks": notebooks}
+
+
 def failure_message(runs: list[NotebookRun]) -> str | None:
     failed = [r for r in runs if not r.ok]
     if not failed:
@@ -139,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb)")
     parser.add_argument("--out", default="reports/notebooks", help="folder for the executed .ipynb and .html")
     parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may take")
+    parser.add_argument("--summary", default=None, help="also write a JSON summary of the runs here")
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.notebooks] or numbered_notebooks()
     if not paths:
         print(f"error: no numbered notebooks in {NOTEBOOKS}", file=sys.stderr)
         return 2
     runs = run_all(paths, args.out, timeout=args.timeout)
+    if args.summary:
+        atomic_write_text(args.summary, json.dumps(summary(runs), indent=1))
     message = failure_message(runs)
     if message:
         print(f"error: {message}", file=sys.stderr)

@@ -111,3 +111,51 @@ def test_prefetch_never_evicts_what_the_policy_values_more():
     assert cache.prefetch((1, 2)) and cache.stats.evictions == 1
     cache.acquire((0, 3))  # a demand miss evicts regardless
     assert cache.is_resident((0, 3))
+
+
+def _decode_tokens(cache, policy, routing, gate_guess=None):
+    """Drive ``policy`` through decode tokens as the executor does: router, gate guess, demand loads."""
+    from duoserve_core.policy import Phase
+
+    policy.phase(Phase.DECODE)
+    for token in routing:
+        for layer, experts in enumerate(token):
+            topk = torch.tensor([experts])
+            probs = torch.zeros(1, cache.num_experts).index_fill_(1, topk[0], 0.5)
+            plans = [policy.router_done(layer, topk, probs)]
+            if gate_guess is not None and layer + 1 < len(token):
+                plans.append(policy.speculated(layer + 1, torch.tensor([gate_guess(layer + 1)])))
+            for e in experts:
+                cache.acquire((layer, e))
+            for plan in plans:
+                for key in plan.load:
+                    cache.prefetch(key)
+            for e in experts:
+                cache.unpin((layer, e))
+
+
+def test_duoserve_decode_cache_keeps_a_stable_set_across_tokens():
+    """A token cycles through the layers; a cache smaller than its working set must not thrash.
+
+    Each of 8 layers uses experts {0, 1} on every token except that layer 0..3 alternate the
+    second expert, so 12 (layer, expert) pairs recur on every token and 8 more every other token.
+    LRU keeps nothing across tokens here (it always evicts the pair needed next); duoserve's
+    per-token usage counts keep the pairs that recur, as many as the slots allow.
+    """
+    from duoserve_core.policy import DuoServePolicy
+
+    layers, slots = 8, 14
+    routing = [[[0, 1] if l >= 4 else [0, 2 + (t % 2)] for l in range(layers)] for t in range(40)]
+    lru, _, _ = _cache(Policy(), slots=slots, layers=layers, experts=4)
+    _decode_tokens(lru, lru.policy, routing)
+    duo_policy = DuoServePolicy(speculative_gate=True, predictor_threshold=0.99)
+    duo, _, _ = _cache(duo_policy, slots=slots, layers=layers, experts=4)
+    # Guesses below the threshold are scored but not loaded; they must not outlive their layer.
+    _decode_tokens(duo, duo_policy, routing, gate_guess=lambda layer: [3, 2])
+    uses = 2 * layers * len(routing)
+    assert lru.stats.hits == 0
+    assert duo.stats.prefetches == 0
+    # 12 pairs recur every token; with 14 slots (2 pinned by the layer in progress) they stay, after warm-up.
+    assert duo.stats.hits >= 10 * len(routing)
+    assert duo.stats.misses < uses / 2
+    assert all(key[0] > layers - 1 for key in duo_policy.scores)  # guesses of finished layers dropped

@@ -12,9 +12,18 @@ the next router applied to this layer's input instead; each guess is scored by h
 of that rank at that layer turned out right so far (counted online over every token, prefill's
 included), so the same threshold governs both kinds of guess and a gate that guesses badly on
 some layer stops costing bandwidth there. Experts stay cached across tokens under the budget; the
-victim is the expert least likely to be needed soon: the predictor's score where it has one,
-else how often that expert was used at its layer recently (consecutive tokens repeat experts).
-A prefetch never evicts an expert that is more likely to be needed than the one it brings.
+victim is the expert least likely to be used at its layer's next visit: the predictor's or the
+gate's score for the layers just ahead, else the share of recent decode tokens that used it at its
+layer. A prefetch never evicts an expert that is more likely to be needed than the one it brings.
+
+Why the reuse estimate is counted per token, not per layer visit: one decode token visits the
+layers in a cycle, so a cache smaller than the token's working set thrashes under any rule whose
+values drift with the position in that cycle (LRU keeps nothing at all). A score decayed when
+its own layer runs is such a rule: layers behind the current one have decayed once more than
+those ahead. Counts decayed for every layer at the same moment (the token's start) rank the same
+expert the same wherever the current layer is, so the cache holds a stable set of the experts
+most often reused, which is what saves copies (a stale score had this cache keep 1.8 experts per
+token instead of 7 at Mixtral-8x7B scale and 21 slots).
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
@@ -27,10 +36,9 @@ import torch
 
 from .base import CacheView, ExpertKey, Phase, Plan, Policy
 
-# Reuse estimate of an expert with no prediction: decayed use frequency at its layer, scaled so
-# that an expert the predictor names above threshold always ranks higher.
-_FREQUENCY_WEIGHT = 0.5
-_DECAY = 0.8
+# Reuse estimate of an expert with no prediction: the share of decode tokens that used it at its
+# layer, counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly).
+_USAGE_DECAY = 0.99
 
 
 class DuoServePolicy(Policy):
@@ -51,7 +59,8 @@ class DuoServePolicy(Policy):
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)
         L, E = cache.num_layers, cache.num_experts
-        self.frequency = torch.zeros(L, E)
+        self.usage = torch.zeros(L, E)    # decayed count of decode tokens that used (layer, expert)
+        self.tokens = 0.0                  # decayed count of decode tokens
         self.scores: dict[ExpertKey, float] = {}
         self.current_layer = 0
         self.prefill = True
@@ -86,9 +95,15 @@ class DuoServePolicy(Policy):
             right = (guess[:, :, None] == topk[:, None, :]).any(dim=2).sum(dim=0)  # per rank
             self.gate_right[layer] += right.float()
             self.gate_made[layer] += guess.shape[0]
-        used = torch.bincount(topk.flatten(), minlength=E).float()
-        self.frequency[layer] = _DECAY * self.frequency[layer] + (1 - _DECAY) * (used > 0).float()
-        if self.prefill or self.predictor is None or topk.shape[0] != 1:
+        if self.prefill or topk.shape[0] != 1:
+            return Plan()
+        # Layer ``layer``'s routing is known now: its guesses have served their purpose.
+        self.scores = {key: p for key, p in self.scores.items() if key[0] > layer}
+        if layer == 0:  # a new token: every layer's counts decay at the same moment (see the module doc)
+            self.usage *= _USAGE_DECAY
+            self.tokens = _USAGE_DECAY * self.tokens + 1
+        self.usage[layer] += torch.bincount(topk.flatten(), minlength=E).float() > 0
+        if self.predictor is None:
             return Plan()
         if layer == 0 or self.this_experts is None:
             self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
@@ -104,8 +119,9 @@ class DuoServePolicy(Policy):
                                         self.this_weights[None, :layer + 1], prev[None])
         predicted = self.predictor.predict(layer, feats)[0]  # [depth_at(layer), E]
         rows = predicted[:self.depth].tolist()  # one conversion: indexing a tensor per element costs ~1 us each
-        self.scores = {(layer + 1 + d, e): p for d, row in enumerate(rows) for e, p in enumerate(row)}
-        wanted = [(key, p) for key, p in self.scores.items() if p >= self.threshold]
+        fresh = {(layer + 1 + d, e): p for d, row in enumerate(rows) for e, p in enumerate(row)}
+        self.scores.update(fresh)
+        wanted = [(key, p) for key, p in fresh.items() if p >= self.threshold]
         wanted.sort(key=lambda kp: (kp[0][0], -kp[1]))
         return Plan(load=[key for key, _ in wanted])
 
@@ -144,7 +160,7 @@ class DuoServePolicy(Policy):
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
         if key in self.scores:
             return self.scores[key]
-        return _FREQUENCY_WEIGHT * float(self.frequency[key])
+        return float(self.usage[key]) / self.tokens if self.tokens else 0.0
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
         return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
