@@ -3,6 +3,7 @@
 #   bash benchmarks/schedulers_gpu.sh headline    # GPU tests, calibration, accelerate peer, every policy (trace routing)
 #   bash benchmarks/schedulers_gpu.sh more        # trained predictor, synthesized routing, Mixtral-8x22B, the sweep
 #   bash benchmarks/schedulers_gpu.sh notebooks   # every notebook executed on the GPU (needs .whl-nb, see below)
+#   bash benchmarks/schedulers_gpu.sh extra       # notebook 05, synthesized routing, 8x22B duoserve/uniform repeated
 #   bash benchmarks/schedulers_gpu.sh sanitizer   # compute-sanitizer memcheck / racecheck / synccheck, tiny model
 # Mixtral-8x7B NF4 (experts and attention), budget 15% of the model, prompt 512, 128 new tokens.
 # File names carry the GPU (h100, h200, ...); results land in $OUT (JSON, timelines as Parquet, logs):
@@ -62,6 +63,21 @@ notebooks)
   python3 -m lab.notebook_runner --out "$OUT/nb" --summary "$OUT/notebooks_$TAG.json" 2>&1 | tee "$OUT/notebooks_$TAG.log"
   tar -C "$OUT/nb" -czf "$OUT/notebooks_${TAG}_ipynb.tar.gz" $(cd "$OUT/nb" && ls *.ipynb)
   tar -C "$OUT/nb" -czf "$OUT/notebooks_${TAG}_html.tar.gz" $(cd "$OUT/nb" && ls *.html); rm -rf "$OUT/nb" ;;
+extra)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-nb/*.whl \
+    || exit 1
+  export JUPYTER_PATH=/tmp/site/share/jupyter PATH=/tmp/site/bin:$PATH
+  stage "notebook 05 on the GPU"
+  python3 -m lab.notebook_runner notebooks/05_decode_prefetch_cache.ipynb --out "$OUT/nb" \
+      --summary "$OUT/notebook05_$TAG.json" 2>&1 | grep notebook; rm -rf "$OUT/nb"
+  stage "every policy, synthesized routing"
+  python3 -m duoserve_core.bench "${MODEL[@]}" --prompt-len 512 --gen 128 --repeats 1 --policies $POLICIES "${DUO[@]}" \
+      --peer "benchmarks/results/accelerate_peer_$TAG.json" --record-trace "$OUT/routing_synth_$TAG.parquet" \
+      --out "$OUT/bench_${TAG}_8x7b_synth.json" 2>&1 | tail -8
+  stage "Mixtral-8x22B: duoserve and uniform, median of 3"
+  python3 -m duoserve_core.bench --model synthetic:mixtral-8x22b --quant nf4 --quant-attention nf4 --memory-budget 15% \
+      --prompt-len 512 --gen 32 --repeats 3 --policies duoserve,uniform "${DUO[@]}" \
+      --routing-trace $TRACE --out "$OUT/bench_${TAG}_8x22b_trace_gate_repeats.json" 2>&1 | tail -4 ;;
 sanitizer)
   for tool in memcheck racecheck synccheck; do
     timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitizer_run.py \
@@ -69,5 +85,5 @@ sanitizer)
     echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer_$tool.log") clean summaries)"
     tail -2 "$OUT/sanitizer_$tool.log"
   done ;;
-*) echo "usage: $0 headline|more|notebooks|sanitizer"; exit 2 ;;
+*) echo "usage: $0 headline|more|notebooks|extra|sanitizer"; exit 2 ;;
 esac

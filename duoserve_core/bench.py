@@ -13,6 +13,11 @@ three bounds computed from the run itself:
 - oracle (decode): Belady's loads over the routing the run took, at the same number of slots,
   every copy overlapped: max(oracle bytes / bandwidth, decode compute) per token.
 
+Belady's count is a lower bound on copies for the whole run (prefill + decode), not for decode
+alone: a policy that loads experts during prefill which the prompt never routes to (the prefill
+window loads layers whole) can carry them into decode and copy fewer there than Belady's decode
+loads. ``oracle_total_loads`` is the whole run's bound; ``oracle_decode_loads`` times the decode.
+
 TTFT is compared with max(transfer floor, prefill compute floor), TPOT with the oracle bound.
 A policy that does not fit the budget (``resident``, usually) is reported as skipped. Results go
 to ``benchmarks/results/bench_<device>_<date>.json`` with the device, date and command;
@@ -64,7 +69,9 @@ def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: i
     decode_steps = expert_groups(rows, "decode")
     oracle_loads = belady_loads(prefill_steps + decode_steps, num_slots, count_from=len(prefill_steps))
     out = {"h2d_bandwidth_Bps": bandwidth, "compute_prefill_s": compute["prefill"],
-           "compute_decode_s": compute["decode"], "oracle_decode_loads": oracle_loads}
+           "compute_decode_s": compute["decode"], "oracle_decode_loads": oracle_loads,
+           # each prefill expert is used once: Belady loads each once, then the decode loads above
+           "oracle_total_loads": len(prefill_steps) + oracle_loads}
     if bandwidth:
         out["transfer_floor_s"] = len(prefill_experts) * expert_bytes / bandwidth
         out["ttft_floor_s"] = max(out["transfer_floor_s"], compute["prefill"])

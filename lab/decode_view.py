@@ -44,6 +44,9 @@ def decode_stats(run: LiveRun) -> dict:
             "prefetched and used": d["prefetch_hits"], "wasted prefetches": d["prefetch_wasted"],
             "experts copied": d["h2d_copies"], "bytes copied": d["h2d_bytes"],
             "Belady's loads": b["oracle_decode_loads"],
+            # the lower bound holds for the whole run: prefill may copy experts that decode then finds resident
+            "copied in the whole run": run.result.phases["prefill"]["h2d_copies"] + d["h2d_copies"],
+            "Belady's loads in the whole run": b["oracle_total_loads"],
             "copies / Belady": d["h2d_copies"] / b["oracle_decode_loads"] if b["oracle_decode_loads"] else None,
             "misses per token": d["misses"] / n, "copies per token": d["h2d_copies"] / n,
             "wasted per token": d["prefetch_wasted"] / n, "Belady per token": b["oracle_decode_loads"] / n,
