@@ -25,6 +25,8 @@ CONFIGS = {
     "duoserve predictor t=0.6": dict(policy="duoserve", predictor=PREDICTOR, predictor_threshold=0.6),
     "duoserve gate + predictor t=0.6": dict(policy="duoserve", predictor=PREDICTOR, predictor_threshold=0.6,
                                             speculative_gate=True),
+    # the full-size benchmark's setting: the gate for the next layer, no trained predictor
+    "duoserve gate t=0.8": dict(policy="duoserve", predictor_threshold=0.8, speculative_gate=True),
 }
 
 

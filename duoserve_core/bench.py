@@ -135,6 +135,7 @@ def empty_cache(runtime) -> None:
     """
     for key in list(runtime.cache.resident()):
         runtime.cache.release(key)
+    runtime.cache.forget_released()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,6 +210,8 @@ def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     record["skipped"] = skipped
     if args.peer:
         record["peer"] = peer_comparison(args.peer, args.prompt_len, args.gen, results.get("duoserve"))
+    if "duoserve" in results:
+        record["targets"] = targets(record)
     out = _out_path(args, record, "bench")
     atomic_write_json(out, record)
     _write_timelines(args.timelines, out.stem, timelines)
@@ -273,6 +276,36 @@ def _summary(r: dict) -> dict:
             "prefetch_recall": r["prefetch_recall"], "ttft_floor_s": r["bounds"].get("ttft_floor_s"),
             "oracle_tpot_s": r["bounds"].get("oracle_tpot_s"), "ttft_over_floor": r.get("ttft_over_floor"),
             "tpot_over_oracle": r.get("tpot_over_oracle"), "decode": r["phases"]["decode"]}
+
+
+# The schedulers issue's targets for duoserve: ratio ceilings, and "fastest end to end".
+TARGETS = {"ttft_over_floor": 1.10, "tpot_over_oracle": 1.15}
+
+
+def targets(record: dict, mine: str = "duoserve") -> dict:
+    """Each target for ``mine`` in a bench record: the figure, the limit, met or not, and for decode
+    where the time goes (copies per token against Belady's, and the copying's share of a token)."""
+    r, results = record["results"][mine], record["results"]
+    b, plan = r["bounds"], r["runtime"]["memory_plan"]
+    out = {"peak_within_budget": {"peak_bytes": r["peak_gpu_bytes"], "budget_bytes": plan["budget_bytes"],
+                                  "met": r["within_budget"]}}
+    for key, limit in TARGETS.items():
+        value = r.get(key)
+        out[key] = {"value": value, "limit": limit, "met": None if value is None else value <= limit}
+    others = {name: x["e2e_s"] for name, x in results.items() if name != mine}
+    out["fastest_e2e"] = {"e2e_s": r["e2e_s"], "others_e2e_s": others, "met": all(r["e2e_s"] < v for v in others.values())}
+    if record.get("peer"):
+        out["fastest_e2e"]["peer_speedup"] = record["peer"].get("duoserve_speedup_e2e")
+    decode_tokens = len(r["tokens"]) - 1
+    if decode_tokens and b.get("h2d_bandwidth_Bps"):
+        copies = r["phases"]["decode"]["h2d_copies"] / decode_tokens
+        oracle = b["oracle_decode_loads"] / decode_tokens
+        copy_s = copies * plan["expert_bytes"] / b["h2d_bandwidth_Bps"]
+        out["decode_time"] = {"copies_per_token": copies, "oracle_copies_per_token": oracle,
+                              "copies_over_oracle": copies / oracle if oracle else None,
+                              "copy_s_per_token": copy_s, "tpot_s": r["tpot_s"],
+                              "tpot_over_copy_time": r["tpot_s"] / copy_s if copy_s else None}
+    return out
 
 
 def peer_comparison(path: str, prompt_len: int, gen: int, duoserve: dict | None) -> dict:

@@ -9,15 +9,22 @@ single weight is read.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, MixtralForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
 
 from .checkpoint import TensorSource
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
 from .timeline import Timeline
+
+# transformers renamed the KV-cache argument of the attention and mask functions from
+# ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name, earlier ones know only it).
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(MixtralAttention.forward).parameters else "past_key_values"
+_MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 ATTENTION_QUANT_CHOICES = ("none", "nf4")
@@ -90,14 +97,14 @@ class OffloadedMixtral:
         past = cache.get_seq_length()
         position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache,
-                       position_ids=position_ids)
+        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                       **{_MASK_CACHE_KWARG: cache})
         rotary = inner.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             with self.timeline.span("compute", "attention", index):
                 attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
-                                          attention_mask=mask, past_key_values=cache)
+                                          attention_mask=mask, **{_CACHE_KWARG: cache})
                 hidden = hidden + attn
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = inner.norm(hidden[:, -1:])

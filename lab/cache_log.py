@@ -1,4 +1,6 @@
-"""Every decision of a runtime's expert cache, in order: hits, misses, prefetches, evictions, releases.
+"""Every decision of a runtime's expert cache, in order: hits, misses, prefetches, evictions, releases,
+and reclaims (a released expert taken back from its still-intact slot, no copy: ``reclaim`` when a use
+needs it, a hit; ``reclaim_ahead`` when a policy's plan asks for it before its use).
 
 The runtime counts these (``GenerationResult.phases``); the notebooks also need *where* they
 happened (which step, layer and expert) and how many slots were occupied after each, to draw
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-EVENTS = ("hit", "prefetch_hit", "miss", "prefetch", "evict", "release", "wasted")
+EVENTS = ("hit", "prefetch_hit", "reclaim", "reclaim_ahead", "miss", "prefetch", "evict", "release", "wasted")
 COLUMNS = ["seq", "t_ms", "phase", "step", "at_layer", "layer", "expert", "event", "resident"]
 
 
@@ -87,20 +89,25 @@ class CacheLog:
                                   timeline.step, self._at_layer, key[0], key[1], event, len(self._runtime.cache.resident())))
 
     def _acquire(self, key):
-        hit = self._runtime.cache.is_resident(key)
+        cache = self._runtime.cache
+        hit, intact = cache.is_resident(key), cache.holds(key)
         out = self._originals["acquire"](key)
         if hit:
             self._record(key, "prefetch_hit" if key in self._unused_prefetch else "hit")
             self._unused_prefetch.discard(key)
         else:
-            self._record(key, "miss")
+            self._record(key, "reclaim" if intact else "miss")
         return out
 
     def _prefetch(self, key) -> bool:
+        cache = self._runtime.cache
+        intact = cache.holds(key) and not cache.is_resident(key)
         issued = self._originals["prefetch"](key)
         if issued:
             self._unused_prefetch.add(key)
             self._record(key, "prefetch")
+        elif intact and cache.is_resident(key):
+            self._record(key, "reclaim_ahead")
         return issued
 
     def _release(self, key) -> None:
@@ -145,7 +152,7 @@ class CacheLog:
         held: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}
         rows = []
         for e in self.events:
-            if e.event in ("miss", "prefetch"):
+            if e.event in ("miss", "prefetch", "reclaim", "reclaim_ahead"):
                 held[e.layer].add(e.expert)
             elif e.event in ("evict", "release"):
                 held[e.layer].discard(e.expert)

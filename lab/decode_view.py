@@ -71,7 +71,8 @@ def step_heatmap(run: LiveRun) -> go.Figure:
     log = log[log["phase"] == "decode"]
     misses = np.zeros((L, len(steps)))
     text = [["" for _ in steps] for _ in range(L)]
-    labels = {"miss": "loaded on demand", "prefetch_hit": "prefetched", "hit": "cached"}
+    labels = {"miss": "loaded on demand", "prefetch_hit": "prefetched", "hit": "cached",
+              "reclaim": "taken back from its intact slot"}
     for (step, layer), part in log[log["event"].isin(list(labels))].groupby(["step", "layer"]):
         i = step - 1
         if not 0 <= i < len(steps):

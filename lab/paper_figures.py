@@ -2,14 +2,18 @@
 
 Three sources, never mixed in one figure, each named in the figure's title:
 
-- **measured**: the committed H100 results (``benchmarks/results/bench_h100_*.json``, written by
-  ``python -m duoserve_core.bench``), with the bounds each run computed from its own timeline and
-  the accelerate peer the file compared against;
+- **measured**: the committed GPU measurements (``benchmarks/results/bench_*.json``, written by
+  ``python -m duoserve_core.bench``), each labelled with the device and date the file records, with
+  the bounds each run computed from its own timeline and the accelerate peer the file compared
+  against where it has one. ``MEASURED_FILES`` lists them newest first: the H200 runs of 2026-11-29
+  (the current decode policy; ``MEASURED_DEFAULT`` is the trace-gate run) and the H100 runs of
+  2026-11-23, which measured the decode cache before the stale-score fix and are kept for comparison;
 - **live**: the same benchmark logic run now (``bench.open_runtime`` / ``bench.run_policy``), a
   shortened run, only where there is a CUDA GPU;
-- **simulated (H100 calibration)**: ``duoserve_core.sim`` replaying the bundled trace through the
-  real policies on the committed H100 calibration; Mixtral-8x22B from the same file with its
-  kernel times scaled by the bytes they read (an extrapolation, and labelled as one).
+- **simulated (<device> calibration)**: ``duoserve_core.sim`` replaying the bundled trace through the
+  real policies on the committed calibration (``CALIBRATION``, the H200's of 2026-11-29; ``SIMULATED``
+  names its device as the file records it); Mixtral-8x22B from the same file with its kernel times
+  scaled by the bytes they read (an extrapolation, and labelled as one).
 
 Every source becomes the same ``Comparison`` (one row per policy, bench's field names), so one set
 of figures serves all three.
@@ -20,7 +24,9 @@ from __future__ import annotations
 import copy
 import datetime
 import functools
+import itertools
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +43,50 @@ from duoserve_core.units import format_bytes
 from .gpu_results import RESULTS
 from .quickstart import DATA
 
-CALIBRATION = DATA / "calibration" / "h100_mixtral-8x7b_nf4.json"
+CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4.json"
 TRACE = DATA / "traces" / "small-moe-heldout.parquet"
 POLICIES = ("duoserve", "uniform", "on-demand", "lru-speculative", "resident")
 PEER = "accelerate peer"
-SIMULATED = "simulated (H100 calibration)"
 
-# The committed bench runs the notebook draws, by label. The third H100 bench file
-# (bench_h100_8x7b_trace_predictor.json) ran before a fix and is left out.
+_SPEC_WORD = re.compile(r"^(\d+GB|HBM\w*|PCIe|SXM\w*|NVL)$", re.IGNORECASE)
+
+
+def device_short(device: str) -> str:
+    """A device name as a reader says it: ``NVIDIA H100 80GB HBM3`` -> ``H100``, ``NVIDIA H200`` -> ``H200``."""
+    words = [w for w in str(device).split() if w.upper() != "NVIDIA"]
+    return " ".join(itertools.takewhile(lambda w: not _SPEC_WORD.match(w), words)) or str(device)
+
+
+def calibration_label(raw: dict) -> str:
+    """``H200 calibration, 2026-11-29``: the device and date a calibration file records."""
+    return f"{device_short(raw.get('device', '?'))} calibration, {raw.get('date', '?')}"
+
+
+# What the simulator's figures are labelled with: the committed calibration's own device.
+SIMULATED = f"simulated ({device_short(json.loads(CALIBRATION.read_text())['device'])} calibration)"
+
+# The committed bench runs the notebook draws, by label (device, date, what differs), newest first.
+# The H100 runs measured the decode cache before the stale-score fix (guesses outliving their layer,
+# reuse not counted per token); the H200 runs measured it after. Left out: the single-repeat 8x22B run
+# (bench_h200_8x22b_trace_gate.json; its repeats file below is the median of 3) and the superseded file.
+MEASURED_DEFAULT = "bench_h200_8x7b_trace_gate.json"
 MEASURED_FILES = {
-    "own router, synthesized weights (bench_h100_8x7b_synth.json)": "bench_h100_8x7b_synth.json",
-    "bundled trace's routing, speculative gate (bench_h100_8x7b_trace_gate.json)": "bench_h100_8x7b_trace_gate.json",
+    "H200, 2026-11-29: Mixtral-8x7B, bundled trace's routing, speculative gate (bench_h200_8x7b_trace_gate.json)":
+        "bench_h200_8x7b_trace_gate.json",
+    "H200, 2026-11-29: Mixtral-8x7B, own router of synthesized weights (bench_h200_8x7b_synth.json)":
+        "bench_h200_8x7b_synth.json",
+    "H200, 2026-11-29: Mixtral-8x7B, bundled trace's routing, trained predictor (threshold 0.9); duoserve and "
+    "uniform only, no peer (bench_h200_8x7b_trace_predictor.json)": "bench_h200_8x7b_trace_predictor.json",
+    "H200, 2026-11-29: Mixtral-8x22B (56 layers), bundled trace's routing, speculative gate, 32 tokens, median of 3; "
+    "duoserve and uniform only, no peer (bench_h200_8x22b_trace_gate_repeats.json)":
+        "bench_h200_8x22b_trace_gate_repeats.json",
+    "H100, 2026-11-23, decode cache before the stale-score fix: Mixtral-8x7B, bundled trace's routing, "
+    "speculative gate (bench_h100_8x7b_trace_gate.json)": "bench_h100_8x7b_trace_gate.json",
+    "H100, 2026-11-23, decode cache before the stale-score fix: Mixtral-8x7B, own router of synthesized weights "
+    "(bench_h100_8x7b_synth.json)": "bench_h100_8x7b_synth.json",
 }
-SUPERSEDED = {"bench_h100_8x7b_trace_predictor.json": "ran before a fix; superseded, not drawn"}
+SUPERSEDED = {"bench_h100_8x7b_trace_predictor.json":
+              "ran before a fix; superseded by bench_h200_8x7b_trace_predictor.json, not drawn"}
 
 # Models the simulator runs: label -> preset. 8x22B has no calibration of its own (see scaled_calibration).
 SIM_MODELS = {"Mixtral-8x7B (32 layers)": "mixtral-8x7b", "Mixtral-8x22B (56 layers)": "mixtral-8x22b"}
@@ -199,9 +236,9 @@ def scaled_calibration(cal: Calibration, config, expert_record_bytes: int) -> tu
                 "num_local_experts", "num_experts_per_tok"):
         m[key] = getattr(config, key)
     m["name"] = f"{m['name']} scaled to {config.hidden_size}x{config.intermediate_size}"
-    note = (f"no calibration of this shape exists: the H100 calibration of Mixtral-8x7B with expert kernels x{expert:.2f}, "
-            f"attention x{attention:.2f}, router x{router:.2f} (weight bytes read), host and copy terms as measured "
-            "(an extrapolation)")
+    note = (f"no calibration of this shape exists: the {calibration_label(cal.raw)}, of Mixtral-8x7B, with expert "
+            f"kernels x{expert:.2f}, attention x{attention:.2f}, router x{router:.2f} (weight bytes read), host and "
+            "copy terms as measured (an extrapolation)")
     return Calibration(raw, f"{cal.where} (scaled)"), note
 
 
@@ -210,7 +247,7 @@ def _sim_setup(preset: str, budget: str, max_context: int):
     cal = load_calibration(CALIBRATION)
     model = build_model(preset, quant="nf4", attention_quant="nf4", memory_budget=budget, max_context=max_context,
                         device_type=cal.raw["device_type"])
-    note = "the H100 calibration measured at this shape"
+    note = f"the {calibration_label(cal.raw)}, measured at this shape"
     try:
         cal.check(model.config, "nf4", "nf4")
     except Exception:
@@ -238,6 +275,7 @@ def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int =
     the configuration of the committed trace-gate run). Policy decision time is not charged, so the
     figures are deterministic."""
     model, cal, replay, note = sim_setup(preset, budget_pct, prompt_len + gen)
+    extrapolated = cal.where.endswith("(scaled)")   # scaled_calibration's mark
     results, skipped = {}, {}
     for policy in policies:
         try:
@@ -253,7 +291,7 @@ def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int =
             skipped[policy] = str(exc)
     if not results:
         raise BudgetError("no policy fits this budget: " + "; ".join(skipped.values()))
-    label = f"{SIMULATED}, {preset}" + ("" if note.startswith("the H100 calibration measured") else ", extrapolated")
+    label = f"{SIMULATED}, {preset}" + (", extrapolated" if extrapolated else "")
     comp = comparison({"results": results, "skipped": skipped}, source=label, kind="simulated")
     comp.command = note
     return comp
@@ -277,7 +315,12 @@ def summary_table(comp: Comparison) -> pd.DataFrame:
 
 
 def speedups(comp: Comparison, mine: str = "duoserve") -> pd.DataFrame:
-    """How many times faster ``mine`` is than every other policy and the peer (TTFT, TPOT, E2E)."""
+    """How many times faster ``mine`` is than every other policy and the peer (TTFT, TPOT, E2E).
+    A source that did not run ``mine`` (some files hold duoserve and uniform only) gives one row saying so."""
+    ran = list(comp.table["policy"])
+    if mine not in ran:
+        return pd.DataFrame({"over": ["-"], "note": [f"{mine} did not run in this source (it ran {', '.join(ran)})"]}
+                            ).set_index("over")
     me = comp.row(mine)
     rows = []
     for _, r in comp.table.iterrows():
@@ -299,8 +342,9 @@ PANELS = (("ttft_s", "TTFT (ms)", 1e3), ("tpot_s", "TPOT (ms)", 1e3), ("e2e_s", 
 
 
 def bounds_of(comp: Comparison, reference_policy: str = "duoserve") -> dict[str, dict[str, float]]:
-    """The bound lines per panel, taken from ``reference_policy``'s run (each run computes its own;
-    they differ by the run's measured bandwidth, a few percent): transfer and compute floors for
+    """The bound lines per panel, taken from ``reference_policy``'s run (the source's first policy where
+    it did not run that one; each run computes its own bounds, and they differ by the run's measured
+    bandwidth, a few percent): transfer and compute floors for
     TTFT, Belady's oracle and the decode compute floor for TPOT, their sum for E2E, the budget."""
     t = comp.table.set_index("policy")
     r = t.loc[reference_policy if reference_policy in t.index else t.index[0]]
@@ -414,10 +458,11 @@ def source_note(device: str) -> str:
     """Which sources this notebook draws on this machine."""
     if device.startswith("cuda"):
         return ("CUDA GPU found: the first section runs the benchmark **live** on it (a shortened run); the committed "
-                "H100 results and the simulator follow, each labelled.")
-    return ("No GPU here: the measured figures are the **committed H100 results** (`benchmarks/results/`), and "
+                "GPU measurements and the simulator follow, each labelled.")
+    return ("No GPU here: the measured figures are the **committed GPU measurements** (`benchmarks/results/`, each "
+            f"labelled with the device and date it records; by default `{MEASURED_DEFAULT}`), and "
             f"everything at other knob settings is **{SIMULATED}**: the real policies replayed on "
-            "`data/calibration/h100_mixtral-8x7b_nf4.json`. The two are never drawn in one figure.")
+            f"`data/calibration/{CALIBRATION.name}`. The two are never drawn in one figure.")
 
 
 def warn_quietly():

@@ -193,7 +193,7 @@ def device_note(device: str) -> str:
                 "so the timelines show real overlap of copies with computation.")
     return ("Running on the **CPU** with the bundled model: every count (copies, hits, misses, wasted prefetches, "
             "slots held, bytes) is exact, but copies are synchronous memcpys here, so nothing overlaps and times "
-            "say little about scheduling. Overlap needs a GPU; the measured H100 results below show it.")
+            "say little about scheduling. Overlap needs a GPU; the committed GPU measurements below show it.")
 
 
 def describe_budget(choice: ModelChoice, slots: int, device: str, max_context: int = 256) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from duoserve_core.bench import bounds, main
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -27,6 +29,12 @@ def test_bench_runs_policies_and_skips_what_does_not_fit(tmp_path, capsys):
         assert b["oracle_total_loads"] <= r["phases"]["prefill"]["h2d_copies"] + r["phases"]["decode"]["h2d_copies"]
         assert b["transfer_floor_s"] > 0 and r["ttft_over_floor"] > 0
     assert record["results"]["on-demand"]["duoserve_speedup_e2e"] > 0
+    t, duo = record["targets"], record["results"]["duoserve"]
+    assert t["tpot_over_oracle"]["met"] == (duo["tpot_over_oracle"] <= 1.15)
+    assert t["fastest_e2e"]["met"] == all(duo["e2e_s"] < r["e2e_s"] for n, r in record["results"].items() if n != "duoserve")
+    d = t["decode_time"]
+    assert d["copies_per_token"] >= 0 and d["copies_over_oracle"] == pytest.approx(
+        d["copies_per_token"] / d["oracle_copies_per_token"])
     assert "TTFT ms" in capsys.readouterr().out
 
 

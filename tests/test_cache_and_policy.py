@@ -159,3 +159,37 @@ def test_duoserve_decode_cache_keeps_a_stable_set_across_tokens():
     assert duo.stats.hits >= 10 * len(routing)
     assert duo.stats.misses < uses / 2
     assert all(key[0] > layers - 1 for key in duo_policy.scores)  # guesses of finished layers dropped
+
+
+class _Reclaiming(Policy):
+    reclaims_released = True
+
+
+def test_released_experts_are_reclaimed_while_their_slot_is_intact():
+    cache, engine, _ = _cache(_Reclaiming(), slots=3, layers=2, experts=4)
+    for e in (0, 1):
+        slot, _ = cache.acquire((0, e))
+        cache.unpin((0, e))
+    cache.release((0, 0))
+    cache.release((0, 1))
+    assert not cache.is_resident((0, 0)) and cache.holds((0, 0))
+    copies = cache.stats.h2d_copies
+    cache.acquire((1, 0))                       # fills the slot that never held anything first
+    cache.unpin((1, 0))
+    assert cache.holds((0, 0)) and cache.holds((0, 1))
+    slot, hit = cache.acquire((0, 1))           # taken back: no copy, its bytes are the expert's
+    assert hit and cache.stats.h2d_copies == copies + 1 and cache.stats.reclaims == 1
+    assert bool((engine.slot(slot) == 1).all())
+    cache.unpin((0, 1))
+    cache.acquire((1, 3))                       # the last free slot is (0, 0)'s: overwritten now
+    assert not cache.holds((0, 0)) and cache.acquire((0, 0))[1] is False
+    cache.forget_released()
+
+
+def test_baselines_never_reclaim():
+    cache, _, _ = _cache(OnDemandPolicy(), slots=3)
+    cache.acquire((0, 2))
+    cache.unpin((0, 2))
+    cache.release((0, 2))
+    assert not cache.holds((0, 2))
+    assert cache.acquire((0, 2))[1] is False and cache.stats.reclaims == 0

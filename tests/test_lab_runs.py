@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from duoserve_core.experts.cache import ExpertCache
-from lab.runs import BUNDLED, budget_bytes, describe_budget, live_run, model_choices, prompt_ids
+from lab.runs import BUNDLED, budget_bytes, describe_budget, device_note, live_run, model_choices, prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def test_cache_log_agrees_with_the_runtimes_counts(run):
     for phase in ("prefill", "decode"):
         mine, theirs = run.log.counts(phase), run.result.phases[phase]
         assert mine["miss"] == theirs["misses"]
-        assert mine["hit"] + mine["prefetch_hit"] == theirs["hits"]
+        assert mine["hit"] + mine["prefetch_hit"] + mine["reclaim"] == theirs["hits"]
+        assert mine["reclaim"] + mine["reclaim_ahead"] == theirs["reclaims"]
         assert mine["prefetch"] == theirs["prefetches"]
         assert mine["prefetch_hit"] == theirs["prefetch_hits"]
         assert mine["wasted"] == theirs["prefetch_wasted"]
@@ -57,6 +58,8 @@ def test_bounds_and_tokens(run):
 
 def test_models_and_prompts():
     assert list(model_choices("cpu").values()) == [BUNDLED]
+    note = device_note("cpu")   # device-neutral: the committed measurements are from more than one GPU
+    assert "committed GPU measurements" in note and "H100" not in note
     assert len(model_choices("cuda")) == 2
     ids = prompt_ids(40)
     assert len(ids) == 40 and max(ids) < 4096 and prompt_ids(10, offset=5) == ids[5:15]

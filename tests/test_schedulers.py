@@ -60,6 +60,20 @@ def test_prefill_keeps_at_most_depth_layers_resident(reference, depth):
     assert r.phases["prefill"]["misses"] < 8  # nearly every expert arrived ahead of its layer
 
 
+def test_a_budget_wider_than_the_window_keeps_the_prefill_experts_for_decode(reference):
+    """The window releases each finished layer (at most ``depth`` live), but with every slot intact
+    decode takes the experts back instead of copying them again."""
+    rt0, expected = reference
+    policy = _Watching(prefetch_depth=2)
+    rt = _load(rt0, 64, policy=policy)
+    got = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert got.tokens == expected.tokens and policy.widest <= 2
+    decode = got.phases["decode"]
+    assert decode["misses"] == 0 and decode["h2d_copies"] == 0 and decode["reclaims"] > 0
+    on_demand = _load(rt0, 64, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert on_demand.phases["decode"]["reclaims"] == 0 and on_demand.phases["decode"]["misses"] > 0
+
+
 def test_decode_prediction_cuts_misses(reference):
     rt0, expected = reference
     on_demand = _load(rt0, 16, policy="on-demand").generate(PROMPT, max_new_tokens=16, stop_at_eos=False)

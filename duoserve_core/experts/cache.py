@@ -3,6 +3,14 @@
 The cache is the bookkeeping half of the executor: it maps (layer, expert) to slots, asks
 the policy which expert to evict when it needs room, never evicts a pinned expert, and counts
 every hit, miss, prefetch and byte moved. The transfer engine does the moving.
+
+A released expert's slot goes back to the free list, but its bytes stay until a copy overwrites
+them. For a policy that says so (``Policy.reclaims_released``: duoserve, whose prefill window
+releases every layer it finishes), the cache remembers them: a later need of that expert takes the
+slot back without a copy (a *reclaim*, counted as a hit), and free slots that hold nothing are
+filled before those that still hold a released expert, oldest release first. So the window keeps
+at most ``depth`` layers live, as DuoServe prescribes, yet a budget larger than the window does not
+send decode back to host memory for experts the prefill left intact.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ class CacheStats:
     prefetches: int = 0        # loaded ahead of need by the policy's plan
     prefetch_hits: int = 0     # prefetched experts later needed before being evicted
     prefetch_wasted: int = 0   # prefetched experts evicted or released without being needed
+    reclaims: int = 0          # released experts taken back from their still-intact slot, no copy
     evictions: int = 0
     h2d_copies: int = 0
     h2d_bytes: int = 0
@@ -40,6 +49,8 @@ class ExpertCache:
         self._pinned: set[ExpertKey] = set()
         self._last_use: dict[ExpertKey, int] = {}
         self._unused_prefetch: set[ExpertKey] = set()
+        self._intact: dict[ExpertKey, int] = {}    # released, its bytes still in this free slot
+        self._intact_in: dict[int, ExpertKey] = {}
         self._clock = 0
 
     # -- CacheView ---------------------------------------------------------------------------
@@ -53,12 +64,16 @@ class ExpertCache:
         return self._last_use.get(key, -1)
 
     # -- executor side -----------------------------------------------------------------------
+    def holds(self, key: ExpertKey) -> bool:
+        """Resident, or released with its slot intact: usable without a copy."""
+        return key in self._slot_of or key in self._intact
+
     def can_make_room(self) -> bool:
         return bool(self._free) or len(self._pinned) < len(self._slot_of)
 
     def acquire(self, key: ExpertKey) -> tuple[int, bool]:
         """Pin ``key`` for the layer in progress, loading it on demand; return (slot, hit)."""
-        hit = key in self._slot_of
+        hit = key in self._slot_of or self._reclaim(key)
         if hit:
             self.stats.hits += 1
             if key in self._unused_prefetch:
@@ -77,7 +92,7 @@ class ExpertCache:
 
     def prefetch(self, key: ExpertKey) -> bool:
         """Load ``key`` ahead of need if there is room; return whether a copy was issued."""
-        if key in self._slot_of or not self.can_make_room():
+        if key in self._slot_of or self._reclaim(key) or not self.can_make_room():
             return False
         if not self._free:
             victim = self.policy.eviction_order([k for k in self._slot_of if k not in self._pinned])[0]
@@ -91,12 +106,32 @@ class ExpertCache:
         return True
 
     def release(self, key: ExpertKey) -> None:
-        """Forget ``key`` (its slot becomes free) unless it is pinned by the layer in progress."""
+        """Free ``key``'s slot unless it is pinned by the layer in progress (see the module doc)."""
         if key in self._slot_of and key not in self._pinned:
-            self._free.append(self._slot_of.pop(key))
+            slot = self._slot_of.pop(key)
+            if self.policy.reclaims_released:
+                self._intact[key], self._intact_in[slot] = slot, key
+                self._free.insert(0, slot)   # popped last: empty slots are filled first
+            else:
+                self._free.append(slot)
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
                 self.stats.prefetch_wasted += 1
+
+    def forget_released(self) -> None:
+        """Treat every free slot as empty: the next use of a released expert copies it again."""
+        self._intact.clear()
+        self._intact_in.clear()
+
+    def _reclaim(self, key: ExpertKey) -> bool:
+        slot = self._intact.pop(key, None)
+        if slot is None:
+            return False
+        del self._intact_in[slot]
+        self._free.remove(slot)
+        self._slot_of[key] = slot
+        self.stats.reclaims += 1
+        return True
 
     def _load(self, key: ExpertKey) -> None:
         if not self._free:
@@ -107,6 +142,9 @@ class ExpertCache:
             self.release(victim)
             self.stats.evictions += 1
         slot = self._free.pop()
+        overwritten = self._intact_in.pop(slot, None)
+        if overwritten is not None:
+            del self._intact[overwritten]
         self._slot_of[key] = slot
         self.engine.copy_in(slot, key)
         self.stats.h2d_copies += 1

@@ -94,13 +94,13 @@ class ExpertExecutor:
             starts.append(starts[-1] + c)
         rows_dev = rows_by_expert.to(x.device, non_blocking=True)
         needed = [e for e, c in enumerate(counts) if c]
-        resident_first = sorted(needed, key=lambda e: not self.cache.is_resident((layer, e)))
+        resident_first = sorted(needed, key=lambda e: not self.cache.holds((layer, e)))
 
         contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
         weights = top_w.reshape(-1)
         pending, in_flight = deque(resident_first), deque()
         while pending or in_flight:
-            while pending and (self.cache.is_resident((layer, pending[0])) or self.cache.can_make_room()):
+            while pending and (self.cache.holds((layer, pending[0])) or self.cache.can_make_room()):
                 e = pending.popleft()
                 slot, _ = self.cache.acquire((layer, e))
                 in_flight.append((e, slot))

@@ -67,6 +67,9 @@ class Policy:
 
     name = "base"
     wants_speculation = False
+    # Whether an expert this policy releases may be taken back from its slot while no copy has
+    # overwritten it (``ExpertCache``). Off for the baselines: on-demand keeps nothing by definition.
+    reclaims_released = False
 
     def attach(self, cache: CacheView) -> None:
         """Called once when the runtime is built; may raise if the budget cannot serve the policy."""

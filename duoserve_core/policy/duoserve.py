@@ -43,6 +43,7 @@ _USAGE_DECAY = 0.99
 
 class DuoServePolicy(Policy):
     name = "duoserve"
+    reclaims_released = True   # the prefill window's released layers serve decode while their slots are intact
 
     def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
                  uniform: bool = False, speculative_gate: bool = False):

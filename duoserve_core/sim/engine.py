@@ -191,6 +191,7 @@ class Simulator:
         """Release every expert, as ``bench.empty_cache`` does before a measured run."""
         for key in list(self.cache.resident()):
             self.cache.release(key)
+        self.cache.forget_released()
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt_tokens: int, new_tokens: int, request_id: int = 0) -> SimRun:
@@ -265,10 +266,10 @@ class Simulator:
                 ahead.append(self.policy.speculated(layer + 1, guess))
         counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
         needed = [e for e, n in enumerate(counts) if n]
-        pending = deque(sorted(needed, key=lambda e: not self.cache.is_resident((layer, e))))
+        pending = deque(sorted(needed, key=lambda e: not self.cache.holds((layer, e))))
         in_flight: deque = deque()
         while pending or in_flight:
-            while pending and (self.cache.is_resident((layer, pending[0])) or self.cache.can_make_room()):
+            while pending and (self.cache.holds((layer, pending[0])) or self.cache.can_make_room()):
                 e = pending.popleft()
                 slot, _ = self.cache.acquire((layer, e))
                 in_flight.append((e, slot))
