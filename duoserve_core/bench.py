@@ -133,9 +133,7 @@ def empty_cache(runtime) -> None:
     Without this the warm-up would leave the cache full for the measured run. ``resident`` keeps
     its experts: its steady state is the compute reference.
     """
-    for key in list(runtime.cache.resident()):
-        runtime.cache.release(key)
-    runtime.cache.forget_released()
+    runtime.empty_expert_cache()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -49,5 +49,6 @@ def quick_run(prompt: str, *, model: str = BUNDLED_MODEL, policy: str = "duoserv
     runtime = duoserve_core.load(model, device=device, quant="nf4", max_context=256, memory_budget=budget,
                                  policy=policy, predictor=predictor, prefetch_depth=prefetch_depth,
                                  predictor_threshold=threshold, speculative_gate=policy == "duoserve")
+    runtime.warm_up()  # on a GPU: the first launch's costs stay out of the figures
     result = runtime.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
     return QuickRun(runtime, result)

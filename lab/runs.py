@@ -70,7 +70,9 @@ def default_model(device: str | None = None) -> ModelChoice:
 def shared_runtime(choice: ModelChoice, device: str, max_context: int) -> duoserve_core.Runtime:
     """One loaded model per (model, device, context), reconfigured for every run
     (``Runtime.configure``): a knob change costs a run, not a reload of every expert."""
-    return choice.load(device=device, max_context=max_context, memory_budget=None, policy="on-demand")
+    runtime = choice.load(device=device, max_context=max_context, memory_budget=None, policy="on-demand")
+    runtime.warm_up()  # on a GPU the first run would otherwise time kernel loading, not the schedule
+    return runtime
 
 
 def _plan(choice: ModelChoice, device: str, max_context: int) -> tuple[int, int, int, int]:

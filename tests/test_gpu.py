@@ -69,3 +69,13 @@ def test_gpu_nf4_attention_and_routing_replay(tiny_checkpoint, tmp_path):
     replayed = duoserve_core.load(tiny_checkpoint, routing_trace=tmp_path / "t.parquet", **kw)
     again, _ = record(replayed, [PROMPT], max_new_tokens=4)
     assert again["experts"].map(list).tolist() == df["experts"].map(list).tolist()
+
+
+def test_warm_up_leaves_the_tokens_and_an_empty_cache():
+    kw = dict(num_layers=3, quant="nf4", dtype=torch.float32, synth_device="cpu")
+    rt = duoserve_core.load("synthetic:tiny", device="cuda", policy="duoserve", **kw)
+    before = rt.generate(prompt_ids=PROMPT, max_new_tokens=8).tokens
+    rt.empty_expert_cache()
+    rt.warm_up()
+    assert not rt.cache.resident()
+    assert rt.generate(prompt_ids=PROMPT, max_new_tokens=8).tokens == before

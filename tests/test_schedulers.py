@@ -136,3 +136,17 @@ def test_gate_guesses_are_scored_by_their_measured_precision(reference):
     assert got.tokens == expected.tokens and got.phases["decode"]["prefetches"] == 0  # nothing is 99% sure
     rt.configure(predictor_threshold=0.5)
     assert rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).phases["decode"]["prefetches"] > 0
+
+
+def test_empty_expert_cache_starts_the_next_request_cold(reference):
+    rt0, expected = reference
+    rt = _load(rt0, 64, policy="duoserve")
+    rt.warm_up()  # a no-op on the CPU: nothing was generated, nothing is resident
+    assert not rt.cache.resident() and rt.cache.stats.h2d_copies == 0
+    rt.generate(PROMPT, max_new_tokens=4, stop_at_eos=False)
+    warm = rt.generate(PROMPT, max_new_tokens=4, stop_at_eos=False)
+    assert warm.phases["prefill"]["h2d_copies"] == 0           # everything still held
+    rt.empty_expert_cache()
+    cold = rt.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+    assert cold.phases["prefill"]["reclaims"] == 0 and cold.phases["prefill"]["h2d_copies"] > 0
+    assert cold.tokens == expected.tokens

@@ -3,7 +3,9 @@
 Prefill (many tokens; nearly every expert of a layer is hit): a sliding window of layers. When
 layer l starts, the experts of layers l .. l+depth-1 are queued on the copy stream, nearest layer
 first, so they load while the compute stream runs attention; when layer l is done its experts
-are released, so at most ``prefetch_depth`` layers of experts are ever resident.
+are released, so at most ``prefetch_depth`` layers of experts are ever live. A released slot keeps
+its bytes until a copy overwrites it, and this policy takes such experts back without a copy
+(``reclaims_released``; see ``ExpertCache``): a budget wider than the window leaves decode warm.
 
 Decode (one token, k experts per layer): after layer l's router, the predictor scores every
 expert of layers l+1 .. l+depth; those above ``predictor_threshold`` and not resident are queued,
@@ -22,8 +24,9 @@ values drift with the position in that cycle (LRU keeps nothing at all). A score
 its own layer runs is such a rule: layers behind the current one have decayed once more than
 those ahead. Counts decayed for every layer at the same moment (the token's start) rank the same
 expert the same wherever the current layer is, so the cache holds a stable set of the experts
-most often reused, which is what saves copies (a stale score had this cache keep 1.8 experts per
-token instead of 7 at Mixtral-8x7B scale and 21 slots).
+most often reused, which is what saves copies. (Guesses also expire once their layer's router has
+run; before both changes this cache kept 1.8 experts per token across tokens instead of 7, at
+Mixtral-8x7B scale with 21 slots.)
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
