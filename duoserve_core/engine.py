@@ -252,9 +252,7 @@ class Runtime:
 
     def empty_expert_cache(self) -> None:
         """Drop every expert from the device (released slots included): the next request starts cold."""
-        for key in list(self.cache.resident()):
-            self.cache.release(key)
-        self.cache.forget_released()
+        self.cache.empty()
 
     def warm_up(self, prompt_tokens: int = 16, new_tokens: int = 2) -> None:
         """On a GPU, one short generation whose timings are discarded, then an empty expert cache.

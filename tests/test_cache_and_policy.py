@@ -183,7 +183,13 @@ def test_released_experts_are_reclaimed_while_their_slot_is_intact():
     cache.unpin((0, 1))
     cache.acquire((1, 3))                       # the last free slot is (0, 0)'s: overwritten now
     assert not cache.holds((0, 0)) and cache.acquire((0, 0))[1] is False
-    cache.forget_released()
+    for key in ((1, 3), (0, 0)):
+        cache.unpin(key)
+    released = sorted(cache.resident())[0]
+    cache.release(released)
+    assert cache.holds(released)
+    cache.empty()                               # nothing left, not even an intact released slot
+    assert not cache.resident() and not any(cache.holds((l, e)) for l in range(2) for e in range(4))
 
 
 def test_baselines_never_reclaim():

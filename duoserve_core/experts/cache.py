@@ -118,8 +118,11 @@ class ExpertCache:
                 self._unused_prefetch.discard(key)
                 self.stats.prefetch_wasted += 1
 
-    def forget_released(self) -> None:
-        """Treat every free slot as empty: the next use of a released expert copies it again."""
+    def empty(self) -> None:
+        """Release every unpinned expert and treat every free slot as empty: the next request starts
+        cold (what a measured run assumes), released experts included."""
+        for key in list(self._slot_of):
+            self.release(key)
         self._intact.clear()
         self._intact_in.clear()
 

@@ -106,7 +106,7 @@ class DuoServePolicy(Policy):
         if layer == 0:  # a new token: every layer's counts decay at the same moment (see the module doc)
             self.usage *= _USAGE_DECAY
             self.tokens = _USAGE_DECAY * self.tokens + 1
-        self.usage[layer] += torch.bincount(topk.flatten(), minlength=E).float() > 0
+        self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
         if self.predictor is None:
             return Plan()
         if layer == 0 or self.this_experts is None:

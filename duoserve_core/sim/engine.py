@@ -189,9 +189,7 @@ class Simulator:
     # -- the bench's habits ------------------------------------------------------------------
     def empty_cache(self) -> None:
         """Release every expert, as ``bench.empty_cache`` does before a measured run."""
-        for key in list(self.cache.resident()):
-            self.cache.release(key)
-        self.cache.forget_released()
+        self.cache.empty()
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt_tokens: int, new_tokens: int, request_id: int = 0) -> SimRun:
