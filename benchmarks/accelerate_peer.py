@@ -26,7 +26,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from duoserve_core.checkpoint import PRESETS  # noqa: E402  (the shapes only)
-from duoserve_core.io import atomic_write_json  # noqa: E402
+from duoserve_core.atomic import atomic_write_json  # noqa: E402
 from duoserve_core.units import parse_bytes  # noqa: E402
 
 

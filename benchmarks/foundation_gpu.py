@@ -20,7 +20,7 @@ import time
 import torch
 
 import duoserve_core
-from duoserve_core.io import atomic_write_json
+from duoserve_core.atomic import atomic_write_json
 from duoserve_core.units import format_bytes
 
 REPEATS = 3

@@ -12,7 +12,7 @@ import argparse
 import datetime
 
 import duoserve_core
-from duoserve_core.io import atomic_write_json
+from duoserve_core.atomic import atomic_write_json
 
 MODEL, PREDICTOR = "data/small-moe", "data/predictors/small-moe-depth2.safetensors"
 PROMPTS = ["Return the file system representation for path. If the object is a str or bytes object, then",

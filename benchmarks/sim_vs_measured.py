@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from duoserve_core.bench import parse_args as bench_args  # noqa: E402
+from duoserve_core.bench.__main__ import parse_args as bench_args  # noqa: E402
 from duoserve_core.calibrate import device_terms  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
-from duoserve_core.io import atomic_write_json, atomic_write_text  # noqa: E402
-from duoserve_core.sim.bench import simulate  # noqa: E402
+from duoserve_core.policy import policy_class  # noqa: E402
+from duoserve_core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from duoserve_core.sim.runner import simulate  # noqa: E402
 from duoserve_core.sim.calibration import format_name, load_calibration  # noqa: E402
-from duoserve_core.sim.model import build_model  # noqa: E402
+from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def sweep_configurations(path: Path, record: dict, trace_override: str | None = 
     for row in record["rows"]:
         if "skipped" in row:
             continue
-        predicts = row["policy"] in ("duoserve", "uniform")
+        predicts = "speculative_gate" in policy_class(row["policy"]).uses
         measured = {"ttft_s": row["ttft_s"], "tpot_s": row["tpot_s"], "h2d_bytes": row.get("h2d_bytes"),
                     "h2d_copies": row.get("h2d_copies"), "hit_rate": row.get("hit_rate")}
         out.append({"file": path.name, "policy": row["policy"], "model": args.model, "num_layers": args.num_layers,
@@ -140,9 +141,8 @@ def compare(config: dict, calibration) -> dict:
 
     return {"file": config["file"], "run": config.get("label", "bench"), "policy": config["policy"],
             "prompt_len": config["prompt_len"], "gen": config["gen"], "slots": config["slots"],
-            "prefetch_depth": config["prefetch_depth"] if config["policy"] in ("duoserve", "uniform") else None,
-            "predictor_threshold": config["predictor_threshold"] if config["policy"] in ("duoserve", "uniform") else None,
-            "predictor": config["predictor"] if config["policy"] in ("duoserve", "uniform") else None,
+            **{k: config[k] if k in policy_class(config["policy"]).uses else None
+               for k in ("prefetch_depth", "predictor_threshold", "predictor")},
             "ttft_measured_s": m["ttft_s"], "ttft_sim_s": sim["ttft_s"], "ttft_rel_error": rel(sim["ttft_s"], m["ttft_s"]),
             "tpot_measured_s": m["tpot_s"], "tpot_sim_s": sim["tpot_s"], "tpot_rel_error": rel(sim["tpot_s"], m["tpot_s"]),
             "h2d_copies_measured": m["h2d_copies"], "h2d_copies_sim": sim["h2d_copies"],

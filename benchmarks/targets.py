@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from duoserve_core.bench import targets  # noqa: E402
-from duoserve_core.io import atomic_write_json  # noqa: E402
+from duoserve_core.atomic import atomic_write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

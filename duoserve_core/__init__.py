@@ -5,7 +5,7 @@
     result = rt.generate(prompt_ids=[1, 2, 3], max_new_tokens=8)
 """
 
-from .engine import GenerationResult, Runtime, load
+from .runtime import GenerationResult, Runtime, load
 from .errors import BudgetError, CheckpointError, DeviceError, DuoServeError, PromptError
 
 __all__ = ["BudgetError", "CheckpointError", "DeviceError", "DuoServeError", "GenerationResult", "PromptError",

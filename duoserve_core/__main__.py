@@ -1,3 +1,6 @@
+"""``python -m duoserve_core``: see :mod:`duoserve_core.cli`."""
+
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,8 +18,8 @@ documented in ``duoserve_core.sim.calibration``):
 - the host's part: per layer, the time to queue attention, and the bookkeeping after the router's
   device->host sync (a base per layer, plus a cost per expert computed and per copy issued, fitted
   over every layer of a resident and an on-demand run); per step, the time before layer 0 and after
-  the last layer (embedding, lm_head, sampling). Host marks are taken by wrapping the runtime's
-  own callbacks, on the same clock as the timeline (its origin is taken right after a sync);
+  the last layer (embedding, lm_head, sampling). Host marks are taken from the runtime's own events
+  (``_Probe`` subscribes), on the same clock as the timeline (its origin is taken right after a sync);
 - device time apart from host time (``device_terms``): a span timed while the compute stream is
   idle lasts as long as the host takes to queue its kernels, and at decode sizes (one token, one
   expert: ~0.1 ms of device work, ~0.5-1 ms of Python) that is the host's time, not the device's.
@@ -51,10 +51,11 @@ import numpy as np
 import torch
 
 from .checkpoint import ExpertTensors, expert_shapes, open_source
-from .engine import _device_name, load, resolve_device
+from .runtime import device_name, load, resolve_device
 from .errors import DuoServeError
+from .events import StepEvent
 from .experts.formats import make_format
-from .io import atomic_write_json
+from .atomic import atomic_write_json
 from .sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
 from .traces import read_trace
 
@@ -154,9 +155,10 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
 class _Probe:
     """Host marks of every step and layer of a runtime's ``generate``, on the timeline's clock.
 
-    Wraps (as instance attributes, nothing in the runtime changes) the model's forward, the
-    layer-started callback, each router module, the policy's ``router_done`` (called right after
-    the device->host sync) and the executor's ``moe``. Install after every ``configure``.
+    Subscribes to the runtime's events (``duoserve_core.events.StepEvent``): the request's start (the
+    timeline's origin, right after a sync), each step's start, each layer's start, its router's start,
+    the moment its top-k is on the host (the sync) and the moment its output is queued. Nothing in
+    the runtime is wrapped, and the subscription survives ``configure``.
     """
 
     def __init__(self, runtime):
@@ -164,57 +166,23 @@ class _Probe:
         self.marks: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
         self.forward_enter: dict[int, float] = {}
         self.origin = 0.0
-        timeline, model, executor, policy = runtime.timeline, runtime.model, runtime.executor, runtime.policy
-        reset, forward, started = timeline.reset, model.forward, model.on_layer_started
-        moe, router_done = executor.moe, policy.router_done
+        self._unsubscribe = runtime.events.subscribe(self._on_event)
 
-        def step() -> int:
-            return timeline.step
+    _MARKS = {"layer_started": "start", "router_started": "router", "routed": "synced", "layer_done": "moe_exit"}
 
-        def reset_wrapper():
-            reset()
-            self.origin = time.perf_counter()  # generate() synchronised just before: the origin fires now
-
-        def forward_wrapper(*a, **kw):
-            self.forward_enter[step()] = time.perf_counter()
-            return forward(*a, **kw)
-
-        def started_wrapper(layer):
-            self.marks[(step(), layer)]["start"] = time.perf_counter()
-            return started(layer)
-
-        def moe_wrapper(layer, *a, **kw):
-            out = moe(layer, *a, **kw)
-            self.marks[(step(), layer)]["moe_exit"] = time.perf_counter()
-            return out
-
-        def router_done_wrapper(layer, *a, **kw):
-            self.marks[(step(), layer)].setdefault("synced", time.perf_counter())
-            return router_done(layer, *a, **kw)
-
-        self._restore = [(obj, name, vars(obj).get(name)) for obj, name in (
-            (timeline, "reset"), (model, "forward"), (model, "on_layer_started"), (executor, "moe"),
-            (policy, "router_done"))]
-        for layer in runtime.skeleton.model.layers:
-            gate = layer.mlp.gate
-            gate_forward = gate.forward
-
-            def gate_wrapper(*a, _index=layer.mlp.layer, _forward=gate_forward, **kw):
-                self.marks[(step(), _index)].setdefault("router", time.perf_counter())
-                return _forward(*a, **kw)
-
-            self._restore.append((gate, "forward", vars(gate).get("forward")))
-            gate.forward = gate_wrapper
-        timeline.reset, model.forward, model.on_layer_started = reset_wrapper, forward_wrapper, started_wrapper
-        executor.moe, policy.router_done = moe_wrapper, router_done_wrapper
+    def _on_event(self, event) -> None:
+        if not isinstance(event, StepEvent):
+            return
+        now = time.perf_counter()
+        if event.kind == "request_started":
+            self.origin = now  # generate() synchronised just before: the timeline's origin fires now
+        elif event.kind == "step_started":
+            self.forward_enter[event.step] = now
+        elif event.kind in self._MARKS:
+            self.marks[(event.step, event.layer)].setdefault(self._MARKS[event.kind], now)
 
     def remove(self) -> None:
-        """Put back what each wrapped attribute was (an instance attribute, or the class's method)."""
-        for obj, name, original in self._restore:
-            if original is not None:
-                setattr(obj, name, original)
-            else:
-                delattr(obj, name)
+        self._unsubscribe()
 
     def run(self, prompt: list[int], gen: int) -> tuple[list[dict], list[dict]]:
         """Generate and return (per-layer records, per-step records)."""
@@ -445,7 +413,7 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     formats = list(dict.fromkeys(args.formats.split(",") + [args.quant]))
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
-    log(f"calibrating {args.model} on {_device_name(device)}: expert compute ({', '.join(formats)})")
+    log(f"calibrating {args.model} on {device_name(device)}: expert compute ({', '.join(formats)})")
     expert_compute, expert_bytes = measure_experts(config, formats, tokens, device, dtype, checkpoint_dtype,
                                                    args.repeats)
     record = expert_bytes[make_format(args.quant, config.hidden_size, config.intermediate_size,
@@ -475,7 +443,7 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if device_time:
         device_time["source"] = "layers >= 1 of the on-demand run at top-k slots (calibrate.device_terms)"
     out = {
-        "format": FORMAT, "device": _device_name(device), "device_type": device.type,
+        "format": FORMAT, "device": device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "command": "python -m duoserve_core.calibrate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

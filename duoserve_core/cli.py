@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from .engine import load
+from .runtime import load
 from .errors import DuoServeError
 from .experts.formats import QUANT_CHOICES
-from .model import ATTENTION_QUANT_CHOICES
-from .policy import POLICIES
+from .mixtral import ATTENTION_QUANT_CHOICES
+from .policy import DEFAULT_KNOBS, POLICIES
 from .units import format_bytes
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predictor", default=None, help="predictor file for duoserve/uniform decode prefetch")
     g.add_argument("--speculative-gate", action="store_true",
                    help="duoserve/uniform: take the next layer's experts from its router on this layer's input")
-    g.add_argument("--prefetch-depth", type=int, default=2, help="layers ahead to prefetch")
-    g.add_argument("--predictor-threshold", type=float, default=0.3, help="prefetch experts scored at least this")
+    g.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth, help="layers ahead to prefetch")
+    g.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold,
+                   help="prefetch experts scored at least this")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")

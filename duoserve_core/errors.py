@@ -23,3 +23,7 @@ class PromptError(DuoServeError, ValueError):
 
 class DeviceError(DuoServeError, RuntimeError):
     """The requested device does not exist on this machine."""
+
+
+class KnobError(DuoServeError, ValueError):
+    """A scheduling knob (policy, prefetch depth, predictor threshold) has a value no policy can use."""

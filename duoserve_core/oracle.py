@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-ExpertKey = tuple[int, int]
+from .events import ExpertKey
 
 
 def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: Iterable[ExpertKey] = (),

@@ -1,20 +1,22 @@
 """A record of every copy and every computation: stream, layer, expert, start and end.
 
-On CUDA the times come from CUDA events recorded on the stream that did the work, resolved
-after the run (reading them during the run would synchronise); on the CPU from a monotonic
-clock. Either way the timeline is measured, never inferred. It is exported as a pandas
-DataFrame (for the notebooks) and as a Chrome trace that Perfetto and chrome://tracing open.
+The timeline subscribes to the runtime's events (``events.SpanEvent``, and ``StepEvent`` for the
+phase and step): when work is queued it marks the stream that does it. On CUDA the marks are
+CUDA events recorded on that stream, resolved after the run (reading them during the run would
+synchronise); on the CPU a monotonic clock. Either way the timeline is measured, never inferred.
+It is exported as a pandas DataFrame (for the notebooks) and as a Chrome trace that Perfetto and
+chrome://tracing open.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
+
+from .events import Event, SpanEvent, StepEvent
 
 COLUMNS = ["stream", "kind", "phase", "step", "layer", "expert", "nbytes", "start_ms", "end_ms", "duration_ms"]
 
@@ -33,14 +35,25 @@ class _Span:
 
 
 class Timeline:
-    """Collects spans; ``phase`` and ``step`` are set by the engine as generation advances."""
+    """Collects spans from the events it is subscribed to (``subscribe`` it to an ``EventBus``)."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.cuda = device.type == "cuda"
         self.enabled = enabled
         self.phase, self.step = "prefill", 0
         self._spans: list[_Span] = []
+        self._open: dict[str, _Span | None] = {}   # the span in progress on each stream
         self._origin: object = None
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, SpanEvent):
+            if event.edge == "begin":
+                self._open[event.stream] = self.start(event.stream, event.kind, event.layer, event.expert,
+                                                      event.nbytes, event.cuda_stream)
+            elif event.edge == "end":
+                self.end(self._open.pop(event.stream, None), event.cuda_stream)
+        elif isinstance(event, StepEvent) and event.kind == "step_started":
+            self.phase, self.step = event.phase, event.step
 
     def reset(self) -> None:
         """Forget previous spans and start the clock now (on the current stream)."""
@@ -65,12 +78,6 @@ class Timeline:
     def end(self, span: _Span | None, cuda_stream: torch.cuda.Stream | None = None) -> None:
         if span is not None:
             span.end = self._mark(cuda_stream)
-
-    @contextmanager
-    def span(self, stream: str, kind: str, layer: int, expert: int | None = None) -> Iterator[None]:
-        handle = self.start(stream, kind, layer, expert)
-        yield
-        self.end(handle)
 
     def _ms(self, mark) -> float:
         if self.cuda:
@@ -108,6 +115,6 @@ class Timeline:
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def write_chrome_trace(self, path) -> None:
-        from .io import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_chrome_trace()))

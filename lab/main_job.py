@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import duoserve_core
-from duoserve_core.io import atomic_write_json, atomic_write_text
+from duoserve_core.atomic import atomic_write_json, atomic_write_text
 from duoserve_core.units import format_bytes
 from lab.notebook_runner import NOTEBOOKS, failure_message, numbered_notebooks, run_all
 

@@ -35,17 +35,23 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from duoserve_core import bench
 from duoserve_core.errors import BudgetError
+from duoserve_core.policy import PolicyKnobs, policy_class
 from duoserve_core.sim import Calibration, build_model, load_calibration, reference, simulate
 from duoserve_core.traces import RoutingReplay, read_trace
 from duoserve_core.units import format_bytes
 
 from .gpu_results import RESULTS
-from .quickstart import DATA
+from .paths import DATA
 
 CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4.json"
 TRACE = DATA / "traces" / "small-moe-heldout.parquet"
 POLICIES = ("duoserve", "uniform", "on-demand", "lru-speculative", "resident")
+# The knobs of the committed trace-gate GPU runs these figures stand beside (not the knobs' defaults,
+# ``duoserve_core.policy.DEFAULT_KNOBS``): the simulated and live runs default to them so that the
+# three sources compare like for like.
+COMMITTED_DEPTH, COMMITTED_THRESHOLD = 2, 0.8
 PEER = "accelerate peer"
 
 _SPEC_WORD = re.compile(r"^(\d+GB|HBM\w*|PCIe|SXM\w*|NVL)$", re.IGNORECASE)
@@ -153,49 +159,38 @@ def load_measured(file: str, results_dir: str | Path = RESULTS) -> Comparison:
 
 
 # -- live (GPU only) ---------------------------------------------------------------------------------
-def live_args(budget_pct: float, depth: int, threshold: float, policies: tuple[str, ...] = POLICIES[:4],
-              prompt_len: int = 512, gen: int = 32):
-    """The bench command of the live run: the committed trace-gate run, shortened (1 repeat, fewer tokens)."""
-    from duoserve_core import bench
-
-    argv = ["--model", "synthetic:mixtral-8x7b", "--quant", "nf4", "--quant-attention", "nf4",
-            "--memory-budget", f"{budget_pct:g}%", "--prompt-len", str(prompt_len), "--gen", str(gen),
-            "--repeats", "1", "--policies", ",".join(policies), "--speculative-gate",
-            "--predictor-threshold", str(threshold), "--prefetch-depth", str(depth), "--routing-trace", str(TRACE),
-            "--device", "cuda"]
-    return bench.parse_args(argv), argv
+def _live_setup() -> bench.BenchSetup:
+    return bench.BenchSetup(model="synthetic:mixtral-8x7b", quant="nf4", attention_quant="nf4", device="cuda",
+                            routing_trace=str(TRACE))
 
 
 @functools.lru_cache(maxsize=1)
 def _gpu_runtime(max_context: int):
     """Loaded once (synthesizing 8x7B's weights takes a while); each run reconfigures it."""
-    from duoserve_core import bench
-
-    args, _ = live_args(15, 2, 0.8)
-    return bench.open_runtime(args, max_context)
+    return bench.open_runtime(_live_setup(), "15%", max_context)
 
 
-def live_bench(budget_pct: float = 15, depth: int = 2, threshold: float = 0.8,
+def live_bench(budget_pct: float = 15, depth: int = COMMITTED_DEPTH, threshold: float = COMMITTED_THRESHOLD,
                policies: tuple[str, ...] = POLICIES[:4], prompt_len: int = 512, gen: int = 32) -> Comparison:
     """``python -m duoserve_core.bench`` at these knobs, on this machine's GPU (refuses without one)."""
     import torch
 
-    from duoserve_core import bench
-
     if not torch.cuda.is_available():
         raise RuntimeError("live_bench needs a CUDA GPU; on a CPU use load_measured and simulated")
-    args, argv = live_args(budget_pct, depth, threshold, policies, prompt_len, gen)
     runtime = _gpu_runtime(prompt_len + gen)
-    prompt = bench.make_prompt(prompt_len)
-    results, skipped = {}, {}
-    for policy in policies:
-        try:
-            results[policy] = bench.run_policy(runtime, args, policy, prompt)
-            results[policy].pop("timeline")
-        except BudgetError as exc:
-            skipped[policy] = str(exc)
+    knobs = PolicyKnobs(prefetch_depth=depth, predictor_threshold=threshold, speculative_gate=True)
+    budget = f"{budget_pct:g}%"
+    results, skipped = bench.compare_policies(runtime, knobs, list(policies), bench.make_prompt(prompt_len), gen,
+                                              memory_budget=budget, repeats=1)
+    for r in results.values():
+        r.pop("timeline")
+    setup = _live_setup()
+    command = (f"python -m duoserve_core.bench --model {setup.model} --quant nf4 --quant-attention nf4 "
+               f"--memory-budget {budget} --prompt-len {prompt_len} --gen {gen} --repeats 1 "
+               f"--policies {','.join(policies)} --speculative-gate --predictor-threshold {threshold} "
+               f"--prefetch-depth {depth} --routing-trace {TRACE} --device cuda")
     record = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "command": "python -m duoserve_core.bench " + " ".join(argv), "results": results, "skipped": skipped}
+              "command": command, "results": results, "skipped": skipped}
     return comparison(record, source=f"measured live on {record['device']} (prompt {prompt_len}, {gen} tokens, "
                       "1 repeat)", kind="live")
 
@@ -268,7 +263,7 @@ def sim_setup(preset: str, budget_pct: float | str, max_context: int):
     return _sim_setup(preset, budget, max_context)
 
 
-def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int = 2, threshold: float = 0.8,
+def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int = COMMITTED_DEPTH, threshold: float = COMMITTED_THRESHOLD,
               policies: tuple[str, ...] = POLICIES, prompt_len: int = 512, gen: int = 128, warmup: int = 0
               ) -> Comparison:
     """Every policy through the simulator at these knobs (speculative gate, no trained predictor:
@@ -279,12 +274,14 @@ def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int =
     results, skipped = {}, {}
     for policy in policies:
         try:
-            sim_model = model if policy != "resident" else sim_setup(preset, "all", prompt_len + gen)[0]
-            if policy == "resident" and budget_pct < 100:
+            everything = policy_class(policy).holds_every_expert
+            sim_model = sim_setup(preset, "all", prompt_len + gen)[0] if everything else model
+            if everything and budget_pct < 100:
                 raise BudgetError(f"resident needs every expert on the device ({sim_model.plan.total_experts} slots); "
                                   f"the budget leaves {model.plan.num_slots}")
-            results[policy] = simulate(sim_model, cal, replay, policy, prompt_len, gen, warmup=warmup,
-                                       prefetch_depth=depth, predictor_threshold=threshold, speculative_gate=True,
+            knobs = PolicyKnobs(policy=policy, prefetch_depth=depth, predictor_threshold=threshold,
+                                speculative_gate=True)
+            results[policy] = simulate(sim_model, cal, replay, knobs, prompt_len, gen, warmup=warmup,
                                        routing_trace=str(TRACE), policy_time=False)
             results[policy].pop("timeline")
         except BudgetError as exc:
@@ -426,7 +423,7 @@ def reference_sweep(preset: str = "mixtral-8x7b", requests: int = 2, prompt_len:
 
 
 def policy_sweep(preset: str = "mixtral-8x7b", budgets_pct: tuple[float, ...] = (8, 15, 25, 40),
-                 depth: int = 2, threshold: float = 0.8, policies: tuple[str, ...] = POLICIES[:4],
+                 depth: int = COMMITTED_DEPTH, threshold: float = COMMITTED_THRESHOLD, policies: tuple[str, ...] = POLICIES[:4],
                  prompt_len: int = 512, gen: int = 32) -> list[dict]:
     """The real policies through the simulator at a few budgets: decode hit rate and TPOT, rows for
     ``lab.sim_plots`` (``policy``, ``budget_pct``, ``slots``, ``hit_rate``, ``tpot_s``)."""

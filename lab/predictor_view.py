@@ -23,7 +23,7 @@ from duoserve_core.predict.baselines import Baseline, fit_baselines
 from duoserve_core.predict.data import TraceArrays, load_arrays, multi_hot
 from duoserve_core.predict.evaluate import MIXTRAL_NF4_EXPERT_BYTES, evaluate
 
-from .quickstart import BUNDLED_PREDICTOR, DATA
+from .paths import BUNDLED_PREDICTOR, DATA
 
 TRAIN_TRACE = str(DATA / "traces" / "small-moe-train.parquet")
 TEST_TRACE = str(DATA / "traces" / "small-moe-heldout.parquet")
@@ -268,7 +268,7 @@ def hot_path_table(predictor: LayerPredictor, iters: int = 200) -> pd.DataFrame:
     committed GPU measurements (``benchmarks/results/predictor_bench_*.json``)."""
     import json
 
-    from duoserve_core.predict.bench import bench
+    from duoserve_core.predict.latency import bench
 
     from .gpu_results import RESULTS
 

@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from duoserve_core.errors import BudgetError
+from duoserve_core.policy import PolicyKnobs
 from duoserve_core.sim import Simulator, qos
 
 from .paper_figures import POLICY_COLOURS, SIMULATED, TRACE, _trace, sim_setup
@@ -33,9 +34,8 @@ def service_runs(preset: str, policy: str, budget_pct: float, depth: int, thresh
     requests = qos.make_requests([0.0] * n_requests, qos.request_lengths(_trace()), prompt_len, gen)
     context = context_for(n_requests, gen, prompt_len)
     model, cal, replay, _ = sim_setup(preset, budget_pct, context)
-    predicts = policy in ("duoserve", "uniform")
-    sim = Simulator(model, cal, replay, policy, prefetch_depth=depth, predictor_threshold=threshold,
-                    speculative_gate=predicts, record_timeline=False, policy_time=False)
+    knobs = PolicyKnobs(policy=policy, prefetch_depth=depth, predictor_threshold=threshold, speculative_gate=True)
+    sim = Simulator(model, cal, replay, knobs.effective(), record_timeline=False, policy_time=False)
     out = []
     for r in requests:
         run = sim.generate(r.prompt_tokens, r.new_tokens, r.request_index)

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
-import torch
 
 import duoserve_core
+from duoserve_core.policy import DEFAULT_KNOBS, PolicyKnobs
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-BUNDLED_MODEL = str(DATA / "small-moe")
-BUNDLED_PREDICTOR = str(DATA / "predictors" / "small-moe-depth2.safetensors")
-
-
-def default_device() -> str:
-    """The GPU when there is one; the notebooks say which they used."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from .paths import BUNDLED_MODEL, BUNDLED_PREDICTOR, default_device
 
 
 @dataclass
@@ -39,16 +31,17 @@ class QuickRun:
 
 
 def quick_run(prompt: str, *, model: str = BUNDLED_MODEL, policy: str = "duoserve", slots: int = 16,
-              prefetch_depth: int = 2, threshold: float = 0.5, max_new_tokens: int = 24,
-              device: str | None = None) -> QuickRun:
-    """Generate with ``slots`` expert slots left after everything else the budget must hold."""
+              prefetch_depth: int = DEFAULT_KNOBS.prefetch_depth, threshold: float = DEFAULT_KNOBS.predictor_threshold,
+              gate: bool = True, max_new_tokens: int = 24, device: str | None = None) -> QuickRun:
+    """Generate with ``slots`` expert slots left after everything else the budget must hold. The
+    bundled model's predictor and the speculative gate (``gate``) serve the policies that use them."""
     device = device or default_device()
     probe = duoserve_core.load(model, device=device, quant="nf4", max_context=256)
     budget = probe.plan.fixed_bytes + slots * probe.format.nbytes
-    predictor = BUNDLED_PREDICTOR if policy in ("duoserve", "uniform") and model == BUNDLED_MODEL else None
+    knobs = PolicyKnobs(policy=policy, predictor=BUNDLED_PREDICTOR if model == BUNDLED_MODEL else None,
+                        prefetch_depth=prefetch_depth, predictor_threshold=threshold, speculative_gate=gate)
     runtime = duoserve_core.load(model, device=device, quant="nf4", max_context=256, memory_budget=budget,
-                                 policy=policy, predictor=predictor, prefetch_depth=prefetch_depth,
-                                 predictor_threshold=threshold, speculative_gate=policy == "duoserve")
+                                 knobs=knobs.effective())
     runtime.warm_up()  # on a GPU: the first launch's costs stay out of the figures
     result = runtime.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
     return QuickRun(runtime, result)

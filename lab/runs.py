@@ -12,20 +12,21 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
+
 import pandas as pd
 
 import duoserve_core
 from duoserve_core.bench import bounds
 from duoserve_core.memory import MemoryPlan
+from duoserve_core.policy import DEFAULT_KNOBS, PolicyKnobs, policy_class
 from duoserve_core.timeline import COLUMNS as TIMELINE_COLUMNS
 from duoserve_core.units import format_bytes
 
 from .cache_log import CacheLog
-from .quickstart import BUNDLED_MODEL, BUNDLED_PREDICTOR, DATA, default_device
+from .paths import BUNDLED_MODEL, BUNDLED_PREDICTOR, DATA, default_device
 
 HELDOUT_TRACE = str(DATA / "traces" / "small-moe-heldout.parquet")
 HELDOUT_PROMPTS = DATA / "prompts" / "prompts_heldout.txt"
-PREDICTING = ("duoserve", "uniform")
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,13 @@ class LiveRun:
     def label(self) -> str:
         k = self.knobs
         text = f"{k['policy']}, {self.slots} slots"
-        if k["policy"] in PREDICTING:
+        if "predictor_threshold" in policy_class(k["policy"]).uses:
             text += f", depth {k['depth']}, threshold {k['threshold']:.2f}" + (", gate" if k["gate"] else "")
         return text
 
 
-def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: int = 16, depth: int = 2,
-             threshold: float = 0.5, gate: bool = True, prompt_tokens: int = 32, new_tokens: int = 24,
+def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: int = 16,
+             depth: int = DEFAULT_KNOBS.prefetch_depth, threshold: float = DEFAULT_KNOBS.predictor_threshold, gate: bool = True, prompt_tokens: int = 32, new_tokens: int = 24,
              device: str | None = None, prompt_offset: int = 0) -> LiveRun:
     """Generate ``new_tokens`` after ``prompt_tokens`` held-out tokens under the knobs, greedily.
 
@@ -166,22 +167,21 @@ def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: 
     device = device or default_device()
     max_context = max(256, prompt_tokens + new_tokens)
     _warm_up(choice, device, max_context)
-    predicts = policy in PREDICTING
+    knobs = PolicyKnobs(policy=policy, predictor=choice.predictor, prefetch_depth=depth, predictor_threshold=threshold,
+                        speculative_gate=gate).effective()  # what the policy does not use is left at its default
     runtime = shared_runtime(choice, device, max_context)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
-        runtime.configure(policy=policy, memory_budget=budget_bytes(choice, slots, device, max_context),
-                          predictor=choice.predictor if predicts else None, prefetch_depth=depth,
-                          predictor_threshold=threshold, speculative_gate=gate and predicts)
+        runtime.configure(memory_budget=budget_bytes(choice, slots, device, max_context), knobs=knobs)
     log = CacheLog().attach(runtime)
     log.start()
     result = runtime.generate(prompt_ids=prompt_ids(prompt_tokens, prompt_offset), max_new_tokens=new_tokens,
                               stop_at_eos=False)
     log.detach()
     rows = runtime.timeline.rows()
-    knobs = dict(policy=policy, slots=slots, depth=depth, threshold=threshold, gate=gate and predicts,
+    shown = dict(policy=policy, slots=slots, depth=depth, threshold=threshold, gate=knobs.speculative_gate,
                  prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    run = LiveRun(choice, knobs, runtime, runtime.plan, result, rows, log)
+    run = LiveRun(choice, shown, runtime, runtime.plan, result, rows, log)
     run.bounds = bounds(rows, run.plan.num_slots, run.plan.expert_bytes, run.decode_tokens)
     return run
 

@@ -24,7 +24,7 @@ import plotly.io as pio
 from IPython.display import Markdown, display
 from plotly.basedatatypes import BaseFigure
 
-from duoserve_core.policy import POLICIES
+from duoserve_core.policy import DEFAULT_KNOBS, POLICIES
 
 # Replaces an output while it is recomputed. Switching the mimetype also makes JupyterLab build a
 # fresh renderer: plotly's renderer ignores an update that keeps its own mimetype.
@@ -43,12 +43,12 @@ def budget_slider(value: int = 16, total: int = 64, minimum: int = 2, descriptio
                              layout=_LAYOUT, continuous_update=False)
 
 
-def depth_slider(value: int = 2, maximum: int = 4, description: str = "prefetch depth (layers)") -> widgets.IntSlider:
+def depth_slider(value: int = DEFAULT_KNOBS.prefetch_depth, maximum: int = 4, description: str = "prefetch depth (layers)") -> widgets.IntSlider:
     return widgets.IntSlider(value=value, min=1, max=maximum, description=description, style=_STYLE,
                              layout=_LAYOUT, continuous_update=False)
 
 
-def threshold_slider(value: float = 0.5, description: str = "predictor threshold") -> widgets.FloatSlider:
+def threshold_slider(value: float = DEFAULT_KNOBS.predictor_threshold, description: str = "predictor threshold") -> widgets.FloatSlider:
     return widgets.FloatSlider(value=value, min=0.05, max=0.95, step=0.05, description=description, style=_STYLE,
                                layout=_LAYOUT, continuous_update=False, readout_format=".2f")
 

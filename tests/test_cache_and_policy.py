@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from duoserve_core.events import EventBus
 from duoserve_core.experts.cache import ExpertCache
 from duoserve_core.experts.host_store import HostExpertStore
 from duoserve_core.experts.transfer import TransferEngine
@@ -18,8 +19,10 @@ def _cache(policy, slots=3, layers=2, experts=4):
             store.record(l, e).fill_(10 * l + e)
     tl = Timeline(torch.device("cpu"))
     tl.reset()
-    engine = TransferEngine(store, slots, torch.device("cpu"), tl)
-    cache = ExpertCache(engine, policy, layers, experts)
+    events = EventBus()
+    events.subscribe(tl.on_event)
+    engine = TransferEngine(store, slots, torch.device("cpu"), events)
+    cache = ExpertCache(engine, policy, layers, experts, events)
     policy.attach(cache)
     return cache, engine, tl
 

@@ -136,5 +136,5 @@ def test_live_bench_refuses_without_a_gpu():
         pytest.skip("has a GPU")
     with pytest.raises(RuntimeError, match="CUDA"):
         pf.live_bench()
-    args, argv = pf.live_args(15, 2, 0.8)
-    assert args.memory_budget == "15%" and args.quant_attention == "nf4" and args.repeats == 1
+    setup = pf._live_setup()  # the committed trace-gate run's setting
+    assert setup.attention_quant == "nf4" and setup.routing_trace == str(pf.TRACE) and setup.device == "cuda"

@@ -17,7 +17,7 @@ from duoserve_core.predict.cli import main
 from duoserve_core.predict.data import load_arrays
 from duoserve_core.predict.evaluate import count, evaluate, metrics
 from duoserve_core.predict.graph import GraphedPredictor
-from duoserve_core.predict.model import LayerPredictor, fit_estimators
+from duoserve_core.predict.layer_predictor import LayerPredictor, fit_estimators
 from duoserve_core.traces import TraceMeta, write_trace
 
 from conftest import requires_cuda

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from duoserve_core.bench import main as bench
+from duoserve_core.bench.__main__ import main as bench
 from duoserve_core.calibrate import main as calibrate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import duoserve_core
-from duoserve_core.traces import TraceError, TraceMeta, main, read_trace, record, write_trace
+from duoserve_core.traces import TraceError, TraceMeta, read_trace, record, write_trace
+from duoserve_core.traces.__main__ import main
 
 
 def _synthetic(num_experts=8, top_k=2, layers=3, requests=2, tokens=4, weights=True, seed=0):
@@ -104,7 +105,7 @@ def test_record_cli(tiny_checkpoint, tmp_path, capsys):
     prompts.write_text('{"prompt": "a"}\n')
     assert main(["record", "--model", str(tiny_checkpoint), "--prompts", str(prompts), "--max-new-tokens", "2",
                  "--out", str(tmp_path / "t.parquet"), "--device", "cpu"]) == 2
-    assert "has no tokenizer" in capsys.readouterr().out
+    assert "has no tokenizer" in capsys.readouterr().err
 
 
 def test_record_cli_writes_a_readable_trace_once(checkpoint_with_tokenizer, tmp_path):

@@ -1,5 +1,11 @@
 """Which expert sits in which slot, what is pinned, and what every decision cost.
 
+In one decode token's layer (``experts.layer_step``): the layer step ``acquire``s each needed expert
+(a hit pins its slot; a miss evicts the policy's victim if no slot is free and has the transfer
+engine copy the expert in), applies the policy's plans through ``prefetch`` and ``release``, and
+``unpin``s each expert once its kernels are queued. Every decision is counted (``CacheStats``) and
+announced as a ``CacheEvent``.
+
 The cache is the bookkeeping half of the executor: it maps (layer, expert) to slots, asks
 the policy which expert to evict when it needs room, never evicts a pinned expert, and counts
 every hit, miss, prefetch and byte moved. The transfer engine does the moving.
@@ -17,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..policy.base import ExpertKey, Policy
+from ..events import CacheEvent, EventBus, ExpertKey
+from ..policy.base import Policy
 from .transfer import TransferEngine
 
 
@@ -38,11 +45,17 @@ class CacheStats:
 
 
 class ExpertCache:
-    """Slot bookkeeping over a ``TransferEngine``; implements the policy's ``CacheView``."""
+    """Slot bookkeeping over a ``TransferEngine``; implements the policy's ``CacheView``.
 
-    def __init__(self, engine: TransferEngine, policy: Policy, num_layers: int, num_experts: int):
+    Every decision is counted in ``stats`` and announced on ``events`` as a ``CacheEvent`` (the
+    order is the order of the decisions; an eviction comes before the load that needed its slot).
+    """
+
+    def __init__(self, engine: TransferEngine, policy: Policy, num_layers: int, num_experts: int,
+                 events: EventBus | None = None):
         self.engine, self.policy = engine, policy
         self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, engine.num_slots
+        self.events = events or EventBus()
         self.stats = CacheStats()
         self._slot_of: dict[ExpertKey, int] = {}
         self._free: list[int] = list(range(self.capacity - 1, -1, -1))
@@ -73,18 +86,24 @@ class ExpertCache:
 
     def acquire(self, key: ExpertKey) -> tuple[int, bool]:
         """Pin ``key`` for the layer in progress, loading it on demand; return (slot, hit)."""
-        hit = key in self._slot_of or self._reclaim(key)
-        if hit:
-            self.stats.hits += 1
+        if key in self._slot_of:
+            hit, kind = True, "hit"
             if key in self._unused_prefetch:
                 self._unused_prefetch.discard(key)
                 self.stats.prefetch_hits += 1
+                kind = "prefetch_hit"
+        elif self._reclaim(key):
+            hit, kind = True, "reclaim"
         else:
+            hit, kind = False, "miss"
             self.stats.misses += 1
             self._load(key)
+        if hit:
+            self.stats.hits += 1
         self._pinned.add(key)
         self._clock += 1
         self._last_use[key] = self._clock
+        self._emit(kind, key)
         return self._slot_of[key], hit
 
     def unpin(self, key: ExpertKey) -> None:
@@ -92,7 +111,12 @@ class ExpertCache:
 
     def prefetch(self, key: ExpertKey) -> bool:
         """Load ``key`` ahead of need if there is room; return whether a copy was issued."""
-        if key in self._slot_of or self._reclaim(key) or not self.can_make_room():
+        if key in self._slot_of:
+            return False
+        if self._reclaim(key):
+            self._emit("reclaim_ahead", key)
+            return False
+        if not self.can_make_room():
             return False
         if not self._free:
             victim = self.policy.eviction_order([k for k in self._slot_of if k not in self._pinned])[0]
@@ -103,20 +127,12 @@ class ExpertCache:
         self._last_use[key] = self._clock  # a fresh prefetch is not the first thing to evict
         self.stats.prefetches += 1
         self._unused_prefetch.add(key)
+        self._emit("prefetch", key)
         return True
 
     def release(self, key: ExpertKey) -> None:
         """Free ``key``'s slot unless it is pinned by the layer in progress (see the module doc)."""
-        if key in self._slot_of and key not in self._pinned:
-            slot = self._slot_of.pop(key)
-            if self.policy.reclaims_released:
-                self._intact[key], self._intact_in[slot] = slot, key
-                self._free.insert(0, slot)   # popped last: empty slots are filled first
-            else:
-                self._free.append(slot)
-            if key in self._unused_prefetch:
-                self._unused_prefetch.discard(key)
-                self.stats.prefetch_wasted += 1
+        self._release(key, "release")
 
     def empty(self) -> None:
         """Release every unpinned expert and treat every free slot as empty: the next request starts
@@ -125,6 +141,21 @@ class ExpertCache:
             self.release(key)
         self._intact.clear()
         self._intact_in.clear()
+
+    def _release(self, key: ExpertKey, kind: str) -> None:
+        if key not in self._slot_of or key in self._pinned:
+            return
+        slot = self._slot_of.pop(key)
+        if self.policy.reclaims_released:
+            self._intact[key], self._intact_in[slot] = slot, key
+            self._free.insert(0, slot)   # popped last: empty slots are filled first
+        else:
+            self._free.append(slot)
+        self._emit(kind, key)
+        if key in self._unused_prefetch:
+            self._unused_prefetch.discard(key)
+            self.stats.prefetch_wasted += 1
+            self._emit("wasted", key)
 
     def _reclaim(self, key: ExpertKey) -> bool:
         slot = self._intact.pop(key, None)
@@ -142,7 +173,7 @@ class ExpertCache:
             if not candidates:
                 raise RuntimeError("no expert slot can be freed: every slot is pinned by the layer in progress")
             victim = self.policy.eviction_order(candidates)[0]
-            self.release(victim)
+            self._release(victim, "evict")
             self.stats.evictions += 1
         slot = self._free.pop()
         overwritten = self._intact_in.pop(slot, None)
@@ -152,3 +183,11 @@ class ExpertCache:
         self.engine.copy_in(slot, key)
         self.stats.h2d_copies += 1
         self.stats.h2d_bytes += self.engine.store.record_bytes
+
+    def _emit(self, kind: str, key: ExpertKey) -> None:
+        self.events.emit(CacheEvent(kind, key, len(self._slot_of)))
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """``after - before`` for every counter of two ``CacheStats.as_dict()`` snapshots."""
+    return {k: after[k] - before[k] for k in after}

@@ -1,130 +1,145 @@
-"""Runs one MoE layer with experts that live in the cache, and carries out the policy's plans.
+"""The real executor of one MoE layer: routing, then the shared layer step on real kernels.
 
-Per layer: the router runs on the compute stream; its top-k goes to the host (the one
-unavoidable sync per layer: which experts to fetch is data-dependent); the policy hears
-``router_done``; experts already resident are computed first while the missing ones are
-copied; each expert's kernels start as soon as its own copy has landed.
+``ExpertExecutor.moe`` does three things, each in its own function:
+
+1. ``route``: the router runs on the compute stream (or the trace's routing replaces its choice);
+   top-k, weights, probabilities and the speculative gate's guess go to the host in one tensor:
+   the one device->host sync of the layer (which experts to fetch is data-dependent);
+2. ``LayerStep.run`` (``experts.layer_step``): every scheduling decision, carried out on a
+   ``_TorchLayer``, the ``ExpertDevice`` that queues each expert's kernels once its copy landed;
+3. ``combine``: the k contributions of each token summed in ascending expert order.
 
 Numbers never depend on the schedule: each expert writes its weighted output to its own rows
-of a (token, k) buffer, and the k contributions of each token are summed in ascending expert
-order at the end, the same order transformers' ``MixtralExperts`` accumulates in. So whatever
-order the experts were computed in, the result has the same bits.
+of a (token, k) buffer, and the sum runs in ascending expert order at the end, the same order
+transformers' ``MixtralExperts`` accumulates in. So whatever order the experts were computed in,
+the result has the same bits.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..policy.base import Plan, Policy
-from ..timeline import Timeline
-from .cache import ExpertCache
+from ..events import EventBus, SpanEvent, StepEvent
 from .formats import ExpertFormat
+from .layer_step import LayerStep
 from .transfer import TransferEngine
 
 
+@dataclass
+class Routing:
+    """One layer's routing: on the device for the compute, on the host for the decisions."""
+
+    top_idx: torch.Tensor           # [tokens, k] device
+    top_w: torch.Tensor             # [tokens, k] device
+    topk: torch.Tensor              # [tokens, k] int64, host
+    weights: torch.Tensor           # [tokens, k] fp32, host
+    probs: torch.Tensor             # [tokens, E] fp32, host
+    speculation: torch.Tensor | None  # [tokens, k] int64 host: layer l+1's router on this input
+
+
 class ExpertExecutor:
-    """Owns the cache, the transfer engine and the policy for every MoE layer of a model."""
+    """Routes each MoE layer, runs the layer step on it, and combines the experts' outputs."""
 
-    def __init__(self, cache: ExpertCache, engine: TransferEngine, policy: Policy, fmt: ExpertFormat,
-                 timeline: Timeline, top_k: int):
-        self.cache, self.engine, self.policy, self.fmt = cache, engine, policy, fmt
-        self.timeline, self.top_k = timeline, top_k
-        self.gates: list[nn.Module] = []  # every layer's router, for the speculative gate
+    def __init__(self, step: LayerStep, engine: TransferEngine, fmt: ExpertFormat, events: EventBus, top_k: int,
+                 gates: list[nn.Module], replay=None):
+        self.layer_step, self.engine, self.fmt, self.events, self.top_k = step, engine, fmt, events, top_k
+        self.gates = gates                # every layer's router, for the speculative gate
+        self.replay = replay              # a traces.RoutingReplay: routing taken from a trace
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
-        self.replay = None                # a traces.RoutingReplay: routing taken from a trace
-        self._step = (0, "prefill", 0)    # (request id, phase, position of the first token)
+        self._where = (0, 0)              # (request id, position of the step's first token)
 
-    def begin_step(self, request_id: int, phase: str, first_position: int) -> None:
-        """Where the next forward's tokens sit; observers and the replay need it."""
-        self._step = (request_id, phase, first_position)
+    def begin_step(self, request_id: int, step: int, phase, first_position: int) -> None:
+        """Where the next forward's tokens sit (observers and the replay need it), then the step."""
+        self._where = (request_id, first_position)
         for observer in self.observers:
-            observer.begin_step(request_id, phase, first_position)
+            observer.begin_step(request_id, phase.value, first_position)
+        self.layer_step.begin_step(step, phase)
 
-    def apply(self, plan: Plan) -> None:
-        for key in plan.release:
-            self.cache.release(key)
-        for key in plan.load:
-            if not self.cache.prefetch(key) and not self.cache.is_resident(key):
-                break  # no room, or only for something worth less: the rest of the plan ranks lower still
+    def route(self, layer: int, gate: nn.Module, x: torch.Tensor) -> Routing:
+        step = self.layer_step
+        self.events.emit(StepEvent("router_started", step.step, step.phase, layer))
+        self.events.emit(SpanEvent("begin", "compute", "router", layer))
+        k, num_experts = self.top_k, step.cache.num_experts
+        speculate = (bool(self.observers) or step.policy.wants_speculation) and layer + 1 < len(self.gates)
+        request_id, first = self._where
+        router_logits, top_w, top_idx = gate(x)
+        probs = F.softmax(router_logits.float(), dim=-1)
+        if self.replay is not None:  # the router still runs (its cost is real); the trace decides
+            idx_r, w_r = self.replay.routing(request_id, first, x.shape[0], layer)
+            top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
+            # what the policy reads as router probabilities must agree with the replayed routing
+            probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
+        parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
+        if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
+            guess = self.gates[layer + 1](x)[2]
+            if self.replay is not None:  # the gate still runs; the trace's recorded guess is used
+                recorded = self.replay.speculation(request_id, first, x.shape[0], layer)
+                if recorded is not None:
+                    guess = recorded.to(x.device, non_blocking=True)
+            parts.append(guess.to(torch.float32))
+        routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
+        self.events.emit(SpanEvent("end", "compute", "router", layer))
+        return Routing(top_idx, top_w, routed[:, :k].to(torch.int64), routed[:, k:2 * k],
+                       routed[:, 2 * k:2 * k + num_experts],
+                       routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None)
 
     def moe(self, layer: int, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        k = self.top_k
-        speculate = (bool(self.observers) or self.policy.wants_speculation) and layer + 1 < len(self.gates)
-        num_experts = self.cache.num_experts
-        with self.timeline.span("compute", "router", layer):
-            router_logits, top_w, top_idx = gate(x)
-            probs = F.softmax(router_logits.float(), dim=-1)
-            if self.replay is not None:  # the router still runs (its cost is real); the trace decides
-                request_id, _, first = self._step
-                idx_r, w_r = self.replay.routing(request_id, first, x.shape[0], layer)
-                top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
-                # what the policy reads as router probabilities must agree with the replayed routing
-                probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
-            parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
-            if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
-                guess = self.gates[layer + 1](x)[2]
-                if self.replay is not None:  # the gate still runs; the trace's recorded guess is used
-                    recorded = self.replay.speculation(request_id, first, x.shape[0], layer)
-                    if recorded is not None:
-                        guess = recorded.to(x.device, non_blocking=True)
-                parts.append(guess.to(torch.float32))
-            routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
-        idx_cpu, w_cpu = routed[:, :k].to(torch.int64), routed[:, k:2 * k]
-        probs_cpu = routed[:, 2 * k:2 * k + num_experts]
-        spec_cpu = routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None
+        routing = self.route(layer, gate, x)
         for observer in self.observers:
-            observer.routed(layer, idx_cpu, w_cpu, probs_cpu, spec_cpu)
-        # The policy hears the routing now, but its prefetches are issued after this layer's own
-        # demand loads: the copy stream is in order, and what is needed now goes first.
-        ahead = [self.policy.router_done(layer, idx_cpu, probs_cpu)]
-        if spec_cpu is not None and self.policy.wants_speculation:
-            ahead.append(self.policy.speculated(layer + 1, spec_cpu))
+            observer.routed(layer, routing.topk, routing.weights, routing.probs, routing.speculation)
+        device = _TorchLayer(self, x, routing)
+        self.layer_step.run(layer, routing.topk, routing.probs, routing.speculation, device)
+        out = combine(device.contrib, routing.top_idx).reshape(shape)
+        self.events.emit(StepEvent("layer_done", self.layer_step.step, self.layer_step.phase, layer))
+        return out
 
-        flat = idx_cpu.flatten()  # row r = token * k + j
-        rows_by_expert = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.cache.num_experts).tolist()
-        starts = [0]
+
+class _TorchLayer:
+    """``ExpertDevice`` for one layer's tokens: an expert's kernels go on the compute stream after a
+    stream-wait on its slot's copy; its weighted output lands in its own rows of ``contrib``."""
+
+    def __init__(self, executor: ExpertExecutor, x: torch.Tensor, routing: Routing):
+        self.engine, self.fmt, self.events, self.x = executor.engine, executor.fmt, executor.events, x
+        k = routing.topk.shape[1]
+        flat = routing.topk.flatten()  # row r = token * k + j
+        counts = torch.bincount(flat, minlength=executor.layer_step.cache.num_experts).tolist()
+        self.starts = [0]
         for c in counts:
-            starts.append(starts[-1] + c)
-        rows_dev = rows_by_expert.to(x.device, non_blocking=True)
-        needed = [e for e, c in enumerate(counts) if c]
-        resident_first = sorted(needed, key=lambda e: not self.cache.holds((layer, e)))
+            self.starts.append(self.starts[-1] + c)
+        self.rows = torch.argsort(flat, stable=True).to(x.device, non_blocking=True)
+        self.k, self.weights = k, routing.top_w.reshape(-1)
+        self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
 
-        contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
-        weights = top_w.reshape(-1)
-        pending, in_flight = deque(resident_first), deque()
-        while pending or in_flight:
-            while pending and (self.cache.holds((layer, pending[0])) or self.cache.can_make_room()):
-                e = pending.popleft()
-                slot, _ = self.cache.acquire((layer, e))
-                in_flight.append((e, slot))
-            for plan in ahead:
-                self.apply(plan)
-            ahead = []
-            e, slot = in_flight.popleft()
-            rows = rows_dev[starts[e]:starts[e + 1]]
-            self.engine.wait_ready(slot)
-            span = self.timeline.start("compute", "expert", layer, e)
-            y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // k))
-            contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
-            self.engine.mark_read(slot)
-            self.timeline.end(span)
-            self.cache.unpin((layer, e))
+    def wait_ready(self, slot: int) -> None:
+        self.engine.wait_ready(slot)
 
-        per_token = contrib.view(x.shape[0], k, x.shape[1])
-        order = top_idx.argsort(dim=1)
-        per_token = per_token.gather(1, order[:, :, None].expand(-1, -1, x.shape[1]))
-        out = per_token[:, 0]
-        for j in range(1, k):
-            out = out + per_token[:, j]
-        self.apply(self.policy.layer_done(layer))
-        return out.reshape(shape)
+    def compute(self, layer: int, expert: int, slot: int) -> None:
+        self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert))
+        rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
+        y = self.fmt.forward(self.engine.slot(slot), self.x.index_select(0, rows // self.k))
+        self.contrib.index_copy_(0, rows, (y * self.weights.index_select(0, rows)[:, None]).to(self.x.dtype))
+        self.events.emit(SpanEvent("end", "compute", "expert", layer, expert))
+
+    def mark_read(self, slot: int) -> None:
+        self.engine.mark_read(slot)
+
+
+def combine(contrib: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """``[tokens * k, H]`` rows (token-major, router order) summed per token in ascending expert order."""
+    tokens, k = top_idx.shape
+    per_token = contrib.view(tokens, k, contrib.shape[-1])
+    order = top_idx.argsort(dim=1)
+    per_token = per_token.gather(1, order[:, :, None].expand(-1, -1, contrib.shape[-1]))
+    out = per_token[:, 0]
+    for j in range(1, k):
+        out = out + per_token[:, j]
+    return out
 
 
 class OffloadedMoE(nn.Module):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from ..timeline import Timeline
-from ..policy.base import ExpertKey
+from ..events import EventBus, ExpertKey, SpanEvent
 from .host_store import HostExpertStore
 
 
 class TransferEngine:
     """Moves expert records from the host store into device slots."""
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, timeline: Timeline):
-        self.store, self.device, self.timeline = store, device, timeline
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, events: EventBus):
+        self.store, self.device, self.events = store, device, events
         self.num_slots = num_slots
         self.buffer = torch.empty((num_slots, store.record_bytes), dtype=torch.uint8, device=device)
         self.cuda = device.type == "cuda"
@@ -41,18 +40,18 @@ class TransferEngine:
     def copy_in(self, index: int, key: ExpertKey) -> None:
         """Start copying expert ``key`` into slot ``index`` (asynchronous on CUDA)."""
         src, dst = self.store.record(*key), self.buffer[index]
+        stream = self.copy_stream if self.cuda else None
+        if self.cuda and self._free_recorded[index]:
+            stream.wait_event(self._free[index])
+        self.events.emit(SpanEvent("begin", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
         if not self.cuda:
-            span = self.timeline.start("copy", "h2d", key[0], key[1], dst.numel())
             dst.copy_(src)
-            self.timeline.end(span)
-            return
-        if self._free_recorded[index]:
-            self.copy_stream.wait_event(self._free[index])
-        span = self.timeline.start("copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=self.copy_stream)
-        with torch.cuda.stream(self.copy_stream):
-            dst.copy_(src, non_blocking=True)
-        self.timeline.end(span, cuda_stream=self.copy_stream)
-        self._ready[index].record(self.copy_stream)
+        else:
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        self.events.emit(SpanEvent("end", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
+        if self.cuda:
+            self._ready[index].record(stream)
 
     def wait_ready(self, index: int) -> None:
         """Make the compute stream wait until slot ``index`` holds its expert."""

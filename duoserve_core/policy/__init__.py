@@ -1,30 +1,31 @@
-"""Scheduling policies: decisions only (what to load, when, what to evict)."""
+"""Scheduling policies: decisions only (what to load, when, what to evict).
+
+``base`` (the contract: events in, plans out), ``knobs`` (the knobs and their defaults),
+``simple`` (on-demand, resident, lru-speculative), ``duoserve`` (the dual-phase schedule and the
+uniform strawman).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import NO_PLAN, CacheView, ExpertKey, Phase, Plan, Policy
-from .duoserve import DuoServePolicy
+from .duoserve import DuoServePolicy, UniformPolicy
+from .knobs import DEFAULT_KNOBS, POLICIES, PolicyKnobs, make_policy, policy_class
 from .simple import LRUSpeculativePolicy, OnDemandPolicy, ResidentPolicy
 
-POLICIES = ("duoserve", "uniform", "on-demand", "lru-speculative", "resident")
+
+def load_policy(knobs: PolicyKnobs, model: tuple[str, int, int, int]) -> Policy:
+    """``make_policy`` after reading the predictor file, checked against ``model`` = (name, layers,
+    experts, top-k); the file is read only when the policy uses a predictor."""
+    predictor = None
+    if knobs.predictor is not None and "predictor" in knobs.uses:
+        from ..predict import load_predictor  # scikit-learn and the predictor stack load only when needed
+
+        predictor = load_predictor(Path(knobs.predictor), expect=model, device="cpu")
+    return make_policy(knobs, predictor)
 
 
-def make_policy(name: str | Policy, *, predictor=None, prefetch_depth: int = 2,
-                predictor_threshold: float = 0.3, speculative_gate: bool = False) -> Policy:
-    """A policy by its ``--policy`` name (or an instance, returned as is), with its knobs."""
-    if isinstance(name, Policy):
-        return name
-    if name in ("duoserve", "uniform"):
-        return DuoServePolicy(predictor, prefetch_depth, predictor_threshold, uniform=name == "uniform",
-                              speculative_gate=speculative_gate)
-    if name == "on-demand":
-        return OnDemandPolicy()
-    if name == "resident":
-        return ResidentPolicy()
-    if name == "lru-speculative":
-        return LRUSpeculativePolicy()
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-
-
-__all__ = ["NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "LRUSpeculativePolicy", "OnDemandPolicy", "Phase", "Plan", "Policy",
-           "ResidentPolicy", "make_policy"]
+__all__ = ["DEFAULT_KNOBS", "NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "LRUSpeculativePolicy",
+           "OnDemandPolicy", "Phase", "Plan", "Policy", "PolicyKnobs", "ResidentPolicy", "UniformPolicy",
+           "load_policy", "make_policy", "policy_class"]

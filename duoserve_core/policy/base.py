@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-ExpertKey = tuple[int, int]  # (layer, expert)
+from ..events import ExpertKey  # noqa: F401  (layer, expert), re-exported
 
 
 class Phase(str, Enum):
@@ -66,7 +66,13 @@ class Policy:
     """Base policy: no prefetch, keep whatever is loaded, evict least recently used."""
 
     name = "base"
+    # The knobs (``policy.knobs.PolicyKnobs`` field names) this policy reads: the runtime, the CLIs,
+    # the bench and the widgets ask this, never the policy's name.
+    uses: frozenset[str] = frozenset()
     wants_speculation = False
+    # Whether this policy keeps every expert on the device (``resident``): a measured run keeps its
+    # cache warm, and the simulator charges the host bookkeeping measured for a resident run.
+    holds_every_expert = False
     # Whether an expert this policy releases may be taken back from its slot while no copy has
     # overwritten it (``ExpertCache``). Off for the baselines: on-demand keeps nothing by definition.
     reclaims_released = False

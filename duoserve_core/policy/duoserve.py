@@ -46,19 +46,17 @@ _USAGE_DECAY = 0.99
 
 class DuoServePolicy(Policy):
     name = "duoserve"
+    uses = frozenset({"predictor", "prefetch_depth", "predictor_threshold", "speculative_gate"})
     reclaims_released = True   # the prefill window's released layers serve decode while their slots are intact
+    uniform = False            # True: the decode rule in both phases (``UniformPolicy``)
 
-    def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
-                 uniform: bool = False, speculative_gate: bool = False):
-        if prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
+    def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.5,
+                 speculative_gate: bool = False):
+        """Knobs as ``policy.knobs.PolicyKnobs`` checks them (build through ``make_policy``)."""
         self.predictor, self.depth, self.threshold = predictor, prefetch_depth, predictor_threshold
-        self.uniform = uniform
         # The speculative gate (next router on this layer's input) names layer l+1's experts; the
         # trained predictor still covers l+2 .. l+depth, where the gate cannot see.
         self.wants_speculation = speculative_gate
-        if uniform:
-            self.name = "uniform"
 
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)
@@ -176,3 +174,10 @@ class DuoServePolicy(Policy):
         return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,
                 "predictor": None if self.predictor is None else "layer-mlp",
                 "speculative_gate": self.wants_speculation}
+
+
+class UniformPolicy(DuoServePolicy):
+    """The strawman: DuoServe's decode rule in both phases (no prefill window)."""
+
+    name = "uniform"
+    uniform = True

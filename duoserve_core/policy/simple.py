@@ -29,6 +29,7 @@ class OnDemandPolicy(Policy):
 
 class ResidentPolicy(Policy):
     name = "resident"
+    holds_every_expert = True
 
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)

@@ -5,12 +5,12 @@
     probs = p.predict(layer, p.features(layer, experts, weights, prev_experts))  # [B, depth_at(layer), E]
 
 Trained offline from activation traces (``python -m duoserve_core.predict train ...``); see
-``features`` (the input encoding), ``model`` (the MLPs and the file), ``baselines`` and
-``evaluate`` (what it is compared with and how), ``bench`` (latency per layer).
+``features`` (the input encoding), ``layer_predictor`` (the MLPs and the file), ``baselines`` and
+``evaluate`` (what it is compared with and how), ``latency`` (time per layer).
 """
 
 from .errors import PredictorError
 from .features import FeatureSpec, layer_features
-from .model import LayerPredictor, load_predictor, train_predictor
+from .layer_predictor import LayerPredictor, load_predictor, train_predictor
 
 __all__ = ["FeatureSpec", "LayerPredictor", "PredictorError", "layer_features", "load_predictor", "train_predictor"]

@@ -19,11 +19,11 @@ from ..errors import DeviceError, DuoServeError
 from ..traces import read_trace
 from ..units import format_bytes, parse_bytes
 from .baselines import fit_baselines
-from .bench import bench
+from .latency import bench
 from .data import PHASES, from_trace, load_arrays
 from .errors import PredictorError, describe_shape
 from .evaluate import MIXTRAL_NF4_EXPERT_BYTES, evaluate, format_report
-from .model import load_predictor, train_predictor
+from .layer_predictor import load_predictor, train_predictor
 
 
 def _hidden(text: str) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from ..units import format_bytes
 from .baselines import Baseline
 from .data import TraceArrays, multi_hot
 from .errors import PredictorError
-from .model import LayerPredictor
+from .layer_predictor import LayerPredictor
 
 # one Mixtral-8x7B expert in NF4 (w1, w2, w3 packed weights plus their absmax/quant state)
 MIXTRAL_NF4_EXPERT_BYTES = 99090432

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .errors import PredictorError
-from .model import LayerPredictor
+from .layer_predictor import LayerPredictor
 
 
 class GraphedPredictor:

@@ -28,15 +28,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..bench import _print_table
+from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
-from ..io import atomic_write_json
+from ..atomic import atomic_write_json
+from ..policy import DEFAULT_KNOBS, PolicyKnobs
 from ..traces import RoutingReplay, read_trace
 from . import qos, reference
-from .bench import simulate
+from .runner import simulate
 from .calibration import load_calibration
-from .engine import Simulator, SimTimeline
-from .model import build_model, open_config
+from .simulator import Simulator, SimTimeline
+from .sim_model import build_model, open_config
+
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-budget", default="15%", help="bytes, %% of the model, Nslots or all")
     p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
     p.add_argument("--predictor", default=None)
-    p.add_argument("--prefetch-depth", type=int, default=2)
-    p.add_argument("--predictor-threshold", type=float, default=0.3)
+    p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
+    p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
     p.add_argument("--speculative-gate", action="store_true")
     p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
     p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
@@ -117,19 +119,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         _print_sweep(rows, model.plan.num_slots)
         return record
     policies = args.policy.split(",")
-    knobs = dict(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                 predictor_threshold=args.predictor_threshold)
+    knobs = PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+                        predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate)
+    for policy in policies:  # every name and knob checked before any run
+        knobs.changed(policy=policy)
     results, skipped = {}, {}
     if qos_mode:
         arrivals = ([float(x) for x in args.arrivals.split(",")] if args.arrivals
                     else qos.poisson_arrivals(args.arrival_rate, n_requests, args.seed))
         reqs = qos.make_requests(arrivals, lengths, args.prompt_len, args.gen)
         for policy in policies:
-            predicts = policy in ("duoserve", "uniform")
             try:
-                sim = Simulator(model, cal, replay, policy, predictor=args.predictor if predicts else None,
-                                prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
-                                speculative_gate=args.speculative_gate and predicts, record_timeline=False,
+                sim = Simulator(model, cal, replay, knobs.changed(policy=policy).effective(), record_timeline=False,
                                 policy_time=not args.no_policy_time)
             except BudgetError as exc:
                 skipped[policy] = str(exc)
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         return record
     for policy in policies:
         try:
-            results[policy] = simulate(model, cal, replay, policy, prompt, gen, request_id=args.request,
-                                       warmup=args.warmup, speculative_gate=args.speculative_gate,
-                                       routing_trace=str(args.trace), policy_time=not args.no_policy_time, **knobs)
+            results[policy] = simulate(model, cal, replay, knobs.changed(policy=policy), prompt, gen,
+                                       request_id=args.request, warmup=args.warmup, routing_trace=str(args.trace),
+                                       policy_time=not args.no_policy_time)
         except BudgetError as exc:
             skipped[policy] = str(exc)
     if not results:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.timeline_out:
         _write_timelines(args.timeline_out, timelines)
     record.update(view="replay", prompt_len=prompt, gen=gen, results=results, skipped=skipped)
-    _print_table(results, skipped)
+    print(format_table(results, skipped))
     return record
 
 

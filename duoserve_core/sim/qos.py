@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DuoServeError
 from ..traces import Trace
-from .engine import Simulator
+from .simulator import Simulator
 
 
 class WorkloadError(DuoServeError, ValueError):

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..traces import RoutingReplay
 from .calibration import Calibration, format_name
-from .model import SimModel
+from .sim_model import SimModel
 
 POLICIES = ("belady", "lru", "per-layer-lru", "lfu")
 

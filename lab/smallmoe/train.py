@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from duoserve_core.io import atomic_write_json
+from duoserve_core.atomic import atomic_write_json
 
 HERE = Path(__file__).parent
 SETTINGS = HERE / "small_moe.json"

@@ -19,7 +19,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralAttention, Mixtr
 from .checkpoint import TensorSource
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
-from .timeline import Timeline
+from .events import EventBus, SpanEvent
 
 # transformers renamed the KV-cache argument of the attention and mask functions from
 # ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name, earlier ones know only it).
@@ -77,13 +77,13 @@ def materialize(model: MixtralForCausalLM, source: TensorSource, device: torch.d
 class OffloadedMixtral:
     """A forward pass over transformers' Mixtral modules, one layer at a time.
 
-    Written out (rather than calling ``MixtralModel.forward``) so that the engine sees layer
-    boundaries: the policy hears ``layer_started`` before each attention, and attention is
-    timed on its own, which the prefill pipeline and the timeline need.
+    Written out (rather than calling ``MixtralModel.forward``) so that the runtime sees layer
+    boundaries: the policy hears ``layer_started`` before each attention (``on_layer_started``),
+    and attention is a span of its own, which the prefill pipeline and the timeline need.
     """
 
-    def __init__(self, model: MixtralForCausalLM, timeline: Timeline, on_layer_started):
-        self.model, self.timeline, self.on_layer_started = model, timeline, on_layer_started
+    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started):
+        self.model, self.events, self.on_layer_started = model, events, on_layer_started
         self.config = model.config
 
     def new_cache(self) -> DynamicCache:
@@ -102,10 +102,11 @@ class OffloadedMixtral:
         rotary = inner.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
-            with self.timeline.span("compute", "attention", index):
-                attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
-                                          attention_mask=mask, **{_CACHE_KWARG: cache})
-                hidden = hidden + attn
+            self.events.emit(SpanEvent("begin", "compute", "attention", index))
+            attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
+                                      attention_mask=mask, **{_CACHE_KWARG: cache})
+            hidden = hidden + attn
+            self.events.emit(SpanEvent("end", "compute", "attention", index))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = inner.norm(hidden[:, -1:])
         return self.model.lm_head(last)[:, -1].float()

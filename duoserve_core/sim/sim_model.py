@@ -18,7 +18,7 @@ from ..checkpoint import PRESETS, SYNTHETIC_PREFIX, _Namespace, check_mixtral_co
 from ..errors import BudgetError, CheckpointError
 from ..experts.formats import ExpertFormat, make_format
 from ..memory import MemoryPlan, plan_memory, resolve_budget
-from ..model import build_skeleton, dense_bytes
+from ..mixtral import build_skeleton, dense_bytes
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from .errors import PredictorError
 from .graph import GraphedPredictor
-from .model import LayerPredictor
+from .layer_predictor import LayerPredictor
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -29,7 +29,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-from ..io import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..traces import TraceMeta
 from .data import TraceArrays, load_arrays, multi_hot
 from .errors import PredictorError, describe_shape

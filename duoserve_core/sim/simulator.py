@@ -1,17 +1,20 @@
 """The discrete-event model: the real cache and policy, driven on simulated streams.
 
 Three clocks advance: the host thread's, the compute stream's and the copy stream's (seconds
-from the start of the request). The real ``ExpertCache`` and the real policy object make every
-decision; the cache's transfer engine is ``SimTransferEngine``, which puts each copy on the
-copy-stream clock instead of moving bytes. ``Simulator`` calls the policy and the cache in the
-order ``Runtime._decode_loop``, ``OffloadedMixtral.forward`` and ``ExpertExecutor.moe`` do:
+from the start of the request). The real ``ExpertCache``, the real policy object and the real
+``LayerStep`` (``experts.layer_step``, the runtime's own) make every decision; the cache's
+transfer engine is ``SimTransferEngine``, which puts each copy on the copy-stream clock instead
+of moving bytes, and the layer step computes on ``_SimLayer``, which advances the clocks. What
+this module owns is time, in the order the runtime does the work:
 
-    step:  phase(...) plan -> step_pre (embedding, mask; host)
-    layer: layer_started plan -> attention -> router (the host waits for the compute stream)
-           -> router_done / speculated -> acquire resident experts first, then the missing ones
-           -> the plans of router_done/speculated -> each expert computed once its copy landed
-           -> layer_done plan
+    step:  LayerStep.begin_step (the phase plan) -> step_pre (embedding, mask; host)
+    layer: LayerStep.layer_started -> attention -> router (the host waits for the compute stream)
+           -> layer_base (host) -> LayerStep.run (router_done / speculated, acquire, prefetch plans,
+           each expert once its copy landed, layer_done)
     step:  lm_head and sampling (step_post, after the compute stream is done)
+
+It emits the runtime's events (``events``): the timeline and a ``lab.cache_log.CacheLog`` subscribe
+to a simulator exactly as to a runtime.
 
 Timing rules (every term comes from the calibration, ``sim.calibration``):
 
@@ -33,17 +36,18 @@ Timing rules (every term comes from the calibration, ``sim.calibration``):
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..experts.cache import ExpertCache
-from ..policy import Phase, Plan, Policy, make_policy
+from ..experts.layer_step import LayerStep, PhaseCounts
+from ..policy import Phase, Policy, PolicyKnobs, load_policy
 from ..timeline import Timeline
 from ..traces import RoutingReplay
 from .calibration import Calibration, format_name
-from .model import SimModel
+from .sim_model import SimModel
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Clocks:
 
 
 class SimTimeline(Timeline):
-    """A ``Timeline`` whose spans are written by the simulator: same rows, DataFrame and Chrome trace."""
+    """A ``Timeline`` whose spans come whole from the simulator: same rows, DataFrame and Chrome trace."""
 
     def __init__(self, enabled: bool = True):
         super().__init__(torch.device("cpu"), enabled=enabled)
@@ -70,6 +74,12 @@ class SimTimeline(Timeline):
     def reset(self) -> None:
         self._rows.clear()
 
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, SpanEvent) and event.edge == "whole":
+            self.add(event.stream, event.kind, event.layer, event.expert, event.nbytes, event.start_s, event.end_s)
+        else:
+            super().on_event(event)
+
     def add(self, stream: str, kind: str, layer: int, expert: int | None, nbytes: int, start: float,
             end: float) -> None:
         if self.enabled:
@@ -82,7 +92,7 @@ class SimTimeline(Timeline):
 
 
 class TimedPolicy:
-    """The policy as the cache and the simulator see it: every decision it makes advances the host
+    """The policy as the cache and the layer step see it: every decision it makes advances the host
     clock by the time it took (times ``scale``). Everything else is the policy's own."""
 
     CALLS = ("phase", "layer_started", "router_done", "speculated", "layer_done", "eviction_order",
@@ -119,13 +129,16 @@ class SimTransferEngine:
     """``TransferEngine``'s interface on the simulated copy stream."""
 
     def __init__(self, num_slots: int, record_bytes: int, clocks: Clocks, calibration: Calibration,
-                 timeline: SimTimeline, synchronous: bool):
+                 events: EventBus, synchronous: bool):
         self.num_slots, self.store = num_slots, _Store(record_bytes)
-        self.clocks, self.timeline, self.synchronous = clocks, timeline, synchronous
+        self.clocks, self.events, self.synchronous = clocks, events, synchronous
         self.copy_s = calibration.copy_s(record_bytes)
         self.per_copy_s = calibration.per_copy_s
-        self.ready = [0.0] * num_slots   # when each slot's last copy lands
-        self.free = [0.0] * num_slots    # when each slot's last reader finishes
+        self.reset()
+
+    def reset(self) -> None:
+        self.ready = [0.0] * self.num_slots   # when each slot's last copy lands
+        self.free = [0.0] * self.num_slots    # when each slot's last reader finishes
 
     def copy_in(self, index: int, key: tuple[int, int]) -> None:
         c = self.clocks
@@ -134,13 +147,37 @@ class SimTransferEngine:
         c.copy = self.ready[index] = start + self.copy_s
         if self.synchronous:
             c.host = c.copy
-        self.timeline.add("copy", "h2d", key[0], key[1], self.store.record_bytes, start, c.copy)
+        self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.store.record_bytes,
+                                   start_s=start, end_s=c.copy))
 
-    def wait_ready(self, index: int) -> float:
-        return self.ready[index]
 
-    def mark_read(self, index: int, until: float) -> None:
-        self.free[index] = until
+class _SimLayer:
+    """``ExpertDevice`` on the clocks: an expert's kernels start once queued and once its slot's copy
+    landed, and (like attention) cannot end before the host has finished queueing them; a
+    synchronous device (the CPU) runs them inline."""
+
+    def __init__(self, sim: "Simulator", phase: str, counts: list[int]):
+        self.sim, self.phase, self.counts = sim, phase, counts
+        self.not_before = 0.0
+
+    def wait_ready(self, slot: int) -> None:
+        self.not_before = self.sim.engine.ready[slot]
+
+    def compute(self, layer: int, expert: int, slot: int) -> None:
+        cal, c = self.sim.cal, self.sim.clocks
+        device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert])
+        if cal.synchronous:
+            c.host += cal.per_expert(self.phase)
+        start = max(c.compute, c.host, self.not_before)
+        if cal.synchronous:
+            c.compute = c.host = start + device_s
+        else:
+            c.host += cal.per_expert(self.phase)
+            c.compute = max(start + device_s, c.host)
+        self.sim.events.emit(SpanEvent("whole", "compute", "expert", layer, expert, start_s=start, end_s=c.compute))
+
+    def mark_read(self, slot: int) -> None:
+        self.sim.engine.free[slot] = self.sim.clocks.compute
 
 
 @dataclass
@@ -158,48 +195,55 @@ class SimRun:
 
 
 class Simulator:
-    """One simulated runtime: model, calibration, policy, cache; ``generate`` replays a request."""
+    """One simulated runtime: model, calibration, policy, cache; ``generate`` replays a request.
+
+    ``policy``: a ``PolicyKnobs``, a policy name or instance, with knob fields as keywords
+    (``prefetch_depth=1``...), as ``duoserve_core.load`` takes them.
+    """
 
     def __init__(self, model: SimModel, calibration: Calibration, replay: RoutingReplay,
-                 policy: str | Policy = "on-demand", *, predictor: str | None = None, prefetch_depth: int = 2,
-                 predictor_threshold: float = 0.3, speculative_gate: bool = False, record_timeline: bool = True,
-                 policy_time: bool = True):
+                 policy: str | Policy | PolicyKnobs = "on-demand", *, record_timeline: bool = True,
+                 policy_time: bool = True, **knob_values):
         calibration.check(model.config, model.quant, model.attention_quant)
         self.model, self.cal, self.replay = model, calibration, replay
         self.fmt = format_name(model.quant, calibration)
         c = model.config
         self.L, self.E, self.k = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
-        layer_predictor = None
-        if predictor is not None:
-            from ..predict import load_predictor
-
-            layer_predictor = load_predictor(predictor, expect=(model.name, self.L, self.E, self.k), device="cpu")
-        inner = make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
-                            predictor_threshold=predictor_threshold, speculative_gate=speculative_gate)
-        self.mode = "resident" if inner.name == "resident" else "offloaded"
+        knobs = policy if isinstance(policy, PolicyKnobs) else PolicyKnobs(policy=policy)
+        self.knobs = knobs.changed(**knob_values)
+        inner = load_policy(self.knobs, (model.name, self.L, self.E, self.k))
+        self.mode = "resident" if inner.holds_every_expert else "offloaded"
         self.clocks = Clocks()
         self.policy = TimedPolicy(inner, self.clocks, calibration.host_scale() if policy_time else 0.0)
+        self.events = EventBus()
         self.timeline = SimTimeline(record_timeline)
+        self.events.subscribe(self.timeline.on_event)
+        self.events.subscribe(self._track_peak)
         self.engine = SimTransferEngine(model.plan.num_slots, model.format.nbytes, self.clocks, calibration,
-                                        self.timeline, calibration.synchronous)
-        self.cache = ExpertCache(self.engine, self.policy, self.L, self.E)
+                                        self.events, calibration.synchronous)
+        self.cache = ExpertCache(self.engine, self.policy, self.L, self.E, self.events)
         inner.attach(self.cache)
+        self.layer_step = LayerStep(self.cache, self.policy, self.events)
         self._peak_resident = 0
+
+    def _track_peak(self, event: Event) -> None:
+        if isinstance(event, CacheEvent):
+            self._peak_resident = max(self._peak_resident, event.resident)
 
     # -- the bench's habits ------------------------------------------------------------------
     def empty_cache(self) -> None:
-        """Release every expert, as ``bench.empty_cache`` does before a measured run."""
+        """Release every expert, as ``Runtime.empty_expert_cache`` does before a measured run."""
         self.cache.empty()
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt_tokens: int, new_tokens: int, request_id: int = 0) -> SimRun:
         """Prefill ``prompt_tokens`` then decode until ``new_tokens`` tokens exist, clocks from zero."""
         self.clocks.host = self.clocks.compute = self.clocks.copy = 0.0
-        self.engine.ready = [0.0] * self.engine.num_slots
-        self.engine.free = [0.0] * self.engine.num_slots
+        self.engine.reset()
         self.timeline.reset()
+        self.events.emit(StepEvent("request_started"))
         self._peak_resident = len(self.cache.resident())
-        snapshots = [self.cache.stats.as_dict()]
+        counts = PhaseCounts(self.cache)
         ttft = 0.0
         for step in range(new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
@@ -207,87 +251,45 @@ class Simulator:
             self._step(step, phase, prompt_tokens if step == 0 else 1, first, request_id)
             if step == 0:
                 ttft = self.clocks.host
-                snapshots.append(self.cache.stats.as_dict())
+                counts.mark()
         e2e = self.clocks.host
-        snapshots.append(self.cache.stats.as_dict())
-        delta = lambda a, b: {k: b[k] - a[k] for k in b}  # noqa: E731
+        counts.mark()
         return SimRun(prompt_tokens, new_tokens, ttft, (e2e - ttft) / (new_tokens - 1) if new_tokens > 1 else None,
-                      e2e, {"prefill": delta(snapshots[0], snapshots[1]), "decode": delta(snapshots[1], snapshots[2]),
-                            "total": delta(snapshots[0], snapshots[2])},
-                      self._peak_resident, self.timeline.rows())
+                      e2e, counts.phases(), self._peak_resident, self.timeline.rows())
 
-    def _apply(self, plan: Plan) -> None:
-        """``ExpertExecutor.apply``: releases, then loads until one finds no room."""
-        for key in plan.release:
-            self.cache.release(key)
-        for key in plan.load:
-            if not self.cache.prefetch(key) and not self.cache.is_resident(key):
-                break
-        self._peak_resident = max(self._peak_resident, len(self.cache.resident()))
-
-    def _compute(self, kind: str, layer: int, expert: int | None, seconds: float, not_before: float = 0.0) -> None:
+    def _compute(self, kind: str, layer: int, seconds: float) -> None:
         c = self.clocks
-        start = max(c.compute, c.host, not_before)
+        start = max(c.compute, c.host)
         c.compute = start + seconds
         if self.cal.synchronous:
             c.host = c.compute
-        self.timeline.add("compute", kind, layer, expert, 0, start, c.compute)
+        self.events.emit(SpanEvent("whole", "compute", kind, layer, start_s=start, end_s=c.compute))
 
     def _step(self, step: int, phase: Phase, n_tokens: int, first: int, request_id: int) -> None:
         cal, c, p = self.cal, self.clocks, phase.value
-        self.timeline.phase, self.timeline.step = p, step
-        self._apply(self.policy.phase(phase))
+        self.layer_step.begin_step(step, phase)
         c.host += cal.step_pre_s[p]
         x = n_tokens if phase is Phase.PREFILL else first + n_tokens  # prefill: tokens; decode: context
         attention_s, launch_s = cal.attention_device_s(p, x), cal.attention_launch[p].at(x)
         router_s = cal.router_device_s(p, x)
         for layer in range(self.L):
-            self._apply(self.policy.layer_started(layer))
+            self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
             c.host += launch_s
             c.compute = max(start + attention_s, c.host)
-            self.timeline.add("compute", "attention", layer, None, 0, start, c.compute)
-            self._compute("router", layer, None, router_s)
+            self.events.emit(SpanEvent("whole", "compute", "attention", layer, start_s=start, end_s=c.compute))
+            self.events.emit(StepEvent("router_started", step, p, layer))
+            self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
-            self._moe(layer, request_id, first, n_tokens, p)
+            c.host += cal.layer_base_s[self.mode]
+            experts, weights = self.replay.routing(request_id, first, n_tokens, layer)
+            probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
+            guess = None
+            if self.policy.wants_speculation and layer + 1 < self.L:
+                # where the trace has no guess the real gate's would be used; the simulator has none
+                guess = self.replay.speculation(request_id, first, n_tokens, layer)
+            counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
+            self.layer_step.run(layer, experts, probs, guess, _SimLayer(self, p, counts))
+            self.events.emit(StepEvent("layer_done", step, p, layer))
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
-
-    def _moe(self, layer: int, request_id: int, first: int, n_tokens: int, phase: str) -> None:
-        cal, c = self.cal, self.clocks
-        c.host += cal.layer_base_s[self.mode]
-        experts, weights = self.replay.routing(request_id, first, n_tokens, layer)
-        probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
-        ahead = [self.policy.router_done(layer, experts, probs)]
-        if self.policy.wants_speculation and layer + 1 < self.L:
-            guess = self.replay.speculation(request_id, first, n_tokens, layer)
-            if guess is not None:  # where the trace has no guess the real gate's would be used
-                ahead.append(self.policy.speculated(layer + 1, guess))
-        counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
-        needed = [e for e, n in enumerate(counts) if n]
-        pending = deque(sorted(needed, key=lambda e: not self.cache.holds((layer, e))))
-        in_flight: deque = deque()
-        while pending or in_flight:
-            while pending and (self.cache.holds((layer, pending[0])) or self.cache.can_make_room()):
-                e = pending.popleft()
-                slot, _ = self.cache.acquire((layer, e))
-                in_flight.append((e, slot))
-                self._peak_resident = max(self._peak_resident, len(self.cache.resident()))
-            for plan in ahead:
-                self._apply(plan)
-            ahead = []
-            e, slot = in_flight.popleft()
-            # Like attention: the kernels start once queued (and the slot's copy landed) and cannot end
-            # before the host has finished queueing them. (A synchronous device runs them inline.)
-            if cal.synchronous:
-                c.host += cal.per_expert(phase)
-            start = max(c.compute, c.host, self.engine.wait_ready(slot))
-            if cal.synchronous:
-                c.compute = c.host = start + cal.expert_device_s(self.fmt, phase, counts[e])
-            else:
-                c.host += cal.per_expert(phase)
-                c.compute = max(start + cal.expert_device_s(self.fmt, phase, counts[e]), c.host)
-            self.timeline.add("compute", "expert", layer, e, 0, start, c.compute)
-            self.engine.mark_read(slot, c.compute)
-            self.cache.unpin((layer, e))
-        self._apply(self.policy.layer_done(layer))
-
+        self.events.emit(StepEvent("step_done", step, p))

@@ -1,4 +1,9 @@
-"""Requests in, tokens out: loading, the prefill and decode phases, metrics and the timeline."""
+"""``Runtime``: requests in, tokens out. Loading, the prefill and decode phases, metrics and the timeline.
+
+``load()`` reads a checkpoint (or synthesizes one) into an offloaded runtime: experts packed into
+the pinned host store, everything else on the device, expert slots sized by the memory budget.
+``Runtime.generate`` runs one request; ``Runtime.configure`` swaps budget and knobs in place.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import TensorSource, open_source
 from .errors import DeviceError, PromptError
+from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache
 from .experts.executor import ExpertExecutor
+from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
 from .memory import MemoryPlan, plan_memory, resolve_budget
-from .model import OffloadedMixtral, build_skeleton, dense_bytes, materialize
-from .policy import Phase, Policy, make_policy
+from .mixtral import OffloadedMixtral, build_skeleton, dense_bytes, materialize
+from .policy import Phase, Policy, PolicyKnobs, load_policy
 from .timeline import Timeline
 from .traces import RoutingReplay, read_trace
 from .units import format_bytes
@@ -73,15 +80,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class Runtime:
-    """An offloaded Mixtral: non-expert weights on the device, experts in host memory."""
+    """An offloaded Mixtral: non-expert weights on the device, experts in host memory.
+
+    One decode token, hop by hop: ``generate`` puts the token on the device; ``OffloadedMixtral``
+    runs each layer's attention (the policy heard ``layer_started`` just before, so the prefill
+    window's copies overlap it); ``ExpertExecutor`` routes (one device->host sync) and hands the
+    top-k to the ``LayerStep``, which acquires slots through ``ExpertCache`` (misses and the policy's
+    prefetches become copies on ``TransferEngine``'s copy stream) and queues each expert's kernels
+    after its copy's event; the outputs are summed in ascending expert order; after the last layer
+    the token is sampled. ``events`` tells the timeline and any other observer what happened.
+    """
 
     def __init__(self, source: TensorSource, *, device: str | torch.device | None = "auto", quant: str = "nf4",
-                 memory_budget: str | int | None = None, policy: str | Policy = "on-demand",
+                 memory_budget: str | int | None = None, knobs: PolicyKnobs = PolicyKnobs(),
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
-                 routing_trace: str | Path | None = None, attention_quant: str = "none",
-                 predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
-                 speculative_gate: bool = False):
+                 routing_trace: str | Path | None = None, attention_quant: str = "none"):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -104,14 +118,15 @@ class Runtime:
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
+        self.memory_budget = memory_budget
         self.plan: MemoryPlan = self._plan(memory_budget, self.max_context)  # fail before anything heavy
-        self.policy = self._make_policy(policy, predictor, prefetch_depth, predictor_threshold, speculative_gate)
-        self._knobs = dict(memory_budget=memory_budget, policy=policy, predictor=predictor,
-                           prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold,
-                           speculative_gate=speculative_gate)
+        self.knobs = knobs
+        self.policy = self._load_policy(knobs)
 
         cuda = self.device.type == "cuda"
+        self.events = EventBus()
         self.timeline = Timeline(self.device, enabled=record_timeline)
+        self.events.subscribe(self.timeline.on_event)
         self.store = HostExpertStore(self.config.num_hidden_layers, self.config.num_local_experts,
                                      self.format.nbytes, pin=cuda)
         t0 = time.perf_counter()
@@ -124,35 +139,33 @@ class Runtime:
         self.engine = None
         self._build_scheduler()
 
-    def configure(self, *, memory_budget: str | int | None = None, policy: str | Policy | None = None,
-                  predictor: str | Path | None = None, prefetch_depth: int | None = None,
-                  predictor_threshold: float | None = None, speculative_gate: bool | None = None,
-                  max_context: int | None = None) -> "Runtime":
-        """Change the budget, the policy or its knobs without reloading the model.
+    def configure(self, *, memory_budget: str | int | None = None, max_context: int | None = None,
+                  knobs: PolicyKnobs | None = None, **knob_changes) -> "Runtime":
+        """Change the budget, the policy or its knobs (``PolicyKnobs`` fields) without reloading the model.
 
         The host store and the dense weights stay; the expert slots are reallocated for the new
         budget and the policy and cache start empty. This is what makes a sweep, or a notebook
         slider, cost a run instead of a 26 GB reload. Knobs left ``None`` keep their values
-        (so a predictor, once given, stays until another replaces it).
+        (so a predictor, once given, stays until another replaces it); ``knobs`` replaces them all
+        (then ``knob_changes`` apply on top). Observers subscribed to
+        ``events`` stay subscribed. If the new setting cannot be built, the old one is restored.
         """
-        knobs = {**self._knobs, **{k: v for k, v in dict(
-            memory_budget=memory_budget, policy=policy, predictor=predictor, prefetch_depth=prefetch_depth,
-            predictor_threshold=predictor_threshold, speculative_gate=speculative_gate).items() if v is not None}}
+        knobs = (knobs or self.knobs).changed(**knob_changes)
+        budget = self.memory_budget if memory_budget is None else memory_budget
         context = self.max_context
         if max_context is not None:
             if max_context > self.config.max_position_embeddings:
                 raise PromptError(f"max_context {max_context} exceeds the model's context of "
                                   f"{self.config.max_position_embeddings} tokens")
             context = max_context
-        plan = self._plan(knobs["memory_budget"], context)
-        new_policy = self._make_policy(knobs["policy"], knobs["predictor"], knobs["prefetch_depth"],
-                                       knobs["predictor_threshold"], knobs["speculative_gate"])
-        before = (self.plan, self.policy, self.max_context, self._knobs)
-        self.plan, self.policy, self.max_context, self._knobs = plan, new_policy, context, knobs
+        plan = self._plan(budget, context)
+        new_policy = self._load_policy(knobs)
+        before = (self.plan, self.policy, self.max_context, self.knobs, self.memory_budget)
+        self.plan, self.policy, self.max_context, self.knobs, self.memory_budget = plan, new_policy, context, knobs, budget
         try:
             self._build_scheduler()
         except Exception:  # e.g. 'resident' refusing a budget that cannot hold every expert
-            self.plan, self.policy, self.max_context, self._knobs = before
+            self.plan, self.policy, self.max_context, self.knobs, self.memory_budget = before
             self._build_scheduler()
             raise
         return self
@@ -163,21 +176,12 @@ class Runtime:
         return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget, unbounded),
                            max_context, self.dtype, self.device.type)
 
-    def _make_policy(self, policy: str | Policy, predictor: str | Path | None, prefetch_depth: int,
-                     predictor_threshold: float, speculative_gate: bool) -> Policy:
-        layer_predictor = None
-        if predictor is not None:
-            from .predict import load_predictor
-
-            c = self.config
-            layer_predictor = load_predictor(predictor, expect=(self.source.name, c.num_hidden_layers,
-                                                                c.num_local_experts, c.num_experts_per_tok),
-                                             device="cpu")
-        return make_policy(policy, predictor=layer_predictor, prefetch_depth=prefetch_depth,
-                           predictor_threshold=predictor_threshold, speculative_gate=speculative_gate)
+    def _load_policy(self, knobs: PolicyKnobs) -> Policy:
+        c = self.config
+        return load_policy(knobs, (self.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok))
 
     def _build_scheduler(self) -> None:
-        """Slots, cache, policy and executor for the current plan; the old slots are freed first."""
+        """Slots, cache, layer step and executor for the current plan; the old slots are freed first."""
         if self.engine is not None:
             # Free the slots now: the old policy and cache refer to each other, so without this the
             # buffer would live until the garbage collector ran, on top of the new one.
@@ -185,19 +189,17 @@ class Runtime:
             self.engine = self.cache = self.executor = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.timeline)
-        self.cache = ExpertCache(self.engine, self.policy, self.config.num_hidden_layers,
-                                 self.config.num_local_experts)
+        c = self.config
+        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.events)
+        self.cache = ExpertCache(self.engine, self.policy, c.num_hidden_layers, c.num_local_experts, self.events)
         self.policy.attach(self.cache)
-        executor = ExpertExecutor(self.cache, self.engine, self.policy, self.format, self.timeline,
-                                  self.config.num_experts_per_tok)
-        for layer in self.skeleton.model.layers:
-            layer.mlp.executor = executor
-        executor.gates = [layer.mlp.gate for layer in self.skeleton.model.layers]
-        executor.replay = self.replay
-        self.executor = executor
-        self.model = OffloadedMixtral(self.skeleton, self.timeline,
-                                      lambda layer: executor.apply(self.policy.layer_started(layer)))
+        self.layer_step = LayerStep(self.cache, self.policy, self.events)
+        layers = self.skeleton.model.layers
+        self.executor = ExpertExecutor(self.layer_step, self.engine, self.format, self.events, c.num_experts_per_tok,
+                                       [layer.mlp.gate for layer in layers], self.replay)
+        for layer in layers:
+            layer.mlp.executor = self.executor
+        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started)
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:
@@ -291,6 +293,7 @@ class Runtime:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.timeline.reset()
+        self.events.emit(StepEvent("request_started"))
         if recorder is not None:
             self.executor.observers.append(recorder)
         try:
@@ -299,51 +302,50 @@ class Runtime:
         finally:
             if recorder is not None:
                 self.executor.observers.remove(recorder)
-        tokens, logits_out, stats, ttft, e2e = run
+        tokens, logits_out, phases, ttft, e2e = run
         copies = [r for r in self.timeline.rows() if r["kind"] == "h2d"]
         copy_ms = sum(r["duration_ms"] for r in copies)
-        total = _delta(stats[0], stats[2])
+        total = phases["total"]
         return GenerationResult(
             tokens=tokens, prompt_tokens=len(ids), ttft_s=ttft,
             tpot_s=(e2e - ttft) / (len(tokens) - 1) if len(tokens) > 1 else None, e2e_s=e2e,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
             h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
-            expert_hits=total["hits"], expert_misses=total["misses"], device=_device_name(self.device),
+            expert_hits=total["hits"], expert_misses=total["misses"], device=device_name(self.device),
             policy=self.policy.describe(),
-            phases={"prefill": _delta(stats[0], stats[1]), "decode": _delta(stats[1], stats[2])},
+            phases={"prefill": phases["prefill"], "decode": phases["decode"]},
             text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
             logits=logits_out if return_logits else None,
         )
 
     def _decode_loop(self, ids: list[int], max_new_tokens: int, temperature: float, generator: torch.Generator,
                      eos: set[int], return_logits: bool, recorder, request_id: int):
-        """Prefill, then one token per step; returns tokens, logits, cache-stat snapshots, TTFT, E2E."""
-        cache = self.model.new_cache()
+        """Prefill, then one token per step; returns tokens, logits, per-phase cache counts, TTFT, E2E."""
+        kv_cache = self.model.new_cache()
         tokens, logits_out = [], []
-        snapshots = [self.cache.stats.as_dict()]
+        counts = PhaseCounts(self.cache)
         step_input = torch.tensor([ids], device=self.device)
         t0 = time.perf_counter()
         ttft = 0.0
         for step in range(max_new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
-            self.timeline.phase, self.timeline.step = phase.value, step
-            self.executor.begin_step(request_id, phase.value, cache.get_seq_length())
-            self.executor.apply(self.policy.phase(phase))
-            logits = self.model.forward(step_input, cache)
+            self.executor.begin_step(request_id, step, phase, kv_cache.get_seq_length())
+            logits = self.model.forward(step_input, kv_cache)
             token = _sample(logits[0], temperature, generator)
             tokens.append(token)
+            self.events.emit(StepEvent("step_done", step, phase.value))
             if return_logits:
                 logits_out.append(logits[0].cpu())
             if step == 0:
                 ttft = time.perf_counter() - t0
-                snapshots.append(self.cache.stats.as_dict())
+                counts.mark()
             if token in eos:
                 break
             step_input = torch.tensor([[token]], device=self.device)
         e2e = time.perf_counter() - t0
-        snapshots.append(self.cache.stats.as_dict())
-        return tokens, logits_out, snapshots, ttft, e2e
+        counts.mark()
+        return tokens, logits_out, counts.phases(), ttft, e2e
 
     def describe(self) -> dict:
         """The runtime's configuration, for result files."""
@@ -351,7 +353,7 @@ class Runtime:
             "model": self.source.name, "layers": self.config.num_hidden_layers,
             "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
             "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name, "compute_dtype": str(self.dtype).split(".")[-1],
-            "device": _device_name(self.device), "max_context": self.max_context,
+            "device": device_name(self.device), "max_context": self.max_context,
             "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
             "full_model_bytes": self.full_model_bytes(), "routing_trace": self.routing_trace,
@@ -360,27 +362,26 @@ class Runtime:
 
 
 def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",
-         memory_budget: str | int | None = None, policy: str | Policy = "on-demand", num_layers: int | None = None,
-         dtype: torch.dtype | None = None, max_context: int | None = None, seed: int = 0,
-         synth_device: str | torch.device | None = None, record_timeline: bool = True,
-         routing_trace: str | Path | None = None, attention_quant: str = "none",
-         predictor: str | Path | None = None, prefetch_depth: int = 2, predictor_threshold: float = 0.3,
-         speculative_gate: bool = False) -> Runtime:
+         memory_budget: str | int | None = None, num_layers: int | None = None, dtype: torch.dtype | None = None,
+         max_context: int | None = None, seed: int = 0, synth_device: str | torch.device | None = None,
+         record_timeline: bool = True, routing_trace: str | Path | None = None, attention_quant: str = "none",
+         knobs: PolicyKnobs | None = None, **knob_values) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
+    The schedule: ``knobs``, or its fields as keywords (``policy="duoserve", predictor=...,
+    prefetch_depth=2, predictor_threshold=0.5, speculative_gate=False``; see ``PolicyKnobs``).
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
     device, which keeps full-size synthesis fast on a GPU). ``routing_trace`` replays each
     token's top-k experts and weights from a trace instead of the router's choice.
     ``attention_quant="nf4"`` stores the attention projections in NF4 too.
     """
+    knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
     dev = resolve_device(device)
     source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or dev)
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
-    return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, policy=policy, dtype=dtype,
+    return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
-                   routing_trace=routing_trace, attention_quant=attention_quant, predictor=predictor,
-                   prefetch_depth=prefetch_depth, predictor_threshold=predictor_threshold,
-                   speculative_gate=speculative_gate)
+                   routing_trace=routing_trace, attention_quant=attention_quant)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
@@ -397,11 +398,7 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def _delta(before: dict, after: dict) -> dict:
-    return {k: after[k] - before[k] for k in after}
-
-
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return "cpu"

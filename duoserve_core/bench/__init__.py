@@ -1,0 +1,290 @@
+"""Policies side by side in one process, each against the bounds of its own run.
+
+    python -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \\
+        --memory-budget 15% --prompt-len 512 --gen 128 \\
+        --policies duoserve,uniform,on-demand,lru-speculative,resident --json
+
+For every policy: TTFT, TPOT, E2E, peak GPU memory, bytes moved, hit rate, prefetch accuracy, and
+three bounds computed from the run itself:
+
+- transfer floor: the bytes of the experts the prefill uses (none is resident at the start),
+  over the H2D bandwidth the run's own copies achieved;
+- compute floor: the compute stream's busy time (attention, routers, experts), per phase;
+- oracle (decode): Belady's loads over the routing the run took, at the same number of slots,
+  every copy overlapped: max(oracle bytes / bandwidth, decode compute) per token.
+
+Belady's count is a lower bound on copies for the whole run (prefill + decode), not for decode
+alone: a policy that loads experts during prefill which the prompt never routes to (the prefill
+window loads layers whole) can carry them into decode and copy fewer there than Belady's decode
+loads. ``oracle_total_loads`` is the whole run's bound; ``oracle_decode_loads`` times the decode.
+
+TTFT is compared with max(transfer floor, prefill compute floor), TPOT with the oracle bound.
+A policy that does not fit the budget (``resident``, usually) is reported as skipped. Results go
+to ``benchmarks/results/bench_<device>_<date>.json`` with the device, date and command;
+``--peer`` adds the accelerate peer's figures (``benchmarks/accelerate_peer.py``) and duoserve's
+speed-up over it, ``--timelines DIR`` each policy's timeline, ``--record-trace`` the routing taken.
+
+The model is loaded once; each policy, budget and knob setting is applied with
+``Runtime.configure``. This module holds the measurement as functions with typed arguments
+(``run_policy``, ``compare_policies``, ``sweep_rows``, ``bounds``, ``derived``, ``targets``), which the
+simulator's runner and the notebooks call too; ``__main__`` parses the command line. The sweep, the second command of the issue:
+
+    python -m duoserve_core.bench --sweep ... --prompt-lens 128,512,2048 --budgets 2slots,15%,all \
+        --depths 1,2,3 --thresholds 0.2,0.5,0.8
+
+writes ``benchmarks/results/sweep_<device>_<date>.json``, one row per measurement.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BudgetError
+from ..memory import MemoryPlan
+from ..oracle import belady_loads, expert_groups
+from ..policy import PolicyKnobs
+from ..runtime import Runtime, device_name, load, resolve_device
+from ..units import format_bytes
+
+REPEATS = 3
+
+
+def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: int) -> dict:
+    """The three bounds of one run, from its timeline rows (times in seconds)."""
+    copies = [r for r in rows if r["kind"] == "h2d"]
+    copy_s = sum(r["duration_ms"] for r in copies) / 1e3
+    bandwidth = sum(r["nbytes"] for r in copies) / copy_s if copy_s > 0 else None
+    compute = {phase: sum(r["duration_ms"] for r in rows if r["stream"] == "compute" and r["phase"] == phase) / 1e3
+               for phase in ("prefill", "decode")}
+    prefill_experts = {(r["layer"], r["expert"]) for r in rows if r["kind"] == "expert" and r["phase"] == "prefill"}
+    # Prefill experts are computed one after another, so each is its own step; decode pins a layer's set.
+    prefill_steps = [{key} for key in sorted(prefill_experts)]
+    decode_steps = expert_groups(rows, "decode")
+    oracle_loads = belady_loads(prefill_steps + decode_steps, num_slots, count_from=len(prefill_steps))
+    out = {"h2d_bandwidth_Bps": bandwidth, "compute_prefill_s": compute["prefill"],
+           "compute_decode_s": compute["decode"], "oracle_decode_loads": oracle_loads,
+           # each prefill expert is used once: Belady loads each once, then the decode loads above
+           "oracle_total_loads": len(prefill_steps) + oracle_loads}
+    if bandwidth:
+        out["transfer_floor_s"] = len(prefill_experts) * expert_bytes / bandwidth
+        out["ttft_floor_s"] = max(out["transfer_floor_s"], compute["prefill"])
+        if decode_tokens:
+            out["oracle_tpot_s"] = max(oracle_loads * expert_bytes / bandwidth, compute["decode"]) / decode_tokens
+    return out
+
+
+def derived(*, ttft_s: float, tpot_s: float | None, decode_tokens: int, phases: dict, rows: list[dict],
+            plan: MemoryPlan, peak_gpu_bytes: int | None) -> dict:
+    """What a run's record adds to its raw figures, the same for a measured and a simulated run:
+    the bounds, hit rate, prefetch precision and recall, the budget check and the two ratios."""
+    total = phases["total"]
+    b = bounds(rows, plan.num_slots, plan.expert_bytes, decode_tokens)
+    decode = phases["decode"]
+    uses, decode_uses = total["hits"] + total["misses"], decode["hits"] + decode["misses"]
+    out = {"bounds": b,
+           "hit_rate": total["hits"] / uses if uses else None,
+           "prefetch_precision": decode["prefetch_hits"] / decode["prefetches"] if decode["prefetches"] else None,
+           "prefetch_recall": decode["prefetch_hits"] / decode_uses if decode_uses else None,
+           "within_budget": None if peak_gpu_bytes is None
+           else plan.budget_bytes is None or peak_gpu_bytes <= plan.budget_bytes}
+    if "ttft_floor_s" in b:
+        out["ttft_over_floor"] = ttft_s / b["ttft_floor_s"]
+    if "oracle_tpot_s" in b and tpot_s:
+        out["tpot_over_oracle"] = tpot_s / b["oracle_tpot_s"]
+    return out
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What the measured runtime is loaded with (everything but the budget and the schedule)."""
+
+    model: str = "synthetic:mixtral-8x7b"
+    quant: str = "nf4"
+    attention_quant: str = "none"
+    device: str = "auto"
+    num_layers: int | None = None
+    routing_trace: str | None = None
+
+
+def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:
+    """One runtime for every configuration of a command: ``configure`` swaps budget and policy."""
+    return load(setup.model, device=setup.device, quant=setup.quant, attention_quant=setup.attention_quant,
+                memory_budget=memory_budget, policy="on-demand", num_layers=setup.num_layers,
+                max_context=max_context, routing_trace=setup.routing_trace)
+
+
+def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: int, *,
+               memory_budget: str | int | None = None, repeats: int = REPEATS, recorder=None) -> dict:
+    """Configure ``runtime`` for ``knobs`` (the knobs its policy does not use are ignored) and measure
+    it: one warm-up, then the median of ``repeats`` runs by E2E."""
+    runtime.configure(memory_budget=memory_budget, knobs=knobs.effective())
+    prompt_ids = [t % runtime.config.vocab_size for t in prompt_ids]
+    runs = []
+    for attempt in range(repeats + 1):  # the first run warms kernels, the allocator and the clocks
+        if not runtime.policy.holds_every_expert:  # start cold, as the transfer floor assumes
+            runtime.empty_expert_cache()
+        result = runtime.generate(prompt_ids=prompt_ids, max_new_tokens=gen, stop_at_eos=False,
+                                  recorder=recorder if attempt == 0 else None)
+        runs.append((result, runtime.timeline.rows()))
+    runs = sorted(runs[1:], key=lambda r: r[0].e2e_s)
+    result, rows = runs[len(runs) // 2]
+    phases = {**result.phases, "total": {k: result.phases["prefill"][k] + result.phases["decode"][k]
+                                         for k in result.phases["prefill"]}}
+    return {**result.as_dict(), "runtime": runtime.describe(),
+            **derived(ttft_s=result.ttft_s, tpot_s=result.tpot_s, decode_tokens=len(result.tokens) - 1,
+                      phases=phases, rows=rows, plan=runtime.plan, peak_gpu_bytes=result.peak_gpu_bytes),
+            "repeats_e2e_s": [r.e2e_s for r, _ in runs], "timeline": rows}
+
+
+def compare_policies(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], prompt_ids: list[int], gen: int, *,
+                     memory_budget: str | int | None = None, repeats: int = REPEATS,
+                     recorder=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every policy at one budget and prompt: (results by policy, skipped policies with the reason).
+    ``recorder`` (a ``TraceRecorder``) hears the first policy's warm-up run."""
+    results, skipped = {}, {}
+    for policy in policies:
+        try:
+            results[policy] = run_policy(runtime, knobs.changed(policy=policy), prompt_ids, gen,
+                                         memory_budget=memory_budget, repeats=repeats,
+                                         recorder=recorder if not results else None)
+        except BudgetError as exc:
+            skipped[policy] = str(exc)
+    if "duoserve" in results:
+        mine = results["duoserve"]["e2e_s"]
+        for r in results.values():
+            r["duoserve_speedup_e2e"] = r["e2e_s"] / mine
+    return results, skipped
+
+
+def sweep_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], gen: int, *, prompt_len: int,
+               prompt_lens: list[int], memory_budget: str | int, budgets: list[str], depths: list[int],
+               thresholds: list[float], repeats: int = REPEATS, progress=print) -> list[dict]:
+    """Prompt lengths, then budgets, then depth x threshold (duoserve), on one loaded runtime."""
+    policies = [p for p in policies if p != "resident"]
+    rows = []
+
+    def measure(sweep_name: str, policy: str, length: int, budget, **changes) -> None:
+        try:
+            r = run_policy(runtime, knobs.changed(policy=policy, **changes), make_prompt(length), gen,
+                           memory_budget=budget, repeats=repeats)
+        except BudgetError as exc:
+            rows.append({"sweep": sweep_name, "policy": policy, "prompt_len": length, "skipped": str(exc)})
+            return
+        r.pop("timeline")
+        rows.append({"sweep": sweep_name, "policy": policy, "prompt_len": length, **summary(r)})
+        last = rows[-1]
+        progress(f"{sweep_name:<10} {policy:<16} prompt {length:>5}  slots {last['slots']:>4}  "
+                 f"depth {last['prefetch_depth'] or '-'}  thr {last['predictor_threshold'] or '-'}  "
+                 f"TTFT {last['ttft_s'] * 1e3:8.1f} ms ({last['ttft_over_floor'] or 0:.2f}x floor)  "
+                 f"TPOT {(last['tpot_s'] or 0) * 1e3:7.2f} ms ({last['tpot_over_oracle'] or 0:.2f}x oracle)")
+
+    for n in prompt_lens:
+        for policy in policies:
+            measure("prompt", policy, n, memory_budget)
+    for budget in budgets:
+        for policy in policies + (["resident"] if budget == "all" else []):
+            measure("budget", policy, prompt_len, budget)
+    for depth in depths:
+        for threshold in thresholds:
+            measure("knobs", "duoserve", prompt_len, memory_budget, prefetch_depth=depth,
+                    predictor_threshold=threshold)
+    return rows
+
+
+def make_prompt(length: int) -> list[int]:
+    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def summary(r: dict) -> dict:
+    """One sweep row's figures from a ``run_policy`` result."""
+    rt = r["runtime"]
+    return {"slots": rt["memory_plan"]["num_slots"], "budget_bytes": rt["memory_plan"]["budget_bytes"],
+            "prefetch_depth": rt.get("prefetch_depth"), "predictor_threshold": rt.get("predictor_threshold"),
+            "speculative_gate": rt.get("speculative_gate"), "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"],
+            "e2e_s": r["e2e_s"], "peak_gpu_bytes": r["peak_gpu_bytes"], "within_budget": r["within_budget"],
+            "h2d_bytes": r["h2d_bytes"], "hit_rate": r["hit_rate"], "prefetch_precision": r["prefetch_precision"],
+            "prefetch_recall": r["prefetch_recall"], "ttft_floor_s": r["bounds"].get("ttft_floor_s"),
+            "oracle_tpot_s": r["bounds"].get("oracle_tpot_s"), "ttft_over_floor": r.get("ttft_over_floor"),
+            "tpot_over_oracle": r.get("tpot_over_oracle"), "decode": r["phases"]["decode"]}
+
+
+# The schedulers issue's targets for duoserve: ratio ceilings, and "fastest end to end".
+TARGETS = {"ttft_over_floor": 1.10, "tpot_over_oracle": 1.15}
+
+
+def targets(record: dict, mine: str = "duoserve") -> dict:
+    """Each target for ``mine`` in a bench record: the figure, the limit, met or not, and for decode
+    where the time goes (copies per token against Belady's, and the copying's share of a token)."""
+    r, results = record["results"][mine], record["results"]
+    b, plan = r["bounds"], r["runtime"]["memory_plan"]
+    out = {"peak_within_budget": {"peak_bytes": r["peak_gpu_bytes"], "budget_bytes": plan["budget_bytes"],
+                                  "met": r["within_budget"]}}
+    for key, limit in TARGETS.items():
+        value = r.get(key)
+        out[key] = {"value": value, "limit": limit, "met": None if value is None else value <= limit}
+    others = {name: x["e2e_s"] for name, x in results.items() if name != mine}
+    out["fastest_e2e"] = {"e2e_s": r["e2e_s"], "others_e2e_s": others, "met": all(r["e2e_s"] < v for v in others.values())}
+    if record.get("peer"):
+        out["fastest_e2e"]["peer_speedup"] = record["peer"].get("duoserve_speedup_e2e")
+    decode_tokens = len(r["tokens"]) - 1
+    if decode_tokens and b.get("h2d_bandwidth_Bps"):
+        copies = r["phases"]["decode"]["h2d_copies"] / decode_tokens
+        oracle = b["oracle_decode_loads"] / decode_tokens
+        copy_s = copies * plan["expert_bytes"] / b["h2d_bandwidth_Bps"]
+        out["decode_time"] = {"copies_per_token": copies, "oracle_copies_per_token": oracle,
+                              "copies_over_oracle": copies / oracle if oracle else None,
+                              "copy_s_per_token": copy_s, "tpot_s": r["tpot_s"],
+                              "tpot_over_copy_time": r["tpot_s"] / copy_s if copy_s else None}
+    return out
+
+
+def peer_comparison(path: str, prompt_len: int, gen: int, duoserve: dict | None) -> dict:
+    """The accelerate peer's E2E for this prompt and generation length, from its own result file."""
+    peer = json.loads(Path(path).read_text())
+    ttft, tpot = peer["ttft_s_scaled_to_full_depth"], peer["tpot_s_scaled_to_full_depth"]
+    out = {"file": str(path), "device": peer["device"], "date": peer["date"], "ttft_s": ttft, "tpot_s": tpot,
+           "e2e_s": ttft + (gen - 1) * tpot, "note": peer["scaling_note"], "prompt_len": peer["prompt_len"]}
+    if peer["prompt_len"] != prompt_len:
+        out["note"] += f"; the peer's prompt had {peer['prompt_len']} tokens, not {prompt_len}"
+    if duoserve is not None:
+        out["duoserve_speedup_e2e"] = out["e2e_s"] / duoserve["e2e_s"]
+    return out
+
+
+def bench_record(device: str, command: str, results: dict) -> dict:
+    """The envelope of a result file: device, date, command, torch."""
+    return {"device": device, "date": datetime.date.today().isoformat(), "command": command,
+            "torch": torch.__version__, "results": results}
+
+
+def device_label(device: str) -> str:
+    return device_name(resolve_device(device))
+
+
+def default_out(record: dict, kind: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", record["device"])
+    return Path(f"benchmarks/results/{kind}_{slug}_{record['date']}.json")
+
+
+def format_table(results: dict, skipped: dict) -> str:
+    """The policies side by side, as the bench and the simulator print them."""
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    lines = [f"{'policy':<16} {'TTFT ms':>9} {'/floor':>7} {'TPOT ms':>9} {'/oracle':>8} {'E2E s':>7} "
+             f"{'peak':>11} {'H2D':>11} {'hit':>6} {'pf prec':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<16} {r['ttft_s'] * 1e3:>9.1f} {fmt(r.get('ttft_over_floor'), '>7.2f')} "
+                     f"{fmt(r['tpot_s'] and r['tpot_s'] * 1e3, '>9.2f')} {fmt(r.get('tpot_over_oracle'), '>8.2f')} "
+                     f"{r['e2e_s']:>7.2f} {fmt(r['peak_gpu_bytes'] and format_bytes(r['peak_gpu_bytes']), '>11')} "
+                     f"{format_bytes(r['h2d_bytes']):>11} {fmt(r['hit_rate'], '>6.2f')} "
+                     f"{fmt(r['prefetch_precision'], '>8.2f')}")
+    for name, why in skipped.items():
+        lines.append(f"{name:<16} skipped: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""``python -m duoserve_core.bench``: the command line of the policy comparison (``duoserve_core.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .. import bench  # noqa: F401  (its docstring is the --help text)
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..errors import DuoServeError
+from ..policy import DEFAULT_KNOBS, PolicyKnobs
+from ..traces import TraceMeta, TraceRecorder, write_trace
+from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
+               open_runtime, peer_comparison, sweep_rows, targets)
+
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m duoserve_core.bench", description=bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthetic:mixtral-8x7b")
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--quant-attention", default="none")
+    p.add_argument("--memory-budget", default="15%")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--policies", default="duoserve,uniform,on-demand,lru-speculative,resident")
+    p.add_argument("--predictor", default=None)
+    p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
+    p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
+    p.add_argument("--speculative-gate", action="store_true")
+    p.add_argument("--routing-trace", default=None)
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--peer", default=None, help="a benchmarks/accelerate_peer.py result: duoserve's speed-up over it")
+    p.add_argument("--timelines", default=None, help="folder for each policy's timeline (Parquet)")
+    p.add_argument("--record-trace", default=None, help="write the routing the runs took (a trace) here")
+    sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
+    sweep.add_argument("--sweep", action="store_true", help="sweep prompt lengths, budgets, depth and threshold")
+    sweep.add_argument("--prompt-lens", default="128,256,512,1024,2048")
+    sweep.add_argument("--budgets", default="2slots,8slots,15%,30%,50%,all",
+                       help="budgets as bytes, %% of the model, Nslots (fixed memory + N experts) or all")
+    sweep.add_argument("--depths", default="1,2,3")
+    sweep.add_argument("--thresholds", default="0.2,0.4,0.6,0.8")
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/bench_<device>_<date>.json)")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    return p.parse_args(argv)
+
+
+def setup_of(args: argparse.Namespace) -> BenchSetup:
+    return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention, device=args.device,
+                      num_layers=args.num_layers, routing_trace=args.routing_trace)
+
+
+def knobs_of(args: argparse.Namespace) -> PolicyKnobs:
+    return PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+                       predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate)
+
+
+def command(argv: list[str] | None) -> str:
+    return "python -m duoserve_core.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return (sweep if args.sweep else compare)(args, argv)
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Every policy at one budget and prompt: the table of the issue, with the bounds."""
+    if args.peer and not Path(args.peer).is_file():  # before minutes of measuring, not after
+        raise DuoServeError(f"--peer {args.peer} does not exist; run benchmarks/accelerate_peer.py --out {args.peer}")
+    knobs = knobs_of(args)  # bad knobs fail before the model loads
+    runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
+    recorder = TraceRecorder() if args.record_trace else None
+    results, skipped = compare_policies(runtime, knobs, args.policies.split(","), make_prompt(args.prompt_len),
+                                        args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
+                                        recorder=recorder)
+    if not results:
+        print("error: no policy fits this budget: " + "; ".join(skipped.values()), file=sys.stderr)
+        return 2
+    timelines = {name: r.pop("timeline") for name, r in results.items()}
+    record = bench_record(next(iter(results.values()))["device"], command(argv), results)
+    record["skipped"] = skipped
+    if args.peer:
+        record["peer"] = peer_comparison(args.peer, args.prompt_len, args.gen, results.get("duoserve"))
+    if "duoserve" in results:
+        record["targets"] = targets(record)
+    out = Path(args.out) if args.out else default_out(record, "bench")
+    atomic_write_json(out, record)
+    _write_timelines(args.timelines, out.stem, timelines)
+    _write_trace(args.record_trace, runtime, recorder)
+    print(format_table(results, skipped))
+    if "peer" in record:
+        peer = record["peer"]
+        print(f"{'accelerate peer':<16} {peer['ttft_s'] * 1e3:>9.1f} {'':>7} {peer['tpot_s'] * 1e3:>9.2f} {'':>8} "
+              f"{peer['e2e_s']:>7.2f}   ({peer['note']}; duoserve {peer.get('duoserve_speedup_e2e', 0):.1f}x faster)")
+    if args.json:
+        print(json.dumps(record))
+    print(f"wrote {out}")
+    return 0
+
+
+def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Prompt lengths, then budgets, then depth x threshold, on one loaded runtime."""
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    knobs = knobs_of(args)
+    runtime = open_runtime(setup_of(args), args.memory_budget, max(lens + [args.prompt_len]) + args.gen)
+    rows = sweep_rows(runtime, knobs, args.policies.split(","), args.gen, prompt_len=args.prompt_len,
+                      prompt_lens=lens, memory_budget=args.memory_budget, budgets=args.budgets.split(","),
+                      depths=[int(x) for x in args.depths.split(",")],
+                      thresholds=[float(x) for x in args.thresholds.split(",")], repeats=args.repeats,
+                      progress=lambda line: print(line, flush=True))
+    record = bench_record(device_label(args.device), command(argv), {})
+    record.pop("results")
+    record["rows"] = rows
+    out = Path(args.out) if args.out else default_out(record, "sweep")
+    atomic_write_json(out, record)
+    print(f"wrote {out}")
+    return 0
+
+
+def _write_timelines(folder: str | None, stem: str, timelines: dict[str, list[dict]]) -> None:
+    if not folder:
+        return
+    import pandas as pd
+
+    from ..timeline import COLUMNS
+
+    for name, rows in timelines.items():
+        buf = io.BytesIO()
+        pd.DataFrame(rows, columns=COLUMNS).to_parquet(buf, index=False)
+        atomic_write_bytes(Path(folder) / f"{stem}_{name}.parquet", buf.getvalue())
+
+
+def _write_trace(path: str | None, runtime, recorder: TraceRecorder | None) -> None:
+    """The routing of the first measured policy's warm-up run: every policy's (tokens never change)."""
+    if not path or recorder is None:
+        return
+    c = runtime.config
+    meta = TraceMeta(runtime.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
+    write_trace(path, recorder.dataframe(), meta, overwrite=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The layer step: every scheduling decision of one MoE layer, for the runtime and the simulator alike.
+
+Both executors drive this one object; neither has a copy of its loop. They differ only in the
+``ExpertDevice`` they pass: the real one queues kernels and waits on CUDA events
+(``experts.executor``), the simulated one advances clocks (``sim.simulator``). So a decision
+made here is made identically in both, which ``tests/test_layer_step.py`` checks, decision by
+decision, for every policy.
+
+One decode token at layer l, in order:
+
+1. ``layer_started(l)``: the policy's plan is applied (prefill: the window's next layers queue).
+2. attention and the router run on the compute stream; the top-k comes to the host (the one
+   device->host sync of the layer) and ``run`` starts.
+3. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
+   this layer's demand copies go first on the in-order copy stream.
+4. the needed experts, resident (or intact) first, are acquired while a slot can be freed:
+   a hit pins the slot, a miss also queues its copy (``ExpertDevice.copy_in`` via the cache).
+5. the held plans are applied: prefetches queue behind the demand copies.
+6. each acquired expert in turn: wait until its copy landed, compute its tokens, mark the slot
+   read (no copy may overwrite it before), unpin; then acquire more if a slot came free.
+7. ``layer_done(l)``: the policy's releases (prefill: the finished layer leaves the window).
+
+No decision here reads a clock. What depends on time in the next capabilities (the copy queue's
+depth, a CPU lane's cost) is to come from a modeled state kept the same way by both executors,
+so decisions stay reproducible on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+import torch
+
+from ..events import EventBus, StepEvent
+from ..policy.base import Phase, Plan, Policy
+from .cache import ExpertCache, stats_delta
+
+
+class ExpertDevice(Protocol):
+    """Where a layer's experts are computed: the small interface the layer step drives.
+
+    Copies are issued by the cache through its transfer engine (``copy_in``); the step then calls,
+    per expert, ``wait_ready`` (its copy has landed), ``compute`` and ``mark_read`` (the slot's last
+    reader is queued).
+    """
+
+    def wait_ready(self, slot: int) -> None: ...
+    def compute(self, layer: int, expert: int, slot: int) -> None: ...
+    def mark_read(self, slot: int) -> None: ...
+
+
+class LayerStep:
+    """Carries the policy's plans out on the cache and orders each layer's expert work."""
+
+    def __init__(self, cache: ExpertCache, policy: Policy, events: EventBus):
+        self.cache, self.policy, self.events = cache, policy, events
+        self.phase, self.step = Phase.PREFILL.value, 0
+
+    def apply(self, plan: Plan) -> None:
+        """Releases first, then loads in the plan's order until one finds no room: the rest of the
+        plan ranks lower still."""
+        for key in plan.release:
+            self.cache.release(key)
+        for key in plan.load:
+            if not self.cache.prefetch(key) and not self.cache.is_resident(key):
+                break
+
+    def begin_step(self, step: int, phase: Phase) -> None:
+        """A forward pass starts: observers hear it, then the policy's phase plan is applied."""
+        self.phase, self.step = phase.value, step
+        self.events.emit(StepEvent("step_started", step, phase.value))
+        self.apply(self.policy.phase(phase))
+
+    def layer_started(self, layer: int) -> None:
+        self.events.emit(StepEvent("layer_started", self.step, self.phase, layer))
+        self.apply(self.policy.layer_started(layer))
+
+    def run(self, layer: int, topk: torch.Tensor, probs: torch.Tensor, speculation: torch.Tensor | None,
+            device: ExpertDevice) -> None:
+        """Steps 3-7 of the module doc for layer ``layer``; ``topk`` ``[tokens, k]`` on the host."""
+        self.events.emit(StepEvent("routed", self.step, self.phase, layer))
+        held = [self.policy.router_done(layer, topk, probs)]
+        if speculation is not None and self.policy.wants_speculation:
+            held.append(self.policy.speculated(layer + 1, speculation))
+        counts = torch.bincount(topk.flatten(), minlength=self.cache.num_experts).tolist()
+        cache = self.cache
+        pending = deque(sorted((e for e, c in enumerate(counts) if c), key=lambda e: not cache.holds((layer, e))))
+        in_flight: deque[tuple[int, int]] = deque()
+        while pending or in_flight:
+            while pending and (cache.holds((layer, pending[0])) or cache.can_make_room()):
+                expert = pending.popleft()
+                slot, _ = cache.acquire((layer, expert))
+                in_flight.append((expert, slot))
+            for plan in held:
+                self.apply(plan)
+            held = []
+            expert, slot = in_flight.popleft()
+            device.wait_ready(slot)
+            device.compute(layer, expert, slot)
+            device.mark_read(slot)
+            cache.unpin((layer, expert))
+        self.apply(self.policy.layer_done(layer))
+
+
+class PhaseCounts:
+    """The cache's counters split by phase: a snapshot at the request's start, after its prefill, at
+    its end; ``phases()`` gives the per-phase and total differences."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+        self.snapshots = [cache.stats.as_dict()]
+
+    def mark(self) -> None:
+        self.snapshots.append(self.cache.stats.as_dict())
+
+    def phases(self) -> dict[str, dict]:
+        start, after_prefill, end = self.snapshots[0], self.snapshots[1], self.snapshots[-1]
+        return {"prefill": stats_delta(start, after_prefill), "decode": stats_delta(after_prefill, end),
+                "total": stats_delta(start, end)}
