@@ -400,5 +400,5 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return "cpu"
