@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from duoserve_core.policy import PolicyKnobs, make_policy
 from duoserve_core.units import format_bytes
 
 from .figures import stream_timeline
@@ -118,10 +119,11 @@ def residency_figure(run: LiveRun) -> go.Figure:
                                  line=dict(width=0.5, shape="hv", color=LAYER_COLOURS[layer % len(LAYER_COLOURS)]),
                                  hovertemplate=f"layer {layer}: " + "%{y} slots at %{x:.2f} ms<extra></extra>"))
     fig.add_hline(y=run.slots, line_dash="dash", annotation_text=f"{run.slots} slots allocated")
-    if run.knobs["policy"] == "duoserve":
-        window = min(run.slots, run.knobs["depth"] * E)
+    depth = make_policy(PolicyKnobs(policy=run.knobs["policy"], prefetch_depth=run.knobs["depth"])).prefill_window
+    if depth is not None:
+        window = min(run.slots, depth * E)
         fig.add_hline(y=window, line_dash="dot", line_color="#e45756",
-                      annotation_text=f"window: depth {run.knobs['depth']} x {E} experts", annotation_position="bottom right")
+                      annotation_text=f"window: depth {depth} x {E} experts", annotation_position="bottom right")
     fig.update_layout(height=300, xaxis_title="host time of the cache decision (ms since the request started)",
                       yaxis_title="expert slots held", legend_title="experts of",
                       title=f"Slots held per layer during the prefill: {run.label()} (peak {run.log.peak_resident('prefill')})")

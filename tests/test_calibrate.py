@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from duoserve_core.calibrate import main
+from duoserve_core.calibrate.__main__ import main
 from duoserve_core.checkpoint import open_source
 from duoserve_core.sim.calibration import CalibrationError, load_calibration
 

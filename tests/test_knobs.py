@@ -45,6 +45,8 @@ def test_policies_declare_what_they_use():
     assert knobs.changed(policy="duoserve").effective() == knobs.changed(policy="duoserve")
     policy = make_policy(knobs.changed(policy="uniform"))
     assert (policy.name, policy.depth, policy.threshold, policy.wants_speculation) == ("uniform", 3, 0.9, True)
+    windows = {p: make_policy(knobs.changed(policy=p)).prefill_window for p in POLICIES}
+    assert windows == {"duoserve": 3, "uniform": None, "on-demand": None, "lru-speculative": None, "resident": None}
 
 
 def test_one_set_of_defaults_everywhere():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from duoserve_core.bench.__main__ import main as bench
-from duoserve_core.calibrate import main as calibrate
+from duoserve_core.calibrate.__main__ import main as calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

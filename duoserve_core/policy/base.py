@@ -103,6 +103,11 @@ class Policy:
         """May a prefetch of ``incoming`` evict ``victim``? (Demand misses always may.)"""
         return True
 
+    @property
+    def prefill_window(self) -> int | None:
+        """Layers whose experts the prefill keeps live at once, for a policy that bounds them (else None)."""
+        return None
+
     def describe(self) -> dict:
         """Knobs worth reporting beside results."""
         return {"policy": self.name}

@@ -152,6 +152,10 @@ class DuoServePolicy(Policy):
             return Plan(release=[k for k in self.cache.resident() if k[0] == layer])
         return Plan()
 
+    @property
+    def prefill_window(self) -> int | None:
+        return None if self.uniform else self.depth
+
     # -- eviction ----------------------------------------------------------------------------
     def _value(self, key: ExpertKey) -> float:
         """How much keeping ``key`` is worth: higher is more likely needed soon."""

@@ -3,6 +3,8 @@
     python -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \\
         --device auto --json [--out data/calibration/<device>_<model>_<quant>.json]
 
+(``calibrate(CalibrationSpec(...))`` from Python; the command line is ``__main__``.)
+
 Four groups of figures, each measured the way the runtime does the work (the file format is
 documented in ``duoserve_core.sim.calibration``):
 
@@ -36,34 +38,48 @@ on the device. On an H100 the whole run takes well under two minutes at Mixtral-
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import re
-import shlex
 import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import ExpertTensors, expert_shapes, open_source
-from .runtime import device_name, load, resolve_device
-from .errors import DuoServeError
-from .events import StepEvent
-from .experts.formats import make_format
-from .atomic import atomic_write_json
-from .sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
-from .traces import read_trace
+from ..checkpoint import ExpertTensors, expert_shapes, open_source
+from ..runtime import device_name, load, resolve_device
+from ..events import StepEvent
+from ..experts.formats import make_format
+from ..sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
+from ..traces import read_trace
 
 MIB = 2**20
 DEFAULT_SIZES_MIB = (1, 4, 16, 64, 256)
 DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-BUNDLED_TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "small-moe-heldout.parquet"
+BUNDLED_TRACE = Path(__file__).resolve().parents[2] / "data" / "traces" / "small-moe-heldout.parquet"
 DECODE_STEPS = 5  # decode tokens generated after each prefill; the first is not measured (warm-up)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What to measure (``python -m duoserve_core.calibrate``'s flags, typed)."""
+
+    model: str = "synthetic:mixtral-8x7b"
+    quant: str = "nf4"
+    quant_attention: str = "none"
+    device: str = "auto"
+    formats: tuple[str, ...] = ("bf16", "nf4")       # expert formats to time (``quant``'s is added)
+    max_tokens: int = 2048                           # expert compute: 1, 2, 4, .. up to this
+    sizes_mib: tuple[float, ...] = DEFAULT_SIZES_MIB  # H2D copy sizes (one expert record is always added)
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS      # prefill lengths and decode contexts
+    routing_trace: str = "auto"                      # auto: the bundled trace where it fits; none: the router
+    num_layers: int = 2
+    repeats: int = 3
+    quiet: bool = False
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -231,7 +247,7 @@ class _Probe:
         return layers, steps
 
 
-def measure_runtime(args: argparse.Namespace, device: torch.device, contexts: list[int], repeats: int) -> dict:
+def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[int], repeats: int) -> dict:
     """Attention, router and host figures from a resident and an on-demand run of the real runtime."""
     gen = DECODE_STEPS
     runtime = load(args.model, device=device, quant=args.quant, attention_quant=args.quant_attention,
@@ -263,7 +279,7 @@ def measure_runtime(args: argparse.Namespace, device: torch.device, contexts: li
     return {"runtime": runtime, "per_mode": per_mode, "timelines": timelines}
 
 
-def routing_trace(args: argparse.Namespace) -> str | None:
+def routing_trace(args: CalibrationSpec) -> str | None:
     """The trace the runtime replays while it is timed: the bench replays one, and the replay's
     lookups sit inside the router's span. The bundled trace is used when its experts and top-k fit."""
     if args.routing_trace == "none":
@@ -398,7 +414,7 @@ def device_terms(runs: list[tuple[int, list[dict]]], fmt: str) -> tuple[dict, fl
 
 
 # -- the whole measurement -------------------------------------------------------------------
-def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.calibrate") -> dict:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t_start = time.perf_counter()
@@ -408,9 +424,9 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, checkpoint_dtype)
     model_max = config.max_position_embeddings - DECODE_STEPS - 1
-    contexts = sorted({min(int(c), model_max) for c in args.contexts.split(",")})
+    contexts = sorted({min(int(c), model_max) for c in args.contexts})
     tokens = [1 << i for i in range(args.max_tokens.bit_length()) if 1 << i <= args.max_tokens]
-    formats = list(dict.fromkeys(args.formats.split(",") + [args.quant]))
+    formats = list(dict.fromkeys(list(args.formats) + [args.quant]))
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     log(f"calibrating {args.model} on {device_name(device)}: expert compute ({', '.join(formats)})")
@@ -418,7 +434,7 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                                                    args.repeats)
     record = expert_bytes[make_format(args.quant, config.hidden_size, config.intermediate_size,
                                       checkpoint_dtype).name]
-    sizes = sorted({int(float(s) * MIB) for s in args.sizes_mib.split(",")} | {record})
+    sizes = sorted({int(float(s) * MIB) for s in args.sizes_mib} | {record})
     log(f"H2D copies: {len(sizes)} sizes, pinned and pageable")
     h2d = measure_h2d(device, sizes, args.repeats)
     log(f"runtime layers: contexts {contexts}, resident and on-demand")
@@ -446,7 +462,7 @@ def calibrate(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "format": FORMAT, "device": device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
-        "command": "python -m duoserve_core.calibrate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command,
         "model": {"name": args.model, **{k: getattr(config, k) for k in SHAPE_KEYS},
                   "vocab_size": config.vocab_size, "dtype": str(checkpoint_dtype).split(".")[-1],
                   "layers_measured": runtime.config.num_hidden_layers},
@@ -469,49 +485,3 @@ def default_out(record: dict) -> Path:
     slug = lambda s: re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_").lower()  # noqa: E731
     model = record["model"]["name"].split(":")[-1]
     return Path("data/calibration") / f"{slug(record['device'])}_{slug(model)}_{record['quant']}.json"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m duoserve_core.calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="synthetic:mixtral-8x7b", help="synthetic:<preset> or a checkpoint folder")
-    p.add_argument("--quant", default="nf4", help="expert format the runtime parts use (none, bf16, nf4)")
-    p.add_argument("--quant-attention", default="none", help="attention projections: none or nf4")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--formats", default="bf16,nf4", help="expert formats to time (the --quant one is added)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="expert compute: 1, 2, 4, .. up to this")
-    p.add_argument("--sizes-mib", default=",".join(map(str, DEFAULT_SIZES_MIB)),
-                   help="H2D copy sizes in MiB (one expert record is always added)")
-    p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
-                   help="prefill lengths and decode contexts (capped by the model's context)")
-    p.add_argument("--routing-trace", default="auto",
-                   help="trace replayed while the runtime is timed, as the bench does (auto: the bundled one "
-                        "where experts and top-k fit; none: the model's own router)")
-    p.add_argument("--num-layers", type=int, default=2, help="layers of the runtime used for per-layer figures")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
-    p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        record = calibrate(args, argv)
-    except DuoServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else default_out(record)
-    atomic_write_json(out, record)
-    if args.json:
-        print(json.dumps(record))
-    h2d = dict((int(b), s) for b, s in record["h2d"]["pinned"])
-    one = max(h2d)
-    print(f"wrote {out} in {record['seconds_taken']:.1f} s: pinned H2D {one / h2d[one] / 1e9:.1f} GB/s at "
-          f"{one // MIB} MiB", file=sys.stderr if args.json else sys.stdout)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""``python -m duoserve_core.calibrate``: the command line of ``duoserve_core.calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..atomic import atomic_write_json
+from ..errors import DuoServeError
+from . import DEFAULT_CONTEXTS, DEFAULT_SIZES_MIB, MIB, CalibrationSpec, calibrate, default_out
+from . import __doc__ as calibrate_doc
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m duoserve_core.calibrate", description=calibrate_doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthetic:mixtral-8x7b", help="synthetic:<preset> or a checkpoint folder")
+    p.add_argument("--quant", default="nf4", help="expert format the runtime parts use (none, bf16, nf4)")
+    p.add_argument("--quant-attention", default="none", help="attention projections: none or nf4")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--formats", default="bf16,nf4", help="expert formats to time (the --quant one is added)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="expert compute: 1, 2, 4, .. up to this")
+    p.add_argument("--sizes-mib", default=",".join(map(str, DEFAULT_SIZES_MIB)),
+                   help="H2D copy sizes in MiB (one expert record is always added)")
+    p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
+                   help="prefill lengths and decode contexts (capped by the model's context)")
+    p.add_argument("--routing-trace", default="auto",
+                   help="trace replayed while the runtime is timed, as the bench does (auto: the bundled one "
+                        "where experts and top-k fit; none: the model's own router)")
+    p.add_argument("--num-layers", type=int, default=2, help="layers of the runtime used for per-layer figures")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
+    p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = CalibrationSpec(model=args.model, quant=args.quant, quant_attention=args.quant_attention,
+                               device=args.device, formats=tuple(args.formats.split(",")), max_tokens=args.max_tokens,
+                               sizes_mib=tuple(float(s) for s in args.sizes_mib.split(",")),
+                               contexts=tuple(int(c) for c in args.contexts.split(",")),
+                               routing_trace=args.routing_trace, num_layers=args.num_layers, repeats=args.repeats,
+                               quiet=args.quiet)
+        record = calibrate(spec, "python -m duoserve_core.calibrate "
+                           + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_out(record)
+    atomic_write_json(out, record)
+    if args.json:
+        print(json.dumps(record))
+    h2d = dict((int(b), s) for b, s in record["h2d"]["pinned"])
+    one = max(h2d)
+    print(f"wrote {out} in {record['seconds_taken']:.1f} s: pinned H2D {one / h2d[one] / 1e9:.1f} GB/s at "
+          f"{one // MIB} MiB", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
