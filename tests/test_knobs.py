@@ -37,7 +37,7 @@ def test_unknown_knob_names_the_known_ones():
 def test_policies_declare_what_they_use():
     assert policy_class("duoserve").uses == policy_class("uniform").uses == {
         "predictor", "prefetch_depth", "predictor_threshold", "speculative_gate"}
-    assert all(not policy_class(p).uses for p in ("on-demand", "lru-speculative", "resident"))
+    assert all(not policy_class(p).uses for p in ("on-demand", "lru-speculative", "resident", "lru", "per-layer-lru"))
     assert [p for p in POLICIES if policy_class(p).holds_every_expert] == ["resident"]
     knobs = PolicyKnobs(policy="on-demand", predictor="p.safetensors", prefetch_depth=3, predictor_threshold=0.9,
                         speculative_gate=True)
@@ -46,7 +46,7 @@ def test_policies_declare_what_they_use():
     policy = make_policy(knobs.changed(policy="uniform"))
     assert (policy.name, policy.depth, policy.threshold, policy.wants_speculation) == ("uniform", 3, 0.9, True)
     windows = {p: make_policy(knobs.changed(policy=p)).prefill_window for p in POLICIES}
-    assert windows == {"duoserve": 3, "uniform": None, "on-demand": None, "lru-speculative": None, "resident": None}
+    assert windows == {p: 3 if p == "duoserve" else None for p in POLICIES}
 
 
 def test_one_set_of_defaults_everywhere():

@@ -30,6 +30,8 @@ PROMPT, GEN, CONTEXT = 24, 6, 30
 CONFIGS = {
     "on-demand": PolicyKnobs(policy="on-demand"),
     "lru-speculative": PolicyKnobs(policy="lru-speculative"),
+    "lru": PolicyKnobs(policy="lru"),
+    "per-layer-lru": PolicyKnobs(policy="per-layer-lru"),
     "uniform, predictor": PolicyKnobs(policy="uniform", predictor=PREDICTOR, predictor_threshold=0.3),
     "duoserve, predictor": PolicyKnobs(policy="duoserve", predictor=PREDICTOR, predictor_threshold=0.3),
     "duoserve, gate + predictor": PolicyKnobs(policy="duoserve", predictor=PREDICTOR, predictor_threshold=0.6,

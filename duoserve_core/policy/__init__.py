@@ -1,7 +1,7 @@
 """Scheduling policies: decisions only (what to load, when, what to evict).
 
 ``base`` (the contract: events in, plans out), ``knobs`` (the knobs and their defaults),
-``simple`` (on-demand, resident, lru-speculative), ``duoserve`` (the dual-phase schedule and the
+``simple`` (on-demand, resident, lru, per-layer-lru, lru-speculative), ``duoserve`` (the dual-phase schedule and the
 uniform strawman).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from .base import NO_PLAN, CacheView, ExpertKey, Phase, Plan, Policy
 from .duoserve import DuoServePolicy, UniformPolicy
 from .knobs import DEFAULT_KNOBS, POLICIES, PolicyKnobs, make_policy, policy_class
-from .simple import LRUSpeculativePolicy, OnDemandPolicy, ResidentPolicy
+from .simple import LRUPolicy, LRUSpeculativePolicy, OnDemandPolicy, PerLayerLRUPolicy, ResidentPolicy
 
 
 def load_policy(knobs: PolicyKnobs, model: tuple[str, int, int, int]) -> Policy:
@@ -26,6 +26,6 @@ def load_policy(knobs: PolicyKnobs, model: tuple[str, int, int, int]) -> Policy:
     return make_policy(knobs, predictor)
 
 
-__all__ = ["DEFAULT_KNOBS", "NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "LRUSpeculativePolicy",
-           "OnDemandPolicy", "Phase", "Plan", "Policy", "PolicyKnobs", "ResidentPolicy", "UniformPolicy",
+__all__ = ["DEFAULT_KNOBS", "NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "LRUPolicy", "LRUSpeculativePolicy",
+           "OnDemandPolicy", "PerLayerLRUPolicy", "Phase", "Plan", "Policy", "PolicyKnobs", "ResidentPolicy", "UniformPolicy",
            "load_policy", "make_policy", "policy_class"]

@@ -17,11 +17,12 @@ from pathlib import Path
 from ..errors import KnobError
 from .base import Policy
 from .duoserve import DuoServePolicy, UniformPolicy
-from .simple import LRUSpeculativePolicy, OnDemandPolicy, ResidentPolicy
+from .simple import LRUPolicy, LRUSpeculativePolicy, OnDemandPolicy, PerLayerLRUPolicy, ResidentPolicy
 
 _CLASSES: dict[str, type[Policy]] = {"duoserve": DuoServePolicy, "uniform": UniformPolicy,
                                      "on-demand": OnDemandPolicy, "lru-speculative": LRUSpeculativePolicy,
-                                     "resident": ResidentPolicy}
+                                     "resident": ResidentPolicy, "lru": LRUPolicy,
+                                     "per-layer-lru": PerLayerLRUPolicy}
 POLICIES = tuple(_CLASSES)
 
 

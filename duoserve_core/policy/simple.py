@@ -4,9 +4,18 @@
   in progress. Every use is a transfer: the floor of what offloading costs without a schedule.
 - ``resident``: every expert on the device, loaded once; the speed of light for compute, and
   only possible where the budget holds the whole model.
-- ``lru-speculative``: the mixtral-offloading approach: an LRU cache per layer (each layer gets an
-  equal share of the slots) plus speculative loading of layer l+1's experts guessed by applying
-  layer l+1's router to layer l's hidden state.
+- ``lru``: the plain cache: demand loads into one LRU cache over every slot, no speculation. Recency
+  is counted per layer visit (ties: the lower expert id is older), not per acquisition, so that it is
+  exactly the stack algorithm ``sim.reference`` sweeps over every budget at once (a test holds it).
+- ``per-layer-lru``: mixtral-offloading's cache without its speculation: the victim is the least
+  recently used expert of the layer that holds the most slots, so each layer keeps about an equal
+  share.
+- ``lru-speculative``: the mixtral-offloading approach: ``per-layer-lru`` plus speculative loading
+  of layer l+1's experts guessed by applying layer l+1's router to layer l's hidden state.
+
+What each keeps: on-demand nothing beyond the layer in progress; resident everything; lru the
+experts used most recently, whatever their layer; per-layer-lru and lru-speculative the most
+recent of each layer, about C / L slots a layer.
 """
 
 from __future__ import annotations
@@ -46,14 +55,36 @@ class ResidentPolicy(Policy):
         return Plan(load=missing)
 
 
-class LRUSpeculativePolicy(Policy):
-    name = "lru-speculative"
-    wants_speculation = True
+class LRUPolicy(Policy):
+    name = "lru"
 
-    def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
-        return Plan(load=sorted({(layer, int(e)) for e in topk.flatten().tolist()}))
+    def attach(self, cache: CacheView) -> None:
+        super().attach(cache)
+        self.visits = 0                              # layer visits so far (router_done calls)
+        self.recent: dict[ExpertKey, tuple[int, int]] = {}
+
+    def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
+        self.visits += 1
+        for e in set(topk.flatten().tolist()):
+            self.recent[(layer, int(e))] = (self.visits, int(e))
+        return Plan()
+
+    def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
+        return sorted(candidates, key=lambda k: self.recent.get(k, (-1, k[1])))
+
+
+class PerLayerLRUPolicy(Policy):
+    name = "per-layer-lru"
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
         """Least recently used within the layer holding the most experts: per-layer LRU caches."""
         per_layer = Counter(layer for layer, _ in self.cache.resident())
         return sorted(candidates, key=lambda k: (-per_layer[k[0]], self.cache.last_use(k)))
+
+
+class LRUSpeculativePolicy(PerLayerLRUPolicy):
+    name = "lru-speculative"
+    wants_speculation = True
+
+    def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
+        return Plan(load=sorted({(layer, int(e)) for e in topk.flatten().tolist()}))
