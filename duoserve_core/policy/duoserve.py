@@ -7,26 +7,28 @@ are released, so at most ``prefetch_depth`` layers of experts are ever live. A r
 its bytes until a copy overwrites it, and this policy takes such experts back without a copy
 (``reclaims_released``; see ``ExpertCache``): a budget wider than the window leaves decode warm.
 
-Decode (one token, k experts per layer): after layer l's router, the predictor scores every
-expert of layers l+1 .. l+depth; those above ``predictor_threshold`` and not resident are queued,
-nearest layer and most likely first. With ``speculative_gate``, layer l+1's experts are guessed by
-the next router applied to this layer's input instead; each guess is scored by how often a guess
-of that rank at that layer turned out right so far (counted online over every token, prefill's
-included), so the same threshold governs both kinds of guess and a gate that guesses badly on
-some layer stops costing bandwidth there. Experts stay cached across tokens under the budget; the
-victim is the expert least likely to be used at its layer's next visit: the predictor's or the
-gate's score for the layers just ahead, else the share of recent decode tokens that used it at its
-layer. A prefetch never evicts an expert that is more likely to be needed than the one it brings.
+Decode (one token, k experts per layer): after layer l's router, every source of guesses names
+experts of layers l+1 .. l+depth: the trained predictor (if given), the speculative gate (layer
+l+1's router on this layer's input, with ``speculative_gate``), the previous token's experts at
+those layers, and each expert's measured popularity. No source is taken at its word: each is
+scored online by how often its guesses turned out right (``SourceCalibration``: per depth and
+score bin for the predictor, per layer and rank for the gate, per layer for the previous token;
+popularity is a measured frequency already), so a guess's score is a calibrated probability of
+use and the threshold keeps that meaning across sources. An expert's probability is the best of
+its sources'.
 
-Why the reuse estimate is counted per token, not per layer visit: one decode token visits the
-layers in a cycle, so a cache smaller than the token's working set thrashes under any rule whose
-values drift with the position in that cycle (LRU keeps nothing at all). A score decayed when
-its own layer runs is such a rule: layers behind the current one have decayed once more than
-those ahead. Counts decayed for every layer at the same moment (the token's start) rank the same
-expert the same wherever the current layer is, so the cache holds a stable set of the experts
-most often reused, which is what saves copies. (Guesses also expire once their layer's router has
-run; before both changes this cache kept 1.8 experts per token across tokens instead of 7, at
-Mixtral-8x7B scale with 21 slots.)
+What a prefetch is worth, in copies (decode is copy-bound: every copy is on the critical path): a
+right guess saves the demand copy it replaces; a wrong one delays the next demand loads by a full
+copy, and any eviction it forces may cost a copy later. So a guess of probability p is prefetched
+when p reaches the threshold; it may evict a victim of value v only when its expected gain is
+positive, 2p - 1 > v; and a layer step issues guesses, most likely first, only while the expected
+number of wrong copies among them stays at most one (``WRONG_COPY_BUDGET``): the next layer's demand
+loads then wait behind at most one useless copy on average, whatever the routing. On routing no
+source predicts, nothing reaches the threshold and the policy is a cache with a reuse-based
+eviction: it cannot do worse than loading on demand by more than what that cache's evictions cost.
+
+Experts stay cached across tokens under the budget; the victim is the expert least likely to be
+used at its layer's next visit: its best current guess, else its share of recent decode tokens.
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
@@ -42,6 +44,30 @@ from .base import CacheView, ExpertKey, Phase, Plan, Policy
 # Reuse estimate of an expert with no prediction: the share of decode tokens that used it at its
 # layer, counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly).
 _USAGE_DECAY = 0.99
+# Expected wrong speculative copies one layer step may queue ahead of the next layer's demand loads.
+WRONG_COPY_BUDGET = 1.0
+_BINS = 10  # score bins of the predictor's calibration
+
+
+class SourceCalibration:
+    """How often a guess source's guesses are right, per cell (a layer, a rank, a score bin...).
+
+    Each cell starts from a Beta prior of ``prior_weight`` pseudo-guesses at the source's own claim
+    (``prior``), so a source is believed until its record says otherwise, and a record of a few
+    dozen guesses outweighs the claim.
+    """
+
+    def __init__(self, shape: tuple[int, ...], prior: torch.Tensor | float, prior_weight: float = 4.0):
+        self.right = torch.zeros(shape) + torch.as_tensor(prior, dtype=torch.float32) * prior_weight
+        self.made = torch.full(shape, prior_weight)
+
+    def probability(self) -> torch.Tensor:
+        return self.right / self.made
+
+    def record(self, cells: tuple, right: torch.Tensor) -> None:
+        """``right``: 1.0 per guess that came true, 0.0 otherwise, at ``cells`` (an index into the shape)."""
+        self.right.index_put_(cells, right.float(), accumulate=True)
+        self.made.index_put_(cells, torch.ones_like(right, dtype=torch.float32), accumulate=True)
 
 
 class DuoServePolicy(Policy):
@@ -69,11 +95,16 @@ class DuoServePolicy(Policy):
         self.prev_experts: torch.Tensor | None = None   # [L, k] of the previous token, -1 unknown
         self.this_experts: torch.Tensor | None = None
         self.this_weights: torch.Tensor | None = None
-        # Online precision of the speculative gate's guess of rank r for layer l: right / made,
-        # from a Beta(1, 1) prior. ``pending`` holds each layer's latest guess until its router runs.
-        self.gate_right: torch.Tensor | None = None  # [L, k], sized by the first guess
-        self.gate_made: torch.Tensor | None = None
+        # Each source's record (sized by the first top-k seen): the gate per (layer, rank), the previous
+        # token per layer, the predictor per (depth, score bin) with its own scores as the prior.
+        self.gate: SourceCalibration | None = None
+        self.repeat = SourceCalibration((L,), 1.0 / E)
+        bins = torch.arange(_BINS, dtype=torch.float32)
+        self.predicted = SourceCalibration((self.depth, _BINS), (bins + 0.5) / _BINS)
+        # Guesses awaiting their layer's router: the gate's top-k, the predictor's [depth-index, E] rows.
         self.pending: dict[int, torch.Tensor] = {}
+        self.pending_predicted: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.held: list[tuple[ExpertKey, float]] = []   # router_done's guesses, merged with the gate's
 
     # -- events ------------------------------------------------------------------------------
     def phase(self, phase: Phase) -> Plan:
@@ -81,6 +112,7 @@ class DuoServePolicy(Policy):
         if Phase(phase) is Phase.PREFILL:
             self.prev_experts = None
         self.scores.clear()
+        self.pending_predicted.clear()
         return Plan()
 
     def layer_started(self, layer: int) -> Plan:
@@ -92,11 +124,7 @@ class DuoServePolicy(Policy):
 
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
         L, E = self.cache.num_layers, self.cache.num_experts
-        guess = self.pending.pop(layer, None)
-        if guess is not None and guess.shape[0] == topk.shape[0]:
-            right = (guess[:, :, None] == topk[:, None, :]).any(dim=2).sum(dim=0)  # per rank
-            self.gate_right[layer] += right.float()
-            self.gate_made[layer] += guess.shape[0]
+        self._score_guesses(layer, topk)
         if self.prefill or topk.shape[0] != 1:
             return Plan()
         # Layer ``layer``'s routing is known now: its guesses have served their purpose.
@@ -105,8 +133,6 @@ class DuoServePolicy(Policy):
             self.usage *= _USAGE_DECAY
             self.tokens = _USAGE_DECAY * self.tokens + 1
         self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
-        if self.predictor is None:
-            return Plan()
         if layer == 0 or self.this_experts is None:
             self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
             self.this_weights = torch.zeros(L, topk.shape[1])
@@ -116,41 +142,102 @@ class DuoServePolicy(Policy):
         if layer == L - 1:
             self.prev_experts = self.this_experts.clone()
             return Plan()
-        prev = self.prev_experts if self.prev_experts is not None else torch.full_like(self.this_experts, -1)
-        feats = self.predictor.features(layer, self.this_experts[None, :layer + 1],
-                                        self.this_weights[None, :layer + 1], prev[None])
-        predicted = self.predictor.predict(layer, feats)[0]  # [depth_at(layer), E]
-        rows = predicted[:self.depth].tolist()  # one conversion: indexing a tensor per element costs ~1 us each
-        fresh = {(layer + 1 + d, e): p for d, row in enumerate(rows) for e, p in enumerate(row)}
-        self.scores.update(fresh)
-        wanted = [(key, p) for key, p in fresh.items() if p >= self.threshold]
-        wanted.sort(key=lambda kp: (kp[0][0], -kp[1]))
-        return Plan(load=[key for key, _ in wanted])
+        guesses = self._popularity_and_repeat(layer) + self._predicted(layer)
+        if self.wants_speculation:  # the gate's guess for layer+1 comes next: one plan for both
+            self.held = guesses
+            return Plan()
+        return self._plan(guesses)
 
     def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
-        if self.gate_right is None:
-            self.gate_right = torch.ones(self.cache.num_layers, topk.shape[1])
-            self.gate_made = torch.full((self.cache.num_layers, topk.shape[1]), 2.0)
+        if self.gate is None:
+            self.gate = SourceCalibration((self.cache.num_layers, topk.shape[1]), 0.5)
         self.pending[layer] = topk
         if self.prefill or topk.shape[0] != 1:
             return Plan()
-        precision = self.gate_right[layer] / self.gate_made[layer]
-        wanted = []
-        for rank, e in enumerate(topk[0].tolist()):
-            p = float(precision[rank])
-            self.scores[(layer, int(e))] = max(p, self.scores.get((layer, int(e)), 0.0))
-            if p >= self.threshold:
-                wanted.append((layer, int(e)))
-        return Plan(load=wanted)
+        precision = self.gate.probability()[layer]
+        guesses = [((layer, int(e)), float(precision[rank])) for rank, e in enumerate(topk[0].tolist())]
+        held, self.held = self.held, []
+        return self._plan(held + guesses)
 
     def gate_precision(self) -> torch.Tensor | None:
         """``[layers, k]``: how often the gate's guess of each rank was right, per layer, so far."""
-        return None if self.gate_right is None else self.gate_right / self.gate_made
+        return None if self.gate is None else self.gate.probability()
 
     def layer_done(self, layer: int) -> Plan:
         if self.prefill:
             return Plan(release=[k for k in self.cache.resident() if k[0] == layer])
         return Plan()
+
+    # -- guesses -----------------------------------------------------------------------------
+    def _score_guesses(self, layer: int, topk: torch.Tensor) -> None:
+        """Every source's earlier guesses for ``layer`` against its routing (prefill tokens too)."""
+        E = self.cache.num_experts
+        guess = self.pending.pop(layer, None)
+        if guess is not None and guess.shape[0] == topk.shape[0] and self.gate is not None:
+            right = (guess[:, :, None] == topk[:, None, :]).any(dim=2)  # [tokens, rank]
+            ranks = torch.arange(right.shape[1]).expand_as(right)
+            self.gate.record((torch.full_like(ranks, layer).flatten(), ranks.flatten()), right.flatten())
+        if topk.shape[0] > 1:  # consecutive prompt tokens: how often a token repeats its predecessor's experts
+            right = (topk[:-1, :, None] == topk[1:, None, :]).any(dim=2).flatten()
+            self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
+        elif self.prev_experts is not None and int(self.prev_experts[layer, 0]) >= 0:
+            right = (self.prev_experts[layer][:, None] == topk[0][None, :]).any(dim=1)
+            self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
+        used = torch.zeros(E, dtype=torch.bool)
+        used[topk.flatten()] = True
+        for d, row in self.pending_predicted.pop(layer, []):
+            bins = (row * _BINS).long().clamp_(0, _BINS - 1)
+            self.predicted.record((torch.full_like(bins, d), bins), used)
+
+    def _popularity_and_repeat(self, layer: int) -> list[tuple[ExpertKey, float]]:
+        """The previous token's experts and each expert's decode frequency, for layers layer+1..+depth."""
+        out = []
+        last = min(self.cache.num_layers, layer + 1 + self.depth)
+        repeat = self.repeat.probability()
+        for target in range(layer + 1, last):
+            if self.tokens:
+                share = (self.usage[target] / self.tokens).tolist()
+                out += [((target, e), p) for e, p in enumerate(share) if p >= self.threshold]
+            if self.prev_experts is not None:
+                p = float(repeat[target])
+                out += [((target, int(e)), p) for e in self.prev_experts[target].tolist() if e >= 0]
+        return out
+
+    def _predicted(self, layer: int) -> list[tuple[ExpertKey, float]]:
+        """The trained predictor's guesses for layers layer+1..+depth, calibrated by its record."""
+        if self.predictor is None:
+            return []
+        prev = self.prev_experts if self.prev_experts is not None else torch.full_like(self.this_experts, -1)
+        feats = self.predictor.features(layer, self.this_experts[None, :layer + 1],
+                                        self.this_weights[None, :layer + 1], prev[None])
+        rows = self.predictor.predict(layer, feats)[0][:self.depth]  # [depth_at(layer), E]; row 0 is layer+1
+        calibrated = self.predicted.probability()
+        out = []
+        for d, row in enumerate(rows):
+            self.pending_predicted.setdefault(layer + 1 + d, []).append((d, row))
+            bins = (row * _BINS).long().clamp_(0, _BINS - 1)
+            probs = calibrated[d][bins].tolist()  # one conversion: indexing a tensor per element costs ~1 us
+            out += [((layer + 1 + d, e), p) for e, p in enumerate(probs)]
+        return out
+
+    def _plan(self, guesses: list[tuple[ExpertKey, float]]) -> Plan:
+        """The best probability per expert becomes its score; those at the threshold and not resident
+        are loaded, nearest layer then most likely first, within the wrong-copy budget."""
+        best: dict[ExpertKey, float] = {}
+        for key, p in guesses:
+            if p > best.get(key, -1.0):
+                best[key] = p
+        for key, p in best.items():
+            self.scores[key] = max(p, self.scores.get(key, 0.0))
+        wanted = sorted(((k, p) for k, p in best.items() if p >= self.threshold and not self.cache.is_resident(k)),
+                        key=lambda kp: (kp[0][0], -kp[1]))
+        load, wrong = [], 0.0
+        for key, p in wanted:
+            if wrong + (1.0 - p) > WRONG_COPY_BUDGET:
+                break
+            wrong += 1.0 - p
+            load.append(key)
+        return Plan(load=load)
 
     @property
     def prefill_window(self) -> int | None:
@@ -164,15 +251,18 @@ class DuoServePolicy(Policy):
             if layer < self.current_layer:
                 return -1.0                                  # its layer is done
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
-        if key in self.scores:
-            return self.scores[key]
-        return float(self.usage[key]) / self.tokens if self.tokens else 0.0
+        share = float(self.usage[key]) / self.tokens if self.tokens else 0.0
+        return max(self.scores.get(key, 0.0), share)  # the best of its sources, popularity among them
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
         return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
 
     def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
-        return self._value(victim) < self._value(incoming)
+        """In decode, a guess of probability p gains p copies and loses 1 - p (a wrong copy delays the
+        next demand load) and the victim's value v: worth it when 2p - 1 > v."""
+        if self.prefill:
+            return self._value(victim) < self._value(incoming)
+        return 2.0 * self._value(incoming) - 1.0 > self._value(victim)
 
     def describe(self) -> dict:
         return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,

@@ -1,18 +1,65 @@
-"""``python -m duoserve_core.traces record | expand``: the trace commands (argv lives here only).
+"""``python -m duoserve_core.traces record | expand | synth``: the trace commands (argv lives here only).
 
     python -m duoserve_core.traces record --model PATH --prompts FILE --max-new-tokens N --out T.parquet
     python -m duoserve_core.traces expand --trace T.parquet --layers 32 --out T32.parquet
+    python -m duoserve_core.traces synth --preset mixtral-like [--repeat 0.1,0.3,0.2 ...] --out T.parquet [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ..errors import DuoServeError
 from ..runtime import load
-from . import TraceError, expand_trace, read_prompts, read_trace, record, write_trace
+from . import Trace, TraceError, expand_trace, read_prompts, read_trace, record, write_trace
+from .synth import PRESETS, Profile, measure, preset_arguments, synthesize
+
+
+def _profile(text: str | None, option: str) -> Profile | None:
+    """``0.2`` or ``0.1,0.3,0.2`` (values at evenly spaced depths); None where the option is absent."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise TraceError(f"{option} takes a probability or comma-separated ones such as 0.1,0.3,0.2, "
+                         f"got {text!r}") from exc
+    return values[0] if len(values) == 1 else values
+
+
+def synth_command(args: argparse.Namespace) -> dict:
+    """Draw the trace, write it, and measure it: what ``--json`` prints."""
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise TraceError(f"{out} exists; choose another --out or pass --force to replace it")
+    arguments = preset_arguments(
+        args.preset, layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens,
+        requests=args.requests, repeat=_profile(args.repeat, "--repeat"),
+        affinity=_profile(args.affinity, "--affinity"), skew=args.skew, seed=args.seed, prompt_len=args.prompt_len,
+        gate_precision=args.gate_precision)
+    df, meta = synthesize(**arguments)
+    write_trace(out, df, meta, overwrite=args.force)
+    return {"out": str(out), "preset": args.preset, "arguments": arguments, "statistics": measure(Trace(df, meta))}
+
+
+def _print_synth(result: dict) -> None:
+    a, s = result["arguments"], result["statistics"]
+    L, E, k = s["layers"], s["experts"], s["top_k"]
+    middle = (L - 1) // 2
+    repeat = s["first_expert_repeat"]
+    affinity = "-" if s["layer_affinity_mean"] is None else f"{s['layer_affinity_mean']:.3f}"
+    print(f"wrote {result['out']}: {a['requests']} requests x {a['tokens']} decode tokens x {L} layers "
+          f"({E} experts, top-{k}; preset {result['preset']}, seed {a['seed']})")
+    print(f"first-expert repeat   {repeat[0]:.3f} at layer 0, {repeat[middle]:.3f} at layer {middle}, "
+          f"{repeat[-1]:.3f} at layer {L - 1} (random: {1 / E:.3f})")
+    print(f"recall@{k}              previous token {s['previous_token_recall_at_k']:.3f}, "
+          f"popularity {s['popularity_recall_at_k']:.3f}, layer affinity {affinity} (random: {k / E:.3f})")
+    print(f"popularity skew       Gini {sum(s['popularity_skew']) / L:.3f} on average (uniform: 0)")
+    if s["speculative_gate_precision"] is not None:
+        print(f"speculative gate      precision {s['speculative_gate_precision']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +81,39 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--seed", type=int, default=0, help="the relabelling seed (RoutingReplay's; the runtime uses 0)")
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s = sub.add_parser("synth", help="routing drawn with chosen statistics (duoserve_core.traces.synth)")
+    s.add_argument("--preset", default="random", help=f"start from a preset ({', '.join(PRESETS)}; default random); "
+                   "the options below override its values")
+    s.add_argument("--layers", type=int)
+    s.add_argument("--experts", type=int)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--tokens", type=int, help="decode tokens per request")
+    s.add_argument("--requests", type=int)
+    s.add_argument("--repeat", help="P(a rank copies one of the previous token's experts): a probability, or "
+                   "comma-separated ones at evenly spaced depths (0.1,0.3,0.2)")
+    s.add_argument("--affinity", help="P(a rank takes the successor of this token's expert at the layer before), "
+                   "like --repeat")
+    s.add_argument("--skew", type=float, help="Zipf exponent of each layer's expert popularity (0 = uniform)")
+    s.add_argument("--seed", type=int, help="default 0, the seed the presets were tuned at")
+    s.add_argument("--prompt-len", type=int, default=0, help="prefill tokens per request, before the decode ones")
+    s.add_argument("--gate-precision", type=float, default=None,
+                   help="add spec_experts: a speculative gate that guesses each of the next layer's experts this often")
+    s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--json", action="store_true", help="print one JSON object: the file written and its statistics")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.command == "synth":
+        try:
+            result = synth_command(args)
+        except DuoServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_synth(result)
+        return 0
     if args.command == "expand":
         try:
             df, meta = expand_trace(read_trace(args.trace), args.layers, seed=args.seed)
