@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth, help="layers ahead to prefetch")
     g.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold,
                    help="prefetch experts scored at least this")
+    g.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
+                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")
@@ -66,7 +68,7 @@ def generate(args: argparse.Namespace) -> dict:
                    max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace,
                    attention_quant=args.quant_attention, predictor=args.predictor,
                    prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
-                   speculative_gate=args.speculative_gate)
+                   speculative_gate=args.speculative_gate, copy_slack=args.copy_slack)
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

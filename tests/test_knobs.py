@@ -21,6 +21,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
     (dict(predictor_threshold=-0.1), "between 0 and 1"), (dict(predictor_threshold=1.01), "between 0 and 1"),
     (dict(predictor_threshold=math.nan), "between 0 and 1"), (dict(predictor_threshold=math.inf), "between 0 and 1"),
     (dict(policy="duoserv"), "choose one of duoserve, uniform"),
+    (dict(copy_slack=-1), "0 or more"), (dict(copy_slack=math.nan), "0 or more"),
 ])
 def test_bad_knobs_are_refused_with_the_fix(changes, words):
     with pytest.raises(KnobError, match=words):
@@ -36,11 +37,11 @@ def test_unknown_knob_names_the_known_ones():
 
 def test_policies_declare_what_they_use():
     assert policy_class("duoserve").uses == policy_class("uniform").uses == {
-        "predictor", "prefetch_depth", "predictor_threshold", "speculative_gate"}
+        "predictor", "prefetch_depth", "predictor_threshold", "speculative_gate", "copy_slack"}
     assert all(not policy_class(p).uses for p in ("on-demand", "lru-speculative", "resident", "lru", "per-layer-lru"))
     assert [p for p in POLICIES if policy_class(p).holds_every_expert] == ["resident"]
     knobs = PolicyKnobs(policy="on-demand", predictor="p.safetensors", prefetch_depth=3, predictor_threshold=0.9,
-                        speculative_gate=True)
+                        speculative_gate=True, copy_slack=2.0)
     assert knobs.effective() == PolicyKnobs(policy="on-demand")      # what it ignores is back at the defaults
     assert knobs.changed(policy="duoserve").effective() == knobs.changed(policy="duoserve")
     policy = make_policy(knobs.changed(policy="uniform"))
@@ -59,8 +60,8 @@ def test_one_set_of_defaults_everywhere():
     sim = sim_args(["--trace", "t", "--calibration", "c"])
     gen = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
     for args in (bench, sim, gen):
-        assert (args.prefetch_depth, args.predictor_threshold) == (DEFAULT_KNOBS.prefetch_depth,
-                                                                   DEFAULT_KNOBS.predictor_threshold)
+        assert (args.prefetch_depth, args.predictor_threshold, args.copy_slack) == (
+            DEFAULT_KNOBS.prefetch_depth, DEFAULT_KNOBS.predictor_threshold, DEFAULT_KNOBS.copy_slack)
     assert (depth_slider().value, threshold_slider().value) == (DEFAULT_KNOBS.prefetch_depth,
                                                                 DEFAULT_KNOBS.predictor_threshold)
 

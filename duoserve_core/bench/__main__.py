@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
     p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
     p.add_argument("--speculative-gate", action="store_true")
+    p.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
+                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
     p.add_argument("--routing-trace", default=None)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -59,7 +61,8 @@ def setup_of(args: argparse.Namespace) -> BenchSetup:
 
 def knobs_of(args: argparse.Namespace) -> PolicyKnobs:
     return PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                       predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate)
+                       predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate,
+                       copy_slack=args.copy_slack)
 
 
 def command(argv: list[str] | None) -> str:

@@ -17,18 +17,24 @@ popularity is a measured frequency already), so a guess's score is a calibrated 
 use and the threshold keeps that meaning across sources. An expert's probability is the best of
 its sources'.
 
-What a prefetch is worth, in copies (decode is copy-bound: every copy is on the critical path): a
-right guess saves the demand copy it replaces; a wrong one delays the next demand loads by a full
-copy, and any eviction it forces may cost a copy later. So a guess of probability p is prefetched
-when p reaches the threshold; it may evict a victim of value v only when its expected gain is
-positive, 2p - 1 > v; and a layer step issues guesses, most likely first, only while the expected
-number of wrong copies among them stays at most one (``WRONG_COPY_BUDGET``): the next layer's demand
-loads then wait behind at most one useless copy on average, whatever the routing. On routing no
-source predicts, nothing reaches the threshold and the policy is a cache with a reuse-based
-eviction: it cannot do worse than loading on demand by more than what that cache's evictions cost.
+What a prefetch is worth, in copies. In decode the router's device->host sync serialises the
+layers: layer l+1's demand copies are issued only once layer l's have landed and its experts,
+layer l+1's attention and the host's work in between have run. The copy stream idles for that
+stretch, ``copy_slack`` copies long (a knob: about 1.2 on the H200, where a decode layer's host and
+compute work takes ~2.2 ms and one NF4 expert's copy 1.8 ms). Prefetches fill it: the i-th
+speculative copy of a layer step is hidden for the fraction h_i = clamp(slack - (i - 1), 0, 1) of
+a copy. A right guess saves that much waiting later; a wrong one delays the next demand loads by
+the rest, 1 - h_i; an eviction it forces costs the victim's value v. So a guess of probability p
+is prefetched when p reaches the threshold and its expected gain is positive, p - (1 - h_i) - v > 0:
+with slack 1 the first prefetch of a layer step needs p > v, a second never pays, and a demand
+load never queues behind more than one speculative copy. On routing no source predicts, nothing
+qualifies and the policy is a cache with a reuse-based eviction.
 
 Experts stay cached across tokens under the budget; the victim is the expert least likely to be
-used at its layer's next visit: its best current guess, else its share of recent decode tokens.
+used at its layer's next visit, by the best of its sources: a current guess, its share of recent
+decode tokens (popularity), and, if the latest token used it there, the measured probability that
+a token repeats its predecessor's experts at that layer (recency, the bet an LRU cache makes, but
+weighed against popularity by its record).
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
@@ -45,7 +51,6 @@ from .base import CacheView, ExpertKey, Phase, Plan, Policy
 # layer, counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly).
 _USAGE_DECAY = 0.99
 # Expected wrong speculative copies one layer step may queue ahead of the next layer's demand loads.
-WRONG_COPY_BUDGET = 1.0
 _BINS = 10  # score bins of the predictor's calibration
 
 
@@ -72,14 +77,16 @@ class SourceCalibration:
 
 class DuoServePolicy(Policy):
     name = "duoserve"
-    uses = frozenset({"predictor", "prefetch_depth", "predictor_threshold", "speculative_gate"})
+    uses = frozenset({"predictor", "prefetch_depth", "predictor_threshold", "speculative_gate", "copy_slack"})
     reclaims_released = True   # the prefill window's released layers serve decode while their slots are intact
     uniform = False            # True: the decode rule in both phases (``UniformPolicy``)
 
     def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.5,
-                 speculative_gate: bool = False):
+                 speculative_gate: bool = False, copy_slack: float = 1.0):
         """Knobs as ``policy.knobs.PolicyKnobs`` checks them (build through ``make_policy``)."""
         self.predictor, self.depth, self.threshold = predictor, prefetch_depth, predictor_threshold
+        self.slack = copy_slack
+        self.hidden: dict[ExpertKey, float] = {}  # this layer step's prefetches: the hidden share of each copy
         # The speculative gate (next router on this layer's input) names layer l+1's experts; the
         # trained predictor still covers l+2 .. l+depth, where the gate cannot see.
         self.wants_speculation = speculative_gate
@@ -105,6 +112,15 @@ class DuoServePolicy(Policy):
         self.pending: dict[int, torch.Tensor] = {}
         self.pending_predicted: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.held: list[tuple[ExpertKey, float]] = []   # router_done's guesses, merged with the gate's
+        # Recency as a source: the experts the latest decode token used at each layer come back with the
+        # previous-token source's measured probability at that layer (an LRU cache's bet, calibrated).
+        self.latest: list[set[int]] = [set() for _ in range(L)]
+        # Decode layer visits so far, and the last one that used each expert: recency per visit, so
+        # the experts of one visit are equally recent (an acquisition clock would age the resident
+        # ones, acquired first, which are the ones that repeat).
+        self.visits = 0
+        self.visited: dict[ExpertKey, int] = {}
+        self.repeat_now: list[float] = [0.0] * L
 
     # -- events ------------------------------------------------------------------------------
     def phase(self, phase: Phase) -> Plan:
@@ -133,6 +149,11 @@ class DuoServePolicy(Policy):
             self.usage *= _USAGE_DECAY
             self.tokens = _USAGE_DECAY * self.tokens + 1
         self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
+        self.latest[layer] = set(topk[0].tolist())
+        self.visits += 1
+        for e in self.latest[layer]:
+            self.visited[(layer, e)] = self.visits
+        self.repeat_now = self.repeat.probability().tolist()
         if layer == 0 or self.this_experts is None:
             self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
             self.this_weights = torch.zeros(L, topk.shape[1])
@@ -221,8 +242,9 @@ class DuoServePolicy(Policy):
         return out
 
     def _plan(self, guesses: list[tuple[ExpertKey, float]]) -> Plan:
-        """The best probability per expert becomes its score; those at the threshold and not resident
-        are loaded, nearest layer then most likely first, within the wrong-copy budget."""
+        """The best probability per expert becomes its score; those at the threshold, not resident and
+        worth their copy at their place in the layer step's queue are loaded, nearest layer then most
+        likely first (the victim's value is weighed when a slot must be freed: ``worth_replacing``)."""
         best: dict[ExpertKey, float] = {}
         for key, p in guesses:
             if p > best.get(key, -1.0):
@@ -231,13 +253,12 @@ class DuoServePolicy(Policy):
             self.scores[key] = max(p, self.scores.get(key, 0.0))
         wanted = sorted(((k, p) for k, p in best.items() if p >= self.threshold and not self.cache.is_resident(k)),
                         key=lambda kp: (kp[0][0], -kp[1]))
-        load, wrong = [], 0.0
+        self.hidden = {}
         for key, p in wanted:
-            if wrong + (1.0 - p) > WRONG_COPY_BUDGET:
-                break
-            wrong += 1.0 - p
-            load.append(key)
-        return Plan(load=load)
+            hidden = min(1.0, max(0.0, self.slack - len(self.hidden)))
+            if p - (1.0 - hidden) > 0:
+                self.hidden[key] = hidden
+        return Plan(load=list(self.hidden))
 
     @property
     def prefill_window(self) -> int | None:
@@ -252,20 +273,38 @@ class DuoServePolicy(Policy):
                 return -1.0                                  # its layer is done
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
         share = float(self.usage[key]) / self.tokens if self.tokens else 0.0
-        return max(self.scores.get(key, 0.0), share)  # the best of its sources, popularity among them
+        recent = self.repeat_now[layer] if key[1] in self.latest[layer] else 0.0
+        return max(self.scores.get(key, 0.0), share, recent)  # the best of its sources
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
-        return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
+        """Prefill: least valuable first. Decode: Belady's rule on expectations: the expert whose next
+        use is expected farthest away goes first. Decode visits the layers in a cycle, so an expert of
+        probability p per visit whose layer comes d layers from now is next used, on average,
+        d + L (1 - p) / p layers from now. Where no source tells experts apart (random routing) that
+        evicts the layer just visited, as LRU does; ranking by p alone kept experts through a whole
+        cycle for nothing and lost 15% of LRU's hits at 64 slots on random routing."""
+        if self.prefill:
+            return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
+        L, now = self.cache.num_layers, self.current_layer
+
+        def expected_next_use(k: ExpertKey) -> float:
+            p = max(self._value(k), 1e-3)
+            return (k[0] - now - 1) % L + 1 + L * (1.0 - p) / p
+
+        return sorted(candidates, key=lambda k: (-expected_next_use(k), self.visited.get(k, -1),
+                                                 self.cache.last_use(k)))
 
     def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
-        """In decode, a guess of probability p gains p copies and loses 1 - p (a wrong copy delays the
-        next demand load) and the victim's value v: worth it when 2p - 1 > v."""
+        """In decode, a guess of probability p hidden for the fraction h of its copy (see the module
+        doc) is worth evicting a victim of value v when p - (1 - h) > v."""
         if self.prefill:
             return self._value(victim) < self._value(incoming)
-        return 2.0 * self._value(incoming) - 1.0 > self._value(victim)
+        hidden = self.hidden.get(incoming, 0.0)
+        return self._value(incoming) - (1.0 - hidden) > self._value(victim)
 
     def describe(self) -> dict:
         return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,
+                "copy_slack": self.slack,
                 "predictor": None if self.predictor is None else "layer-mlp",
                 "speculative_gate": self.wants_speculation}
 

@@ -31,13 +31,16 @@ class PolicyKnobs:
     """``policy``: a name of ``POLICIES`` (or a ``Policy`` instance, used as is); ``predictor``: a
     trained predictor file; ``prefetch_depth``: layers ahead a policy looks; ``predictor_threshold``:
     the score a guess needs to be prefetched; ``speculative_gate``: guess layer l+1 with its own
-    router on layer l's input. A policy ignores the knobs it does not use (``Policy.uses``)."""
+    router on layer l's input; ``copy_slack``: how many expert copies fit, in decode, between one layer's
+    demand copies and the next layer's (the copy stream's idle stretch; see ``policy.duoserve``).
+    A policy ignores the knobs it does not use (``Policy.uses``)."""
 
     policy: str | Policy = "on-demand"
     predictor: str | None = None
     prefetch_depth: int = 2
     predictor_threshold: float = 0.5
     speculative_gate: bool = False
+    copy_slack: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, str) and self.policy not in POLICIES:
@@ -51,6 +54,10 @@ class PolicyKnobs:
         if self.predictor is not None:
             object.__setattr__(self, "predictor", str(self.predictor) if isinstance(self.predictor, Path) else self.predictor)
         object.__setattr__(self, "predictor_threshold", float(t))
+        c = self.copy_slack
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise KnobError(f"copy slack {c!r}: give a number of copies, 0 or more (e.g. --copy-slack 1)")
+        object.__setattr__(self, "copy_slack", float(c))
         object.__setattr__(self, "speculative_gate", bool(self.speculative_gate))
 
     def changed(self, **changes) -> "PolicyKnobs":
@@ -77,7 +84,8 @@ class PolicyKnobs:
     def as_dict(self) -> dict:
         policy = self.policy.name if isinstance(self.policy, Policy) else self.policy
         return {"policy": policy, "predictor": self.predictor, "prefetch_depth": self.prefetch_depth,
-                "predictor_threshold": self.predictor_threshold, "speculative_gate": self.speculative_gate}
+                "predictor_threshold": self.predictor_threshold, "speculative_gate": self.speculative_gate,
+                "copy_slack": self.copy_slack}
 
 
 DEFAULT_KNOBS = PolicyKnobs()  # the defaults every entry point shows (CLI flags, widgets, notebooks)
@@ -94,5 +102,5 @@ def make_policy(knobs: PolicyKnobs, predictor=None) -> Policy:
         return knobs.policy
     cls = _CLASSES[knobs.policy]
     if cls.uses:
-        return cls(predictor, knobs.prefetch_depth, knobs.predictor_threshold, knobs.speculative_gate)
+        return cls(predictor, knobs.prefetch_depth, knobs.predictor_threshold, knobs.speculative_gate, knobs.copy_slack)
     return cls()

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
     p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
     p.add_argument("--speculative-gate", action="store_true")
+    p.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
+                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
     p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
     p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
     p.add_argument("--gen", type=int, default=None, help="default: the trace request's generated tokens")
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         return record
     policies = args.policy.split(",")
     knobs = PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                        predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate)
+                        predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate,
+                        copy_slack=args.copy_slack)
     for policy in policies:  # every name and knob checked before any run
         knobs.changed(policy=policy)
     results, skipped = {}, {}
