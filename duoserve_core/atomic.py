@@ -7,6 +7,23 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import OutputError
+
+
+def check_writable(path: str | Path, force: bool, flag: str) -> Path:
+    """Refuse an output this run must not or cannot write, before any work: a model load or a
+    measurement takes minutes, and finding out at the end loses them (or, with a silent replace,
+    loses the previous result). ``flag`` is the option that gave ``path``, so the error names it."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file path to {flag}")
+    folder = next((p for p in path.parents if p.exists()), None)  # the nearest ancestor that exists
+    if folder is not None and not folder.is_dir():
+        raise OutputError(f"{flag} {path} lies under {folder}, which is a file; choose another {flag}")
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists; choose another {flag} or pass --force to replace it")
+    return path
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .atomic import check_writable
 from .runtime import load
 from .errors import DuoServeError
 from .experts.formats import QUANT_CHOICES
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take each token's experts from this trace (realistic reuse on synthesized weights)")
     g.add_argument("--timeline-out", default=None, help="write a Chrome trace (open in ui.perfetto.dev)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--force", action="store_true", help="replace --timeline-out if it exists")
     return parser
 
 
@@ -100,6 +102,8 @@ def _print_table(out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.timeline_out:
+            check_writable(args.timeline_out, args.force, "--timeline-out")  # before the model loads
         out = generate(args)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,3 +27,7 @@ class DeviceError(DuoServeError, RuntimeError):
 
 class KnobError(DuoServeError, ValueError):
     """A scheduling knob (policy, prefetch depth, predictor threshold) has a value no policy can use."""
+
+
+class OutputError(DuoServeError, ValueError):
+    """An output path exists (and --force was not given), is a folder, or lies under a file."""

@@ -210,7 +210,7 @@ def test_cli_train_eval_bench(tmp_path, capsys):
             "--max-iter", "10"]
     assert main(args) == 0
     assert "trained on 144 decode tokens of 6 requests" in capsys.readouterr().out
-    assert main(args) == 2 and "exists; choose another --out or pass --force" in capsys.readouterr().out
+    assert main(args) == 2 and "exists; choose another --out or pass --force" in capsys.readouterr().err
     assert main(["eval", "--trace", str(test), "--predictor", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["baseline_traces"] == [str(train.resolve())] and result["tokens"] == 72
@@ -224,11 +224,11 @@ def test_cli_train_eval_bench(tmp_path, capsys):
 
     other = write(tmp_path / "other.parquet", planted(num_experts=6, layers=3, requests=2, seed=2))
     assert main(["eval", "--trace", str(other), "--predictor", str(out)]) == 2
-    assert "error: predictor" in capsys.readouterr().out
+    assert "error: predictor" in capsys.readouterr().err
     assert main(["train", "--trace", str(tmp_path / "absent.parquet"), "--out", str(tmp_path / "q")]) == 2
-    assert "error: trace" in capsys.readouterr().out
+    assert "error: trace" in capsys.readouterr().err
     assert main(["bench", "--predictor", str(out), "--device", "nonsense"]) == 2
-    assert "error: --device 'nonsense'" in capsys.readouterr().out
+    assert "error: --device 'nonsense'" in capsys.readouterr().err
 
 
 @requires_cuda
@@ -248,3 +248,34 @@ def test_cuda_graph_replay_equals_eager(small):
             torch.testing.assert_close(graphed.predict(layer), eager)
             torch.testing.assert_close(eager.cpu(), predictor.predict(
                 layer, predictor.features(layer, *(t.cpu() for t in (experts, weights, prev)))), atol=1e-5, rtol=0)
+
+
+def test_cli_train_interrupted_writes_nothing(tmp_path):
+    """Ctrl-C during training: exit 130, the file --force would replace untouched, no temporary left.
+    sklearn's MLP swallows KeyboardInterrupt in its epoch loop; training must not carry on and save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"the previous predictor")
+    err_path = tmp_path / "stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "duoserve_core.predict", "train", "--trace",
+                                 str(root / "data" / "traces" / "small-moe-train.parquet"), "--depth", "2",
+                                 "--out", str(out), "--force"], cwd=root, stdout=subprocess.PIPE, stderr=err)
+        deadline = time.monotonic() + 30
+        while "layer 0 -> 1" not in err_path.read_text():  # the first MLP is fitted: training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)  # into the next fit's epoch loop, where sklearn catches the interrupt
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    lines = err_path.read_text().splitlines()
+    assert proc.returncode == 130 and stdout == b""
+    assert lines[-1] == "interrupted; nothing written" and all(line.startswith("layer ") for line in lines[:-1])
+    assert out.read_bytes() == b"the previous predictor"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "stderr"]

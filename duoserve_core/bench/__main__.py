@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .. import bench  # noqa: F401  (its docstring is the --help text)
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..errors import DuoServeError
 from ..policy import DEFAULT_KNOBS, PolicyKnobs
 from ..traces import TraceMeta, TraceRecorder, write_trace
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep.add_argument("--thresholds", default="0.2,0.4,0.6,0.8")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/bench_<device>_<date>.json)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument("--force", action="store_true", help="replace --out, --timelines files or --record-trace if they exist")
     return p.parse_args(argv)
 
 
@@ -78,10 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def output_path(args: argparse.Namespace, kind: str) -> Path:
+    """``--out``, or the default named after the device and today's date (the one the result is written to)."""
+    return Path(args.out) if args.out else default_out(bench_record(device_label(args.device), "", {}), kind)
+
+
+def timeline_paths(folder: str | None, stem: str, policies: list[str]) -> dict[str, Path]:
+    """Where ``--timelines`` puts each policy's timeline: ``FOLDER/<--out stem>_<policy>.parquet``."""
+    return {name: Path(folder) / f"{stem}_{name}.parquet" for name in policies} if folder else {}
+
+
 def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Every policy at one budget and prompt: the table of the issue, with the bounds."""
     if args.peer and not Path(args.peer).is_file():  # before minutes of measuring, not after
         raise DuoServeError(f"--peer {args.peer} does not exist; run benchmarks/accelerate_peer.py --out {args.peer}")
+    out = check_writable(output_path(args, "bench"), args.force, "--out")  # every output before the model loads
+    timelines_at = timeline_paths(args.timelines, out.stem, args.policies.split(","))
+    for path in timelines_at.values():
+        check_writable(path, args.force, "--timelines")
+    if args.record_trace:
+        check_writable(args.record_trace, args.force, "--record-trace")
     knobs = knobs_of(args)  # bad knobs fail before the model loads
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     recorder = TraceRecorder() if args.record_trace else None
@@ -98,10 +115,9 @@ def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         record["peer"] = peer_comparison(args.peer, args.prompt_len, args.gen, results.get("duoserve"))
     if "duoserve" in results:
         record["targets"] = targets(record)
-    out = Path(args.out) if args.out else default_out(record, "bench")
     atomic_write_json(out, record)
-    _write_timelines(args.timelines, out.stem, timelines)
-    _write_trace(args.record_trace, runtime, recorder)
+    _write_timelines(timelines_at, timelines)
+    _write_trace(args.record_trace, runtime, recorder, args.force)
     print(format_table(results, skipped))
     if "peer" in record:
         peer = record["peer"]
@@ -116,6 +132,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
 def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Prompt lengths, then budgets, then depth x threshold, on one loaded runtime."""
     lens = [int(x) for x in args.prompt_lens.split(",")]
+    out = check_writable(output_path(args, "sweep"), args.force, "--out")  # before the model loads
     knobs = knobs_of(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, max(lens + [args.prompt_len]) + args.gen)
     rows = sweep_rows(runtime, knobs, args.policies.split(","), args.gen, prompt_len=args.prompt_len,
@@ -126,14 +143,14 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
     record["rows"] = rows
-    out = Path(args.out) if args.out else default_out(record, "sweep")
     atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0
 
 
-def _write_timelines(folder: str | None, stem: str, timelines: dict[str, list[dict]]) -> None:
-    if not folder:
+def _write_timelines(paths: dict[str, Path], timelines: dict[str, list[dict]]) -> None:
+    """Each measured policy's timeline to its path of :func:`timeline_paths` (skipped policies have none)."""
+    if not paths:
         return
     import pandas as pd
 
@@ -142,16 +159,17 @@ def _write_timelines(folder: str | None, stem: str, timelines: dict[str, list[di
     for name, rows in timelines.items():
         buf = io.BytesIO()
         pd.DataFrame(rows, columns=COLUMNS).to_parquet(buf, index=False)
-        atomic_write_bytes(Path(folder) / f"{stem}_{name}.parquet", buf.getvalue())
+        atomic_write_bytes(paths[name], buf.getvalue())
 
 
-def _write_trace(path: str | None, runtime, recorder: TraceRecorder | None) -> None:
-    """The routing of the first measured policy's warm-up run: every policy's (tokens never change)."""
+def _write_trace(path: str | None, runtime, recorder: TraceRecorder | None, force: bool) -> None:
+    """The routing of the first measured policy's warm-up run: every policy's (tokens never change).
+    ``compare`` checked the path before measuring; ``force`` again here, so a file that appeared since is kept."""
     if not path or recorder is None:
         return
     c = runtime.config
     meta = TraceMeta(runtime.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
-    write_trace(path, recorder.dataframe(), meta, overwrite=True)
+    write_trace(path, recorder.dataframe(), meta, overwrite=force)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, check_writable
 from ..errors import DuoServeError
+from ..runtime import device_name, resolve_device
 from . import DEFAULT_CONTEXTS, DEFAULT_SIZES_MIB, MIB, CalibrationSpec, calibrate, default_out
 from . import __doc__ as calibrate_doc
 
@@ -35,12 +36,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--force", action="store_true", help="replace --out (or the default file) if it exists")
     return p.parse_args(argv)
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """``--out``, or ``default_out`` of what the record will hold (device, model name, quant), known before timing."""
+    if args.out:
+        return Path(args.out)
+    return default_out({"device": device_name(resolve_device(args.device)), "model": {"name": args.model},
+                        "quant": args.quant})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        out = check_writable(output_path(args), args.force, "--out")  # before minutes of timing
         spec = CalibrationSpec(model=args.model, quant=args.quant, quant_attention=args.quant_attention,
                                device=args.device, formats=tuple(args.formats.split(",")), max_tokens=args.max_tokens,
                                sizes_mib=tuple(float(s) for s in args.sizes_mib.split(",")),
@@ -52,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out(record)
     atomic_write_json(out, record)
     if args.json:
         print(json.dumps(record))

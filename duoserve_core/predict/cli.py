@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_bench(result)
     except DuoServeError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training re-raises the interrupt sklearn would swallow (interrupts_abort)
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     return 0

@@ -15,8 +15,11 @@ against the model it is used with before any tensor is read.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +53,37 @@ def _fit_one(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], seed: int, m
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         # a capped number of epochs is a deliberate budget, not a problem to report
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # raised by sklearn when it swallows a Ctrl-C; interrupts_abort() raises the interrupt instead
+        warnings.filterwarnings("ignore", message="Training interrupted by user")
         return clf.fit(x, y)
+
+
+@contextmanager
+def interrupts_abort() -> Iterator[Callable[[], None]]:
+    """Make Ctrl-C abort training. sklearn's MLP catches KeyboardInterrupt in its epoch loop and
+    returns the half-trained model as if it had converged, so a plain interrupt would end in a saved,
+    half-trained predictor. Inside this block SIGINT is recorded (and still raised, to stop the epoch
+    loop at once); the ``check`` it yields raises KeyboardInterrupt after a fit if one came. The
+    previous handler is restored on exit. Off the main thread (no signal handlers there) it does nothing."""
+    interrupted = threading.Event()
+
+    def check() -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+
+    def on_sigint(signum, frame) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def fit_estimators(data: TraceArrays, *, depth: int, spec: FeatureSpec, hidden: tuple[int, ...], seed: int = 0,
@@ -70,10 +103,12 @@ def fit_estimators(data: TraceArrays, *, depth: int, spec: FeatureSpec, hidden: 
             keys.append((layer, d))
             tasks.append(delayed(_fit_one)(x, y, hidden, seed, max_iter))
     estimators = {}
-    for (layer, d), clf in zip(keys, Parallel(n_jobs=jobs, return_as="generator")(tasks)):
-        estimators[(layer, d)] = clf
-        if log:
-            log(f"layer {layer} -> {layer + d}: {clf.n_iter_} epochs, loss {clf.loss_:.4f}")
+    with interrupts_abort() as check_interrupt:
+        for (layer, d), clf in zip(keys, Parallel(n_jobs=jobs, return_as="generator")(tasks)):
+            check_interrupt()  # before a half-trained estimator is kept
+            estimators[(layer, d)] = clf
+            if log:
+                log(f"layer {layer} -> {layer + d}: {clf.n_iter_} epochs, loss {clf.loss_:.4f}")
     return estimators
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, check_writable
 from ..policy import DEFAULT_KNOBS, PolicyKnobs
 from ..traces import RoutingReplay, read_trace
 from . import qos, reference
@@ -75,12 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--timeline-out", default=None, help="Chrome trace of the run (one file per policy: NAME.POLICY.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--force", action="store_true", help="replace --out or --timeline-out files if they exist")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_outputs(args)
         record = run(args, argv)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -90,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(record))
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file this run would write, refused before the trace and the model are read."""
+    if args.out:
+        check_writable(args.out, args.force, "--out")
+    replay_view = not args.sweep and args.arrival_rate is None and args.arrivals is None
+    if args.timeline_out and replay_view:  # the other views record no timeline
+        for path in timeline_paths(args.timeline_out, args.policy.split(",")).values():
+            check_writable(path, args.force, "--timeline-out")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
@@ -155,7 +167,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         raise BudgetError("no policy fits this budget: " + "; ".join(skipped.values()))
     timelines = {name: r.pop("timeline") for name, r in results.items()}
     if args.timeline_out:
-        _write_timelines(args.timeline_out, timelines)
+        _write_timelines(timeline_paths(args.timeline_out, policies), timelines)
     record.update(view="replay", prompt_len=prompt, gen=gen, results=results, skipped=skipped)
     print(format_table(results, skipped))
     return record
@@ -165,11 +177,18 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value / 1e3
 
 
-def _write_timelines(path: str, timelines: dict[str, list[dict]]) -> None:
+def timeline_paths(path: str, policies: list[str]) -> dict[str, Path]:
+    """``--timeline-out`` itself for one policy, ``NAME.POLICY.json`` beside it for several. Named from
+    the policies asked for, not those that fit, so the files checked before the run are the ones written."""
     out = Path(path)
+    if len(policies) == 1:
+        return {policies[0]: out}
+    return {name: out.with_name(f"{out.stem}.{name}{out.suffix or '.json'}") for name in policies}
+
+
+def _write_timelines(paths: dict[str, Path], timelines: dict[str, list[dict]]) -> None:
     for name, rows in timelines.items():
-        target = out if len(timelines) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix or '.json'}")
-        SimTimeline.from_rows(rows).write_chrome_trace(target)
+        SimTimeline.from_rows(rows).write_chrome_trace(paths[name])
 
 
 def _print_sweep(rows: list[dict], slots_at_budget: int) -> None:

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..errors import DuoServeError
 from ..runtime import load
 from . import Trace, TraceError, expand_trace, read_prompts, read_trace, record, write_trace
@@ -32,9 +33,7 @@ def _profile(text: str | None, option: str) -> Profile | None:
 
 def synth_command(args: argparse.Namespace) -> dict:
     """Draw the trace, write it, and measure it: what ``--json`` prints."""
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise TraceError(f"{out} exists; choose another --out or pass --force to replace it")
+    out = check_writable(args.out, args.force, "--out")
     arguments = preset_arguments(
         args.preset, layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens,
         requests=args.requests, repeat=_profile(args.repeat, "--repeat"),
@@ -116,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "expand":
         try:
+            check_writable(out, args.force, "--out")
             df, meta = expand_trace(read_trace(args.trace), args.layers, seed=args.seed)
             write_trace(out, df, meta, overwrite=args.force)
         except DuoServeError as exc:
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}: {df.groupby(['request_id', 'token_index']).ngroups} tokens x {meta.num_layers} layers")
         return 0
     try:
-        if out.exists() and not args.force:
-            raise TraceError(f"{out} exists; choose another --out or pass --force to replace it")
+        check_writable(out, args.force, "--out")  # before the model loads
         prompts = read_prompts(args.prompts)
         runtime = load(args.model, device=args.device, quant=args.quant, policy="resident")
         df, meta = record(runtime, prompts, args.max_new_tokens, keep_probs=args.probs)

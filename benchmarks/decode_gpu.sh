@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 12's GPU check of the decode policy: synthesized Mixtral-8x7B NF4 (experts and attention) at 15%,
+# prompt 512, 64 tokens, median of 3, duoserve (default knobs) against on-demand and lru, on two routings:
+# the mixtral-like synthetic preset (no gate: synthetic routing has no router to guess with) and the
+# bundled trace (duoserve with its recorded speculative gate). Results in $OUT; a table last.
+#   bash benchmarks/decode_gpu.sh      (device run with carry [".whl"])
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
+TAG=$(echo "$GPU" | grep -oiE 'h100|h200|a100|l40s|b200' | head -n1 | tr 'A-Z' 'a-z'); TAG=${TAG:-gpu}
+COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512 --gen 64
+        --repeats 3 --policies duoserve,on-demand,lru)
+echo "== mixtral-like routing ($(date +%T))"
+timeout 60 python3 -m duoserve_core.traces synth --preset mixtral-like --seed 1 --requests 2 --tokens 64 --prompt-len 512 \
+    --out /tmp/mixtral_like.parquet --force | tail -2
+timeout 260 python3 -m duoserve_core.bench "${COMMON[@]}" --routing-trace /tmp/mixtral_like.parquet \
+    --out "$OUT/bench_${TAG}_8x7b_mixtral_like_decode.json" > "$OUT/bench_mixtral_like.log" 2>&1
+tail -4 "$OUT/bench_mixtral_like.log"
+echo "== bundled trace routing, duoserve with the gate ($(date +%T))"
+timeout 260 python3 -m duoserve_core.bench "${COMMON[@]}" --speculative-gate --routing-trace data/traces/small-moe-heldout.parquet \
+    --out "$OUT/bench_${TAG}_8x7b_trace_gate_decode.json" > "$OUT/bench_trace_gate.log" 2>&1
+tail -4 "$OUT/bench_trace_gate.log"
+python3 - "$OUT"/bench_*_decode.json <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    r = json.load(open(path))["results"]
+    best = min(r[p]["tpot_s"] for p in ("on-demand", "lru") if p in r)
+    print(path.split("/")[-1], {k: round(v["tpot_s"] * 1e3, 2) for k, v in r.items()},
+          "duoserve/best", round(r["duoserve"]["tpot_s"] / best, 3), "TTFT/floor", round(r["duoserve"]["ttft_over_floor"], 3))
+PY
