@@ -106,3 +106,18 @@ def test_generate_refuses_an_existing_timeline_before_loading(tmp_path, capsys):
     args = ["generate", "--model", ABSENT, "--prompt-ids", "1", "--device", "cpu", "--timeline-out", str(timeline)]
     assert generate_main(args) == 2
     _refused(capsys, timeline, "--timeline-out")
+
+
+def test_json_prints_the_record_alone(tmp_path, capsys):
+    """``--json``: stdout is one JSON document; the table and the "wrote" line go to stderr."""
+    import json
+
+    from duoserve_core.bench.__main__ import main as bench
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    assert bench(["--model", str(data / "small-moe"), "--device", "cpu", "--memory-budget", "15.5MiB",
+                  "--prompt-len", "8", "--gen", "2", "--repeats", "1", "--policies", "on-demand",
+                  "--out", str(tmp_path / "b.json"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["results"]["on-demand"]["prompt_tokens"] == 8
+    assert "TTFT ms" in captured.err and "wrote" in captured.err

@@ -23,8 +23,9 @@ def test_replay_writes_results_and_chrome_traces(tmp_path, capsys):
                  "--memory-budget", "10slots", "--policy", "duoserve,on-demand,resident", "--json",
                  "--out", str(tmp_path / "r.json"), "--timeline-out", str(tmp_path / "tl.json")])
     assert code == 0
-    out = capsys.readouterr().out
-    printed = json.loads(out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    out = captured.err  # --json: the table on stderr, the record alone on stdout
+    printed = json.loads(captured.out)
     written = json.loads((tmp_path / "r.json").read_text())
     assert printed == written and written["view"] == "replay"
     assert set(written["results"]) == {"duoserve", "on-demand"} and "resident" in written["skipped"]

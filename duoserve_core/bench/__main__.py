@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import shlex
@@ -72,8 +73,11 @@ def command(argv: list[str] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stdout = sys.stdout
     try:
-        return (sweep if args.sweep else compare)(args, argv)
+        # --json: the record alone on stdout; the table, progress and "wrote" lines go to stderr
+        with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
+            return (sweep if args.sweep else compare)(args, argv, stdout)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,7 +93,7 @@ def timeline_paths(folder: str | None, stem: str, policies: list[str]) -> dict[s
     return {name: Path(folder) / f"{stem}_{name}.parquet" for name in policies} if folder else {}
 
 
-def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+def compare(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
     """Every policy at one budget and prompt: the table of the issue, with the bounds."""
     if args.peer and not Path(args.peer).is_file():  # before minutes of measuring, not after
         raise DuoServeError(f"--peer {args.peer} does not exist; run benchmarks/accelerate_peer.py --out {args.peer}")
@@ -124,12 +128,12 @@ def compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"{'accelerate peer':<16} {peer['ttft_s'] * 1e3:>9.1f} {'':>7} {peer['tpot_s'] * 1e3:>9.2f} {'':>8} "
               f"{peer['e2e_s']:>7.2f}   ({peer['note']}; duoserve {peer.get('duoserve_speedup_e2e', 0):.1f}x faster)")
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps(record), file=stdout)
     print(f"wrote {out}")
     return 0
 
 
-def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
     """Prompt lengths, then budgets, then depth x threshold, on one loaded runtime."""
     lens = [int(x) for x in args.prompt_lens.split(",")]
     out = check_writable(output_path(args, "sweep"), args.force, "--out")  # before the model loads
@@ -144,6 +148,8 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     record.pop("results")
     record["rows"] = rows
     atomic_write_json(out, record)
+    if args.json:
+        print(json.dumps(record), file=stdout)
     print(f"wrote {out}")
     return 0
 

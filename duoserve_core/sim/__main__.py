@@ -22,6 +22,7 @@ trace request's own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import shlex
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_outputs(args)
-        record = run(args, argv)
+        # --json: the record alone on stdout; the table goes to stderr
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            record = run(args, argv)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
