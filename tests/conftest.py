@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def fused_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
     return out
 
 
+# transformers renamed ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name).
+_CACHE = "cache" if "cache" in inspect.signature(MixtralForCausalLM.forward).parameters else "past_key_values"
+
+
 def hf_greedy(model: MixtralForCausalLM, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding with transformers' own forward and KV cache: the reference."""
     tokens, logits_seen = [], []
@@ -76,7 +81,7 @@ def hf_greedy(model: MixtralForCausalLM, prompt: list[int], steps: int) -> tuple
             logits = out.logits[0, -1].float()
             logits_seen.append(logits)
             tokens.append(int(logits.argmax()))
-            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[tokens[-1]]]), **{_CACHE: getattr(out, _CACHE)}, use_cache=True)
     return tokens, logits_seen
 
 
