@@ -111,6 +111,8 @@ def test_layer_step_order_on_a_hand_made_device():
             calls.append(("copy", key))
 
     class Device:
+        counts = [0, 0, 1, 0, 1, 0, 0, 0]  # the tokens of top-k [[2, 4]]
+
         def wait_ready(self, slot):
             calls.append(("wait", slot))
 

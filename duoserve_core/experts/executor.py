@@ -108,9 +108,9 @@ class _TorchLayer:
         self.engine, self.fmt, self.events, self.x = executor.engine, executor.fmt, executor.events, x
         k = routing.topk.shape[1]
         flat = routing.topk.flatten()  # row r = token * k + j
-        counts = torch.bincount(flat, minlength=executor.layer_step.cache.num_experts).tolist()
+        self.counts = torch.bincount(flat, minlength=executor.layer_step.cache.num_experts).tolist()
         self.starts = [0]
-        for c in counts:
+        for c in self.counts:
             self.starts.append(self.starts[-1] + c)
         self.rows = torch.argsort(flat, stable=True).to(x.device, non_blocking=True)
         self.k, self.weights = k, routing.top_w.reshape(-1)

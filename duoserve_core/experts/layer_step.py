@@ -42,8 +42,11 @@ class ExpertDevice(Protocol):
 
     Copies are issued by the cache through its transfer engine (``copy_in``); the step then calls,
     per expert, ``wait_ready`` (its copy has landed), ``compute`` and ``mark_read`` (the slot's last
-    reader is queued).
+    reader is queued). ``counts`` is how many of the layer's tokens each expert serves: the device
+    needs it to lay out (or time) the work, and the step reads which experts are needed from it.
     """
+
+    counts: list[int]
 
     def wait_ready(self, slot: int) -> None: ...
     def compute(self, layer: int, expert: int, slot: int) -> None: ...
@@ -83,9 +86,9 @@ class LayerStep:
         held = [self.policy.router_done(layer, topk, probs)]
         if speculation is not None and self.policy.wants_speculation:
             held.append(self.policy.speculated(layer + 1, speculation))
-        counts = torch.bincount(topk.flatten(), minlength=self.cache.num_experts).tolist()
         cache = self.cache
-        pending = deque(sorted((e for e, c in enumerate(counts) if c), key=lambda e: not cache.holds((layer, e))))
+        needed = (e for e, c in enumerate(device.counts) if c)
+        pending = deque(sorted(needed, key=lambda e: not cache.holds((layer, e))))
         in_flight: deque[tuple[int, int]] = deque()
         while pending or in_flight:
             while pending and (cache.holds((layer, pending[0])) or cache.can_make_room()):

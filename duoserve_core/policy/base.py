@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -60,6 +60,25 @@ class CacheView(Protocol):
     def is_resident(self, key: ExpertKey) -> bool: ...
     def resident(self) -> set[ExpertKey]: ...
     def last_use(self, key: ExpertKey) -> int: ...
+
+
+class LayerVisits:
+    """Which layer visit last used each expert. Recency is counted per visit, so the experts one visit
+    uses are equally recent: an acquisition clock would age the ones acquired first, the resident ones,
+    which are the ones that repeat."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last: dict[ExpertKey, int] = {}
+
+    def record(self, layer: int, experts: Iterable[int]) -> None:
+        self.count += 1
+        for e in experts:
+            self._last[(layer, int(e))] = self.count
+
+    def last(self, key: ExpertKey) -> int:
+        """The visit that last used ``key`` (-1: none yet)."""
+        return self._last.get(key, -1)
 
 
 class Policy:

@@ -30,11 +30,12 @@ with slack 1 the first prefetch of a layer step needs p > v, a second never pays
 load never queues behind more than one speculative copy. On routing no source predicts, nothing
 qualifies and the policy is a cache with a reuse-based eviction.
 
-Experts stay cached across tokens under the budget; the victim is the expert least likely to be
-used at its layer's next visit, by the best of its sources: a current guess, its share of recent
-decode tokens (popularity), and, if the latest token used it there, the measured probability that
-a token repeats its predecessor's experts at that layer (recency, the bet an LRU cache makes, but
-weighed against popularity by its record).
+Experts stay cached across tokens under the budget. An expert's probability of use at its layer's
+next visit is the best of its sources: a current guess, its share of recent decode tokens
+(popularity), and, if the latest token used it there, the measured probability that a token
+repeats its predecessor's experts at that layer (recency, the bet an LRU cache makes, but weighed
+against popularity by its record). The victim is the expert whose next use is expected farthest
+away, from that probability and the layers until its layer's next visit (``eviction_order``).
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
@@ -45,12 +46,11 @@ from typing import Sequence
 
 import torch
 
-from .base import CacheView, ExpertKey, Phase, Plan, Policy
+from .base import CacheView, ExpertKey, LayerVisits, Phase, Plan, Policy
 
 # Reuse estimate of an expert with no prediction: the share of decode tokens that used it at its
 # layer, counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly).
 _USAGE_DECAY = 0.99
-# Expected wrong speculative copies one layer step may queue ahead of the next layer's demand loads.
 _BINS = 10  # score bins of the predictor's calibration
 
 
@@ -115,11 +115,7 @@ class DuoServePolicy(Policy):
         # Recency as a source: the experts the latest decode token used at each layer come back with the
         # previous-token source's measured probability at that layer (an LRU cache's bet, calibrated).
         self.latest: list[set[int]] = [set() for _ in range(L)]
-        # Decode layer visits so far, and the last one that used each expert: recency per visit, so
-        # the experts of one visit are equally recent (an acquisition clock would age the resident
-        # ones, acquired first, which are the ones that repeat).
-        self.visits = 0
-        self.visited: dict[ExpertKey, int] = {}
+        self.visits = LayerVisits()  # decode layer visits: the tie-break among equally distant experts
         self.repeat_now: list[float] = [0.0] * L
 
     # -- events ------------------------------------------------------------------------------
@@ -150,9 +146,7 @@ class DuoServePolicy(Policy):
             self.tokens = _USAGE_DECAY * self.tokens + 1
         self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
         self.latest[layer] = set(topk[0].tolist())
-        self.visits += 1
-        for e in self.latest[layer]:
-            self.visited[(layer, e)] = self.visits
+        self.visits.record(layer, self.latest[layer])
         self.repeat_now = self.repeat.probability().tolist()
         if layer == 0 or self.this_experts is None:
             self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
@@ -214,13 +208,12 @@ class DuoServePolicy(Policy):
         """The previous token's experts and each expert's decode frequency, for layers layer+1..+depth."""
         out = []
         last = min(self.cache.num_layers, layer + 1 + self.depth)
-        repeat = self.repeat.probability()
         for target in range(layer + 1, last):
             if self.tokens:
                 share = (self.usage[target] / self.tokens).tolist()
                 out += [((target, e), p) for e, p in enumerate(share) if p >= self.threshold]
             if self.prev_experts is not None:
-                p = float(repeat[target])
+                p = self.repeat_now[target]
                 out += [((target, int(e)), p) for e in self.prev_experts[target].tolist() if e >= 0]
         return out
 
@@ -291,7 +284,7 @@ class DuoServePolicy(Policy):
             p = max(self._value(k), 1e-3)
             return (k[0] - now - 1) % L + 1 + L * (1.0 - p) / p
 
-        return sorted(candidates, key=lambda k: (-expected_next_use(k), self.visited.get(k, -1),
+        return sorted(candidates, key=lambda k: (-expected_next_use(k), self.visits.last(k),
                                                  self.cache.last_use(k)))
 
     def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:

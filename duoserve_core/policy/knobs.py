@@ -81,12 +81,6 @@ class PolicyKnobs:
         return replace(self, **{f.name: getattr(default, f.name) for f in fields(self)
                                 if f.name != "policy" and f.name not in self.uses})
 
-    def as_dict(self) -> dict:
-        policy = self.policy.name if isinstance(self.policy, Policy) else self.policy
-        return {"policy": policy, "predictor": self.predictor, "prefetch_depth": self.prefetch_depth,
-                "predictor_threshold": self.predictor_threshold, "speculative_gate": self.speculative_gate,
-                "copy_slack": self.copy_slack}
-
 
 DEFAULT_KNOBS = PolicyKnobs()  # the defaults every entry point shows (CLI flags, widgets, notebooks)
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BudgetError
-from .base import CacheView, ExpertKey, Phase, Plan, Policy
+from .base import CacheView, ExpertKey, LayerVisits, Phase, Plan, Policy
 
 
 class OnDemandPolicy(Policy):
@@ -60,17 +60,14 @@ class LRUPolicy(Policy):
 
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)
-        self.visits = 0                              # layer visits so far (router_done calls)
-        self.recent: dict[ExpertKey, tuple[int, int]] = {}
+        self.visits = LayerVisits()
 
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
-        self.visits += 1
-        for e in set(topk.flatten().tolist()):
-            self.recent[(layer, int(e))] = (self.visits, int(e))
+        self.visits.record(layer, set(topk.flatten().tolist()))
         return Plan()
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
-        return sorted(candidates, key=lambda k: self.recent.get(k, (-1, k[1])))
+        return sorted(candidates, key=lambda k: (self.visits.last(k), k[1]))
 
 
 class PerLayerLRUPolicy(Policy):
