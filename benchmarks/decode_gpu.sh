@@ -5,12 +5,7 @@
 # bundled trace (duoserve with its recorded speculative gate). Results in $OUT; a table last.
 #   bash benchmarks/decode_gpu.sh      (device run with carry [".whl"])
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-TAG=$(echo "$GPU" | grep -oiE 'h100|h200|a100|l40s|b200' | head -n1 | tr 'A-Z' 'a-z'); TAG=${TAG:-gpu}
+source benchmarks/gpu_env.sh
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512 --gen 64
         --repeats 3 --policies duoserve,on-demand,lru)
 echo "== mixtral-like routing ($(date +%T))"

@@ -10,12 +10,8 @@
 # copy them to benchmarks/results/. bitsandbytes travels as a wheel in .whl/ (../shared/tools/device-wheels.sh);
 # the notebook stage also needs the Jupyter packages the GPU image lacks, as wheels in .whl-nb/.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/timelines"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-TAG=$(echo "$GPU" | grep -oiE 'h100|h200|a100|l40s|b200' | head -n1 | tr 'A-Z' 'a-z'); TAG=${TAG:-gpu}
+source benchmarks/gpu_env.sh
+mkdir -p "$OUT/timelines"
 MODEL=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15%)
 TRACE=data/traces/small-moe-heldout.parquet
 PREDICTOR=data/predictors/small-moe-x32-depth2.safetensors   # trained on the same replay, 32 layers

@@ -6,12 +6,7 @@
 # the committed run's (benchmarks/results/bench_h200_8x7b_trace_gate.json: same decisions), then a table.
 # bitsandbytes travels as a wheel in .whl/ (../shared/tools/device-wheels.sh). Results in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-TAG=$(echo "$GPU" | grep -oiE 'h100|h200|a100|l40s|b200' | head -n1 | tr 'A-Z' 'a-z'); TAG=${TAG:-gpu}
+source benchmarks/gpu_env.sh
 echo "== GPU tests ($(date +%T))"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_correctness.py \
     tests/test_predict.py::test_cuda_graph_replay_equals_eager > "$OUT/pytest_gpu_seams_$TAG.log" 2>&1

@@ -13,7 +13,8 @@ from .runtime import load
 from .errors import DuoServeError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
-from .policy import DEFAULT_KNOBS, POLICIES
+from .knob_args import add_knob_arguments, knobs_from_args
+from .policy import POLICIES
 from .units import format_bytes
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,14 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
                    help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
     g.add_argument("--policy", choices=POLICIES, default="on-demand")
-    g.add_argument("--predictor", default=None, help="predictor file for duoserve/uniform decode prefetch")
-    g.add_argument("--speculative-gate", action="store_true",
-                   help="duoserve/uniform: take the next layer's experts from its router on this layer's input")
-    g.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth, help="layers ahead to prefetch")
-    g.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold,
-                   help="prefetch experts scored at least this")
-    g.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
-                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
+    add_knob_arguments(g)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")
@@ -66,11 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace) -> dict:
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
-                   policy=args.policy, num_layers=args.num_layers, dtype=DTYPES[args.dtype],
-                   max_context=args.max_context, seed=args.seed, routing_trace=args.routing_trace,
-                   attention_quant=args.quant_attention, predictor=args.predictor,
-                   prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
-                   speculative_gate=args.speculative_gate, copy_slack=args.copy_slack)
+                   num_layers=args.num_layers, dtype=DTYPES[args.dtype], max_context=args.max_context,
+                   seed=args.seed, routing_trace=args.routing_trace, attention_quant=args.quant_attention,
+                   knobs=knobs_from_args(args, args.policy))
     result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if args.timeline_out:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import bench  # noqa: F401  (its docstring is the --help text)
 from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..errors import DuoServeError
-from ..policy import DEFAULT_KNOBS, PolicyKnobs
+from ..knob_args import add_knob_arguments, knobs_from_args
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
@@ -30,12 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--policies", default="duoserve,uniform,on-demand,lru-speculative,resident")
-    p.add_argument("--predictor", default=None)
-    p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
-    p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
-    p.add_argument("--speculative-gate", action="store_true")
-    p.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
-                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
+    add_knob_arguments(p)
     p.add_argument("--routing-trace", default=None)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -59,12 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def setup_of(args: argparse.Namespace) -> BenchSetup:
     return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention, device=args.device,
                       num_layers=args.num_layers, routing_trace=args.routing_trace)
-
-
-def knobs_of(args: argparse.Namespace) -> PolicyKnobs:
-    return PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                       predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate,
-                       copy_slack=args.copy_slack)
 
 
 def command(argv: list[str] | None) -> str:
@@ -103,7 +92,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
         check_writable(path, args.force, "--timelines")
     if args.record_trace:
         check_writable(args.record_trace, args.force, "--record-trace")
-    knobs = knobs_of(args)  # bad knobs fail before the model loads
+    knobs = knobs_from_args(args)  # bad knobs fail before the model loads
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     recorder = TraceRecorder() if args.record_trace else None
     results, skipped = compare_policies(runtime, knobs, args.policies.split(","), make_prompt(args.prompt_len),
@@ -137,7 +126,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
     """Prompt lengths, then budgets, then depth x threshold, on one loaded runtime."""
     lens = [int(x) for x in args.prompt_lens.split(",")]
     out = check_writable(output_path(args, "sweep"), args.force, "--out")  # before the model loads
-    knobs = knobs_of(args)
+    knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, max(lens + [args.prompt_len]) + args.gen)
     rows = sweep_rows(runtime, knobs, args.policies.split(","), args.gen, prompt_len=args.prompt_len,
                       prompt_lens=lens, memory_budget=args.memory_budget, budgets=args.budgets.split(","),

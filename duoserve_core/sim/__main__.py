@@ -32,7 +32,7 @@ from pathlib import Path
 from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
-from ..policy import DEFAULT_KNOBS, PolicyKnobs
+from ..knob_args import add_knob_arguments, knobs_from_args
 from ..traces import RoutingReplay, read_trace
 from . import qos, reference
 from .runner import simulate
@@ -54,12 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration", required=True, help="from python -m duoserve_core.calibrate")
     p.add_argument("--memory-budget", default="15%", help="bytes, %% of the model, Nslots or all")
     p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
-    p.add_argument("--predictor", default=None)
-    p.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth)
-    p.add_argument("--predictor-threshold", type=float, default=DEFAULT_KNOBS.predictor_threshold)
-    p.add_argument("--speculative-gate", action="store_true")
-    p.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
-                   help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
+    add_knob_arguments(p)
     p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
     p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
     p.add_argument("--gen", type=int, default=None, help="default: the trace request's generated tokens")
@@ -136,9 +131,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         _print_sweep(rows, model.plan.num_slots)
         return record
     policies = args.policy.split(",")
-    knobs = PolicyKnobs(predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-                        predictor_threshold=args.predictor_threshold, speculative_gate=args.speculative_gate,
-                        copy_slack=args.copy_slack)
+    knobs = knobs_from_args(args)
     for policy in policies:  # every name and knob checked before any run
         knobs.changed(policy=policy)
     results, skipped = {}, {}
