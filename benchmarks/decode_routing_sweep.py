@@ -16,7 +16,6 @@ import argparse
 import datetime
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +24,11 @@ sys.path.insert(0, str(ROOT))
 from duoserve_core.atomic import atomic_write_json  # noqa: E402
 from duoserve_core.policy import PolicyKnobs  # noqa: E402
 from duoserve_core.predict import train_predictor  # noqa: E402
-from duoserve_core.sim import build_model, load_calibration, simulate  # noqa: E402
-from duoserve_core.traces import RoutingReplay, read_trace, write_trace  # noqa: E402
-from duoserve_core.traces.synth import preset_arguments, synthesize  # noqa: E402
+from duoserve_core.sim import load_calibration  # noqa: E402
+from duoserve_core.sim.decode_routing import (BUNDLED_TRACE, CALIBRATION, decode_result, mixtral_model,  # noqa: E402
+                                              mixtral_replay, preset_routing)
+from duoserve_core.traces import read_trace, write_trace  # noqa: E402
 
-CALIBRATION = ROOT / "data" / "calibration" / "h200_mixtral-8x7b_nf4.json"
-BUNDLED = ROOT / "data" / "traces" / "small-moe-heldout.parquet"
 BUNDLED_PREDICTOR = ROOT / "data" / "predictors" / "small-moe-x32-depth2.safetensors"
 PRESETS = ("random", "mixtral-like", "bundled-like")
 
@@ -38,10 +36,8 @@ PRESETS = ("random", "mixtral-like", "bundled-like")
 def make_trace(folder: Path, preset: str, seed: int, requests: int, tokens: int, prompt_len: int) -> Path:
     path = folder / f"{preset}_seed{seed}.parquet"
     if not path.exists():
-        args = preset_arguments(preset, seed=seed, requests=requests, tokens=tokens, prompt_len=prompt_len)
-        if preset == "bundled-like":
-            args["layers"] = 32  # the model's depth, so that a 32-layer predictor can be trained on it
-        df, meta = synthesize(**args)
+        # at the model's depth (bundled-like's own is 8), so that a 32-layer predictor can be trained on it
+        df, meta = preset_routing(preset, seed=seed, requests=requests, tokens=tokens, prompt_len=prompt_len)
         write_trace(path, df, meta)
     return path
 
@@ -54,16 +50,14 @@ def make_predictor(folder: Path, trace: Path, name: str, hidden: int, epochs: in
 
 
 def tpot(model, cal, replay, knobs: PolicyKnobs, prompt_len: int, gen: int) -> float:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
-        return simulate(model, cal, replay, knobs, prompt_len, gen, warmup=0, policy_time=False)["tpot_s"]
+    return decode_result(model, cal, replay, knobs, prompt_len, gen)["tpot_s"]
 
 
 def sweep(folder: Path, budgets: list[int], prompt_len: int, gen: int, threshold: float, hidden: int, epochs: int,
           train_tokens: int, progress=print) -> list[dict]:
     cal = load_calibration(CALIBRATION)
     evaluation = {p: make_trace(folder, p, 1, 2, gen, prompt_len) for p in PRESETS}
-    evaluation["bundled trace"] = BUNDLED
+    evaluation["bundled trace"] = BUNDLED_TRACE
     training = {p: make_trace(folder, p, 11, max(1, train_tokens // 128), 128, 0) for p in PRESETS[1:]}
     predictors = {p: make_predictor(folder, t, p, hidden, epochs) for p, t in training.items()}
     predictors["bundled trace"] = BUNDLED_PREDICTOR
@@ -73,10 +67,9 @@ def sweep(folder: Path, budgets: list[int], prompt_len: int, gen: int, threshold
              "bundled-like": predictors["mixtral-like"], "bundled trace": predictors["mixtral-like"]}
     rows = []
     for routing, path in evaluation.items():
-        replay = RoutingReplay(read_trace(path), 32, 8, 2)
+        replay = mixtral_replay(read_trace(path))
         for slots in budgets:
-            model = build_model("mixtral-8x7b", quant="nf4", attention_quant="nf4", memory_budget=f"{slots}slots",
-                                max_context=prompt_len + gen, device_type="cuda")
+            model = mixtral_model(slots, prompt_len + gen)
             base = {p: tpot(model, cal, replay, PolicyKnobs(policy=p), prompt_len, gen) for p in ("on-demand", "lru")}
             best = min(base.values())
             variants = {"no predictor": None, "right predictor": right[routing], "wrong predictor": wrong[routing]}

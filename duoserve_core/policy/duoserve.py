@@ -31,26 +31,35 @@ load never queues behind more than one speculative copy. On routing no source pr
 qualifies and the policy is a cache with a reuse-based eviction.
 
 Experts stay cached across tokens under the budget. An expert's probability of use at its layer's
-next visit is the best of its sources: a current guess, its share of recent decode tokens
-(popularity), and, if the latest token used it there, the measured probability that a token
-repeats its predecessor's experts at that layer (recency, the bet an LRU cache makes, but weighed
-against popularity by its record). The victim is the expert whose next use is expected farthest
-away, from that probability and the layers until its layer's next visit (``eviction_order``).
+next visit is the best of its sources: a current guess, its share of recent tokens (popularity: the
+prompt's tokens and the decode tokens), and, if the latest token used it there, the measured
+probability that a token repeats its predecessor's experts at that layer (recency, the bet an LRU
+cache makes, but weighed against popularity by its record). What keeping it is worth is less than
+that probability: the copy stream idles for about ``copy_slack`` copies per decode layer anyway, so
+a layer costs about max(slack, its misses) copies and a hit saves a full copy only when it is the
+layer's first; a second cached expert of a layer is worth p (1 - slack), the first p. The victim
+is the expert with the fewest expected saved copies per layer it would occupy until its layer's
+next visit (``eviction_order``). Counting misses alone (Belady's rule on expectations, the first
+version) kept two experts of some layers and none of others, and lost 2-6% to LRU at one token's
+worth of slots, where LRU keeps exactly each layer's latest experts.
 
 ``uniform`` uses the decode rule in both phases: the strawman of one policy for both.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .base import CacheView, ExpertKey, LayerVisits, Phase, Plan, Policy
 
-# Reuse estimate of an expert with no prediction: the share of decode tokens that used it at its
-# layer, counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly).
+# Reuse estimate of an expert with no prediction: the share of tokens that used it at its layer,
+# counts decayed by this factor per token (half-life ~70 tokens: popularity shifts slowly), starting
+# from this many tokens of uniform routing, so that a share needs evidence before it tells experts
+# apart (with a few dozen tokens, noise alone made some experts look twice as popular as others).
 _USAGE_DECAY = 0.99
+_PRIOR_TOKENS = 32.0
 _BINS = 10  # score bins of the predictor's calibration
 
 
@@ -94,11 +103,15 @@ class DuoServePolicy(Policy):
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)
         L, E = cache.num_layers, cache.num_experts
-        self.usage = torch.zeros(L, E)    # decayed count of decode tokens that used (layer, expert)
-        self.tokens = 0.0                  # decayed count of decode tokens
+        self.usage = torch.zeros(L, E)    # decayed count of tokens that used (layer, expert)
+        self.tokens = 0.0                  # decayed count of tokens
+        self.top_k = 0                     # known from the first routing
+        self._share_rows: list[list[float]] | None = None   # [L][E] shares, rebuilt after the counts change
+        self._savings_now: Callable[[ExpertKey], float] | None = None  # this layer step's, see _savings
+        self.prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # this prompt's, per layer so far
         self.scores: dict[ExpertKey, float] = {}
         self.current_layer = 0
-        self.prefill = True
+        self.prefill = self.in_prompt = True
         self.prev_experts: torch.Tensor | None = None   # [L, k] of the previous token, -1 unknown
         self.this_experts: torch.Tensor | None = None
         self.this_weights: torch.Tensor | None = None
@@ -120,11 +133,13 @@ class DuoServePolicy(Policy):
 
     # -- events ------------------------------------------------------------------------------
     def phase(self, phase: Phase) -> Plan:
-        self.prefill = Phase(phase) is Phase.PREFILL and not self.uniform
+        self.in_prompt = Phase(phase) is Phase.PREFILL
+        self.prefill = self.in_prompt and not self.uniform  # whether the prefill rule applies
         if Phase(phase) is Phase.PREFILL:
             self.prev_experts = None
         self.scores.clear()
         self.pending_predicted.clear()
+        self._savings_now = None
         return Plan()
 
     def layer_started(self, layer: int) -> Plan:
@@ -136,7 +151,12 @@ class DuoServePolicy(Policy):
 
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
         L, E = self.cache.num_layers, self.cache.num_experts
+        self.top_k = topk.shape[1]
+        self._savings_now = None
         self._score_guesses(layer, topk)
+        if self.in_prompt and topk.shape[0] > 1:
+            self._count_prompt(layer, topk)
+            self._score_predictor_on_prompt(layer, topk, probs)
         if self.prefill or topk.shape[0] != 1:
             return Plan()
         # Layer ``layer``'s routing is known now: its guesses have served their purpose.
@@ -145,6 +165,7 @@ class DuoServePolicy(Policy):
             self.usage *= _USAGE_DECAY
             self.tokens = _USAGE_DECAY * self.tokens + 1
         self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
+        self._share_rows = None
         self.latest[layer] = set(topk[0].tolist())
         self.visits.record(layer, self.latest[layer])
         self.repeat_now = self.repeat.probability().tolist()
@@ -163,7 +184,53 @@ class DuoServePolicy(Policy):
             return Plan()
         return self._plan(guesses)
 
+    def _count_prompt(self, layer: int, topk: torch.Tensor) -> None:
+        """A prompt's tokens join the popularity record: hundreds of tokens of the request's own routing
+        where decode has seen none yet (a prompt ages the record like one decode token)."""
+        if layer == 0:
+            self.usage *= _USAGE_DECAY
+            self.tokens = _USAGE_DECAY * self.tokens + topk.shape[0]
+        self.usage[layer] += torch.bincount(topk.flatten(), minlength=self.cache.num_experts).float()
+        self._share_rows = None
+
+    def _score_predictor_on_prompt(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> None:
+        """Once the prompt's routing is known at every layer, the predictor's guesses for the prompt's
+        tokens are scored against it: by the first decode token its calibration rests on thousands of
+        guesses, so a predictor trained on other routing is not trusted for a single prefetch."""
+        if self.predictor is None:
+            return
+        if layer == 0:
+            self.prompt_routing = []
+        weights = probs.gather(1, topk)
+        self.prompt_routing.append((topk, weights / weights.sum(dim=1, keepdim=True)))
+        L = self.cache.num_layers
+        if layer < L - 1 or len(self.prompt_routing) != L:
+            return
+        experts = torch.stack([t for t, _ in self.prompt_routing], 1)   # [tokens, L, k]
+        weights = torch.stack([w for _, w in self.prompt_routing], 1)
+        first = self.prev_experts if self.prev_experts is not None else torch.full_like(experts[0], -1)
+        prev = torch.cat([first[None], experts[:-1]])                   # each token's predecessor
+        self.prompt_routing = []
+        E = self.cache.num_experts
+        for source in range(L - 1):
+            feats = self.predictor.features(source, experts[:, :source + 1], weights[:, :source + 1], prev)
+            rows = self.predictor.predict(source, feats)[:, :self.depth]  # [tokens, depth_at, E]
+            for d in range(rows.shape[1]):
+                used = torch.zeros(rows.shape[0], E, dtype=torch.bool)
+                used.scatter_(1, experts[:, source + 1 + d], True)
+                bins = (rows[:, d] * _BINS).long().clamp_(0, _BINS - 1)
+                self.predicted.record((torch.full_like(bins, d), bins), used)
+
+    def _shares(self) -> list[list[float]]:
+        """``[L][E]``: each expert's share of the tokens that used its layer, shrunk towards uniform
+        routing; plain floats, as the eviction ranking reads them one by one."""
+        if self._share_rows is None:
+            prior = _PRIOR_TOKENS * self.top_k / self.cache.num_experts
+            self._share_rows = ((self.usage + prior) / (self.tokens + _PRIOR_TOKENS)).tolist()
+        return self._share_rows
+
     def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
+        self._savings_now = None
         if self.gate is None:
             self.gate = SourceCalibration((self.cache.num_layers, topk.shape[1]), 0.5)
         self.pending[layer] = topk
@@ -210,7 +277,7 @@ class DuoServePolicy(Policy):
         last = min(self.cache.num_layers, layer + 1 + self.depth)
         for target in range(layer + 1, last):
             if self.tokens:
-                share = (self.usage[target] / self.tokens).tolist()
+                share = self._shares()[target]
                 out += [((target, e), p) for e, p in enumerate(share) if p >= self.threshold]
             if self.prev_experts is not None:
                 p = self.repeat_now[target]
@@ -265,35 +332,55 @@ class DuoServePolicy(Policy):
             if layer < self.current_layer:
                 return -1.0                                  # its layer is done
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
-        share = float(self.usage[key]) / self.tokens if self.tokens else 0.0
+        share = self._shares()[layer][key[1]] if self.tokens else 0.0
         recent = self.repeat_now[layer] if key[1] in self.latest[layer] else 0.0
         return max(self.scores.get(key, 0.0), share, recent)  # the best of its sources
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
-        """Prefill: least valuable first. Decode: Belady's rule on expectations: the expert whose next
-        use is expected farthest away goes first. Decode visits the layers in a cycle, so an expert of
-        probability p per visit whose layer comes d layers from now is next used, on average,
-        d + L (1 - p) / p layers from now. Where no source tells experts apart (random routing) that
-        evicts the layer just visited, as LRU does; ranking by p alone kept experts through a whole
-        cycle for nothing and lost 15% of LRU's hits at 64 slots on random routing."""
+        """Prefill: least valuable first. Decode: the fewest expected saved copies per layer of occupancy
+        first. An expert of value p whose layer comes d layers from now saves, at that visit, a copy if
+        it is used and no other cached expert of its layer is (else only 1 - slack of one: see the
+        module doc), and holds its slot for d layers until then: rank by that saving over d. Where no
+        source tells experts apart (random routing) this evicts the experts of the layer just visited
+        beyond its latest token's, as LRU does."""
         if self.prefill:
             return sorted(candidates, key=lambda k: (self._value(k), self.cache.last_use(k)))
         L, now = self.cache.num_layers, self.current_layer
-
-        def expected_next_use(k: ExpertKey) -> float:
-            p = max(self._value(k), 1e-3)
-            return (k[0] - now - 1) % L + 1 + L * (1.0 - p) / p
-
-        return sorted(candidates, key=lambda k: (-expected_next_use(k), self.visits.last(k),
+        saving = self._savings()
+        return sorted(candidates, key=lambda k: (saving(k) / ((k[0] - now - 1) % L + 1), self.visits.last(k),
                                                  self.cache.last_use(k)))
 
+    def _savings(self) -> Callable[[ExpertKey], float]:
+        """The copies an expert is expected to save at its layer's next visit if it is resident then: its
+        value p, reduced by the slack when another cached expert of its layer is used too (independence
+        assumed between them), computed against what is resident at the layer step's first eviction and kept for its later
+        ones (the values change only with the next router; rebuilding them per eviction cost ~1 ms a token)."""
+        if self._savings_now is not None:
+            return self._savings_now
+        overlap = min(1.0, self.slack)
+        value = {k: min(self._value(k), 0.999) for k in self.cache.resident()}
+        none_used: dict[int, float] = {}  # per layer: P(no cached expert of it is used)
+        for (layer, _), p in value.items():
+            none_used[layer] = none_used.get(layer, 1.0) * (1.0 - p)
+        memo: dict[ExpertKey, float] = {}
+
+        def saving(k: ExpertKey) -> float:
+            if k not in memo:
+                p = value[k] if k in value else min(self._value(k), 0.999)
+                others_unused = none_used.get(k[0], 1.0) / (1.0 - p) if k in value else none_used.get(k[0], 1.0)
+                memo[k] = p * (1.0 - overlap * (1.0 - others_unused))
+            return memo[k]
+        self._savings_now = saving
+        return saving
+
     def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
-        """In decode, a guess of probability p hidden for the fraction h of its copy (see the module
-        doc) is worth evicting a victim of value v when p - (1 - h) > v."""
+        """In decode, a guess hidden for the fraction h of its copy (see the module doc) is worth evicting
+        the victim when the copies it is expected to save, less the unhidden part of its own copy, exceed
+        the victim's: s(incoming) - (1 - h) > s(victim)."""
         if self.prefill:
             return self._value(victim) < self._value(incoming)
-        hidden = self.hidden.get(incoming, 0.0)
-        return self._value(incoming) - (1.0 - hidden) > self._value(victim)
+        saving = self._savings()
+        return saving(incoming) - (1.0 - self.hidden.get(incoming, 0.0)) > saving(victim)
 
     def describe(self) -> dict:
         return {"policy": self.name, "prefetch_depth": self.depth, "predictor_threshold": self.threshold,
