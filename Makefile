@@ -1,4 +1,10 @@
 # duoserve-lab: `make setup | run | notebooks | test | lab | clean`
+# The project's Python environment: .venv, made by scripts/setup.sh, or one you have, e.g. a conda env
+# (`make run VENV=$$CONDA_PREFIX`; with environment.yml's env active, `conda activate duoserve-lab`,
+# that env is the default).
+ifeq ($(CONDA_DEFAULT_ENV),duoserve-lab)
+VENV ?= $(CONDA_PREFIX)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
@@ -25,8 +31,10 @@ ifneq ($(NOTEBOOKS),)
 	$(PY) -m pytest -q --nbval-lax notebooks
 endif
 
+# JupyterLab at the repository root (--allow-root when run as root); more flags:
+# make lab LAB_ARGS="--no-browser --port 8888"
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	@VENV="$(VENV)" bash scripts/lab.sh $(LAB_ARGS)
 
 # Removes outputs, never the venv.
 clean:

@@ -21,6 +21,13 @@ from .units import format_bytes, parse_bytes
 # Room for the CUDA caching allocator's rounding and fragmentation; the CPU has no such allocator.
 CUDA_ALLOCATOR_MARGIN = 64 * 2**20
 
+# Tokens of KV cache and activations a plan reserves when it is given requests, not a context: the
+# committed GPU runs' prompt of 512 and 128 new tokens. Then "15%" of Mixtral-8x7B (NF4 experts and
+# attention) is 21 expert slots of 256 on 1.78 GiB of fixed costs wherever it is asked: the README,
+# notebooks 06 and 07, `sim`, `sim --sweep`, a QoS run. Planned for the bundled trace's requests
+# themselves (about 100 tokens), notebook 07 and `sim --sweep` reserved 0.17 GiB less and got 22.
+PLAN_CONTEXT = 640
+
 
 @dataclass
 class MemoryPlan:
@@ -79,6 +86,19 @@ def resolve_budget(budget: str | int, fixed_bytes: int, expert_bytes: int, total
         return parse_bytes(budget, percent_of=full_model_bytes)
     except ValueError as exc:
         raise BudgetError(str(exc)) from exc
+
+
+def plan_context(longest_request: int, model_context: int, max_context: int | None = None) -> int:
+    """The context a plan reserves: ``max_context`` where one is asked for; else ``PLAN_CONTEXT``
+    (the model's own context if that is shorter), or the longest request where that is longer. Every
+    view that plans for requests (the simulator's, the lab's) goes through here, so a budget gives the
+    same slots in all of them while their requests fit in ``PLAN_CONTEXT``."""
+    if max_context is not None:
+        if max_context < longest_request:
+            raise BudgetError(f"max_context {max_context} is shorter than the longest request ({longest_request} "
+                              f"tokens, prompt + generated); raise it to at least {longest_request} or leave it out")
+        return max_context
+    return max(longest_request, min(PLAN_CONTEXT, model_context))
 
 
 def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budget: int | None,

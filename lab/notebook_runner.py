@@ -11,12 +11,18 @@ widgets at their default values. ``NN_name.ipynb`` (with outputs and widget stat
 fails: the error is then in place in both, and the run fails, naming the notebook and the cell.
 
 Figures are written with plotly's mimetype for JupyterLab and as HTML with plotly.js inlined
-once per notebook, so the HTML reports open offline (``PLOTLY_RENDERER``).
+once per notebook (``PLOTLY_RENDERER``), and the widget renderer is inlined in every HTML report
+(``WIDGET_RENDERER``), so the reports open offline, sliders and dropdowns included.
+
+The kernels get CurveZMQ keys from their manager (``kernel_config``): their traffic is encrypted,
+and ipykernel no longer warns, once per notebook, that it runs over TCP in plain text.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import functools
 import json
 import os
 import sys
@@ -28,12 +34,32 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+from traitlets.config import Config
 
 from duoserve_core.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PLOTLY_RENDERER = "plotly_mimetype+notebook"
+# @jupyter-widgets/html-manager's standalone renderer (see static/html-manager/README.md)
+WIDGET_RENDERER = Path(__file__).resolve().parent / "static" / "html-manager" / "embed.js"
+
+
+def kernel_config() -> Config:
+    """The kernel manager's settings: CurveZMQ keys provisioned by the manager where the kernelspec
+    declares support (jupyter_client >= 8.9's ``transport_encryption``; an ipykernel that supports it
+    otherwise warns on every start that its TCP traffic is plain text: seven times in ``make run``);
+    the IPC transport (Unix sockets, no warning either) where pyzmq or jupyter_client cannot; as
+    before on Windows without them. Set at the source, not by filtering the kernel's stderr."""
+    import zmq
+    from jupyter_client import KernelManager
+
+    config = Config()
+    if zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None:
+        config.KernelManager.transport_encryption = "auto"
+    elif os.name == "posix":
+        config.KernelManager.transport = "ipc"
+    return config
 
 
 @dataclass
@@ -86,7 +112,7 @@ def run_notebook(path: str | Path, out_dir: str | Path, *, timeout: int = 600, k
     path, out_dir = Path(path), Path(out_dir)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, store_widget_state=True,
-                            resources={"metadata": {"path": str(path.parent.resolve())}})
+                            resources={"metadata": {"path": str(path.parent.resolve())}}, config=kernel_config())
     # No mimic of the Output widget: nbclient's sends comm messages on the shell channel while the
     # cell runs, and with this jupyter_client/pyzmq the cell's execute_reply then only arrives when
     # the cell's timeout expires (notebook 01's interactive_output waited 600 s). Without it, what
@@ -113,8 +139,19 @@ def run_notebook(path: str | Path, out_dir: str | Path, *, timeout: int = 600, k
 def _to_html(nb: nbformat.NotebookNode) -> str:
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    body, _ = HTMLExporter(template_name="lab", **offline_assets()).from_notebook_node(nb)
     return body
+
+
+@functools.cache
+def offline_assets() -> dict[str, str]:
+    """nbconvert's options for what its HTML would fetch from CDNs when opened: the widget renderer
+    inlined as a data: URL (2.5 MB of base64; it draws the saved widget state, sliders and dropdowns
+    at their values), require.js as an empty script: nothing here loads AMD modules (plotly >= 5
+    draws without it, and the renderer is html-manager's non-AMD build)."""
+    renderer = base64.b64encode(WIDGET_RENDERER.read_bytes()).decode("ascii")
+    return {"widget_renderer_url": f"data:text/javascript;base64,{renderer}",
+            "require_js_url": "data:text/javascript,"}
 
 
 def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=print) -> list[NotebookRun]:

@@ -37,8 +37,10 @@ from plotly.subplots import make_subplots
 
 from duoserve_core import bench
 from duoserve_core.errors import BudgetError
+from duoserve_core.memory import plan_context
 from duoserve_core.policy import PolicyKnobs, policy_class
 from duoserve_core.sim import Calibration, build_model, load_calibration, reference, simulate
+from duoserve_core.sim.sim_model import open_config
 from duoserve_core.traces import RoutingReplay, read_trace
 from duoserve_core.units import format_bytes
 
@@ -257,10 +259,17 @@ def _trace():
     return read_trace(TRACE)
 
 
-def sim_setup(preset: str, budget_pct: float | str, max_context: int):
-    """(SimModel, Calibration, RoutingReplay, calibration note) at a budget in % of the model (or bench's spellings)."""
+@functools.lru_cache(maxsize=8)
+def _model_context(preset: str) -> int:
+    return open_config(preset)[1].max_position_embeddings
+
+
+def sim_setup(preset: str, budget_pct: float | str, longest_request: int):
+    """(SimModel, Calibration, RoutingReplay, calibration note) at a budget in % of the model (or bench's
+    spellings), for requests of up to ``longest_request`` tokens (prompt + generated). The memory plan
+    reserves ``plan_context`` of them, as ``sim`` does, so a budget is the same slots in every figure."""
     budget = f"{budget_pct:g}%" if isinstance(budget_pct, (int, float)) else budget_pct
-    return _sim_setup(preset, budget, max_context)
+    return _sim_setup(preset, budget, plan_context(longest_request, _model_context(preset)))
 
 
 def simulated(preset: str = "mixtral-8x7b", budget_pct: float = 15, depth: int = COMMITTED_DEPTH, threshold: float = COMMITTED_THRESHOLD,

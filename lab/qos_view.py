@@ -45,7 +45,8 @@ def service_runs(preset: str, policy: str, budget_pct: float, depth: int, thresh
 
 
 def context_for(n_requests: int, gen: int | None, prompt_len: int | None = None) -> int:
-    """The KV cache the plan reserves for these requests (longest prompt + generated tokens), as ``service_runs``."""
+    """The longest of these requests (prompt + generated tokens), which ``service_runs`` plans memory for
+    (through ``sim_setup``: at least ``memory.PLAN_CONTEXT`` tokens, so 15% is the slots it is elsewhere)."""
     requests = qos.make_requests([0.0] * n_requests, qos.request_lengths(_trace()), prompt_len, gen)
     return max(r.prompt_tokens + r.new_tokens for r in requests)
 

@@ -8,7 +8,8 @@
 # matches, nothing is run at all.
 #
 # Environment knobs:
-#   VENV=.venv               venv location (relative paths: repo root)
+#   VENV=.venv               venv location (relative paths: repo root); an existing environment,
+#                            e.g. a conda env (VENV=$CONDA_PREFIX), is installed into, not re-created
 #   PYTHON=python3           interpreter used to create the venv (>= 3.10)
 #   TORCH_CPU_VERSION=2.13.0 version of the CPU wheel (installed as <ver>+cpu)
 #   TORCH_BUILD=cpu|cuda     force a build instead of probing `nvidia-smi -L`
@@ -66,6 +67,9 @@ if [[ ! -x "$PY" ]]; then
         exit 1
     fi
     say "creating venv at $VENV"
+    if [[ -n "${CONDA_PREFIX:-}" ]]; then
+        say "(conda env $CONDA_PREFIX is active; to install into it instead: make ... VENV=\$CONDA_PREFIX)"
+    fi
     "$PYTHON" -m venv "$VENV"
 fi
 

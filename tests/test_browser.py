@@ -195,3 +195,53 @@ def test_lab_live_outputs_redraw_in_place(tmp_path):
             assert "5 slots" in page.locator(".jp-OutputArea").last.inner_text()
         finally:
             browser.close()
+
+
+OFFLINE_NOTEBOOK = [
+    "import ipywidgets as widgets\nimport plotly.graph_objects as go\nfrom IPython.display import display\n"
+    "display(widgets.IntSlider(value=7, min=0, max=10, description='slots'),\n"
+    "        widgets.Dropdown(options=['duoserve', 'lru'], value='lru', description='policy'))\n"
+    "go.Figure(go.Bar(x=[1, 2, 3], y=[3, 1, 2]), layout=dict(title='offline bars'))",
+]
+
+
+def test_html_report_renders_its_widgets_and_figures_offline(tmp_path):
+    """A report of ``lab.notebook_runner`` opened from disk with every request off this file refused:
+    the slider and the dropdown render at their saved values and the plotly figure draws, from what
+    the HTML carries (the widget renderer and plotly.js inlined). Only MathJax, for LaTeX in markdown,
+    is still asked of a CDN (and refused here)."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from lab.notebook_runner import run_notebook
+
+    nb = new_notebook(cells=[new_code_cell(src) for src in OFFLINE_NOTEBOOK])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "00_offline.ipynb")
+    run = run_notebook(tmp_path / "00_offline.ipynb", tmp_path / "out")
+    assert run.ok, run.error
+
+    refused = []
+
+    def offline(route):
+        if route.request.url.startswith(("file:", "data:", "blob:")):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    with playwright.sync_playwright() as p:
+        browser = _browser(p, tmp_path)
+        try:
+            browser.route("**/*", offline)
+            page = browser.new_page()
+            page.goto(run.html.as_uri())
+            page.wait_for_selector(".widget-slider .noUi-handle", timeout=60_000)
+            page.wait_for_selector(".widget-dropdown select", timeout=60_000)
+            page.wait_for_selector(".js-plotly-plot .main-svg", state="attached", timeout=60_000)
+            assert page.locator(".widget-slider .widget-readout").first.inner_text().strip() == "7"
+            assert page.locator(".widget-dropdown select").first.input_value() == "lru"
+            assert page.locator(".js-plotly-plot .gtitle").first.text_content() == "offline bars"
+        finally:
+            browser.close()
+    assert all("mathjax" in url.lower() for url in refused), refused

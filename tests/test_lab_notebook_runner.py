@@ -8,7 +8,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from lab import main_job
-from lab.notebook_runner import failure_message, numbered_notebooks, run_notebook
+from lab.notebook_runner import failure_message, numbered_notebooks, offline_assets, run_notebook
 
 LIVE = """from lab.widgets import Knobs, budget_slider
 import plotly.graph_objects as go
@@ -23,10 +23,11 @@ def _write(path, *sources):
     return path
 
 
-def test_outputs_are_kept_with_plotly_and_html(tmp_path):
+def test_outputs_are_kept_with_plotly_and_html(tmp_path, capfd):
     nb = _write(tmp_path / "00_live.ipynb", LIVE, "import sys; print(sys.prefix)")
     run = run_notebook(nb, tmp_path / "out")
     assert run.ok, run.error
+    assert "without encryption" not in capfd.readouterr().err      # the kernel's transport is encrypted
     executed = nbformat.read(run.ipynb, as_version=4)
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
@@ -34,6 +35,9 @@ def test_outputs_are_kept_with_plotly_and_html(tmp_path):
     assert "widgets" in executed.metadata                            # widget state, for the HTML report
     html = run.html.read_text()
     assert "bars" in html and "Plotly" in html
+    # the widget renderer travels in the page; nothing of it, nor require.js, is fetched (test_browser opens it offline)
+    assert offline_assets()["widget_renderer_url"] in html and "@jupyter-widgets/html-manager" not in html
+    assert "require.min.js" not in html and "unpkg.com" not in html
     assert not list((tmp_path / "out").glob(".*.tmp"))               # atomic writes leave no temporaries
 
 

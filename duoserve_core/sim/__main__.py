@@ -33,6 +33,7 @@ from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
 from ..knob_args import add_knob_arguments, knobs_from_args
+from ..memory import PLAN_CONTEXT, plan_context
 from ..traces import RoutingReplay, read_trace
 from . import qos, reference
 from .runner import simulate
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
     p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
     p.add_argument("--gen", type=int, default=None, help="default: the trace request's generated tokens")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache the plan reserves (default: prompt + gen)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"tokens of KV cache the plan reserves (default: {PLAN_CONTEXT}, or the longest request)")
     p.add_argument("--warmup", type=int, default=1, help="runs before the reported one, as the bench does")
     p.add_argument("--no-policy-time", action="store_true", help="do not charge the policy's decision time")
     p.add_argument("--sweep", action="store_true", help="reference caches at every slot count")
@@ -112,9 +114,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     n_requests = args.requests or (8 if args.sweep or qos_mode else 1)
     requests = [(i % len(lengths), args.prompt_len or lengths[i % len(lengths)][0],
                  args.gen or lengths[i % len(lengths)][1]) for i in range(n_requests)]
-    context = args.max_context or max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep
-                                      else [prompt + gen])
     _, c, _ = open_config(args.model_preset, args.num_layers)  # shapes first: the errors a user fixes first
+    longest = max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep else [prompt + gen])
+    context = plan_context(longest, c.max_position_embeddings, args.max_context)
     cal.check(c, args.quant, args.quant_attention)
     replay = RoutingReplay(trace, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
     model = build_model(args.model_preset, quant=args.quant, attention_quant=args.quant_attention,
