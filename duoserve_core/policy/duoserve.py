@@ -68,20 +68,37 @@ class SourceCalibration:
 
     Each cell starts from a Beta prior of ``prior_weight`` pseudo-guesses at the source's own claim
     (``prior``), so a source is believed until its record says otherwise, and a record of a few
-    dozen guesses outweighs the claim.
+    dozen guesses outweighs the claim. Counts are plain floats in row-major order: decode reads and
+    records one cell at a time, where a tensor op per cell cost more than the rest of the policy.
     """
 
     def __init__(self, shape: tuple[int, ...], prior: torch.Tensor | float, prior_weight: float = 4.0):
-        self.right = torch.zeros(shape) + torch.as_tensor(prior, dtype=torch.float32) * prior_weight
-        self.made = torch.full(shape, prior_weight)
+        self.shape = shape
+        claims = torch.as_tensor(prior, dtype=torch.float64).expand(shape).flatten().tolist()
+        self.right = [c * prior_weight for c in claims]
+        self.made = [prior_weight] * len(claims)
+
+    def p(self, cell: int) -> float:
+        """The probability of cell ``cell`` (its row-major index)."""
+        return self.right[cell] / self.made[cell]
 
     def probability(self) -> torch.Tensor:
-        return self.right / self.made
+        return (torch.tensor(self.right) / torch.tensor(self.made)).view(self.shape)
+
+    def record_one(self, cell: int, right: bool) -> None:
+        self.right[cell] += right
+        self.made[cell] += 1
 
     def record(self, cells: tuple, right: torch.Tensor) -> None:
         """``right``: 1.0 per guess that came true, 0.0 otherwise, at ``cells`` (an index into the shape)."""
-        self.right.index_put_(cells, right.float(), accumulate=True)
-        self.made.index_put_(cells, torch.ones_like(right, dtype=torch.float32), accumulate=True)
+        flat = torch.zeros_like(cells[0])
+        for index, size in zip(cells, self.shape):
+            flat = flat * size + index
+        n = len(self.made)
+        hits = torch.bincount(flat.flatten(), weights=right.flatten().double(), minlength=n).tolist()
+        made = torch.bincount(flat.flatten(), minlength=n).tolist()
+        self.right = [r + h for r, h in zip(self.right, hits)]
+        self.made = [m + c for m, c in zip(self.made, made)]
 
 
 class DuoServePolicy(Policy):
@@ -103,43 +120,44 @@ class DuoServePolicy(Policy):
     def attach(self, cache: CacheView) -> None:
         super().attach(cache)
         L, E = cache.num_layers, cache.num_experts
-        self.usage = torch.zeros(L, E)    # decayed count of tokens that used (layer, expert)
-        self.tokens = 0.0                  # decayed count of tokens
-        self.top_k = 0                     # known from the first routing
-        self._share_rows: list[list[float]] | None = None   # [L][E] shares, rebuilt after the counts change
-        self._savings_now: Callable[[ExpertKey], float] | None = None  # this layer step's, see _savings
+        # Decode's state is plain Python: a decode layer step reads and writes a handful of numbers, and
+        # torch's per-op cost (~5-10 us) on tiny tensors made this policy the largest host cost of a token.
+        self.usage = [[0.0] * E for _ in range(L)]  # decayed count of tokens that used (layer, expert)
+        self.tokens = 0.0                             # decayed count of tokens
+        self.top_k = 0                                # known from the first routing
+        self._values_now: dict[ExpertKey, float] | None = None  # this layer step's values, see _savings
         self.prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # this prompt's, per layer so far
         self.scores: dict[ExpertKey, float] = {}
         self.current_layer = 0
         self.prefill = self.in_prompt = True
-        self.prev_experts: torch.Tensor | None = None   # [L, k] of the previous token, -1 unknown
-        self.this_experts: torch.Tensor | None = None
-        self.this_weights: torch.Tensor | None = None
+        self.prev_ids: list[list[int]] | None = None   # the previous token's experts per layer (decode)
+        self.this_ids: list[list[int]] = []             # this token's, filled layer by layer
+        self.this_weights: list[list[float]] = []       # its normalised router weights (the predictor's input)
         # Each source's record (sized by the first top-k seen): the gate per (layer, rank), the previous
         # token per layer, the predictor per (depth, score bin) with its own scores as the prior.
         self.gate: SourceCalibration | None = None
         self.repeat = SourceCalibration((L,), 1.0 / E)
         bins = torch.arange(_BINS, dtype=torch.float32)
         self.predicted = SourceCalibration((self.depth, _BINS), (bins + 0.5) / _BINS)
-        # Guesses awaiting their layer's router: the gate's top-k, the predictor's [depth-index, E] rows.
-        self.pending: dict[int, torch.Tensor] = {}
+        # Guesses awaiting their layer's router: the gate's top-k (a tensor for a prompt, a list for a
+        # decode token), the predictor's rows [E] per depth index.
+        self.pending: dict[int, torch.Tensor | list[int]] = {}
         self.pending_predicted: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.held: list[tuple[ExpertKey, float]] = []   # router_done's guesses, merged with the gate's
         # Recency as a source: the experts the latest decode token used at each layer come back with the
         # previous-token source's measured probability at that layer (an LRU cache's bet, calibrated).
         self.latest: list[set[int]] = [set() for _ in range(L)]
         self.visits = LayerVisits()  # decode layer visits: the tie-break among equally distant experts
-        self.repeat_now: list[float] = [0.0] * L
 
     # -- events ------------------------------------------------------------------------------
     def phase(self, phase: Phase) -> Plan:
         self.in_prompt = Phase(phase) is Phase.PREFILL
         self.prefill = self.in_prompt and not self.uniform  # whether the prefill rule applies
-        if Phase(phase) is Phase.PREFILL:
-            self.prev_experts = None
+        if self.in_prompt:
+            self.prev_ids = None
         self.scores.clear()
         self.pending_predicted.clear()
-        self._savings_now = None
+        self._values_now = None
         return Plan()
 
     def layer_started(self, layer: int) -> Plan:
@@ -150,33 +168,36 @@ class DuoServePolicy(Policy):
         return Plan(load=[(l, e) for l in range(layer, last) for e in range(self.cache.num_experts)])
 
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
-        L, E = self.cache.num_layers, self.cache.num_experts
         self.top_k = topk.shape[1]
-        self._savings_now = None
-        self._score_guesses(layer, topk)
-        if self.in_prompt and topk.shape[0] > 1:
-            self._count_prompt(layer, topk)
-            self._score_predictor_on_prompt(layer, topk, probs)
-        if self.prefill or topk.shape[0] != 1:
+        self._values_now = None
+        if topk.shape[0] > 1:
+            self._score_prompt_guesses(layer, topk)
+            if self.in_prompt:
+                self._count_prompt(layer, topk)
+                self._score_predictor_on_prompt(layer, topk, probs)
             return Plan()
+        ids = topk[0].tolist()
+        self._score_guesses(layer, ids)
+        if self.prefill:
+            return Plan()
+        L = self.cache.num_layers
         # Layer ``layer``'s routing is known now: its guesses have served their purpose.
         self.scores = {key: p for key, p in self.scores.items() if key[0] > layer}
         if layer == 0:  # a new token: every layer's counts decay at the same moment (see the module doc)
-            self.usage *= _USAGE_DECAY
+            self.usage = [[u * _USAGE_DECAY for u in row] for row in self.usage]
             self.tokens = _USAGE_DECAY * self.tokens + 1
-        self.usage[layer] += (torch.bincount(topk.flatten(), minlength=E) > 0).float()
-        self._share_rows = None
-        self.latest[layer] = set(topk[0].tolist())
-        self.visits.record(layer, self.latest[layer])
-        self.repeat_now = self.repeat.probability().tolist()
-        if layer == 0 or self.this_experts is None:
-            self.this_experts = torch.full((L, topk.shape[1]), -1, dtype=torch.int64)
-            self.this_weights = torch.zeros(L, topk.shape[1])
-        weights = probs.gather(1, topk)
-        self.this_experts[layer] = topk[0]
-        self.this_weights[layer] = (weights / weights.sum(dim=1, keepdim=True))[0]
+            self.this_ids = [[-1] * len(ids) for _ in range(L)]
+            self.this_weights = [[0.0] * len(ids) for _ in range(L)]
+        used = self.latest[layer] = set(ids)
+        for e in used:
+            self.usage[layer][e] += 1.0
+        self.visits.record(layer, used)
+        self.this_ids[layer] = ids
+        if self.predictor is not None:
+            weights = probs[0, ids].tolist()
+            self.this_weights[layer] = [w / sum(weights) for w in weights]
         if layer == L - 1:
-            self.prev_experts = self.this_experts.clone()
+            self.prev_ids = self.this_ids
             return Plan()
         guesses = self._popularity_and_repeat(layer) + self._predicted(layer)
         if self.wants_speculation:  # the gate's guess for layer+1 comes next: one plan for both
@@ -188,10 +209,10 @@ class DuoServePolicy(Policy):
         """A prompt's tokens join the popularity record: hundreds of tokens of the request's own routing
         where decode has seen none yet (a prompt ages the record like one decode token)."""
         if layer == 0:
-            self.usage *= _USAGE_DECAY
+            self.usage = [[u * _USAGE_DECAY for u in row] for row in self.usage]
             self.tokens = _USAGE_DECAY * self.tokens + topk.shape[0]
-        self.usage[layer] += torch.bincount(topk.flatten(), minlength=self.cache.num_experts).float()
-        self._share_rows = None
+        counts = torch.bincount(topk.flatten(), minlength=self.cache.num_experts).tolist()
+        self.usage[layer] = [u + c for u, c in zip(self.usage[layer], counts)]
 
     def _score_predictor_on_prompt(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> None:
         """Once the prompt's routing is known at every layer, the predictor's guesses for the prompt's
@@ -208,8 +229,7 @@ class DuoServePolicy(Policy):
             return
         experts = torch.stack([t for t, _ in self.prompt_routing], 1)   # [tokens, L, k]
         weights = torch.stack([w for _, w in self.prompt_routing], 1)
-        first = self.prev_experts if self.prev_experts is not None else torch.full_like(experts[0], -1)
-        prev = torch.cat([first[None], experts[:-1]])                   # each token's predecessor
+        prev = torch.cat([torch.full_like(experts[:1], -1), experts[:-1]])  # each token's predecessor
         self.prompt_routing = []
         E = self.cache.num_experts
         for source in range(L - 1):
@@ -221,23 +241,21 @@ class DuoServePolicy(Policy):
                 bins = (rows[:, d] * _BINS).long().clamp_(0, _BINS - 1)
                 self.predicted.record((torch.full_like(bins, d), bins), used)
 
-    def _shares(self) -> list[list[float]]:
-        """``[L][E]``: each expert's share of the tokens that used its layer, shrunk towards uniform
-        routing; plain floats, as the eviction ranking reads them one by one."""
-        if self._share_rows is None:
-            prior = _PRIOR_TOKENS * self.top_k / self.cache.num_experts
-            self._share_rows = ((self.usage + prior) / (self.tokens + _PRIOR_TOKENS)).tolist()
-        return self._share_rows
+    def _share(self, layer: int, expert: int) -> float:
+        """The expert's share of the tokens that used its layer, shrunk towards uniform routing."""
+        prior = _PRIOR_TOKENS * self.top_k / self.cache.num_experts
+        return (self.usage[layer][expert] + prior) / (self.tokens + _PRIOR_TOKENS)
 
     def speculated(self, layer: int, topk: torch.Tensor) -> Plan:
-        self._savings_now = None
+        self._values_now = None
+        k = topk.shape[1]
         if self.gate is None:
-            self.gate = SourceCalibration((self.cache.num_layers, topk.shape[1]), 0.5)
-        self.pending[layer] = topk
+            self.gate = SourceCalibration((self.cache.num_layers, k), 0.5)
         if self.prefill or topk.shape[0] != 1:
+            self.pending[layer] = topk
             return Plan()
-        precision = self.gate.probability()[layer]
-        guesses = [((layer, int(e)), float(precision[rank])) for rank, e in enumerate(topk[0].tolist())]
+        ids = self.pending[layer] = topk[0].tolist()
+        guesses = [((layer, e), self.gate.p(layer * k + rank)) for rank, e in enumerate(ids)]
         held, self.held = self.held, []
         return self._plan(held + guesses)
 
@@ -251,54 +269,62 @@ class DuoServePolicy(Policy):
         return Plan()
 
     # -- guesses -----------------------------------------------------------------------------
-    def _score_guesses(self, layer: int, topk: torch.Tensor) -> None:
-        """Every source's earlier guesses for ``layer`` against its routing (prefill tokens too)."""
-        E = self.cache.num_experts
+    def _score_prompt_guesses(self, layer: int, topk: torch.Tensor) -> None:
+        """The gate's guesses for a prompt's tokens at ``layer``, and how often consecutive prompt tokens
+        repeat their predecessor's experts there (the previous-token source's record)."""
         guess = self.pending.pop(layer, None)
-        if guess is not None and guess.shape[0] == topk.shape[0] and self.gate is not None:
+        if isinstance(guess, torch.Tensor) and guess.shape[0] == topk.shape[0] and self.gate is not None:
             right = (guess[:, :, None] == topk[:, None, :]).any(dim=2)  # [tokens, rank]
             ranks = torch.arange(right.shape[1]).expand_as(right)
-            self.gate.record((torch.full_like(ranks, layer).flatten(), ranks.flatten()), right.flatten())
-        if topk.shape[0] > 1:  # consecutive prompt tokens: how often a token repeats its predecessor's experts
-            right = (topk[:-1, :, None] == topk[1:, None, :]).any(dim=2).flatten()
-            self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
-        elif self.prev_experts is not None and int(self.prev_experts[layer, 0]) >= 0:
-            right = (self.prev_experts[layer][:, None] == topk[0][None, :]).any(dim=1)
-            self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
-        used = torch.zeros(E, dtype=torch.bool)
-        used[topk.flatten()] = True
-        for d, row in self.pending_predicted.pop(layer, []):
-            bins = (row * _BINS).long().clamp_(0, _BINS - 1)
-            self.predicted.record((torch.full_like(bins, d), bins), used)
+            self.gate.record((torch.full_like(ranks, layer), ranks), right)
+        right = (topk[:-1, :, None] == topk[1:, None, :]).any(dim=2).flatten()
+        self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
+
+    def _score_guesses(self, layer: int, ids: list[int]) -> None:
+        """Every source's earlier guesses for ``layer`` against a decode token's experts there."""
+        guess = self.pending.pop(layer, None)
+        if isinstance(guess, list) and self.gate is not None:
+            k = len(guess)
+            for rank, e in enumerate(guess):
+                self.gate.record_one(layer * k + rank, e in ids)
+        if self.prev_ids is not None and self.prev_ids[layer][0] >= 0:
+            for e in self.prev_ids[layer]:
+                self.repeat.record_one(layer, e in ids)
+        predicted = self.pending_predicted.pop(layer, [])
+        if predicted:
+            used = torch.zeros(self.cache.num_experts, dtype=torch.bool)
+            used[ids] = True
+            for d, row in predicted:
+                bins = (row * _BINS).long().clamp_(0, _BINS - 1)
+                self.predicted.record((torch.full_like(bins, d), bins), used)
 
     def _popularity_and_repeat(self, layer: int) -> list[tuple[ExpertKey, float]]:
-        """The previous token's experts and each expert's decode frequency, for layers layer+1..+depth."""
+        """The previous token's experts and each expert's frequency, for layers layer+1..+depth."""
         out = []
         last = min(self.cache.num_layers, layer + 1 + self.depth)
         for target in range(layer + 1, last):
             if self.tokens:
-                share = self._shares()[target]
-                out += [((target, e), p) for e, p in enumerate(share) if p >= self.threshold]
-            if self.prev_experts is not None:
-                p = self.repeat_now[target]
-                out += [((target, int(e)), p) for e in self.prev_experts[target].tolist() if e >= 0]
+                out += [((target, e), p) for e in range(self.cache.num_experts)
+                        if (p := self._share(target, e)) >= self.threshold]
+            if self.prev_ids is not None:
+                p = self.repeat.p(target)
+                out += [((target, e), p) for e in self.prev_ids[target] if e >= 0]
         return out
 
     def _predicted(self, layer: int) -> list[tuple[ExpertKey, float]]:
         """The trained predictor's guesses for layers layer+1..+depth, calibrated by its record."""
         if self.predictor is None:
             return []
-        prev = self.prev_experts if self.prev_experts is not None else torch.full_like(self.this_experts, -1)
-        feats = self.predictor.features(layer, self.this_experts[None, :layer + 1],
-                                        self.this_weights[None, :layer + 1], prev[None])
+        k = len(self.this_ids[layer])
+        prev = torch.tensor(self.prev_ids) if self.prev_ids is not None else torch.full((self.cache.num_layers, k), -1)
+        feats = self.predictor.features(layer, torch.tensor(self.this_ids[:layer + 1])[None],
+                                        torch.tensor(self.this_weights[:layer + 1])[None], prev[None])
         rows = self.predictor.predict(layer, feats)[0][:self.depth]  # [depth_at(layer), E]; row 0 is layer+1
-        calibrated = self.predicted.probability()
         out = []
         for d, row in enumerate(rows):
             self.pending_predicted.setdefault(layer + 1 + d, []).append((d, row))
-            bins = (row * _BINS).long().clamp_(0, _BINS - 1)
-            probs = calibrated[d][bins].tolist()  # one conversion: indexing a tensor per element costs ~1 us
-            out += [((layer + 1 + d, e), p) for e, p in enumerate(probs)]
+            bins = (row * _BINS).long().clamp_(0, _BINS - 1).tolist()
+            out += [((layer + 1 + d, e), self.predicted.p(d * _BINS + b)) for e, b in enumerate(bins)]
         return out
 
     def _plan(self, guesses: list[tuple[ExpertKey, float]]) -> Plan:
@@ -332,8 +358,8 @@ class DuoServePolicy(Policy):
             if layer < self.current_layer:
                 return -1.0                                  # its layer is done
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
-        share = self._shares()[layer][key[1]] if self.tokens else 0.0
-        recent = self.repeat_now[layer] if key[1] in self.latest[layer] else 0.0
+        share = self._share(layer, key[1]) if self.tokens else 0.0
+        recent = self.repeat.p(layer) if key[1] in self.latest[layer] else 0.0
         return max(self.scores.get(key, 0.0), share, recent)  # the best of its sources
 
     def eviction_order(self, candidates: Sequence[ExpertKey]) -> list[ExpertKey]:
@@ -353,24 +379,27 @@ class DuoServePolicy(Policy):
     def _savings(self) -> Callable[[ExpertKey], float]:
         """The copies an expert is expected to save at its layer's next visit if it is resident then: its
         value p, reduced by the slack when another cached expert of its layer is used too (independence
-        assumed between them), computed against what is resident at the layer step's first eviction and kept for its later
-        ones (the values change only with the next router; rebuilding them per eviction cost ~1 ms a token)."""
-        if self._savings_now is not None:
-            return self._savings_now
+        assumed between them), against what is resident now. Values are kept for the layer step (they
+        change only with the next router); which experts share a layer is read afresh each time."""
+        if self._values_now is None:
+            self._values_now = {}
+        values = self._values_now
+
+        def value(k: ExpertKey) -> float:
+            if k not in values:
+                values[k] = min(self._value(k), 0.999)
+            return values[k]
+
         overlap = min(1.0, self.slack)
-        value = {k: min(self._value(k), 0.999) for k in self.cache.resident()}
+        resident = self.cache.resident()
         none_used: dict[int, float] = {}  # per layer: P(no cached expert of it is used)
-        for (layer, _), p in value.items():
-            none_used[layer] = none_used.get(layer, 1.0) * (1.0 - p)
-        memo: dict[ExpertKey, float] = {}
+        for k in resident:
+            none_used[k[0]] = none_used.get(k[0], 1.0) * (1.0 - value(k))
 
         def saving(k: ExpertKey) -> float:
-            if k not in memo:
-                p = value[k] if k in value else min(self._value(k), 0.999)
-                others_unused = none_used.get(k[0], 1.0) / (1.0 - p) if k in value else none_used.get(k[0], 1.0)
-                memo[k] = p * (1.0 - overlap * (1.0 - others_unused))
-            return memo[k]
-        self._savings_now = saving
+            p = value(k)
+            others_unused = none_used.get(k[0], 1.0) / (1.0 - p) if k in resident else none_used.get(k[0], 1.0)
+            return p * (1.0 - overlap * (1.0 - others_unused))
         return saving
 
     def worth_replacing(self, victim: ExpertKey, incoming: ExpertKey) -> bool:
