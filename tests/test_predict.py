@@ -1,10 +1,12 @@
 """The decode-phase expert predictor: it learns planted routing structure, its file round-trips and
-refuses other shapes, its torch forward is sklearn's, the metrics are right by hand, and the CLI runs."""
+refuses other shapes, the fused serving forward is each (layer, depth) model's, format-1 files still
+load, the metrics are right by hand, and the CLI runs."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,12 +17,15 @@ from duoserve_core.predict import FeatureSpec, PredictorError, layer_features, l
 from duoserve_core.predict.baselines import fit_baselines
 from duoserve_core.predict.cli import main
 from duoserve_core.predict.data import load_arrays
-from duoserve_core.predict.evaluate import count, evaluate, metrics
+from duoserve_core.predict.evaluate import calibration, count, evaluate, metrics, reliability
 from duoserve_core.predict.graph import GraphedPredictor
-from duoserve_core.predict.layer_predictor import LayerPredictor, fit_estimators
+from duoserve_core.predict.features import prev_token_similarity, prev_token_targets
+from duoserve_core.predict.layer_predictor import FORMAT_V1, fit_predictor
 from duoserve_core.traces import TraceMeta, write_trace
 
 from conftest import requires_cuda
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def planted(num_experts=8, top_k=2, layers=4, requests=16, prefill=4, decode=24, noise=0.1, seed=0):
@@ -122,18 +127,47 @@ def test_other_shapes_are_refused_and_other_names_warned(tmp_path, small):
         load_predictor(tmp_path / "absent.safetensors")
 
 
-# two hidden layers check the block-diagonal fusion of later layers; none is logistic regression
+# two hidden layers check the block-diagonal fusion of later layers; none is a linear correction
 @pytest.mark.parametrize("hidden", [(16, 8), ()])
-def test_torch_forward_equals_sklearn_predict_proba(small, hidden):
-    train = small[0]
-    data = load_arrays([train]).select(("decode",))
+def test_fused_forward_equals_each_model(small, hidden):
+    """Serving fuses a layer's depth models into one; each column block must be that depth's model:
+    sigmoid(MLP(x) + (w_prev + w_sim * similarity) * previous token's experts at the target)."""
+    data = load_arrays([small[0]]).select(("decode",))
     spec = FeatureSpec(window=3)
-    estimators = fit_estimators(data, depth=2, spec=spec, hidden=hidden, max_iter=20)
-    predictor = LayerPredictor.from_estimators(estimators, data.meta, 2, spec, hidden, {})
-    for (layer, d), clf in estimators.items():
-        feats = predictor.features(layer, data.experts, data.weights, data.prev_experts)
-        ours = predictor.predict(layer, feats)[:, d - 1].numpy()
-        np.testing.assert_allclose(ours, clf.predict_proba(feats.numpy()), atol=1e-5, rtol=0)
+    predictor = fit_predictor(data, depth=2, spec=spec, hidden=hidden, max_iter=20)
+    assert any(r["correction"] for r in predictor.training["fits"].values())  # the MLPs are exercised
+    for (layer, d), mlp in predictor.params.items():
+        x = predictor.features(layer, data.experts, data.weights, data.prev_experts)
+        h = x
+        for i, (w, b) in enumerate(mlp):
+            h = h @ w + b
+            h = h.relu() if i < len(mlp) - 1 else h
+        w_prev, w_sim = predictor.prior[(layer, d)].tolist()
+        prev = prev_token_targets(x, layer + d - 1, 1, spec=spec, num_experts=8)
+        sim = prev_token_similarity(x, layer, spec=spec, num_experts=8, top_k=2)
+        expected = torch.sigmoid(h + prev * (w_prev + w_sim * sim))
+        torch.testing.assert_close(predictor.predict(layer, x)[:, d - 1], expected, atol=1e-5, rtol=0)
+
+
+def test_format_1_files_still_load():
+    """The committed predictors were written by the scikit-learn version (format 1, no prior): they load
+    and compute what they computed, a relu MLP with sigmoid outputs."""
+    from safetensors import safe_open
+
+    path = ROOT / "data" / "predictors" / "small-moe-depth2.safetensors"
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["format"] == FORMAT_V1
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    predictor = load_predictor(path, expect=("small-moe", 8, 8, 2))
+    assert predictor.prior is None
+    test = load_arrays([ROOT / "data" / "traces" / "small-moe-heldout.parquet"])
+    x = predictor.features(2, test.experts[:50], test.weights[:50], test.prev_experts[:50])
+    for d in (1, 2):
+        h = (x @ tensors[f"layer2.depth{d}.coef0"] + tensors[f"layer2.depth{d}.intercept0"]).relu()
+        expected = torch.sigmoid(h @ tensors[f"layer2.depth{d}.coef1"] + tensors[f"layer2.depth{d}.intercept1"])
+        torch.testing.assert_close(predictor.predict(2, x)[:, d - 1], expected, atol=1e-5, rtol=0)
+    with pytest.raises(PredictorError, match="format-1 file; retrain it"):
+        predictor.save(ROOT / "never-written.safetensors")
 
 
 def test_feature_layout():
@@ -173,6 +207,26 @@ def test_metrics_by_hand():
     assert m["experts_per_layer"] == pytest.approx(5 / 3) and m["bytes_per_token"] == pytest.approx(500 / 3)
     assert m["recall_at"] == pytest.approx({"2": 2 / 6, "3": (2 + 1 + 1) / 6, "4": 1.0})
     assert math.ceil(3 / 2) == 2 and count(scores[:1], torch.tensor([[1, 2, 3]]), 0.5, [3]).half == 1
+
+
+def test_calibration_by_hand():
+    # 2 tokens x 4 experts, top-1: 8 events
+    scores = torch.tensor([[0.05, 0.15, 0.95, 1.0],
+                           [0.05, 0.12, 0.91, 0.5]])
+    actual = torch.tensor([[2], [3]])
+    r = reliability(scores, actual)
+    cal = calibration(r)
+    bins = {tuple(b["bin"]): b for b in cal["bins"]}
+    assert [b["bin"][0] for b in cal["bins"]] == [0.0, 0.1, 0.5, 0.9]  # empty bins are left out; 1.0 is in the last
+    assert bins[(0.0, 0.1)]["events"] == 2 and bins[(0.0, 0.1)]["observed"] == 0
+    assert bins[(0.9, 1.0)]["events"] == 3 and bins[(0.9, 1.0)]["mean_score"] == pytest.approx((0.95 + 1 + 0.91) / 3)
+    assert bins[(0.9, 1.0)]["observed"] == pytest.approx(1 / 3)  # expert 2 of token 0 only
+    # |0.05 - 0| x 2 + |0.135 - 0| x 2 + |0.5 - 1| x 1 + |0.9533 - 1/3| x 3, over 8 events
+    expected = (0.05 * 2 + 0.135 * 2 + 0.5 + abs((0.95 + 1 + 0.91) / 3 - 1 / 3) * 3) / 8
+    assert cal["ece"] == pytest.approx(expected)
+    r += reliability(scores, actual)  # twice the same events: the same curve and ECE
+    assert calibration(r)["ece"] == pytest.approx(expected)
+    assert reliability(scores * 2, actual) is None  # not probabilities: no calibration
 
 
 def test_evaluate_on_a_hand_made_trace(tmp_path):
@@ -215,10 +269,16 @@ def test_cli_train_eval_bench(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["baseline_traces"] == [str(train.resolve())] and result["tokens"] == 72
     assert set(result["methods"]) == {"predictor", "popularity", "previous_token", "affinity"}
+    cal = result["methods"]["predictor"]["1"]["overall"]["calibration"]
+    assert sum(b["events"] for b in cal["bins"]) == 72 * 2 * 8  # every (token, target layer, expert)
     assert main(["eval", "--trace", str(test), "--predictor", str(out), "--train-trace", str(train),
                  "--threshold", "0.3", "--expert-bytes", "1MiB"]) == 0
     table = capsys.readouterr().out
     assert "scored on decode tokens only (72)" in table and "expert = 1.00 MiB" in table and "R@4" in table
+    assert "ECE" in table and f"predictor reliability, depth 1 (ECE {cal['ece']:.3f})" in table
+    with pytest.raises(SystemExit):
+        main(args + ["--holdout", "1.5", "--force"])
+    assert "--holdout must be between 0 and 1" in capsys.readouterr().err
     assert main(["bench", "--predictor", str(out), "--device", "cpu", "--iters", "5"]) == 0
     assert "µs" in capsys.readouterr().out
 
@@ -251,27 +311,23 @@ def test_cuda_graph_replay_equals_eager(small):
 
 
 def test_cli_train_interrupted_writes_nothing(tmp_path):
-    """Ctrl-C during training: exit 130, the file --force would replace untouched, no temporary left.
-    sklearn's MLP swallows KeyboardInterrupt in its epoch loop; training must not carry on and save."""
+    """Ctrl-C during training: exit 130, the file --force would replace untouched, no temporary left."""
     import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "p.safetensors"
     out.write_bytes(b"the previous predictor")
     err_path = tmp_path / "stderr"
     with err_path.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "duoserve_core.predict", "train", "--trace",
-                                 str(root / "data" / "traces" / "small-moe-train.parquet"), "--depth", "2",
-                                 "--out", str(out), "--force"], cwd=root, stdout=subprocess.PIPE, stderr=err)
-        deadline = time.monotonic() + 30
+                                 str(ROOT / "data" / "traces" / "small-moe-train.parquet"), "--depth", "2",
+                                 "--out", str(out), "--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+        deadline = time.monotonic() + 120  # layer 0 takes ~10 s on a 2-core CPU, over 30 s on an H200 host
         while "layer 0 -> 1" not in err_path.read_text():  # the first MLP is fitted: training is under way
             assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.1)
-        time.sleep(0.5)  # into the next fit's epoch loop, where sklearn catches the interrupt
+        time.sleep(0.5)  # into the next layer's fit
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=30)
     lines = err_path.read_text().splitlines()

@@ -55,6 +55,26 @@ _bytes = _positive(parse_bytes, "--expert-bytes")
 _count = _positive(int, "this option")
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--alpha takes a number, got {text!r}") from exc
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--alpha must be at least 0, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--holdout takes a share such as 0.2, got {text!r}") from exc
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--holdout must be between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m duoserve_core.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,9 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="predictor file to write (safetensors)")
     t.add_argument("--window", type=_count, default=4, help="current-token layers in the features")
     t.add_argument("--hidden", type=_hidden, default=(64,),
-                   help="MLP hidden sizes, e.g. 64 or 128,64; 0: no hidden layer (logistic regression)")
+                   help="hidden sizes of the MLP correction, e.g. 64 or 128,64; 0: no hidden layer (linear)")
+    t.add_argument("--alpha", type=_non_negative, default=1.0,
+                   help="L2 strength on the correction's weights (penalty alpha / (2 tokens) x |W|^2)")
+    t.add_argument("--holdout", type=_share, default=0.2,
+                   help="share of the training tokens held out to stop, choose and calibrate (the last ones)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-iter", type=_count, default=200, help="training epochs per MLP at most")
+    t.add_argument("--max-iter", type=_count, default=200,
+                   help="training epochs per MLP at most (training stops earlier when held-out loss stalls)")
     t.add_argument("--jobs", type=int, default=1, help="MLPs fitted in parallel (-1: one per CPU core)")
     t.add_argument("--include-prefill", action="store_true",
                    help="also train on prefill tokens (default: decode tokens only)")
@@ -105,13 +130,16 @@ def train(args: argparse.Namespace) -> None:
     phases = ("decode", "prefill") if args.include_prefill else ("decode",)
     t0 = time.perf_counter()
     predictor = train_predictor(args.trace, depth=args.depth, window=args.window, hidden=args.hidden,
-                                seed=args.seed, max_iter=args.max_iter, use_prev_token=not args.no_prev_token,
-                                phases=phases, jobs=args.jobs, log=lambda msg: print(msg, file=sys.stderr))
+                                alpha=args.alpha, holdout=args.holdout, seed=args.seed, max_iter=args.max_iter,
+                                use_prev_token=not args.no_prev_token, phases=phases, jobs=args.jobs,
+                                log=lambda msg: print(msg, file=sys.stderr))
     predictor.save(out)
     tr = predictor.training
+    kept = sum(f["correction"] for f in tr["fits"].values())
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}): {describe_shape(predictor.meta)}, depth {args.depth}, "
           f"window {args.window}, hidden {','.join(map(str, args.hidden)) or 'none'}; trained on {tr['samples']} "
-          f"{'+'.join(phases)} tokens of {tr['requests']} requests in {time.perf_counter() - t0:.1f} s")
+          f"{'+'.join(phases)} tokens of {tr['requests']} requests in {time.perf_counter() - t0:.1f} s; "
+          f"MLP correction kept in {kept} of {len(tr['fits'])} (layer, depth) models")
 
 
 def evaluate_cmd(args: argparse.Namespace) -> dict:
@@ -180,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training re-raises the interrupt sklearn would swallow (interrupts_abort)
+    except KeyboardInterrupt:  # Ctrl-C during training: the predictor is saved only once it is complete
         print("interrupted; nothing written", file=sys.stderr)
         return 130
     return 0

@@ -88,3 +88,10 @@ def multi_hot(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     out = torch.zeros(*ids.shape[:-1], num_experts, dtype=torch.float32, device=ids.device)
     return out.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).to(torch.float32))
 
+
+def ranked_hits(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """``[N, E]``: how many of the actual ids ``actual [N, k]`` are among each row's 1, 2, ... highest
+    ``scores [N, E]`` (ties towards the lower expert id)."""
+    truth = multi_hot(actual, scores.shape[1]).bool()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return truth.gather(1, order).long().cumsum(1)

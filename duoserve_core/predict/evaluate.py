@@ -10,6 +10,15 @@ at source layer t-d. Metrics (micro-averaged over pairs; per target layer and ov
     bytes_per_token   experts_per_layer x expert_bytes, summed over the target layers
     recall_at[m]      recall of the m highest-scoring experts, m = k, k+1, 2k: equal bytes for
                       every method, so these compare methods at the same transfer cost
+    calibration       (overall only) whether a score of p means "used with probability p": every
+                      (token, target layer, expert) triple is one event, binned by its score into
+                      10 equal bins of [0, 1]; per bin the mean score and the observed frequency
+                      (the reliability curve), and the expected calibration error
+                      ECE = sum over bins of (events in bin / events) x |mean score - frequency|.
+                      A threshold policy reads scores as probabilities, so this says whether
+                      ``--threshold 0.6`` loads experts used 60% of the time. None for a method
+                      whose scores leave [0, 1]; a 0/1 baseline (previous token) has only the
+                      end bins, and its ECE says how far from certain its guesses are.
 
 Only the tokens of one phase are scored (decode by default: that is what the predictor is for).
 Ties in a score are broken towards the lower expert id, so results are deterministic.
@@ -24,7 +33,7 @@ import torch
 
 from ..units import format_bytes
 from .baselines import Baseline
-from .data import TraceArrays, multi_hot
+from .data import TraceArrays, multi_hot, ranked_hits
 from .errors import PredictorError
 from .layer_predictor import LayerPredictor
 
@@ -60,14 +69,55 @@ def count(scores: torch.Tensor, actual: torch.Tensor, threshold: float, ms: list
     """Counts for ``scores [N, E]`` against the actual top-k ids ``actual [N, k]``."""
     k = actual.shape[1]
     truth = multi_hot(actual, scores.shape[1]).bool()
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranked_hits = truth.gather(1, order).long().cumsum(1)  # [N, E]: hits among the top-1, top-2, ...
-    in_top_k = ranked_hits[:, k - 1]
+    ranked = ranked_hits(scores, actual)  # [N, E]: hits among the top-1, top-2, ...
+    in_top_k = ranked[:, k - 1]
     above = scores >= threshold
     return Counts(pairs=scores.shape[0], exact=int((in_top_k == k).sum()),
                   half=int((in_top_k >= math.ceil(k / 2)).sum()), actual=int(truth.sum()),
                   hits=int((above & truth).sum()), predicted=int(above.sum()),
-                  hits_at={m: int(ranked_hits[:, m - 1].sum()) for m in ms})
+                  hits_at={m: int(ranked[:, m - 1].sum()) for m in ms})
+
+
+CALIBRATION_BINS = 10
+
+
+@dataclass
+class Reliability:
+    """Per bin of score (``CALIBRATION_BINS`` equal bins of [0, 1], a score of 1 in the last): the
+    (token, target layer, expert) events in it, the sum of their scores and how many were used."""
+
+    events: torch.Tensor = field(default_factory=lambda: torch.zeros(CALIBRATION_BINS, dtype=torch.float64))
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(CALIBRATION_BINS, dtype=torch.float64))
+    used: torch.Tensor = field(default_factory=lambda: torch.zeros(CALIBRATION_BINS, dtype=torch.float64))
+
+    def __iadd__(self, other: Reliability) -> Reliability:
+        self.events += other.events
+        self.scores += other.scores
+        self.used += other.used
+        return self
+
+
+def reliability(scores: torch.Tensor, actual: torch.Tensor) -> Reliability | None:
+    """Binned ``scores [N, E]`` against the actual ids ``[N, k]``; None if a score is outside [0, 1]."""
+    if scores.numel() and (scores.min() < 0 or scores.max() > 1):
+        return None
+    p = scores.reshape(-1).to(torch.float64)
+    truth = multi_hot(actual, scores.shape[1]).reshape(-1).to(torch.float64)
+    bins = (p * CALIBRATION_BINS).long().clamp_(max=CALIBRATION_BINS - 1)
+    zeros = torch.zeros(CALIBRATION_BINS, dtype=torch.float64)
+    return Reliability(zeros.index_add(0, bins, torch.ones_like(p)), zeros.index_add(0, bins, p),
+                       zeros.index_add(0, bins, truth))
+
+
+def calibration(r: Reliability) -> dict:
+    """The ECE and the reliability curve (bins with no event are left out)."""
+    total = r.events.sum().item()
+    ece = sum((r.events[b] / total * (r.scores[b] / r.events[b] - r.used[b] / r.events[b]).abs()).item()
+              for b in range(CALIBRATION_BINS) if r.events[b] > 0)
+    bins = [{"bin": [b / CALIBRATION_BINS, (b + 1) / CALIBRATION_BINS], "events": int(r.events[b]),
+             "mean_score": (r.scores[b] / r.events[b]).item(), "observed": (r.used[b] / r.events[b]).item()}
+            for b in range(CALIBRATION_BINS) if r.events[b] > 0]
+    return {"ece": ece, "bins": bins}
 
 
 def metrics(c: Counts, expert_bytes: int, target_layers: int) -> dict:
@@ -100,7 +150,7 @@ def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Basel
     for name, score_fn in methods:
         per_depth = {}
         for d in range(1, predictor.depth + 1):
-            per_layer, total = {}, Counts()
+            per_layer, total, binned = {}, Counts(), Reliability()
             for target in range(d, meta.num_layers):
                 scores = score_fn(target - d, d, data)
                 if scores is None:
@@ -108,8 +158,15 @@ def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Basel
                 c = count(scores, data.experts[:, target], threshold, ms)
                 per_layer[str(target)] = metrics(c, expert_bytes, 1)
                 total += c
+                if binned is not None:  # None from the first score outside [0, 1] on
+                    r = reliability(scores, data.experts[:, target])
+                    if r is None:
+                        binned = None
+                    else:
+                        binned += r
             if per_layer:
                 overall = metrics(total, expert_bytes, len(per_layer))
+                overall["calibration"] = None if binned is None else calibration(binned)
                 per_depth[str(d)] = {"overall": overall, "per_layer": per_layer}
         if per_depth:
             results[name] = per_depth
@@ -119,21 +176,32 @@ def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Basel
 
 
 def format_report(result: dict) -> str:
-    """Tables for people: overall per method and depth, then recall at k per target layer."""
+    """Tables for people: overall per method and depth (ECE beside recall), the predictor's reliability
+    curve, then recall at k per target layer."""
     k, ms = result["top_k"], result["recall_at_sizes"]
     lines = [f"{result['model']}: {result['num_layers']} layers x {result['num_experts']} experts, top-{k}; "
              f"scored on {result['phase']} tokens only ({result['tokens']}); threshold {result['threshold']}; "
              f"expert = {format_bytes(result['expert_bytes'])}", ""]
     head = (f"{'method':<17}{'depth':>5}{'exact':>8}{'half':>8}{'recall':>8}{'prec':>8}{'exp/lyr':>9}"
-            f"{'per token':>12}" + "".join(f"{'R@' + str(m):>8}" for m in ms))
+            f"{'per token':>12}" + "".join(f"{'R@' + str(m):>8}" for m in ms) + f"{'ECE':>8}")
     lines.append(head)
     for name, per_depth in result["methods"].items():
         for d, r in per_depth.items():
             o = r["overall"]
             prec = "-" if o["precision"] is None else f"{o['precision']:.3f}"
+            ece = "-" if o.get("calibration") is None else f"{o['calibration']['ece']:.3f}"
             lines.append(f"{name:<17}{d:>5}{o['exact_topk']:>8.3f}{o['half_correct']:>8.3f}{o['recall']:>8.3f}"
                          f"{prec:>8}{o['experts_per_layer']:>9.2f}{format_bytes(o['bytes_per_token']):>12}"
-                         + "".join(f"{o['recall_at'][str(m)]:>8.3f}" for m in ms))
+                         + "".join(f"{o['recall_at'][str(m)]:>8.3f}" for m in ms) + f"{ece:>8}")
+    for d, r in result["methods"]["predictor"].items():
+        cal = r["overall"].get("calibration")
+        if cal is None:
+            continue
+        lines += ["", f"predictor reliability, depth {d} (ECE {cal['ece']:.3f}): per bin of predicted "
+                      "probability, the (token, layer, expert) events and how often the expert was used",
+                  f"{'bin':>11}{'events':>10}{'predicted':>11}{'observed':>10}"]
+        lines += [f"{b['bin'][0]:>5.1f}-{b['bin'][1]:<5.1f}{b['events']:>10}{b['mean_score']:>11.3f}"
+                  f"{b['observed']:>10.3f}" for b in cal["bins"]]
     for d in range(1, result["depth"] + 1):
         names = [n for n, per_depth in result["methods"].items() if str(d) in per_depth]
         lines += ["", f"recall@{k} (equal bytes) per target layer, depth {d}",

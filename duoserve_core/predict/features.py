@@ -1,6 +1,6 @@
 """The predictor's input features: one torch function for training and for serving.
 
-Training (sklearn, on a trace converted to tensors) and inference (on the runtime's device) both
+Training (on a trace converted to tensors) and inference (on the runtime's device) both
 call :func:`layer_features`, so the two cannot drift apart: a model is only ever fed the exact
 encoding it was fitted on. The encoding is described by a :class:`FeatureSpec` that is stored in
 the predictor file.
@@ -91,3 +91,25 @@ def layer_features(layer: int, experts: torch.Tensor, weights: torch.Tensor | No
         prev = out[:, W * E:].view(B, num_layers, E)
         prev.scatter_add_(2, prev_experts.clamp(min=0), (prev_experts >= 0).to(torch.float32))
     return out
+
+
+def prev_token_targets(feats: torch.Tensor, layer: int, count: int, *, spec: FeatureSpec,
+                       num_experts: int) -> torch.Tensor:
+    """``[B, count * E]``: the previous token's multi-hot at layers ``layer+1 .. layer+count``, read back
+    from feature rows (a view, no copy). The predictor's prior scores these experts up: the targets'
+    blocks are adjacent in the layout, so all depths of a source layer are one slice."""
+    start = (spec.window + layer + 1) * num_experts
+    return feats[:, start:start + count * num_experts]
+
+
+def prev_token_similarity(feats: torch.Tensor, layer: int, *, spec: FeatureSpec, num_experts: int,
+                          top_k: int) -> torch.Tensor:
+    """``[B, 1]``: the share of the current token's router weight at ``layer`` that falls on experts the
+    previous token also used there (0..1; with uniform weights the overlap of the two top-k over k).
+    A token that repeats the previous one's experts so far repeats them further on: on the bundled
+    training trace the previous token's recall@2 one layer ahead is 0.31 after no shared expert at
+    layer 0 and 0.55 after both, so the prior's previous-token weight grows with this."""
+    E, W = num_experts, spec.window
+    current = feats[:, (W - 1) * E:W * E]  # the window's last slot is the source layer
+    prev = feats[:, (W + layer) * E:(W + layer + 1) * E]
+    return (current * prev).sum(1, keepdim=True) / top_k
