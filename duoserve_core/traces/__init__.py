@@ -12,19 +12,26 @@ one Parquet row per (request, token, layer) with columns
     probs        list<float>  the full softmax over experts; optional column
     spec_experts list<int>    optional: layer+1's router applied to this layer's MoE input
                               (the speculative gate of mixtral-offloading/AdapMoE); null at the last layer
+    hidden_pca   list<float>  optional: this layer's MoE input compressed by a per-layer PCA, whose
+                              basis is in the metadata key ``hidden_pca`` (see ``traces.hidden``)
+    llapor_experts list<int>  optional: LLaPor's top-k guess at layer+1's experts (``predict.llapor
+                              annotate``), shaped like ``spec_experts``; null at the last layer
 
 and file metadata ``model``, ``num_layers``, ``num_experts``, ``top_k`` (plus ``format``). Readers
-accept any number of experts and any top-k, and traces with only ``experts``.
+accept any number of experts and any top-k, and traces with only ``experts``. The optional columns
+and metadata keys are additive: a reader that does not know them reads the rest as before.
 
     python -m duoserve_core.traces record --model PATH --prompts FILE --max-new-tokens N --out T.parquet
+        [--hidden-dims 32 | --hidden-basis TRAIN.parquet]
     python -m duoserve_core.traces expand --trace T.parquet --layers 32 --out T32.parquet
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ import torch
 
 from ..errors import DuoServeError
 from ..atomic import atomic_write_bytes
+from .hidden import HIDDEN_COLUMN, META_KEY as HIDDEN_META_KEY, HiddenBasis, HiddenCapture, hidden_array
 
 FORMAT = "duoserve-trace/1"
 REQUIRED_COLUMNS = ("request_id", "token_index", "phase", "layer", "experts")
@@ -51,6 +59,8 @@ class TraceMeta:
     num_layers: int
     num_experts: int
     top_k: int
+    # the PCA basis of the ``hidden_pca`` column, where the trace has one; not part of the shape
+    hidden_basis: HiddenBasis | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "num_layers": self.num_layers, "num_experts": self.num_experts,
@@ -87,6 +97,14 @@ class Trace:
             return np.full((n_tok, L, k), 1.0 / k, dtype=np.float32)
         return np.asarray(self.df["weights"].tolist(), dtype=np.float32).reshape(n_tok, L, k)
 
+    def hidden_array(self) -> np.ndarray:
+        """``[tokens, layers, D]`` float32 PCA coordinates of the MoE inputs (``hidden_pca``)."""
+        basis = self.meta.hidden_basis
+        if basis is None:
+            raise TraceError(f"this trace of {self.meta.model} holds no hidden states; record it with "
+                             "python -m duoserve_core.traces record ... --hidden-dims 32")
+        return hidden_array(self.df, self.meta.num_layers, basis.dims, f"this trace of {self.meta.model}")
+
 
 def write_trace(path: str | Path, df: pd.DataFrame, meta: TraceMeta, *, overwrite: bool = False) -> None:
     """Validate and write atomically; refuse to replace an existing file unless ``overwrite``."""
@@ -95,8 +113,10 @@ def write_trace(path: str | Path, df: pd.DataFrame, meta: TraceMeta, *, overwrit
         raise TraceError(f"{path} exists; choose another --out or pass --force to replace it")
     _validate(df, meta, str(path))
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    extra = {} if meta.hidden_basis is None else {HIDDEN_META_KEY.encode(): meta.hidden_basis.to_json().encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"format": FORMAT.encode(),
-                                           **{k.encode(): str(v).encode() for k, v in meta.as_dict().items()}})
+                                           **{k.encode(): str(v).encode() for k, v in meta.as_dict().items()},
+                                           **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -119,6 +139,8 @@ def read_trace(path: str | Path) -> Trace:
         meta = TraceMeta(raw["model"], int(raw["num_layers"]), int(raw["num_experts"]), int(raw["top_k"]))
     except ValueError as exc:
         raise TraceError(f"{path} has malformed metadata: {exc}") from exc
+    if HIDDEN_META_KEY in raw:
+        meta.hidden_basis = HiddenBasis.from_json(raw[HIDDEN_META_KEY], str(path))
     df = table.to_pandas()
     _validate(df, meta, str(path))
     df = df.sort_values(["request_id", "token_index", "layer"], kind="stable").reset_index(drop=True)
@@ -146,6 +168,15 @@ def _validate(df: pd.DataFrame, meta: TraceMeta, where: str) -> None:
     per_token = df.groupby(["request_id", "token_index"])["layer"].nunique()
     if len(df) and (per_token != meta.num_layers).any():
         raise TraceError(f"{where}: every (request, token) must have a row for each of the {meta.num_layers} layers")
+    if HIDDEN_COLUMN in df.columns:
+        basis = meta.hidden_basis
+        if basis is None:
+            raise TraceError(f"{where} has a '{HIDDEN_COLUMN}' column but no PCA basis for it in its metadata")
+        if basis.num_layers != meta.num_layers:
+            raise TraceError(f"{where}: the '{HIDDEN_COLUMN}' basis is for {basis.num_layers} layers, "
+                             f"the trace has {meta.num_layers}")
+        if len(df) and (df[HIDDEN_COLUMN].map(lambda v: -1 if v is None else len(v)) != basis.dims).any():
+            raise TraceError(f"{where}: every '{HIDDEN_COLUMN}' list must hold the basis's {basis.dims} coordinates")
 
 
 class TraceRecorder:
@@ -285,12 +316,26 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def record(runtime, prompts: list[str] | list[list[int]], max_new_tokens: int, *,
-           keep_probs: bool = False) -> tuple[pd.DataFrame, TraceMeta]:
-    """Run every prompt through ``runtime`` and return its routing as trace rows."""
+           keep_probs: bool = False, hidden_dims: int | None = None,
+           hidden_basis: HiddenBasis | None = None) -> tuple[pd.DataFrame, TraceMeta]:
+    """Run every prompt through ``runtime`` and return its routing as trace rows.
+
+    With ``hidden_dims`` (a PCA of that many dimensions fitted on this recording) or ``hidden_basis``
+    (another trace's PCA, so that both share coordinates) the rows also get each MoE input's
+    ``hidden_pca`` coordinates, and the returned meta carries the basis (``traces.hidden``)."""
     recorder = TraceRecorder(keep_probs=keep_probs)
-    for request_id, prompt in enumerate(prompts):
-        kw = {"prompt_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
-        runtime.generate(**kw, max_new_tokens=max_new_tokens, recorder=recorder, request_id=request_id)
     c = runtime.config
     meta = TraceMeta(runtime.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
-    return recorder.dataframe(), meta
+    capture = None
+    if hidden_dims is not None or hidden_basis is not None:
+        capture = HiddenCapture(runtime, dims=None if hidden_basis is not None else hidden_dims, basis=hidden_basis)
+    with capture if capture is not None else contextlib.nullcontext():
+        for request_id, prompt in enumerate(prompts):
+            kw = {"prompt_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+            runtime.generate(**kw, max_new_tokens=max_new_tokens, recorder=recorder, request_id=request_id)
+    df = recorder.dataframe()
+    if capture is not None:
+        df[HIDDEN_COLUMN], meta.hidden_basis = capture.column(
+            df, f"{runtime.source.name}: {df.groupby(['request_id', 'token_index']).ngroups} tokens of "
+                f"{len(prompts)} prompts, prefill and decode")
+    return df, meta

@@ -1,6 +1,7 @@
 """``python -m duoserve_core.traces record | expand | synth``: the trace commands (argv lives here only).
 
     python -m duoserve_core.traces record --model PATH --prompts FILE --max-new-tokens N --out T.parquet
+        [--hidden-dims 32 | --hidden-basis TRAIN.parquet]
     python -m duoserve_core.traces expand --trace T.parquet --layers 32 --out T32.parquet
     python -m duoserve_core.traces synth --preset mixtral-like [--repeat 0.1,0.3,0.2 ...] --out T.parquet [--json]
 """
@@ -74,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quant", default="none", help="expert storage; routing is recorded at this precision")
     r.add_argument("--probs", action="store_true", help="also store the full softmax over experts")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
+    hidden = r.add_mutually_exclusive_group()
+    hidden.add_argument("--hidden-dims", type=int, default=None,
+                        help="also store each MoE layer's input hidden state, compressed by a per-layer PCA to this "
+                             "many dimensions fitted on this recording (column hidden_pca; see traces.hidden)")
+    hidden.add_argument("--hidden-basis", default=None,
+                        help="like --hidden-dims, but project with the PCA basis of this trace (record a held-out "
+                             "trace with its training trace's basis: a predictor reads one basis only)")
     x = sub.add_parser("expand", help="the routing a deeper model replays from this trace (--routing-trace)")
     x.add_argument("--trace", required=True)
     x.add_argument("--layers", type=int, required=True, help="layers of the model that will replay it")
@@ -126,8 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_writable(out, args.force, "--out")  # before the model loads
         prompts = read_prompts(args.prompts)
+        basis = None
+        if args.hidden_basis is not None:
+            basis = read_trace(args.hidden_basis).meta.hidden_basis
+            if basis is None:
+                raise TraceError(f"--hidden-basis {args.hidden_basis} holds no hidden-state basis; give a trace "
+                                 "recorded with --hidden-dims")
+        if args.hidden_dims is not None and args.hidden_dims < 1:
+            raise TraceError(f"--hidden-dims takes a positive number of dimensions, got {args.hidden_dims}")
         runtime = load(args.model, device=args.device, quant=args.quant, policy="resident")
-        df, meta = record(runtime, prompts, args.max_new_tokens, keep_probs=args.probs)
+        df, meta = record(runtime, prompts, args.max_new_tokens, keep_probs=args.probs,
+                          hidden_dims=args.hidden_dims, hidden_basis=basis)
         write_trace(out, df, meta, overwrite=args.force)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -135,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens = df.groupby(["request_id", "token_index"]).ngroups
     print(f"wrote {out}: {len(prompts)} requests, {tokens} tokens x {meta.num_layers} layers "
           f"({meta.num_experts} experts, top-{meta.top_k})")
+    if meta.hidden_basis is not None:
+        b = meta.hidden_basis
+        kept = ", ".join(f"{v:.2f}" for v in b.explained.sum(1))
+        print(f"hidden states: {b.dims} of {b.hidden_size} dimensions per layer (basis {b.fingerprint()}), "
+              f"variance kept per layer {kept}")
     return 0
 
 
