@@ -77,6 +77,11 @@ def check_mixtral_config(config, where: str) -> None:
             f"{where}: num_local_experts={e} and num_experts_per_tok={k} do not describe a sparse MoE "
             "(need 1 <= num_experts_per_tok <= num_local_experts)."
         )
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        value = getattr(config, field, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{where}: {field}={value!r}; it must be a positive whole number")
 
 
 class TensorSource(ABC):
@@ -115,7 +120,7 @@ class SafetensorsCheckpoint(TensorSource):
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-        check_mixtral_config(_Namespace(raw), str(config_file))
+        check_mixtral_config(_Namespace(raw, str(config_file)), str(config_file))
         self.config = MixtralConfig.from_pretrained(self.path)
         if num_layers is not None:
             _shrink(self.config, num_layers)
@@ -310,5 +315,8 @@ def _shrink(config: MixtralConfig, num_layers: int) -> None:
 class _Namespace:
     """Attribute view of a raw config dict, so the Mixtral check runs before transformers parses it."""
 
-    def __init__(self, raw: dict):
+    def __init__(self, raw: dict, where: str = "config.json"):
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where} holds a {type(raw).__name__}, not a JSON object of config fields; "
+                                  "is this a Hugging Face config.json?")
         self.__dict__.update(raw)

@@ -13,7 +13,7 @@ from .runtime import load
 from .errors import DuoServeError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
-from .knob_args import add_knob_arguments, knobs_from_args
+from .knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, number, seed, whole
 from .policy import POLICIES
 from .units import format_bytes
 
@@ -28,27 +28,27 @@ def _ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m duoserve_core", description=__doc__)
+    parser = Parser(prog="python -m duoserve_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate from a Mixtral checkpoint with offloaded experts")
     g.add_argument("--model", required=True, help="checkpoint folder, or synthetic:mixtral-8x7b|mixtral-8x22b|tiny")
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
     prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--memory-budget", default=None,
+    g.add_argument("--max-new-tokens", type=whole(1), default=32)
+    g.add_argument("--memory-budget", type=budget, default=None,
                    help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
     g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
     g.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
                    help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
     g.add_argument("--policy", choices=POLICIES, default="on-demand")
     add_knob_arguments(g)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (quick runs)")
-    g.add_argument("--max-context", type=int, default=None, help="longest prompt + output to plan memory for")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, and the seed of synthesized weights")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--num-layers", type=whole(1), default=None, help="keep only the first N layers (quick runs)")
+    g.add_argument("--max-context", type=whole(1), default=None, help="longest prompt + output to plan memory for")
+    g.add_argument("--seed", type=seed, default=0, help="sampling seed, and the seed of synthesized weights")
+    g.add_argument("--temperature", type=number(0.0), default=0.0, help="0 = greedy")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--routing-trace", default=None,
                    help="take each token's experts from this trace (realistic reuse on synthesized weights)")

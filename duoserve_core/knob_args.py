@@ -2,16 +2,115 @@
 
 ``generate``, ``bench`` and ``sim`` take the same flags for the same ``PolicyKnobs`` fields; the
 policy itself is each CLI's own flag (one name for ``generate``, a list for ``bench`` and ``sim``).
+
+Also the argument types every CLI shares, so a bad value is refused while the arguments are
+parsed (before a trace is read or a model loads) with one line that names the flag: the project's
+rule is one line on stderr and exit 2 for every error, and ``Parser`` keeps argparse's own errors
+(unknown flags, bad choices) to that line as well, where argparse would print the usage first.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from typing import Callable
 
 from .policy import DEFAULT_KNOBS, PolicyKnobs
+from .units import check_budget
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (no usage block): ``PROG: error: MESSAGE``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def whole(least: int, what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {what} of at least {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"takes {what} of at least {least}, got {value}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed torch and numpy accept (0 .. 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number from 0 to 2**63-1, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"takes a whole number from 0 to 2**63-1, got {value}")
+    return value
+
+
+def number(least: float | None = None, most: float | None = None, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [least, most] (``above``: strictly greater than ``least``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = least is None or (value > least if above else value >= least)
+        if not math.isfinite(value) or not low_ok or (most is not None and value > most):
+            bounds = ("a finite number" + (f" {'above' if above else 'of at least'} {least:g}" if least is not None else "")
+                      + (f" and at most {most:g}" if most is not None else ""))
+            raise argparse.ArgumentTypeError(f"takes {bounds}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def listed(item: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: comma-separated values each ``item`` accepts; the text is kept as given."""
+    def parse(text: str) -> str:
+        parts = text.split(",")
+        if not all(p.strip() for p in parts):
+            raise argparse.ArgumentTypeError(f"takes comma-separated values, got {text!r}")
+        for p in parts:
+            try:
+                item(p.strip())
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{p.strip()!r} in {text!r}: {exc}") from None
+        return text
+    parse.__name__ = "list"
+    return parse
+
+
+def budget(text: str) -> str:
+    """An argparse type: a memory budget ``memory.resolve_budget`` reads (bytes, %, Nslots or all)."""
+    try:
+        return check_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (whether that GPU exists is the runtime's check)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return text
 
 
 def add_knob_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The knobs' flags, typed int/float only: ``PolicyKnobs`` checks their values (``KnobError``), the
+    same check for the CLIs and the API."""
     parser.add_argument("--predictor", default=None, help="predictor file for duoserve/uniform decode prefetch")
     parser.add_argument("--prefetch-depth", type=int, default=DEFAULT_KNOBS.prefetch_depth,
                         help="layers ahead to prefetch")

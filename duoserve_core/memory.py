@@ -16,7 +16,7 @@ from transformers import MixtralConfig
 
 from .errors import BudgetError
 from .experts.formats import ExpertFormat, NF4Format
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, parse_bytes, parse_slots
 
 # Room for the CUDA caching allocator's rounding and fragmentation; the CPU has no such allocator.
 CUDA_ALLOCATOR_MARGIN = 64 * 2**20
@@ -80,9 +80,9 @@ def resolve_budget(budget: str | int, fixed_bytes: int, expert_bytes: int, total
     ``all`` (the fixed memory + every expert). The runtime, the bench and the simulator share it."""
     if isinstance(budget, str) and budget == "all":
         return fixed_bytes + total_experts * expert_bytes
-    if isinstance(budget, str) and budget.endswith("slots"):
-        return fixed_bytes + int(budget[:-5]) * expert_bytes
     try:
+        if isinstance(budget, str) and budget.strip().lower().endswith("slots"):
+            return fixed_bytes + parse_slots(budget) * expert_bytes
         return parse_bytes(budget, percent_of=full_model_bytes)
     except ValueError as exc:
         raise BudgetError(str(exc)) from exc

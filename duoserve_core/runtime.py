@@ -64,7 +64,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` picks CUDA when present; a device that is not there is a clear error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from exc
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
@@ -244,6 +247,8 @@ class Runtime:
                 raise PromptError(f"{self.source.name} has no tokenizer; pass token ids (--prompt-ids 1,2,3)")
             ids = self.tokenizer(prompt)["input_ids"]
         else:
+            if any(isinstance(i, bool) or int(i) != i for i in prompt_ids):
+                raise PromptError(f"token ids must be whole numbers, got {list(prompt_ids)[:5]}")
             ids = [int(i) for i in prompt_ids]
         if not ids:
             raise PromptError("the prompt is empty; pass at least one token")
@@ -279,6 +284,10 @@ class Runtime:
         ids = self.encode(prompt, prompt_ids)
         if max_new_tokens < 1:
             raise PromptError("max_new_tokens must be at least 1")
+        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+            raise PromptError(f"temperature must be 0 (greedy) or a finite positive number, got {temperature}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise PromptError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
         if len(ids) + max_new_tokens > self.max_context:
             raise PromptError(
                 f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {len(ids) + max_new_tokens} "

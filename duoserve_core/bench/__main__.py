@@ -13,7 +13,9 @@ from pathlib import Path
 from .. import bench  # noqa: F401  (its docstring is the --help text)
 from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..errors import DuoServeError
-from ..knob_args import add_knob_arguments, knobs_from_args
+from ..experts.formats import QUANT_CHOICES
+from ..mixtral import ATTENTION_QUANT_CHOICES
+from ..knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
@@ -21,30 +23,30 @@ from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m duoserve_core.bench", description=bench.__doc__,
+    p = Parser(prog="python -m duoserve_core.bench", description=bench.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="synthetic:mixtral-8x7b")
-    p.add_argument("--quant", default="nf4")
-    p.add_argument("--quant-attention", default="none")
-    p.add_argument("--memory-budget", default="15%")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="nf4")
+    p.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none")
+    p.add_argument("--memory-budget", type=budget, default="15%")
+    p.add_argument("--prompt-len", type=whole(1), default=512)
+    p.add_argument("--gen", type=whole(1), default=128)
     p.add_argument("--policies", default="duoserve,uniform,on-demand,lru-speculative,resident")
     add_knob_arguments(p)
     p.add_argument("--routing-trace", default=None)
-    p.add_argument("--num-layers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--num-layers", type=whole(1), default=None)
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--repeats", type=whole(1), default=REPEATS)
     p.add_argument("--peer", default=None, help="a benchmarks/accelerate_peer.py result: duoserve's speed-up over it")
     p.add_argument("--timelines", default=None, help="folder for each policy's timeline (Parquet)")
     p.add_argument("--record-trace", default=None, help="write the routing the runs took (a trace) here")
     sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
     sweep.add_argument("--sweep", action="store_true", help="sweep prompt lengths, budgets, depth and threshold")
-    sweep.add_argument("--prompt-lens", default="128,256,512,1024,2048")
-    sweep.add_argument("--budgets", default="2slots,8slots,15%,30%,50%,all",
+    sweep.add_argument("--prompt-lens", type=listed(whole(1)), default="128,256,512,1024,2048")
+    sweep.add_argument("--budgets", type=listed(budget), default="2slots,8slots,15%,30%,50%,all",
                        help="budgets as bytes, %% of the model, Nslots (fixed memory + N experts) or all")
-    sweep.add_argument("--depths", default="1,2,3")
-    sweep.add_argument("--thresholds", default="0.2,0.4,0.6,0.8")
+    sweep.add_argument("--depths", type=listed(whole(1, "a whole number of layers")), default="1,2,3")
+    sweep.add_argument("--thresholds", type=listed(number(0.0, 1.0)), default="0.2,0.4,0.6,0.8")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/bench_<device>_<date>.json)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.add_argument("--force", action="store_true", help="replace --out, --timelines files or --record-trace if they exist")
@@ -86,6 +88,12 @@ def compare(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     """Every policy at one budget and prompt: the table of the issue, with the bounds."""
     if args.peer and not Path(args.peer).is_file():  # before minutes of measuring, not after
         raise DuoServeError(f"--peer {args.peer} does not exist; run benchmarks/accelerate_peer.py --out {args.peer}")
+    if args.peer:
+        try:
+            json.loads(Path(args.peer).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DuoServeError(f"--peer {args.peer} is not a JSON result of benchmarks/accelerate_peer.py "
+                                f"({exc})") from exc
     out = check_writable(output_path(args, "bench"), args.force, "--out")  # every output before the model loads
     timelines_at = timeline_paths(args.timelines, out.stem, args.policies.split(","))
     for path in timelines_at.values():

@@ -10,29 +10,38 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json, check_writable
 from ..errors import DuoServeError
+from ..experts.formats import QUANT_CHOICES
+from ..knob_args import Parser, device, listed, number, whole
+from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..runtime import device_name, resolve_device
 from . import DEFAULT_CONTEXTS, DEFAULT_SIZES_MIB, MIB, CalibrationSpec, calibrate, default_out
 from . import __doc__ as calibrate_doc
 
 
+def _format(text: str) -> str:
+    if text not in QUANT_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown expert format {text!r}; choose from {', '.join(QUANT_CHOICES)}")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m duoserve_core.calibrate", description=calibrate_doc,
+    p = Parser(prog="python -m duoserve_core.calibrate", description=calibrate_doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="synthetic:mixtral-8x7b", help="synthetic:<preset> or a checkpoint folder")
-    p.add_argument("--quant", default="nf4", help="expert format the runtime parts use (none, bf16, nf4)")
-    p.add_argument("--quant-attention", default="none", help="attention projections: none or nf4")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--formats", default="bf16,nf4", help="expert formats to time (the --quant one is added)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="expert compute: 1, 2, 4, .. up to this")
-    p.add_argument("--sizes-mib", default=",".join(map(str, DEFAULT_SIZES_MIB)),
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="expert format the runtime parts use (none, bf16, nf4)")
+    p.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none", help="attention projections: none or nf4")
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--formats", type=listed(_format), default="bf16,nf4", help="expert formats to time (the --quant one is added)")
+    p.add_argument("--max-tokens", type=whole(1), default=2048, help="expert compute: 1, 2, 4, .. up to this")
+    p.add_argument("--sizes-mib", type=listed(number(0.0, above=True)), default=",".join(map(str, DEFAULT_SIZES_MIB)),
                    help="H2D copy sizes in MiB (one expert record is always added)")
-    p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
+    p.add_argument("--contexts", type=listed(whole(1)), default=",".join(map(str, DEFAULT_CONTEXTS)),
                    help="prefill lengths and decode contexts (capped by the model's context)")
     p.add_argument("--routing-trace", default="auto",
                    help="trace replayed while the runtime is timed, as the bench does (auto: the bundled one "
                         "where experts and top-k fit; none: the model's own router)")
-    p.add_argument("--num-layers", type=int, default=2, help="layers of the runtime used for per-layer figures")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-layers", type=whole(1), default=2, help="layers of the runtime used for per-layer figures")
+    p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -32,9 +32,9 @@ from pathlib import Path
 from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
-from ..knob_args import add_knob_arguments, knobs_from_args
+from ..knob_args import Parser, add_knob_arguments, budget, knobs_from_args, listed, number, seed, whole
 from ..memory import PLAN_CONTEXT, plan_context
-from ..traces import RoutingReplay, read_trace
+from ..traces import RoutingReplay, TraceError, read_trace
 from . import qos, reference
 from .runner import simulate
 from .calibration import load_calibration
@@ -44,32 +44,32 @@ from .sim_model import build_model, open_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m duoserve_core.sim", description=__doc__,
+    p = Parser(prog="python -m duoserve_core.sim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, help="routing trace (Parquet, duoserve-trace/1)")
     p.add_argument("--model-preset", default="mixtral-8x7b",
                    help="mixtral-8x7b, mixtral-8x22b, synthetic:<preset>, a checkpoint folder or its config.json")
-    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--num-layers", type=whole(1), default=None)
     p.add_argument("--quant", default="nf4")
     p.add_argument("--quant-attention", default="none")
     p.add_argument("--calibration", required=True, help="from python -m duoserve_core.calibrate")
-    p.add_argument("--memory-budget", default="15%", help="bytes, %% of the model, Nslots or all")
+    p.add_argument("--memory-budget", type=budget, default="15%", help="bytes, %% of the model, Nslots or all")
     p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
     add_knob_arguments(p)
-    p.add_argument("--request", type=int, default=0, help="trace request replayed (its index, wrapping)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default: the trace request's prompt")
-    p.add_argument("--gen", type=int, default=None, help="default: the trace request's generated tokens")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--request", type=whole(0), default=0, help="trace request replayed (its index, wrapping)")
+    p.add_argument("--prompt-len", type=whole(1), default=None, help="default: the trace request's prompt")
+    p.add_argument("--gen", type=whole(1), default=None, help="default: the trace request's generated tokens")
+    p.add_argument("--max-context", type=whole(1), default=None,
                    help=f"tokens of KV cache the plan reserves (default: {PLAN_CONTEXT}, or the longest request)")
-    p.add_argument("--warmup", type=int, default=1, help="runs before the reported one, as the bench does")
+    p.add_argument("--warmup", type=whole(0), default=1, help="runs before the reported one, as the bench does")
     p.add_argument("--no-policy-time", action="store_true", help="do not charge the policy's decision time")
     p.add_argument("--sweep", action="store_true", help="reference caches at every slot count")
-    p.add_argument("--requests", type=int, default=None, help="--sweep / QoS: how many requests")
-    p.add_argument("--arrival-rate", type=float, default=None, help="QoS: Poisson arrivals per second")
-    p.add_argument("--arrivals", default=None, help="QoS: comma-separated arrival times in seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo-ttft-ms", type=float, default=None)
-    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--requests", type=whole(1), default=None, help="--sweep / QoS: how many requests")
+    p.add_argument("--arrival-rate", type=number(0.0, above=True), default=None, help="QoS: Poisson arrivals per second")
+    p.add_argument("--arrivals", type=listed(number(0.0)), default=None, help="QoS: comma-separated arrival times in seconds")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--slo-ttft-ms", type=number(0.0, above=True), default=None)
+    p.add_argument("--slo-tpot-ms", type=number(0.0, above=True), default=None)
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--timeline-out", default=None, help="Chrome trace of the run (one file per policy: NAME.POLICY.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     cal = load_calibration(args.calibration)
     trace = read_trace(args.trace)
     lengths = qos.request_lengths(trace)
+    if not lengths:
+        raise TraceError(f"--trace {args.trace} holds no requests; record or synthesize a trace with at least one")
     prompt, gen = lengths[args.request % len(lengths)]
     prompt, gen = args.prompt_len or prompt, args.gen or gen
     qos_mode = args.arrival_rate is not None or args.arrivals is not None

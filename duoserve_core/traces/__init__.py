@@ -235,6 +235,9 @@ class RoutingReplay:
             raise TraceError(
                 f"routing trace of {m.model} routes over {m.num_experts} experts, top-{m.top_k}; the model has "
                 f"{num_experts} experts, top-{top_k}. Record a routing trace of a model with the same experts")
+        if len(trace.df) == 0:
+            raise TraceError("the routing trace holds no tokens: nothing to replay; record one with "
+                             "python -m duoserve_core.traces record (or synth)")
         self.trace_layers = m.num_layers
         generator = torch.Generator().manual_seed(seed)
         blocks = -(-num_layers // m.num_layers)

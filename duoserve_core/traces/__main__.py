@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..atomic import check_writable
 from ..errors import DuoServeError
+from ..experts.formats import QUANT_CHOICES
+from ..knob_args import Parser, device, number, seed, whole
 from ..runtime import load
 from . import Trace, TraceError, expand_trace, read_prompts, read_trace, record, write_trace
 from .synth import PRESETS, Profile, measure, preset_arguments, synthesize
@@ -63,16 +65,16 @@ def _print_synth(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m duoserve_core.traces", description=__doc__,
+    parser = Parser(prog="python -m duoserve_core.traces", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record", help="record the routing of prompts")
     r.add_argument("--model", required=True)
     r.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt'")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=whole(1), default=32)
     r.add_argument("--out", required=True)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--quant", default="none", help="expert storage; routing is recorded at this precision")
+    r.add_argument("--device", type=device, default="auto")
+    r.add_argument("--quant", choices=QUANT_CHOICES, default="none", help="expert storage; routing is recorded at this precision")
     r.add_argument("--probs", action="store_true", help="also store the full softmax over experts")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
     hidden = r.add_mutually_exclusive_group()
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                              "trace with its training trace's basis: a predictor reads one basis only)")
     x = sub.add_parser("expand", help="the routing a deeper model replays from this trace (--routing-trace)")
     x.add_argument("--trace", required=True)
-    x.add_argument("--layers", type=int, required=True, help="layers of the model that will replay it")
-    x.add_argument("--seed", type=int, default=0, help="the relabelling seed (RoutingReplay's; the runtime uses 0)")
+    x.add_argument("--layers", type=whole(1), required=True, help="layers of the model that will replay it")
+    x.add_argument("--seed", type=seed, default=0, help="the relabelling seed (RoutingReplay's; the runtime uses 0)")
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
     s = sub.add_parser("synth", help="routing drawn with chosen statistics (duoserve_core.traces.synth)")
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                    "comma-separated ones at evenly spaced depths (0.1,0.3,0.2)")
     s.add_argument("--affinity", help="P(a rank takes the successor of this token's expert at the layer before), "
                    "like --repeat")
-    s.add_argument("--skew", type=float, help="Zipf exponent of each layer's expert popularity (0 = uniform)")
-    s.add_argument("--seed", type=int, help="default 0, the seed the presets were tuned at")
+    s.add_argument("--skew", type=number(0.0), help="Zipf exponent of each layer's expert popularity (0 = uniform)")
+    s.add_argument("--seed", type=seed, help="default 0, the seed the presets were tuned at")
     s.add_argument("--prompt-len", type=int, default=0, help="prefill tokens per request, before the decode ones")
     s.add_argument("--gate-precision", type=float, default=None,
                    help="add spec_experts: a speculative gate that guesses each of the next layer's experts this often")
