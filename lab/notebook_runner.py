@@ -37,6 +37,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from traitlets.config import Config
 
 from duoserve_core.atomic import atomic_write_text
+from duoserve_core.progress import progress
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -157,7 +158,7 @@ def offline_assets() -> dict[str, str]:
 def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=print) -> list[NotebookRun]:
     """Every notebook in order (a failure does not stop the others); ``log`` hears one line each."""
     runs = []
-    for path in paths:
+    for path in progress(paths, desc="notebooks", unit="notebook"):
         log(f"notebook {path.name} ...")
         run = run_notebook(path, out_dir, timeout=timeout)
         runs.append(run)

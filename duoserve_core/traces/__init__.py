@@ -42,6 +42,7 @@ import torch
 
 from ..errors import DuoServeError
 from ..atomic import atomic_write_bytes
+from ..progress import progress
 from .hidden import HIDDEN_COLUMN, META_KEY as HIDDEN_META_KEY, HiddenBasis, HiddenCapture, hidden_array
 
 FORMAT = "duoserve-trace/1"
@@ -320,12 +321,13 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def record(runtime, prompts: list[str] | list[list[int]], max_new_tokens: int, *,
            keep_probs: bool = False, hidden_dims: int | None = None,
-           hidden_basis: HiddenBasis | None = None) -> tuple[pd.DataFrame, TraceMeta]:
+           hidden_basis: HiddenBasis | None = None, quiet: bool = False) -> tuple[pd.DataFrame, TraceMeta]:
     """Run every prompt through ``runtime`` and return its routing as trace rows.
 
     With ``hidden_dims`` (a PCA of that many dimensions fitted on this recording) or ``hidden_basis``
     (another trace's PCA, so that both share coordinates) the rows also get each MoE input's
-    ``hidden_pca`` coordinates, and the returned meta carries the basis (``traces.hidden``)."""
+    ``hidden_pca`` coordinates, and the returned meta carries the basis (``traces.hidden``). A bar
+    counts the prompts on a terminal (``progress``; ``quiet`` silences it)."""
     recorder = TraceRecorder(keep_probs=keep_probs)
     c = runtime.config
     meta = TraceMeta(runtime.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
@@ -333,7 +335,8 @@ def record(runtime, prompts: list[str] | list[list[int]], max_new_tokens: int, *
     if hidden_dims is not None or hidden_basis is not None:
         capture = HiddenCapture(runtime, dims=None if hidden_basis is not None else hidden_dims, basis=hidden_basis)
     with capture if capture is not None else contextlib.nullcontext():
-        for request_id, prompt in enumerate(prompts):
+        for request_id, prompt in progress(enumerate(prompts), desc="recording", total=len(prompts),
+                                           unit="prompt", quiet=quiet):
             kw = {"prompt_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
             runtime.generate(**kw, max_new_tokens=max_new_tokens, recorder=recorder, request_id=request_id)
     df = recorder.dataframe()
