@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DeviceError, DuoServeError
+from ..progress import shows_progress
 from ..traces import read_trace
 from ..units import format_bytes, parse_bytes
 from .baselines import fit_baselines
@@ -132,7 +133,8 @@ def train(args: argparse.Namespace) -> None:
     predictor = train_predictor(args.trace, depth=args.depth, window=args.window, hidden=args.hidden,
                                 alpha=args.alpha, holdout=args.holdout, seed=args.seed, max_iter=args.max_iter,
                                 use_prev_token=not args.no_prev_token, phases=phases, jobs=args.jobs,
-                                log=lambda msg: print(msg, file=sys.stderr))
+                                # a terminal gets a bar over the layers, a log a line per fitted layer
+                                log=None if shows_progress() else lambda msg: print(msg, file=sys.stderr))
     predictor.save(out)
     tr = predictor.training
     kept = sum(f["correction"] for f in tr["fits"].values())

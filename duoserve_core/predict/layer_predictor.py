@@ -64,6 +64,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from ..atomic import atomic_write_bytes
+from ..progress import progress
 from ..traces import TraceMeta
 from .data import TraceArrays, load_arrays, multi_hot, ranked_hits
 from .errors import PredictorError, describe_shape
@@ -411,7 +412,9 @@ def fit_predictor(data: TraceArrays, *, depth: int, spec: FeatureSpec, hidden: t
         tasks.append(delayed(_fit_source_layer)(layer, x, multi_hot(actual, E), actual, prev.contiguous(), sim,
                                                 n_fit=n_fit, hidden=hidden, alpha=alpha, seed=seed, max_iter=max_iter))
     params, prior, fits = {}, {}, {}
-    for layer, fitted in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks)):
+    fitted_layers = progress(Parallel(n_jobs=jobs, return_as="generator")(tasks), desc="fitting", total=len(tasks),
+                             unit="layer")
+    for layer, fitted in enumerate(fitted_layers):
         for d, f in enumerate(fitted, start=1):
             params[(layer, d)], prior[(layer, d)] = f.mlp, f.prior
             fits[f"{layer}->{layer + d}"] = f.report
