@@ -63,6 +63,11 @@ _PRIOR_TOKENS = 32.0
 _BINS = 10  # score bins of the predictor's calibration
 
 
+def _score_bins(scores: torch.Tensor) -> torch.Tensor:
+    """The calibration bin of each of the predictor's scores."""
+    return (scores * _BINS).long().clamp_(0, _BINS - 1)
+
+
 class SourceCalibration:
     """How often a guess source's guesses are right, per cell (a layer, a rank, a score bin...).
 
@@ -140,7 +145,7 @@ class DuoServePolicy(Policy):
         bins = torch.arange(_BINS, dtype=torch.float32)
         self.predicted = SourceCalibration((self.depth, _BINS), (bins + 0.5) / _BINS)
         # Guesses awaiting their layer's router: the gate's top-k (a tensor for a prompt, a list for a
-        # decode token), the predictor's rows [E] per depth index.
+        # decode token), the predictor's score bins [E] per depth index.
         self.pending: dict[int, torch.Tensor | list[int]] = {}
         self.pending_predicted: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.held: list[tuple[ExpertKey, float]] = []   # router_done's guesses, merged with the gate's
@@ -184,8 +189,7 @@ class DuoServePolicy(Policy):
         # Layer ``layer``'s routing is known now: its guesses have served their purpose.
         self.scores = {key: p for key, p in self.scores.items() if key[0] > layer}
         if layer == 0:  # a new token: every layer's counts decay at the same moment (see the module doc)
-            self.usage = [[u * _USAGE_DECAY for u in row] for row in self.usage]
-            self.tokens = _USAGE_DECAY * self.tokens + 1
+            self._age_usage(1)
             self.this_ids = [[-1] * len(ids) for _ in range(L)]
             self.this_weights = [[0.0] * len(ids) for _ in range(L)]
         used = self.latest[layer] = set(ids)
@@ -195,7 +199,8 @@ class DuoServePolicy(Policy):
         self.this_ids[layer] = ids
         if self.predictor is not None:
             weights = probs[0, ids].tolist()
-            self.this_weights[layer] = [w / sum(weights) for w in weights]
+            total = sum(weights)
+            self.this_weights[layer] = [w / total for w in weights]
         if layer == L - 1:
             self.prev_ids = self.this_ids
             return Plan()
@@ -205,12 +210,16 @@ class DuoServePolicy(Policy):
             return Plan()
         return self._plan(guesses)
 
+    def _age_usage(self, new_tokens: int) -> None:
+        """A step starts: every count decays once, and ``new_tokens`` more tokens are on record."""
+        self.usage = [[u * _USAGE_DECAY for u in row] for row in self.usage]
+        self.tokens = _USAGE_DECAY * self.tokens + new_tokens
+
     def _count_prompt(self, layer: int, topk: torch.Tensor) -> None:
         """A prompt's tokens join the popularity record: hundreds of tokens of the request's own routing
         where decode has seen none yet (a prompt ages the record like one decode token)."""
         if layer == 0:
-            self.usage = [[u * _USAGE_DECAY for u in row] for row in self.usage]
-            self.tokens = _USAGE_DECAY * self.tokens + topk.shape[0]
+            self._age_usage(topk.shape[0])
         counts = torch.bincount(topk.flatten(), minlength=self.cache.num_experts).tolist()
         self.usage[layer] = [u + c for u, c in zip(self.usage[layer], counts)]
 
@@ -238,8 +247,7 @@ class DuoServePolicy(Policy):
             for d in range(rows.shape[1]):
                 used = torch.zeros(rows.shape[0], E, dtype=torch.bool)
                 used.scatter_(1, experts[:, source + 1 + d], True)
-                bins = (rows[:, d] * _BINS).long().clamp_(0, _BINS - 1)
-                self.predicted.record((torch.full_like(bins, d), bins), used)
+                self._record_predicted(d, _score_bins(rows[:, d]), used)
 
     def _share(self, layer: int, expert: int) -> float:
         """The expert's share of the tokens that used its layer, shrunk towards uniform routing."""
@@ -294,9 +302,12 @@ class DuoServePolicy(Policy):
         if predicted:
             used = torch.zeros(self.cache.num_experts, dtype=torch.bool)
             used[ids] = True
-            for d, row in predicted:
-                bins = (row * _BINS).long().clamp_(0, _BINS - 1)
-                self.predicted.record((torch.full_like(bins, d), bins), used)
+            for d, bins in predicted:
+                self._record_predicted(d, bins, used)
+
+    def _record_predicted(self, d: int, bins: torch.Tensor, used: torch.Tensor) -> None:
+        """The predictor's guesses ``d`` layers ahead, by score bin, against which experts were ``used``."""
+        self.predicted.record((torch.full_like(bins, d), bins), used)
 
     def _popularity_and_repeat(self, layer: int) -> list[tuple[ExpertKey, float]]:
         """The previous token's experts and each expert's frequency, for layers layer+1..+depth."""
@@ -322,9 +333,9 @@ class DuoServePolicy(Policy):
         rows = self.predictor.predict(layer, feats)[0][:self.depth]  # [depth_at(layer), E]; row 0 is layer+1
         out = []
         for d, row in enumerate(rows):
-            self.pending_predicted.setdefault(layer + 1 + d, []).append((d, row))
-            bins = (row * _BINS).long().clamp_(0, _BINS - 1).tolist()
-            out += [((layer + 1 + d, e), self.predicted.p(d * _BINS + b)) for e, b in enumerate(bins)]
+            bins = _score_bins(row)
+            self.pending_predicted.setdefault(layer + 1 + d, []).append((d, bins))
+            out += [((layer + 1 + d, e), self.predicted.p(d * _BINS + b)) for e, b in enumerate(bins.tolist())]
         return out
 
     def _plan(self, guesses: list[tuple[ExpertKey, float]]) -> Plan:

@@ -542,6 +542,40 @@ def train_predictor(traces: list[str | Path], *, depth: int, window: int = 4, hi
                          seed=seed, max_iter=max_iter, jobs=jobs, training=training, log=log)
 
 
+def read_predictor_file(path: Path, formats: tuple[str, ...], retrain: str,
+                        remedy: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A predictor file's metadata and tensors, if it is a safetensors file of one of ``formats``;
+    otherwise a ``PredictorError`` naming ``retrain`` (the command that makes one) or, for a file of
+    another format, ending in ``remedy``."""
+    if not path.is_file():
+        raise PredictorError(f"predictor {path} does not exist; train one with {retrain}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for non-safetensors input
+        raise PredictorError(f"{path} is not a readable predictor file: {exc}") from exc
+    if header.get("format") not in formats:
+        raise PredictorError(f"{path} is not a {formats[0]} file (format {header.get('format')!r}); {remedy}")
+    return header, tensors
+
+
+def check_fits(path: Path, meta: TraceMeta, expect: TraceMeta | tuple[str, int, int, int] | None,
+               retrain: str) -> None:
+    """A predictor trained for ``meta`` used with ``expect``: another shape is an error, another model
+    name of the same shape (a renamed or re-quantised checkpoint) only a warning."""
+    if expect is None:
+        return
+    want = expect if isinstance(expect, TraceMeta) else TraceMeta(*expect)
+    if (want.num_layers, want.num_experts, want.top_k) != (meta.num_layers, meta.num_experts, meta.top_k):
+        raise PredictorError(
+            f"predictor {path} was trained for {meta.model!r} ({describe_shape(meta)}) but is used with "
+            f"{want.model!r} ({describe_shape(want)}); retrain on a trace of this model with {retrain}")
+    if want.model != meta.model:
+        warnings.warn(f"predictor {path} was trained on traces of {meta.model!r}, used with {want.model!r} "
+                      f"(same shape: {describe_shape(meta)})", stacklevel=3)
+
+
 def load_predictor(path: str | Path, expect: TraceMeta | tuple[str, int, int, int] | None = None,
                    device: str | torch.device = "cpu") -> LayerPredictor:
     """Load a predictor (format 2, or format 1 without prior terms), checking it fits ``expect`` = the
@@ -549,16 +583,7 @@ def load_predictor(path: str | Path, expect: TraceMeta | tuple[str, int, int, in
     is an error; a different model name with the same shape only a warning (e.g. a renamed or
     re-quantised checkpoint)."""
     path = Path(path)
-    if not path.is_file():
-        raise PredictorError(f"predictor {path} does not exist; train one with {RETRAIN}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for non-safetensors input
-        raise PredictorError(f"{path} is not a readable predictor file: {exc}") from exc
-    if header.get("format") not in (FORMAT, FORMAT_V1):
-        raise PredictorError(f"{path} is not a {FORMAT} file (format {header.get('format')!r}); retrain with {RETRAIN}")
+    header, tensors = read_predictor_file(path, (FORMAT, FORMAT_V1), RETRAIN, f"retrain with {RETRAIN}")
     try:
         cfg = json.loads(header["config"])
         meta = TraceMeta(cfg["model"], cfg["num_layers"], cfg["num_experts"], cfg["top_k"])
@@ -566,15 +591,7 @@ def load_predictor(path: str | Path, expect: TraceMeta | tuple[str, int, int, in
         depth, hidden, training = cfg["depth"], tuple(cfg["hidden"]), cfg["training"]
     except (KeyError, TypeError, ValueError) as exc:
         raise PredictorError(f"{path} has malformed predictor metadata ({exc}); retrain with {RETRAIN}") from exc
-    if expect is not None:
-        want = expect if isinstance(expect, TraceMeta) else TraceMeta(*expect)
-        if (want.num_layers, want.num_experts, want.top_k) != (meta.num_layers, meta.num_experts, meta.top_k):
-            raise PredictorError(
-                f"predictor {path} was trained for {meta.model!r} ({describe_shape(meta)}) but is used with "
-                f"{want.model!r} ({describe_shape(want)}); retrain on a trace of this model with {RETRAIN}")
-        if want.model != meta.model:
-            warnings.warn(f"predictor {path} was trained on traces of {meta.model!r}, used with {want.model!r} "
-                          f"(same shape: {describe_shape(meta)})", stacklevel=2)
+    check_fits(path, meta, expect, RETRAIN)
     n_mlp_layers = len(hidden) + 1
     has_prior = header["format"] == FORMAT
     params, prior = {}, {} if has_prior else None

@@ -53,7 +53,6 @@ import pandas as pd
 import sklearn
 import torch
 from joblib import Parallel, delayed
-from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
@@ -68,7 +67,7 @@ from .data import TraceArrays, from_trace, load_arrays, multi_hot
 from .errors import PredictorError, describe_shape
 from .evaluate import MIXTRAL_NF4_EXPERT_BYTES, Counts, count, metrics, recall_sizes
 from .features import FeatureSpec, layer_features
-from .layer_predictor import LayerPredictor, MLPParams, load_predictor
+from .layer_predictor import LayerPredictor, MLPParams, check_fits, load_predictor, read_predictor_file
 
 FORMAT = "duoserve-llapor/1"
 RETRAIN = "python -m duoserve_core.predict.llapor train --trace T.parquet --depth D --out P"
@@ -271,17 +270,7 @@ def load_llapor(path: str | Path, expect: TraceMeta | tuple[str, int, int, int] 
     """Load a LLaPor file, checking it fits ``expect`` (the model or trace it is used with), as
     ``load_predictor`` does: another shape is an error, another model name of the same shape a warning."""
     path = Path(path)
-    if not path.is_file():
-        raise PredictorError(f"predictor {path} does not exist; train one with {RETRAIN}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for non-safetensors input
-        raise PredictorError(f"{path} is not a readable predictor file: {exc}") from exc
-    if header.get("format") != FORMAT:
-        raise PredictorError(f"{path} is not a {FORMAT} file (format {header.get('format')!r}); "
-                             f"train a LLaPor predictor with {RETRAIN}")
+    header, tensors = read_predictor_file(path, (FORMAT,), RETRAIN, f"train a LLaPor predictor with {RETRAIN}")
     try:
         cfg = json.loads(header["config"])
         meta = TraceMeta(cfg["model"], cfg["num_layers"], cfg["num_experts"], cfg["top_k"])
@@ -295,15 +284,7 @@ def load_llapor(path: str | Path, expect: TraceMeta | tuple[str, int, int, int] 
         raise PredictorError(f"{path} has malformed predictor metadata ({exc}); retrain with {RETRAIN}") from exc
     if basis.fingerprint() != cfg.get("basis_fingerprint"):
         raise PredictorError(f"{path}: its PCA basis does not match its fingerprint; the file is damaged")
-    if expect is not None:
-        want = expect if isinstance(expect, TraceMeta) else TraceMeta(*expect)
-        if (want.num_layers, want.num_experts, want.top_k) != (meta.num_layers, meta.num_experts, meta.top_k):
-            raise PredictorError(
-                f"predictor {path} was trained for {meta.model!r} ({describe_shape(meta)}) but is used with "
-                f"{want.model!r} ({describe_shape(want)}); retrain on a trace of this model with {RETRAIN}")
-        if want.model != meta.model:
-            warnings.warn(f"predictor {path} was trained on traces of {meta.model!r}, used with {want.model!r} "
-                          f"(same shape: {describe_shape(meta)})", stacklevel=2)
+    check_fits(path, meta, expect, RETRAIN)
     params = {}
     for layer in range(meta.num_layers):
         n_mlp_layers = len(hidden.get(layer, ())) + 1
