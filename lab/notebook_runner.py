@@ -12,7 +12,8 @@ fails: the error is then in place in both, and the run fails, naming the noteboo
 
 Figures are written with plotly's mimetype for JupyterLab and as HTML with plotly.js inlined
 once per notebook (``PLOTLY_RENDERER``), and the widget renderer is inlined in every HTML report
-(``WIDGET_RENDERER``), so the reports open offline, sliders and dropdowns included.
+(``WIDGET_RENDERER``), so the reports open offline, sliders and dropdowns included; they load no
+script from a CDN (``offline_assets``: require.js and MathJax are left out, nothing uses them).
 
 The kernels get CurveZMQ keys from their manager (``kernel_config``): their traffic is encrypted,
 and ipykernel no longer warns, once per notebook, that it runs over TCP in plain text.
@@ -21,13 +22,16 @@ and ipykernel no longer warns, once per notebook, that it runs over TCP in plain
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import functools
 import json
 import os
+import re
+import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from traitlets.config import Config
 
 from duoserve_core.atomic import atomic_write_text
-from duoserve_core.progress import progress
+from duoserve_core.progress import Terminated, interruptible, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -112,8 +116,8 @@ def run_notebook(path: str | Path, out_dir: str | Path, *, timeout: int = 600, k
     """Execute ``path`` and write ``out_dir/<name>.ipynb`` and ``.html``; never raises for a failing cell."""
     path, out_dir = Path(path), Path(out_dir)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, store_widget_state=True,
-                            resources={"metadata": {"path": str(path.parent.resolve())}}, config=kernel_config())
+    client = _Client(nb, timeout=timeout, kernel_name=kernel_name, store_widget_state=True,
+                     resources={"metadata": {"path": str(path.parent.resolve())}}, config=kernel_config())
     # No mimic of the Output widget: nbclient's sends comm messages on the shell channel while the
     # cell runs, and with this jupyter_client/pyzmq the cell's execute_reply then only arrives when
     # the cell's timeout expires (notebook 01's interactive_output waited 600 s). Without it, what
@@ -137,11 +141,57 @@ def run_notebook(path: str | Path, out_dir: str | Path, *, timeout: int = 600, k
     return NotebookRun(path.stem, seconds, ipynb, html, error)
 
 
+class _Client(NotebookClient):
+    """nbclient's client, stopped cleanly by Ctrl-C or SIGTERM (``execute`` raises the interrupt).
+
+    nbclient's own handlers for both signals queue a kernel shutdown behind the running cell: the
+    cell then fails as "Kernel died" and the cleanup runs a second time and fails an assertion, a
+    traceback instead of one line. Installed after nbclient's (in the kernel's context), these stop
+    the kernel at once (a cell may never return) and cancel the execution; nbclient's way out shuts
+    the kernel down, and the interrupt is raised when it is done."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    @asynccontextmanager
+    async def async_setup_kernel(self, **kwargs):
+        async with super().async_setup_kernel(**kwargs):
+            loop, task = asyncio.get_running_loop(), asyncio.current_task()
+            try:
+                for sig in self.signals:
+                    loop.add_signal_handler(sig, self._stop, sig, task)
+            except (RuntimeError, NotImplementedError):  # not the main thread, or Windows: nbclient's stay
+                pass
+            yield
+
+    def _stop(self, sig: int, task: asyncio.Task) -> None:
+        self.stopped_by = sig
+        self.shutdown_kernel = "immediate"
+        task.cancel()
+
+    def execute(self, **kwargs):
+        self.stopped_by = None
+        previous = {sig: signal.getsignal(sig) for sig in self.signals}
+        try:
+            return super().execute(**kwargs)
+        except (asyncio.CancelledError, DeadKernelError):
+            if self.stopped_by is None:
+                raise
+        finally:
+            for sig, handler in previous.items():  # the event loop leaves SIG_DFL behind
+                signal.signal(sig, handler)
+        raise Terminated if self.stopped_by == signal.SIGTERM else KeyboardInterrupt
+
+
+# What plotly's notebook renderer puts before every figure's HTML: it hard-codes include_mathjax="cdn"
+# (plotly 7.1), MathJax 3 for TeX in labels, which no figure here has (see ``offline_assets``).
+PLOTLY_MATHJAX = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]*"></script>')
+
+
 def _to_html(nb: nbformat.NotebookNode) -> str:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(template_name="lab", **offline_assets()).from_notebook_node(nb)
-    return body
+    return PLOTLY_MATHJAX.sub("", body)
 
 
 @functools.cache
@@ -149,15 +199,21 @@ def offline_assets() -> dict[str, str]:
     """nbconvert's options for what its HTML would fetch from CDNs when opened: the widget renderer
     inlined as a data: URL (2.5 MB of base64; it draws the saved widget state, sliders and dropdowns
     at their values), require.js as an empty script: nothing here loads AMD modules (plotly >= 5
-    draws without it, and the renderer is html-manager's non-AMD build)."""
+    draws without it, and the renderer is html-manager's non-AMD build); MathJax as an empty script
+    too: no notebook writes TeX in its markdown (nor a LaTeX output, nor a plotly label in $...$),
+    so MathJax from cdnjs (2.7 for markdown, 3 in each plotly figure's HTML: ``PLOTLY_MATHJAX``)
+    would typeset nothing, and vendoring it would add megabytes to every report. TeX written later
+    shows as its source text, readable; ship MathJax then."""
     renderer = base64.b64encode(WIDGET_RENDERER.read_bytes()).decode("ascii")
     return {"widget_renderer_url": f"data:text/javascript;base64,{renderer}",
-            "require_js_url": "data:text/javascript,"}
+            "require_js_url": "data:text/javascript,", "mathjax_url": "data:text/javascript,"}
 
 
-def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=print) -> list[NotebookRun]:
-    """Every notebook in order (a failure does not stop the others); ``log`` hears one line each."""
-    runs = []
+def run_all(paths: list[Path], out_dir: str | Path, *, timeout: int = 600, log=print,
+            runs: list[NotebookRun] | None = None) -> list[NotebookRun]:
+    """Every notebook in order (a failure does not stop the others); ``log`` hears one line each.
+    ``runs``, where given, is filled as the notebooks finish: what an interrupted run had written."""
+    runs = [] if runs is None else runs
     for path in progress(paths, desc="notebooks", unit="notebook"):
         log(f"notebook {path.name} ...")
         run = run_notebook(path, out_dir, timeout=timeout)
@@ -216,7 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no numbered notebooks in {NOTEBOOKS}", file=sys.stderr)
         return 2
-    runs = run_all(paths, args.out, timeout=args.timeout)
+    runs: list[NotebookRun] = []
+    return interruptible(lambda: _run(paths, args, runs), written=lambda: _written(runs))
+
+
+def _written(runs: list[NotebookRun]) -> str:
+    """What an interrupted run leaves: the reports of the notebooks it finished, and nothing of the one it was in."""
+    if not runs:
+        return "nothing written"
+    return f"wrote the reports of {', '.join(r.name for r in runs)} only"
+
+
+def _run(paths: list[Path], args: argparse.Namespace, runs: list[NotebookRun]) -> int:
+    run_all(paths, args.out, timeout=args.timeout, runs=runs)
     if args.summary:
         atomic_write_text(args.summary, json.dumps(summary(runs), indent=1))
     message = failure_message(runs)

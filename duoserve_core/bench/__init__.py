@@ -49,6 +49,7 @@ from ..errors import BudgetError
 from ..memory import MemoryPlan
 from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
+from ..progress import progress_bar
 from ..runtime import Runtime, device_name, load, resolve_device
 from ..units import format_bytes
 
@@ -120,9 +121,11 @@ def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context
 
 
 def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: int, *,
-               memory_budget: str | int | None = None, repeats: int = REPEATS, recorder=None) -> dict:
+               memory_budget: str | int | None = None, repeats: int = REPEATS, recorder=None,
+               on_run=None) -> dict:
     """Configure ``runtime`` for ``knobs`` (the knobs its policy does not use are ignored) and measure
-    it: one warm-up, then the median of ``repeats`` runs by E2E."""
+    it: one warm-up, then the median of ``repeats`` runs by E2E. ``on_run()`` hears the end of each
+    run, the warm-up's included (a progress bar's tick)."""
     runtime.configure(memory_budget=memory_budget, knobs=knobs.effective())
     prompt_ids = [t % runtime.config.vocab_size for t in prompt_ids]
     runs = []
@@ -132,6 +135,8 @@ def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen:
         result = runtime.generate(prompt_ids=prompt_ids, max_new_tokens=gen, stop_at_eos=False,
                                   recorder=recorder if attempt == 0 else None)
         runs.append((result, runtime.timeline.rows()))
+        if on_run is not None:
+            on_run()
     runs = sorted(runs[1:], key=lambda r: r[0].e2e_s)
     result, rows = runs[len(runs) // 2]
     phases = {**result.phases, "total": {k: result.phases["prefill"][k] + result.phases["decode"][k]
@@ -144,17 +149,20 @@ def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen:
 
 def compare_policies(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], prompt_ids: list[int], gen: int, *,
                      memory_budget: str | int | None = None, repeats: int = REPEATS,
-                     recorder=None) -> tuple[dict[str, dict], dict[str, str]]:
+                     recorder=None, quiet: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
     """Every policy at one budget and prompt: (results by policy, skipped policies with the reason).
-    ``recorder`` (a ``TraceRecorder``) hears the first policy's warm-up run."""
+    ``recorder`` (a ``TraceRecorder``) hears the first policy's warm-up run. A bar counts the runs
+    (policies x (1 + repeats)) on a terminal unless ``quiet``."""
     results, skipped = {}, {}
-    for policy in policies:
-        try:
-            results[policy] = run_policy(runtime, knobs.changed(policy=policy), prompt_ids, gen,
-                                         memory_budget=memory_budget, repeats=repeats,
-                                         recorder=recorder if not results else None)
-        except BudgetError as exc:
-            skipped[policy] = str(exc)
+    with progress_bar(desc="bench", total=len(policies) * (repeats + 1), unit="run", quiet=quiet) as tick:
+        for policy in policies:
+            try:
+                results[policy] = run_policy(runtime, knobs.changed(policy=policy), prompt_ids, gen,
+                                             memory_budget=memory_budget, repeats=repeats,
+                                             recorder=recorder if not results else None, on_run=tick)
+            except BudgetError as exc:
+                skipped[policy] = str(exc)
+                tick(repeats + 1)
     if "duoserve" in results:
         mine = results["duoserve"]["e2e_s"]
         for r in results.values():
@@ -164,17 +172,21 @@ def compare_policies(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], 
 
 def sweep_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], gen: int, *, prompt_len: int,
                prompt_lens: list[int], memory_budget: str | int, budgets: list[str], depths: list[int],
-               thresholds: list[float], repeats: int = REPEATS, progress=print) -> list[dict]:
-    """Prompt lengths, then budgets, then depth x threshold (duoserve), on one loaded runtime."""
+               thresholds: list[float], repeats: int = REPEATS, progress=print, quiet: bool = False) -> list[dict]:
+    """Prompt lengths, then budgets, then depth x threshold (duoserve), on one loaded runtime.
+    ``progress`` hears a line per measurement; a bar counts the runs on a terminal unless ``quiet``."""
     policies = [p for p in policies if p != "resident"]
     rows = []
+    measurements = (len(prompt_lens) * len(policies) + len(depths) * len(thresholds)
+                    + sum(len(policies) + (budget == "all") for budget in budgets))
 
     def measure(sweep_name: str, policy: str, length: int, budget, **changes) -> None:
         try:
             r = run_policy(runtime, knobs.changed(policy=policy, **changes), make_prompt(length), gen,
-                           memory_budget=budget, repeats=repeats)
+                           memory_budget=budget, repeats=repeats, on_run=tick)
         except BudgetError as exc:
             rows.append({"sweep": sweep_name, "policy": policy, "prompt_len": length, "skipped": str(exc)})
+            tick(repeats + 1)
             return
         r.pop("timeline")
         rows.append({"sweep": sweep_name, "policy": policy, "prompt_len": length, **summary(r)})
@@ -184,16 +196,17 @@ def sweep_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], gen: i
                  f"TTFT {last['ttft_s'] * 1e3:8.1f} ms ({last['ttft_over_floor'] or 0:.2f}x floor)  "
                  f"TPOT {(last['tpot_s'] or 0) * 1e3:7.2f} ms ({last['tpot_over_oracle'] or 0:.2f}x oracle)")
 
-    for n in prompt_lens:
-        for policy in policies:
-            measure("prompt", policy, n, memory_budget)
-    for budget in budgets:
-        for policy in policies + (["resident"] if budget == "all" else []):
-            measure("budget", policy, prompt_len, budget)
-    for depth in depths:
-        for threshold in thresholds:
-            measure("knobs", "duoserve", prompt_len, memory_budget, prefetch_depth=depth,
-                    predictor_threshold=threshold)
+    with progress_bar(desc="sweep", total=measurements * (repeats + 1), unit="run", quiet=quiet) as tick:
+        for n in prompt_lens:
+            for policy in policies:
+                measure("prompt", policy, n, memory_budget)
+        for budget in budgets:
+            for policy in policies + (["resident"] if budget == "all" else []):
+                measure("budget", policy, prompt_len, budget)
+        for depth in depths:
+            for threshold in thresholds:
+                measure("knobs", "duoserve", prompt_len, memory_budget, prefetch_depth=depth,
+                        predictor_threshold=threshold)
     return rows
 
 

@@ -15,6 +15,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
+from ..progress import interruptible, print_line
 from ..knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
@@ -65,13 +66,17 @@ def command(argv: list[str] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stdout = sys.stdout
-    try:
-        # --json: the record alone on stdout; the table, progress and "wrote" lines go to stderr
-        with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
-            return (sweep if args.sweep else compare)(args, argv, stdout)
-    except DuoServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    def work() -> int:
+        try:
+            # --json: the record alone on stdout; the table, progress and "wrote" lines go to stderr
+            with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
+                return (sweep if args.sweep else compare)(args, argv, stdout)
+        except DuoServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return interruptible(work)
 
 
 def output_path(args: argparse.Namespace, kind: str) -> Path:
@@ -105,7 +110,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     recorder = TraceRecorder() if args.record_trace else None
     results, skipped = compare_policies(runtime, knobs, args.policies.split(","), make_prompt(args.prompt_len),
                                         args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
-                                        recorder=recorder)
+                                        recorder=recorder, quiet=args.json)
     if not results:
         print("error: no policy fits this budget: " + "; ".join(skipped.values()), file=sys.stderr)
         return 2
@@ -140,7 +145,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
                       prompt_lens=lens, memory_budget=args.memory_budget, budgets=args.budgets.split(","),
                       depths=[int(x) for x in args.depths.split(",")],
                       thresholds=[float(x) for x in args.thresholds.split(",")], repeats=args.repeats,
-                      progress=lambda line: print(line, flush=True))
+                      progress=print_line, quiet=args.json)
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
     record["rows"] = rows

@@ -54,6 +54,7 @@ from ..checkpoint import ExpertTensors, expert_shapes, open_source
 from ..runtime import device_name, load, resolve_device
 from ..events import StepEvent
 from ..experts.formats import make_format
+from ..progress import progress
 from ..sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
 from ..traces import read_trace
 
@@ -79,7 +80,8 @@ class CalibrationSpec:
     routing_trace: str = "auto"                      # auto: the bundled trace where it fits; none: the router
     num_layers: int = 2
     repeats: int = 3
-    quiet: bool = False
+    quiet: bool = False                              # no progress lines on stderr, and no bars
+    bars: bool = True                                # a bar per phase while stderr is a terminal (not under --json)
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -109,14 +111,15 @@ def _time_per_call(fn, device: torch.device, repeats: int, inner: int) -> float:
     return statistics.median(samples)
 
 
-def measure_h2d(device: torch.device, sizes: list[int], repeats: int) -> dict[str, list[list[float]]]:
-    """Seconds per copy of each size, from pinned and from pageable host memory."""
+def measure_h2d(device: torch.device, sizes: list[int], repeats: int, *, quiet: bool = False
+                ) -> dict[str, list[list[float]]]:
+    """Seconds per copy of each size, from pinned and from pageable host memory (a bar per kind unless ``quiet``)."""
     out = {}
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
     for kind in ("pinned", "pageable"):
         points = []
-        for nbytes in sizes:
+        for nbytes in progress(sizes, desc=f"H2D {kind}", unit="size", quiet=quiet):
             src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda and kind == "pinned")
             src.fill_(1)
             dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -137,8 +140,9 @@ def measure_h2d(device: torch.device, sizes: list[int], repeats: int) -> dict[st
 
 
 def measure_experts(config, formats: list[str], tokens: list[int], device: torch.device, dtype: torch.dtype,
-                    checkpoint_dtype: torch.dtype, repeats: int) -> tuple[dict, dict]:
-    """Seconds per expert by token count for each format, as the executor computes it."""
+                    checkpoint_dtype: torch.dtype, repeats: int, *, quiet: bool = False) -> tuple[dict, dict]:
+    """Seconds per expert by token count for each format, as the executor computes it (a bar per format
+    unless ``quiet``)."""
     timings, sizes = {}, {}
     gen = torch.Generator(device=device).manual_seed(0)
     weights = ExpertTensors(**{
@@ -150,7 +154,7 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
         fmt.pack(weights, record, device)
         slot = record.to(device)
         points = []
-        for n in tokens:
+        for n in progress(tokens, desc=f"expert {name}", unit="size", quiet=quiet):
             x = torch.randn(n, config.hidden_size, dtype=dtype, device=device, generator=gen)
             rows = torch.arange(n, device=device)
             w = torch.rand(n, device=device, generator=gen)
@@ -267,7 +271,7 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
         layers, steps, runs = [], [], []
         try:
             probe.run(prompts[contexts[0]], gen)  # warm-up (and, resident, the one load of every expert)
-            for c in contexts:
+            for c in progress(contexts, desc=f"runtime {mode}", unit="context", quiet=args.quiet or not args.bars):
                 for _ in range(repeats):
                     lr, st = probe.run(prompts[c], gen)
                     layers += [r for r in lr if r["step"] != 1]  # step 1: first decode, still warming
@@ -429,14 +433,15 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     formats = list(dict.fromkeys(list(args.formats) + [args.quant]))
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    quiet = args.quiet or not args.bars
     log(f"calibrating {args.model} on {device_name(device)}: expert compute ({', '.join(formats)})")
     expert_compute, expert_bytes = measure_experts(config, formats, tokens, device, dtype, checkpoint_dtype,
-                                                   args.repeats)
+                                                   args.repeats, quiet=quiet)
     record = expert_bytes[make_format(args.quant, config.hidden_size, config.intermediate_size,
                                       checkpoint_dtype).name]
     sizes = sorted({int(float(s) * MIB) for s in args.sizes_mib} | {record})
     log(f"H2D copies: {len(sizes)} sizes, pinned and pageable")
-    h2d = measure_h2d(device, sizes, args.repeats)
+    h2d = measure_h2d(device, sizes, args.repeats, quiet=quiet)
     log(f"runtime layers: contexts {contexts}, resident and on-demand")
     measured = measure_runtime(args, device, contexts, args.repeats)
     runtime, per_mode = measured["runtime"], measured["per_mode"]

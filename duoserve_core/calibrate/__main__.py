@@ -13,6 +13,7 @@ from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..knob_args import Parser, device, listed, number, whole
 from ..mixtral import ATTENTION_QUANT_CHOICES
+from ..progress import interruptible
 from ..runtime import device_name, resolve_device
 from . import DEFAULT_CONTEXTS, DEFAULT_SIZES_MIB, MIB, CalibrationSpec, calibrate, default_out
 from . import __doc__ as calibrate_doc
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (nor bars) on stderr")
     p.add_argument("--force", action="store_true", help="replace --out (or the default file) if it exists")
     return p.parse_args(argv)
 
@@ -59,6 +60,11 @@ def output_path(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return interruptible(lambda: run(args, argv))
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Calibrate as ``args`` say and write the file: the exit status."""
     try:
         out = check_writable(output_path(args), args.force, "--out")  # before minutes of timing
         spec = CalibrationSpec(model=args.model, quant=args.quant, quant_attention=args.quant_attention,
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                sizes_mib=tuple(float(s) for s in args.sizes_mib.split(",")),
                                contexts=tuple(int(c) for c in args.contexts.split(",")),
                                routing_trace=args.routing_trace, num_layers=args.num_layers, repeats=args.repeats,
-                               quiet=args.quiet)
+                               quiet=args.quiet, bars=not args.json)
         record = calibrate(spec, "python -m duoserve_core.calibrate "
                            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     except DuoServeError as exc:

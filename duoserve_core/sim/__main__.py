@@ -34,6 +34,7 @@ from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
 from ..knob_args import Parser, add_knob_arguments, budget, knobs_from_args, listed, number, seed, whole
 from ..memory import PLAN_CONTEXT, plan_context
+from ..progress import interruptible, progress
 from ..traces import RoutingReplay, TraceError, read_trace
 from . import qos, reference
 from .runner import simulate
@@ -79,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return interruptible(lambda: _main(args, argv))
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         check_outputs(args)
         # --json: the record alone on stdout; the table goes to stderr
@@ -130,7 +135,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
               "model": model.describe()}
     if args.sweep:
         w = reference.workload(replay, requests, c.num_hidden_layers, c.num_local_experts)
-        rows = reference.table(w, model, cal, reference.sweep(w))
+        loads = {}  # one policy at a time, so a bar can count them (each takes seconds at 64 requests)
+        for policy in progress(reference.POLICIES, desc="sweep", unit="policy", quiet=args.json):
+            loads.update(reference.sweep(w, (policy,)))
+        rows = reference.table(w, model, cal, loads)
         record.update(view="sweep", requests=requests, rows=rows)
         _print_sweep(rows, model.plan.num_slots)
         return record

@@ -17,6 +17,7 @@ from ..atomic import check_writable
 from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..knob_args import Parser, device, number, seed, whole
+from ..progress import interruptible
 from ..runtime import load
 from . import Trace, TraceError, expand_trace, read_prompts, read_trace, record, write_trace
 from .synth import PRESETS, Profile, measure, preset_arguments, synthesize
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--json", action="store_true", help="print one JSON object: the file written and its statistics")
     args = parser.parse_args(argv)
+    return interruptible(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The parsed command, run: its exit status."""
     out = Path(args.out)
     if args.command == "synth":
         try:
