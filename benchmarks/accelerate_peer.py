@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import shlex
 import sys
 import time
@@ -44,6 +45,10 @@ def build(preset: str, num_layers: int, seed: int = 0) -> MixtralForCausalLM:
     return model.eval()
 
 
+# transformers renamed ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name).
+_CACHE = "cache" if "cache" in inspect.signature(MixtralForCausalLM.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def time_generation(model, prompt: torch.Tensor, gen: int, device: torch.device) -> tuple[float, float]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -53,10 +58,10 @@ def time_generation(model, prompt: torch.Tensor, gen: int, device: torch.device)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     sync()
     ttft = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache = getattr(out, _CACHE)
     for _ in range(gen - 1):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(token, **{_CACHE: cache}, use_cache=True)
+        cache, token = getattr(out, _CACHE), out.logits[:, -1].argmax(-1, keepdim=True)
     sync()
     return ttft, (time.perf_counter() - t0 - ttft) / max(1, gen - 1)
 

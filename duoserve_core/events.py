@@ -20,9 +20,10 @@ ExpertKey = tuple[int, int]  # (layer, expert); the one definition, re-exported 
 # brought and nothing used yet; ``reclaim``: needed, released earlier with its slot intact, taken back
 # without a copy; ``reclaim_ahead``: the same, asked for by a plan before its use; ``miss``: needed and
 # copied on demand; ``prefetch``: copied ahead of need by a plan; ``evict``: pushed out to make room;
-# ``release``: let go by a plan; ``wasted``: a prefetched expert evicted or released before any use.
+# ``release``: let go by a plan; ``wasted``: a prefetched expert evicted or released before any use;
+# ``host``: needed and computed on the host by the CPU lane (no slot, no copy).
 CacheEventKind = Literal["hit", "prefetch_hit", "reclaim", "reclaim_ahead", "miss", "prefetch", "evict", "release",
-                         "wasted"]
+                         "wasted", "host"]
 CACHE_EVENTS: tuple[str, ...] = CacheEventKind.__args__  # type: ignore[attr-defined]
 
 
@@ -59,7 +60,7 @@ class SpanEvent:
     which knows both times, emits ``whole`` with ``start_s`` and ``end_s`` on its clock."""
 
     edge: Literal["begin", "end", "whole"]
-    stream: str                 # "compute" | "copy"
+    stream: str                 # "compute" | "copy" | "cpu" (the host lane) | "relayout" (int4 slots)
     kind: str                   # "attention" | "router" | "expert" | "h2d"
     layer: int
     expert: int | None = None

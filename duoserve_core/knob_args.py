@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Callable
 
 from .policy import DEFAULT_KNOBS, PolicyKnobs
+from .policy.host_lane import HOST_LANE_MODES
 from .units import check_budget
 
 
@@ -120,10 +120,16 @@ def add_knob_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                         help="duoserve/uniform: take the next layer's experts from its router on this layer's input")
     parser.add_argument("--copy-slack", type=float, default=DEFAULT_KNOBS.copy_slack,
                         help="copies that fit in the copy stream's idle stretch between two decode layers' demand copies")
+    parser.add_argument("--cpu-experts", choices=HOST_LANE_MODES, default=DEFAULT_KNOBS.cpu_experts,
+                        help="compute missed experts on the host while others are copied: off, auto (by cost), "
+                             "or forced (all, half; for tests and studies)")
+    parser.add_argument("--cpu-threads", type=int, default=DEFAULT_KNOBS.cpu_threads,
+                        help="threads of the CPU lane (default: torch's)")
 
 
 def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> PolicyKnobs:
     """The parsed flags as ``PolicyKnobs`` (checked: a bad value raises ``KnobError``)."""
     return PolicyKnobs(policy=policy or DEFAULT_KNOBS.policy, predictor=args.predictor,
                        prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
-                       speculative_gate=args.speculative_gate, copy_slack=args.copy_slack)
+                       speculative_gate=args.speculative_gate, copy_slack=args.copy_slack,
+                       cpu_experts=args.cpu_experts, cpu_threads=args.cpu_threads)

@@ -21,11 +21,13 @@ from .experts.cache import ExpertCache
 from .experts.executor import ExpertExecutor
 from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
+from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
 from .memory import MemoryPlan, plan_memory, resolve_budget
 from .mixtral import OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
+from .policy.host_lane import HostLane
 from .timeline import Timeline
 from .traces import RoutingReplay, read_trace
 from .units import format_bytes
@@ -48,6 +50,7 @@ class GenerationResult:
     h2d_bandwidth_gbps: float | None
     expert_hits: int
     expert_misses: int
+    host_computes: int              # experts computed by the CPU lane (``--cpu-experts``)
     device: str
     policy: dict
     phases: dict = field(default_factory=dict)
@@ -193,16 +196,39 @@ class Runtime:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         c = self.config
-        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.events)
+        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.events, self.format.arrive)
         self.cache = ExpertCache(self.engine, self.policy, c.num_hidden_layers, c.num_local_experts, self.events)
         self.policy.attach(self.cache)
-        self.layer_step = LayerStep(self.cache, self.policy, self.events)
+        self.host_lane = self._build_host_lane()
+        self.layer_step = LayerStep(self.cache, self.policy, self.events, self.host_lane)
         layers = self.skeleton.model.layers
         self.executor = ExpertExecutor(self.layer_step, self.engine, self.format, self.events, c.num_experts_per_tok,
-                                       [layer.mlp.gate for layer in layers], self.replay)
+                                       [layer.mlp.gate for layer in layers], self.replay,
+                                       self.host_worker if self.host_lane.enabled else None)
         for layer in layers:
             layer.mlp.executor = self.executor
         self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started)
+
+    def _build_host_lane(self) -> HostLane:
+        """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
+        1/4/16 tokens, one copy); on a CPU device there is nothing to split, so ``auto`` is off and
+        ``describe()`` says why. The worker thread is kept while the thread count stays."""
+        mode, threads = self.knobs.cpu_experts, self.knobs.cpu_threads
+        self.host_lane_note = None
+        if mode == "auto" and self.device.type == "cpu":
+            self.host_lane_note = "auto on a CPU device: the experts already run on the host, nothing to split"
+            mode = "off"
+        worker = getattr(self, "host_worker", None)
+        if mode == "off" or (worker is not None and worker.threads != threads):
+            if worker is not None:
+                worker.close()
+            self.host_worker = worker = None
+        if mode == "off":
+            return HostLane("off")
+        if worker is None:
+            self.host_worker = worker = HostLaneWorker(self.format, threads)
+        costs = measure_costs(worker, self.store, self.engine, self.dtype) if mode == "auto" else None
+        return HostLane(mode, costs)
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:
@@ -321,8 +347,8 @@ class Runtime:
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
             h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
-            expert_hits=total["hits"], expert_misses=total["misses"], device=device_name(self.device),
-            policy=self.policy.describe(),
+            expert_hits=total["hits"], expert_misses=total["misses"], host_computes=total["host_computes"],
+            device=device_name(self.device), policy={**self.policy.describe(), **self._lane_description()},
             phases={"prefill": phases["prefill"], "decode": phases["decode"]},
             text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
             logits=logits_out if return_logits else None,
@@ -361,13 +387,20 @@ class Runtime:
         return {
             "model": self.source.name, "layers": self.config.num_hidden_layers,
             "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
-            "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name, "compute_dtype": str(self.dtype).split(".")[-1],
+            "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name,
+            "expert_format_detail": self.format.describe(), "compute_dtype": str(self.dtype).split(".")[-1],
             "device": device_name(self.device), "max_context": self.max_context,
             "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
             "full_model_bytes": self.full_model_bytes(), "routing_trace": self.routing_trace,
-            **self.policy.describe(),
+            **self.policy.describe(), **self._lane_description(),
         }
+
+    def _lane_description(self) -> dict:
+        out = self.host_lane.describe()
+        out["cpu_experts"] = self.knobs.cpu_experts  # as asked; ``cpu_lane`` says what runs
+        out["cpu_lane"] = self.host_lane.mode if self.host_lane_note is None else f"off ({self.host_lane_note})"
+        return out
 
 
 def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",

@@ -17,7 +17,7 @@ ARGS = ["--model", "synthetic:tiny", "--device", "cpu", "--quant", "nf4", "--qua
 @pytest.fixture(scope="module")
 def calibration_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "cpu.json"
-    assert main(ARGS + ["--out", str(out)]) == 0
+    assert main(ARGS + ["--out", str(out), "--cpu-threads", "1,2"]) == 0
     return out
 
 
@@ -43,6 +43,21 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert [b for b, _ in raw["h2d"]["runtime"]] == [nf4]  # the runtime's own copies of a record
     assert cal.copy_s(nf4) == raw["h2d"]["runtime"][0][1] and cal.copy_s(nf4, pinned=False) > 0
     assert cal.expert_s("nf4", 3) > 0
+
+
+def test_calibration_times_the_cpu_lane(calibration_file):
+    """``--cpu-threads``: one expert on the CPU lane per thread count; the simulator's lane reads it."""
+    raw = json.loads(calibration_file.read_text())
+    lane = raw["host_lane"]
+    assert lane["default_threads"] == 2 and set(lane["expert"]["nf4"]) == {"1", "2"}
+    assert [t for t, _ in lane["expert"]["nf4"]["1"]] == [1, 2, 4, 8, 16, 32]
+    assert all(s > 0 for pts in lane["expert"]["nf4"].values() for _, s in pts)
+    assert lane["measured_under_copies"] is False  # nothing to copy to on the CPU
+    cal = load_calibration(calibration_file)
+    curve, threads = cal.host_lane_curve("nf4", None)
+    assert threads == 2 and curve.at(4) > 0
+    with pytest.raises(CalibrationError, match="at 8 threads"):
+        cal.host_lane_curve("nf4", 8)
 
 
 def test_calibration_refuses_another_model_or_quant(calibration_file):

@@ -55,6 +55,7 @@ from ..runtime import device_name, load, resolve_device
 from ..events import StepEvent
 from ..experts.formats import make_format
 from ..progress import progress
+from .host_lane import measure_host_lane
 from ..sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
 from ..traces import read_trace
 
@@ -82,6 +83,7 @@ class CalibrationSpec:
     repeats: int = 3
     quiet: bool = False                              # no progress lines on stderr, and no bars
     bars: bool = True                                # a bar per phase while stderr is a terminal (not under --json)
+    cpu_threads: tuple[int, ...] = ()                # the CPU lane at these thread counts (``host_lane``); () skips it
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -153,6 +155,7 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
         record = torch.empty(fmt.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
         fmt.pack(weights, record, device)
         slot = record.to(device)
+        fmt.arrive(slot)  # as the transfer engine does after each copy
         points = []
         for n in progress(tokens, desc=f"expert {name}", unit="size", quiet=quiet):
             x = torch.randn(n, config.hidden_size, dtype=dtype, device=device, generator=gen)
@@ -454,6 +457,10 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     if runtime_copies:
         h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
     quant_format = make_format(args.quant, config.hidden_size, config.intermediate_size, checkpoint_dtype).name
+    host_lane = None
+    if args.cpu_threads:
+        log(f"CPU lane: one {quant_format} expert at {', '.join(map(str, args.cpu_threads))} threads")
+        host_lane = measure_lane(config, args.quant, checkpoint_dtype, list(args.cpu_threads), device, dtype)
     device_time, per_expert_decode = {}, None
     if device.type == "cuda":  # on the CPU every op runs inline: spans are device time already
         device_time, _ = device_terms(measured["timelines"]["offloaded"], quant_format)
@@ -482,8 +489,24 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         "overhead_summary": overhead_summary(per_mode, runtime.config.num_hidden_layers),
         "seconds_taken": time.perf_counter() - t_start,
     }
+    if host_lane is not None:
+        out["host_lane"] = host_lane
     Calibration(out, "the new calibration")  # never write a file the simulator would refuse
     return out
+
+
+def measure_lane(config, quant: str, checkpoint_dtype: torch.dtype, threads: list[int], device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """The ``host_lane`` section: one synthesized expert of the model's shape, packed into a host
+    record of the runtime's format, timed on the CPU lane (``calibrate.host_lane``)."""
+    fmt = make_format(quant, config.hidden_size, config.intermediate_size, checkpoint_dtype)
+    g = torch.Generator().manual_seed(0)
+    shapes = expert_shapes(config)
+    tensors = ExpertTensors(**{k: torch.randn(shape, generator=g).mul_(0.02).to(checkpoint_dtype)
+                               for k, shape in shapes.items()})
+    record = torch.empty(fmt.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    fmt.pack(tensors, record, torch.device("cpu"))
+    return measure_host_lane(fmt, record, threads, dtype, device)
 
 
 def default_out(record: dict) -> Path:

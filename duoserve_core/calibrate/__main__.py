@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "where experts and top-k fit; none: the model's own router)")
     p.add_argument("--num-layers", type=whole(1), default=2, help="layers of the runtime used for per-layer figures")
     p.add_argument("--repeats", type=whole(1), default=3)
+    p.add_argument("--cpu-threads", type=listed(whole(1)), default=None,
+                   help="also time the CPU lane (one expert on the host) at these thread counts, e.g. 4,8,16")
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines (nor bars) on stderr")
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                sizes_mib=tuple(float(s) for s in args.sizes_mib.split(",")),
                                contexts=tuple(int(c) for c in args.contexts.split(",")),
                                routing_trace=args.routing_trace, num_layers=args.num_layers, repeats=args.repeats,
-                               quiet=args.quiet, bars=not args.json)
+                               quiet=args.quiet, bars=not args.json,
+                               cpu_threads=tuple(int(t) for t in args.cpu_threads.split(",")) if args.cpu_threads else ())
         record = calibrate(spec, "python -m duoserve_core.calibrate "
                            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     except DuoServeError as exc:

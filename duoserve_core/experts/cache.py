@@ -36,6 +36,7 @@ class CacheStats:
     prefetch_hits: int = 0     # prefetched experts later needed before being evicted
     prefetch_wasted: int = 0   # prefetched experts evicted or released without being needed
     reclaims: int = 0          # released experts taken back from their still-intact slot, no copy
+    host_computes: int = 0     # needed and computed on the host (the CPU lane): no slot, no copy
     evictions: int = 0
     h2d_copies: int = 0
     h2d_bytes: int = 0
@@ -105,6 +106,11 @@ class ExpertCache:
         self._last_use[key] = self._clock
         self._emit(kind, key)
         return self._slot_of[key], hit
+
+    def computed_on_host(self, key: ExpertKey) -> None:
+        """The layer step gave ``key`` to the CPU lane: counted, announced, the slots untouched."""
+        self.stats.host_computes += 1
+        self._emit("host", key)
 
     def unpin(self, key: ExpertKey) -> None:
         self._pinned.discard(key)

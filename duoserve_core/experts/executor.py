@@ -6,13 +6,17 @@
    top-k, weights, probabilities and the speculative gate's guess go to the host in one tensor:
    the one device->host sync of the layer (which experts to fetch is data-dependent);
 2. ``LayerStep.run`` (``experts.layer_step``): every scheduling decision, carried out on a
-   ``_TorchLayer``, the ``ExpertDevice`` that queues each expert's kernels once its copy landed;
+   ``_TorchLayer``, the ``ExpertDevice`` that queues each expert's kernels once its copy landed,
+   or hands an expert to the CPU lane (``experts.host_lane``), which computes it on the host from
+   its host-store record while the GPU works;
 3. ``combine``: the k contributions of each token summed in ascending expert order.
 
 Numbers never depend on the schedule: each expert writes its weighted output to its own rows
 of a (token, k) buffer, and the sum runs in ascending expert order at the end, the same order
 transformers' ``MixtralExperts`` accumulates in. So whatever order the experts were computed in,
-the result has the same bits.
+the result has the same bits. An expert the CPU lane computes writes the same rows; its bits are
+the host kernel's (the same as the device's when the device is the CPU; on a GPU they differ by
+the two kernels' rounding).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from ..events import EventBus, SpanEvent, StepEvent
 from .formats import ExpertFormat
+from .host_lane import HostLaneWorker
 from .layer_step import LayerStep
 from .transfer import TransferEngine
 
@@ -39,14 +44,16 @@ class Routing:
     weights: torch.Tensor           # [tokens, k] fp32, host
     probs: torch.Tensor             # [tokens, E] fp32, host
     speculation: torch.Tensor | None  # [tokens, k] int64 host: layer l+1's router on this input
+    x_host: torch.Tensor | None = None  # [tokens, H] the MoE input on the host, for the CPU lane
 
 
 class ExpertExecutor:
     """Routes each MoE layer, runs the layer step on it, and combines the experts' outputs."""
 
     def __init__(self, step: LayerStep, engine: TransferEngine, fmt: ExpertFormat, events: EventBus, top_k: int,
-                 gates: list[nn.Module], replay=None):
+                 gates: list[nn.Module], replay=None, host_worker: HostLaneWorker | None = None):
         self.layer_step, self.engine, self.fmt, self.events, self.top_k = step, engine, fmt, events, top_k
+        self.host_worker = host_worker    # the CPU lane, when the layer step has one
         self.gates = gates                # every layer's router, for the speculative gate
         self.replay = replay              # a traces.RoutingReplay: routing taken from a trace
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
@@ -81,11 +88,15 @@ class ExpertExecutor:
                 if recorded is not None:
                     guess = recorded.to(x.device, non_blocking=True)
             parts.append(guess.to(torch.float32))
+        x_host = None
+        if self.host_worker is not None:  # the CPU lane's input, copied before the sync below covers it
+            x_host = x if x.device.type == "cpu" else \
+                torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
         routed = torch.cat(parts, dim=1).cpu()  # one device->host sync per layer
         self.events.emit(SpanEvent("end", "compute", "router", layer))
         return Routing(top_idx, top_w, routed[:, :k].to(torch.int64), routed[:, k:2 * k],
                        routed[:, 2 * k:2 * k + num_experts],
-                       routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None)
+                       routed[:, 2 * k + num_experts:].to(torch.int64) if speculate else None, x_host)
 
     def moe(self, layer: int, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
@@ -106,15 +117,18 @@ class _TorchLayer:
 
     def __init__(self, executor: ExpertExecutor, x: torch.Tensor, routing: Routing):
         self.engine, self.fmt, self.events, self.x = executor.engine, executor.fmt, executor.events, x
+        self.host_worker, self.routing = executor.host_worker, routing
         k = routing.topk.shape[1]
         flat = routing.topk.flatten()  # row r = token * k + j
         self.counts = torch.bincount(flat, minlength=executor.layer_step.cache.num_experts).tolist()
         self.starts = [0]
         for c in self.counts:
             self.starts.append(self.starts[-1] + c)
-        self.rows = torch.argsort(flat, stable=True).to(x.device, non_blocking=True)
+        self.host_rows = torch.argsort(flat, stable=True)
+        self.rows = self.host_rows.to(x.device, non_blocking=True)
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
+        self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
 
     def wait_ready(self, slot: int) -> None:
         self.engine.wait_ready(slot)
@@ -128,6 +142,24 @@ class _TorchLayer:
 
     def mark_read(self, slot: int) -> None:
         self.engine.mark_read(slot)
+
+    def compute_on_host(self, layer: int, expert: int) -> None:
+        rows = self.host_rows[self.starts[expert]:self.starts[expert + 1]]
+        x = self.routing.x_host.index_select(0, rows // self.k)
+        weights = self.routing.weights.reshape(-1).index_select(0, rows)
+        future = self.host_worker.submit(self.engine.store.record(layer, expert), x, weights, self.x.dtype,
+                                         pin=self.x.device.type == "cuda")
+        self.on_host.append((layer, expert, future))
+
+    def finish_host(self) -> None:
+        """Wait for the CPU lane's experts (the GPU's are queued already) and queue their rows' copy
+        into ``contrib``; each becomes a span on the timeline's ``cpu`` lane."""
+        for layer, expert, future in self.on_host:
+            y, start, end = future.result()
+            self.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=end))
+            rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
+            self.contrib.index_copy_(0, rows, y.to(self.x.device, non_blocking=True))
+        self.on_host.clear()
 
 
 def combine(contrib: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:

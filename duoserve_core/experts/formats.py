@@ -10,6 +10,12 @@ the expert's SwiGLU MLP straight from a record on the compute device.
 - ``NF4Format``: the same two matrices in bitsandbytes NF4 (blocksize 64, fp32 absmax, not
   nested): 0.5625 bytes per parameter. Computed with ``bnb.matmul_4bit`` on CUDA and by
   dequantize + linear on the CPU (bitsandbytes' CPU matmul is the same arithmetic, slower).
+- ``Int4Format``: the same two matrices in grouped affine int4 (``experts/int4.py``), group 128
+  where the widths allow (else 64 or 32), bf16 scale and zero per group: 0.53125 bytes per
+  parameter at group 128, 0.5625 at 64. The values are stored once, in the layout torch's CPU
+  int4 kernel reads (``_weight_int4pack_mm_for_cpu``), and both lanes compute from those bytes:
+  the host by that kernel (1.53 ms for one Mixtral-8x7B expert and token on the GPU host's
+  16-core Xeon), the GPU by unpacking them with torch ops, dequantize + linear.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch.nn.functional as F
 
 from .. import nf4
 from ..checkpoint import ExpertTensors
+from ..errors import KnobError
+from . import int4
 
 _ALIGN = 64  # bytes; keeps every segment aligned for any dtype view and for vector loads
 
@@ -69,6 +77,10 @@ class ExpertFormat(ABC):
         """Write ``tensors`` into the record ``out`` (uint8, host), computing on ``work_device``."""
         raise NotImplementedError
 
+    def arrive(self, record: torch.Tensor) -> None:
+        """A record just copied to a device (a slot): put it in the layout that device's kernel reads,
+        in place, on the current stream. Most formats compute from the host bytes as they are."""
+
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU expert MLP of ``x [T, H]`` with the weights in ``record`` (same device)."""
         w13, w2 = self.weights(record, x.dtype)
@@ -78,6 +90,10 @@ class ExpertFormat(ABC):
     def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(w13, w2)`` in ``dtype``: what the record computes with."""
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The format as result files record it."""
+        return {"name": self.name, "record_bytes": self.nbytes, "bytes_per_param": self.nbytes / self.params}
 
 
 class DenseFormat(ExpertFormat):
@@ -129,15 +145,92 @@ class NF4Format(ExpertFormat):
         return nf4.linear(F.silu(gate) * up, *self._parts(record, "w2"))
 
 
-QUANT_CHOICES = ("none", "bf16", "nf4")
+class Int4Format(ExpertFormat):
+    """Grouped affine int4 in the CPU kernel's layout; one record, two lanes.
+
+    Segments, per matrix ``W [N, K]`` (``w13``: ``N = 2I, K = H``; ``w2``: ``N = H, K = I``):
+    ``{name}.q`` the kernel's ``[N, K/2]`` uint8 bytes in ``self.layout``, and ``{name}.sz`` the
+    kernel's ``[K/G, N, 2]`` bf16 scales and zeros. ``forward`` on a CPU record runs the CPU kernel
+    (activations in bf16, see ``int4.cpu_linear``) when the record's layout is this host's kernel
+    layout; anywhere else (a CUDA slot, another host) it unpacks the same bytes with torch ops and
+    computes dequantize + linear in the caller's dtype.
+    """
+
+    name = "int4"
+
+    def __init__(self, hidden: int, intermediate: int, layout: int4.CpuLayout | None = None):
+        super().__init__(hidden, intermediate)
+        group = int4.group_size_for(hidden, intermediate)
+        if group is None:
+            raise KnobError(
+                f"--quant int4 needs a group size of {', '.join(map(str, int4.GROUP_SIZES))} dividing both "
+                f"hidden_size {hidden} and intermediate_size {intermediate}; none does. Use --quant nf4 "
+                "(any width) or bf16 for this model")
+        self.group = group
+        host = int4.host_layout()
+        self.layout = layout or host or int4.FALLBACK_LAYOUT
+        self.shapes = {"w13": (2 * intermediate, hidden), "w2": (hidden, intermediate)}
+        # The CPU kernel is used only where its converter packs both matrices exactly as the
+        # record does (checked once here on a probe of each matrix's row count).
+        self.cpu_kernel = self.layout == host and all(int4.kernel_agrees(rows, self.layout)
+                                                      for rows, _ in self.shapes.values())
+        # The CUDA kernel (tinygemm) wants N % 8 == 0 and K % (16 * innerKTiles) == 0 for each matrix.
+        tiles = [int4.cuda_inner_k_tiles(cols) if rows % 8 == 0 else None for rows, cols in self.shapes.values()]
+        self.cuda_tiles = None if None in tiles else tuple(tiles)
+        parts = []
+        for name, (rows, cols) in self.shapes.items():
+            parts += [(f"{name}.q", torch.uint8, (rows, cols // 2)),
+                      (f"{name}.sz", int4.SCALE_DTYPE, (cols // group, rows, 2))]
+        self.segments, self.nbytes = _layout(parts)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "group_size": self.group, "cpu_layout": self.layout.name,
+                "cpu_kernel": self.cpu_kernel, "cuda_kernel": self.cuda_tiles is not None, "scale_dtype": "bfloat16"}
+
+    def pack(self, tensors: ExpertTensors, out: torch.Tensor, work_device: torch.device) -> None:
+        for name, w in (("w13", torch.cat([tensors.w1, tensors.w3], dim=0)), ("w2", tensors.w2)):
+            q, sz = int4.quantize(w.to(work_device), self.group)
+            self.segments[f"{name}.q"].view(out).copy_(int4.pack(q, self.layout))
+            self.segments[f"{name}.sz"].view(out).copy_(sz)
+
+    def _parts(self, record: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.segments[f"{name}.q"].view(record), self.segments[f"{name}.sz"].view(record)
+
+    def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(int4.weight(*self._parts(record, n), self.group, self.layout, dtype) for n in ("w13", "w2"))
+
+    def arrive(self, record: torch.Tensor) -> None:
+        """On CUDA, each matrix's bytes become the CUDA kernel's packing in place (a few kernels per copy,
+        run where the copy ran): from then on the slot is computed by tinygemm, not dequantized per call.
+        The scales and zeros are shared by both kernels and stay as they are."""
+        if record.device.type != "cuda" or self.cuda_tiles is None:
+            return
+        for name, tiles in zip(("w13", "w2"), self.cuda_tiles):
+            q = self.segments[f"{name}.q"].view(record)
+            q.view(-1).copy_(int4.to_cuda_layout(q, self.layout, tiles).view(torch.uint8).view(-1))
+
+    def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if record.device.type == "cuda" and self.cuda_tiles is not None:  # a slot ``arrive`` converted
+            w13, w2 = self.cuda_tiles
+            gate, up = int4.cuda_linear(x, *self._parts(record, "w13"), self.group, self.shapes["w13"], w13).chunk(2, -1)
+            return int4.cuda_linear(F.silu(gate) * up, *self._parts(record, "w2"), self.group, self.shapes["w2"], w2)
+        if record.device.type != "cpu" or not self.cpu_kernel:
+            return super().forward(record, x)
+        gate, up = int4.cpu_linear(x, *self._parts(record, "w13"), self.group).chunk(2, dim=-1)
+        return int4.cpu_linear(F.silu(gate) * up, *self._parts(record, "w2"), self.group)
+
+
+QUANT_CHOICES = ("none", "bf16", "nf4", "int4")
 
 
 def make_format(quant: str, hidden: int, intermediate: int, checkpoint_dtype: torch.dtype) -> ExpertFormat:
-    """``none`` keeps the checkpoint's dtype; ``bf16`` and ``nf4`` convert."""
+    """``none`` keeps the checkpoint's dtype; ``bf16``, ``nf4`` and ``int4`` convert."""
     if quant == "none":
         return DenseFormat(hidden, intermediate, checkpoint_dtype)
     if quant == "bf16":
         return DenseFormat(hidden, intermediate, torch.bfloat16)
     if quant == "nf4":
         return NF4Format(hidden, intermediate)
+    if quant == "int4":
+        return Int4Format(hidden, intermediate)
     raise ValueError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")

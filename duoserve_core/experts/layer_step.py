@@ -13,16 +13,19 @@ One decode token at layer l, in order:
    device->host sync of the layer) and ``run`` starts.
 3. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
    this layer's demand copies go first on the in-order copy stream.
-4. the needed experts, resident (or intact) first, are acquired while a slot can be freed:
+4. the CPU lane, where it is on (``policy.host_lane``), takes the experts the host computes
+   instead of copying; their work starts at once, beside everything below.
+5. the other needed experts, resident (or intact) first, are acquired while a slot can be freed:
    a hit pins the slot, a miss also queues its copy (``ExpertDevice.copy_in`` via the cache).
-5. the held plans are applied: prefetches queue behind the demand copies.
-6. each acquired expert in turn: wait until its copy landed, compute its tokens, mark the slot
+6. the held plans are applied: prefetches queue behind the demand copies.
+7. each acquired expert in turn: wait until its copy landed, compute its tokens, mark the slot
    read (no copy may overwrite it before), unpin; then acquire more if a slot came free.
-7. ``layer_done(l)``: the policy's releases (prefill: the finished layer leaves the window).
+8. the host lane's results join the layer's output (``finish_host``).
+9. ``layer_done(l)``: the policy's releases (prefill: the finished layer leaves the window).
 
-No decision here reads a clock. What depends on time in the next capabilities (the copy queue's
-depth, a CPU lane's cost) is to come from a modeled state kept the same way by both executors,
-so decisions stay reproducible on the CPU.
+No decision here reads a clock. The CPU lane's choice reads a modeled state kept the same way by
+both executors (the prefetches still queued on the copy stream, counted from the cache's
+decisions) and a cost model, so decisions stay reproducible on the CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 
 from ..events import EventBus, StepEvent
 from ..policy.base import Phase, Plan, Policy
+from ..policy.host_lane import HostLane
 from .cache import ExpertCache, stats_delta
 
 
@@ -44,6 +48,8 @@ class ExpertDevice(Protocol):
     per expert, ``wait_ready`` (its copy has landed), ``compute`` and ``mark_read`` (the slot's last
     reader is queued). ``counts`` is how many of the layer's tokens each expert serves: the device
     needs it to lay out (or time) the work, and the step reads which experts are needed from it.
+    The CPU lane: ``compute_on_host`` starts an expert on the host from its host-store record (no
+    slot, no copy); ``finish_host`` waits for those and adds their outputs to the layer's.
     """
 
     counts: list[int]
@@ -51,14 +57,18 @@ class ExpertDevice(Protocol):
     def wait_ready(self, slot: int) -> None: ...
     def compute(self, layer: int, expert: int, slot: int) -> None: ...
     def mark_read(self, slot: int) -> None: ...
+    def compute_on_host(self, layer: int, expert: int) -> None: ...
+    def finish_host(self) -> None: ...
 
 
 class LayerStep:
     """Carries the policy's plans out on the cache and orders each layer's expert work."""
 
-    def __init__(self, cache: ExpertCache, policy: Policy, events: EventBus):
+    def __init__(self, cache: ExpertCache, policy: Policy, events: EventBus, host_lane: HostLane | None = None):
         self.cache, self.policy, self.events = cache, policy, events
+        self.host_lane = host_lane if host_lane is not None and host_lane.enabled else None
         self.phase, self.step = Phase.PREFILL.value, 0
+        self._prefetch_mark = 0  # the cache's prefetch count when the last layer's demand copies were queued
 
     def apply(self, plan: Plan) -> None:
         """Releases first, then loads in the plan's order until one finds no room: the rest of the
@@ -81,20 +91,29 @@ class LayerStep:
 
     def run(self, layer: int, topk: torch.Tensor, probs: torch.Tensor, speculation: torch.Tensor | None,
             device: ExpertDevice) -> None:
-        """Steps 3-7 of the module doc for layer ``layer``; ``topk`` ``[tokens, k]`` on the host."""
+        """Steps 3-9 of the module doc for layer ``layer``; ``topk`` ``[tokens, k]`` on the host."""
         self.events.emit(StepEvent("routed", self.step, self.phase, layer))
         held = [self.policy.router_done(layer, topk, probs)]
         if speculation is not None and self.policy.wants_speculation:
             held.append(self.policy.speculated(layer + 1, speculation))
         cache = self.cache
-        needed = (e for e, c in enumerate(device.counts) if c)
-        pending = deque(sorted(needed, key=lambda e: not cache.holds((layer, e))))
+        needed = [(e, c) for e, c in enumerate(device.counts) if c]
+        on_host: set[int] = set()
+        if self.host_lane is not None:
+            queued = cache.stats.prefetches - self._prefetch_mark
+            on_host = self.host_lane.choose(needed, lambda e: cache.holds((layer, e)), queued)
+            for expert in sorted(on_host):
+                cache.computed_on_host((layer, expert))
+                device.compute_on_host(layer, expert)
+        pending = deque(sorted((e for e, _ in needed if e not in on_host), key=lambda e: not cache.holds((layer, e))))
         in_flight: deque[tuple[int, int]] = deque()
         while pending or in_flight:
             while pending and (cache.holds((layer, pending[0])) or cache.can_make_room()):
                 expert = pending.popleft()
                 slot, _ = cache.acquire((layer, expert))
                 in_flight.append((expert, slot))
+            if held:
+                self._prefetch_mark = cache.stats.prefetches
             for plan in held:
                 self.apply(plan)
             held = []
@@ -103,6 +122,10 @@ class LayerStep:
             device.compute(layer, expert, slot)
             device.mark_read(slot)
             cache.unpin((layer, expert))
+        for plan in held:  # every needed expert went to the host lane: the plans still apply
+            self.apply(plan)
+        if on_host:
+            device.finish_host()
         self.apply(self.policy.layer_done(layer))
 
 

@@ -3,16 +3,24 @@
 The slots are one buffer, allocated once, ``num_slots x record_bytes``: the budget is spent up
 front and never grows. Each slot has two CUDA events:
 
-- ``ready``: recorded on the copy stream after the copy into the slot; the compute stream
-  waits on it before reading the slot (no expert is computed before its copy has landed);
+- ``ready``: recorded on the copy stream after the copy into the slot (on the relayout stream
+  after its relayout, for a format that has one); the compute stream waits on it before reading
+  the slot (no expert is computed before its copy has landed);
 - ``free``: recorded on the compute stream after the last kernel that reads the slot; the copy
   stream waits on it before overwriting the slot (no slot is overwritten while read).
 
 Waits are stream-on-event, so the host never blocks on the hot path. On the CPU the same
 calls run synchronously and the events are not needed.
+
+A format whose device kernel reads another layout than the host record (``ExpertFormat.arrive``:
+int4) relays each landed record in place on a third stream, the relayout stream: it waits for
+the copy, and the copy stream goes on with the next copy meanwhile (the DMA engine and the SMs
+work at once), so the relayout adds to a layer's last copy only, not to every copy in a row.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -23,16 +31,21 @@ from .host_store import HostExpertStore
 class TransferEngine:
     """Moves expert records from the host store into device slots."""
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, events: EventBus):
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, events: EventBus,
+                 arrive: Callable[[torch.Tensor], None] | None = None):
         self.store, self.device, self.events = store, device, events
+        self.arrive = arrive  # the format's in-place relayout of a landed record (``ExpertFormat.arrive``)
         self.num_slots = num_slots
         self.buffer = torch.empty((num_slots, store.record_bytes), dtype=torch.uint8, device=device)
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
+            self.relayout_stream = torch.cuda.Stream(device) if arrive is not None else None
+            self._landed = torch.cuda.Event()
             self._ready = [torch.cuda.Event() for _ in range(num_slots)]
             self._free = [torch.cuda.Event() for _ in range(num_slots)]
         self._free_recorded = [False] * num_slots
+        self._copied = [False] * num_slots
 
     def slot(self, index: int) -> torch.Tensor:
         return self.buffer[index]
@@ -43,6 +56,8 @@ class TransferEngine:
         stream = self.copy_stream if self.cuda else None
         if self.cuda and self._free_recorded[index]:
             stream.wait_event(self._free[index])
+        if self.cuda and self.arrive is not None and self._copied[index]:
+            stream.wait_event(self._ready[index])  # a relayout never read (a prefetch evicted unused) ends first
         self.events.emit(SpanEvent("begin", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
         if not self.cuda:
             dst.copy_(src)
@@ -50,8 +65,20 @@ class TransferEngine:
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
         self.events.emit(SpanEvent("end", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
-        if self.cuda:
+        if self.cuda and self.arrive is not None:
+            self._landed.record(stream)
+            relayout = self.relayout_stream
+            relayout.wait_event(self._landed)
+            self.events.emit(SpanEvent("begin", "relayout", "relayout", key[0], key[1], cuda_stream=relayout))
+            with torch.cuda.stream(relayout):
+                self.arrive(dst)
+            self.events.emit(SpanEvent("end", "relayout", "relayout", key[0], key[1], cuda_stream=relayout))
+            self._ready[index].record(relayout)
+        elif self.cuda:
             self._ready[index].record(stream)
+        elif self.arrive is not None:
+            self.arrive(dst)
+        self._copied[index] = True
 
     def wait_ready(self, index: int) -> None:
         """Make the compute stream wait until slot ``index`` holds its expert."""

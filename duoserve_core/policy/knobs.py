@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import KnobError
 from .base import Policy
+from .host_lane import HOST_LANE_MODES
 from .duoserve import DuoServePolicy, UniformPolicy
 from .simple import LRUPolicy, LRUSpeculativePolicy, OnDemandPolicy, PerLayerLRUPolicy, ResidentPolicy
 
@@ -24,6 +25,7 @@ _CLASSES: dict[str, type[Policy]] = {"duoserve": DuoServePolicy, "uniform": Unif
                                      "resident": ResidentPolicy, "lru": LRUPolicy,
                                      "per-layer-lru": PerLayerLRUPolicy}
 POLICIES = tuple(_CLASSES)
+LANE_KNOBS = ("cpu_experts", "cpu_threads")  # every policy runs with them: ``effective`` keeps them
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,10 @@ class PolicyKnobs:
     trained predictor file; ``prefetch_depth``: layers ahead a policy looks; ``predictor_threshold``:
     the score a guess needs to be prefetched; ``speculative_gate``: guess layer l+1 with its own
     router on layer l's input; ``copy_slack``: how many expert copies fit, in decode, between one layer's
-    demand copies and the next layer's (the copy stream's idle stretch; see ``policy.duoserve``).
-    A policy ignores the knobs it does not use (``Policy.uses``)."""
+    demand copies and the next layer's (the copy stream's idle stretch; see ``policy.duoserve``);
+    ``cpu_experts``: the CPU lane (``policy.host_lane``: off, auto, or the forced all/half) and
+    ``cpu_threads`` its intra-op threads (None: torch's default), for every policy alike.
+    A policy ignores the knobs it does not use (``Policy.uses``); the lane's knobs apply to all."""
 
     policy: str | Policy = "on-demand"
     predictor: str | None = None
@@ -41,6 +45,8 @@ class PolicyKnobs:
     predictor_threshold: float = 0.5
     speculative_gate: bool = False
     copy_slack: float = 1.0
+    cpu_experts: str = "off"
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, str) and self.policy not in POLICIES:
@@ -59,6 +65,12 @@ class PolicyKnobs:
             raise KnobError(f"copy slack {c!r}: give a number of copies, 0 or more (e.g. --copy-slack 1)")
         object.__setattr__(self, "copy_slack", float(c))
         object.__setattr__(self, "speculative_gate", bool(self.speculative_gate))
+        if self.cpu_experts not in HOST_LANE_MODES:
+            raise KnobError(f"cpu experts {self.cpu_experts!r}: choose one of {', '.join(HOST_LANE_MODES)} "
+                            "(e.g. --cpu-experts auto)")
+        n = self.cpu_threads
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise KnobError(f"cpu threads {n!r}: give a whole number of threads, at least 1 (e.g. --cpu-threads 8)")
 
     def changed(self, **changes) -> "PolicyKnobs":
         """A copy with ``changes`` applied; a change of ``None`` keeps the current value (so a
@@ -79,7 +91,7 @@ class PolicyKnobs:
         what makes two configurations the same."""
         default = PolicyKnobs()
         return replace(self, **{f.name: getattr(default, f.name) for f in fields(self)
-                                if f.name != "policy" and f.name not in self.uses})
+                                if f.name not in LANE_KNOBS and f.name != "policy" and f.name not in self.uses})
 
 
 DEFAULT_KNOBS = PolicyKnobs()  # the defaults every entry point shows (CLI flags, widgets, notebooks)

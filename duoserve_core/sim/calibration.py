@@ -31,6 +31,9 @@ Format ``duoserve-calibration/1``::
         the host is slower than the kernels, so at decode sizes they are the host's launch time, not
         the device's; where a phase is given here the simulator puts this on the compute clock.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
+    host_lane (optional): {default_threads: n, expert: {format: {threads: [[tokens, s]...]}}}
+        one expert computed by the CPU lane (``experts.host_lane``) from its host record, per thread
+        count; what the simulator's ``--cpu-experts`` charges the CPU lane
     overhead_summary: {resident|offloaded: {wall_per_token_s, compute_busy_per_token_s,
                                             residual_per_layer_s}}                 (reported only)
 """
@@ -131,6 +134,7 @@ class Calibration:
             self.step_pre_s = {p: float(host["step_pre_s"][p]) for p in PHASES}
             self.step_post_s = {p: float(host["step_post_s"][p]) for p in PHASES}
             self.host_reference_s = float(host["reference_s"]) if "reference_s" in host else None
+            self.host_lane, self.host_lane_default_threads = self._host_lane(raw.get("host_lane"))
         except CalibrationError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -143,6 +147,27 @@ class Calibration:
 
     def _phased(self, raw: dict, key: str) -> dict[str, Curve]:
         return {p: Curve(_points(raw[key][p], f"{self.where}: {key}.{p}")) for p in PHASES}
+
+    def _host_lane(self, raw: dict | None) -> tuple[dict[tuple[str, int], Curve], int | None]:
+        """``{(format, threads): Curve}`` of the optional ``host_lane`` section, and its default threads."""
+        if not raw:
+            return {}, None
+        curves = {(fmt, int(threads)): Curve(_points(pts, f"{self.where}: host_lane.expert.{fmt}.{threads}"))
+                  for fmt, by_threads in raw["expert"].items() for threads, pts in by_threads.items()}
+        return curves, int(raw["default_threads"])
+
+    def host_lane_curve(self, fmt: str, threads: int | None) -> tuple[Curve, int]:
+        """One expert on the CPU lane at ``threads`` (None: the calibrated default), and the threads."""
+        if not self.host_lane:
+            raise CalibrationError(f"{self.where} has no CPU-lane measurements (host_lane); measure them on that "
+                                   "machine with python -m duoserve_core.calibrate --cpu-threads 4,8,16")
+        threads = self.host_lane_default_threads if threads is None else threads
+        curve = self.host_lane.get((fmt, threads))
+        if curve is None:
+            have = sorted(f"{f} at {t} threads" for f, t in self.host_lane)
+            raise CalibrationError(f"{self.where} has no CPU-lane timing for {fmt} at {threads} threads (it has "
+                                   f"{', '.join(have)}); pick one of those or calibrate with --cpu-threads {threads}")
+        return curve, threads
 
     def _device_time(self, raw: dict | None) -> dict:
         """``{(kind, phase[, format]): Curve}`` of the optional ``device_time`` section."""

@@ -1,7 +1,7 @@
 """The discrete-event model: the real cache and policy, driven on simulated streams.
 
-Three clocks advance: the host thread's, the compute stream's and the copy stream's (seconds
-from the start of the request). The real ``ExpertCache``, the real policy object and the real
+Four clocks advance: the host thread's, the compute stream's, the copy stream's and the CPU
+lane's (seconds from the start of the request). The real ``ExpertCache``, the real policy object and the real
 ``LayerStep`` (``experts.layer_step``, the runtime's own) make every decision; the cache's
 transfer engine is ``SimTransferEngine``, which puts each copy on the copy-stream clock instead
 of moving bytes, and the layer step computes on ``_SimLayer``, which advances the clocks. What
@@ -30,6 +30,11 @@ Timing rules (every term comes from the calibration, ``sim.calibration``):
 - the policy's own decisions (its event handlers, eviction ranking, the predictor it runs) cost
   the host the time they take here, timed as they run and scaled to the calibrated host's speed
   (``Calibration.host_scale``);
+- the CPU lane (``--cpu-experts``; ``policy.host_lane`` decides from the calibration's
+  ``host_lane`` curve and the copy time) starts an expert at max(its clock, the host clock) and
+  runs the calibrated time for its tokens; at the layer's end the host waits for the lane and
+  queues each result's copy into the layer's output (``per_expert`` host time each), which the
+  compute stream runs after everything queued before it;
 - on a synchronous device (the CPU) the host waits for every operation.
 """
 
@@ -44,6 +49,7 @@ from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..experts.cache import ExpertCache
 from ..experts.layer_step import LayerStep, PhaseCounts
 from ..policy import Phase, Policy, PolicyKnobs, load_policy
+from ..policy.host_lane import HostLane, LaneCosts
 from ..timeline import Timeline
 from ..traces import RoutingReplay
 from .calibration import Calibration, format_name
@@ -55,6 +61,7 @@ class Clocks:
     host: float = 0.0
     compute: float = 0.0
     copy: float = 0.0
+    cpu: float = 0.0
 
 
 class SimTimeline(Timeline):
@@ -159,6 +166,7 @@ class _SimLayer:
     def __init__(self, sim: "Simulator", phase: str, counts: list[int]):
         self.sim, self.phase, self.counts = sim, phase, counts
         self.not_before = 0.0
+        self.on_host = 0  # experts given to the CPU lane this layer
 
     def wait_ready(self, slot: int) -> None:
         self.not_before = self.sim.engine.ready[slot]
@@ -178,6 +186,21 @@ class _SimLayer:
 
     def mark_read(self, slot: int) -> None:
         self.sim.engine.free[slot] = self.sim.clocks.compute
+
+    def compute_on_host(self, layer: int, expert: int) -> None:
+        c, lane_s = self.sim.clocks, self.sim.host_lane_s(self.counts[expert])
+        start = max(c.cpu, c.host)
+        c.cpu = start + lane_s
+        if self.sim.cal.synchronous:
+            c.host = c.compute = c.cpu
+        self.on_host += 1
+        self.sim.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=c.cpu))
+
+    def finish_host(self) -> None:
+        c = self.sim.clocks
+        c.host = max(c.host, c.cpu) + self.sim.cal.per_expert(self.phase) * self.on_host
+        c.compute = max(c.compute, c.host)
+        self.on_host = 0
 
 
 @dataclass
@@ -223,8 +246,21 @@ class Simulator:
                                         self.events, calibration.synchronous)
         self.cache = ExpertCache(self.engine, self.policy, self.L, self.E, self.events)
         inner.attach(self.cache)
-        self.layer_step = LayerStep(self.cache, self.policy, self.events)
+        self.host_lane = self._host_lane(calibration)
+        self.layer_step = LayerStep(self.cache, self.policy, self.events, self.host_lane)
         self._peak_resident = 0
+
+    def _host_lane(self, calibration: Calibration) -> HostLane:
+        """The CPU lane the knobs ask for, costed by the calibration (the runtime measures its own)."""
+        mode = self.knobs.cpu_experts
+        if mode == "auto" and calibration.synchronous:  # as the runtime: nothing to split on a CPU device
+            mode = "off"
+        if mode == "off":
+            return HostLane("off")
+        curve, threads = calibration.host_lane_curve(self.fmt, self.knobs.cpu_threads)
+        self.host_lane_s = lambda tokens: curve.at(tokens)
+        costs = LaneCosts(self.engine.copy_s, self.host_lane_s, threads, source=f"calibration {calibration.where}")
+        return HostLane(mode, costs)
 
     def _track_peak(self, event: Event) -> None:
         if isinstance(event, CacheEvent):
@@ -238,7 +274,7 @@ class Simulator:
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt_tokens: int, new_tokens: int, request_id: int = 0) -> SimRun:
         """Prefill ``prompt_tokens`` then decode until ``new_tokens`` tokens exist, clocks from zero."""
-        self.clocks.host = self.clocks.compute = self.clocks.copy = 0.0
+        self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
         self.engine.reset()
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))

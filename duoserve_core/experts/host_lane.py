@@ -1,0 +1,112 @@
+"""The CPU lane's worker: experts computed on the host, from their host-store records, beside the GPU.
+
+One worker thread (``concurrent.futures``), so the lane's experts run one after another at the
+lane's thread count while the main thread keeps queueing the GPU's work: torch's CPU kernels
+release the GIL, so the two overlap. ``cpu_threads`` sets the worker thread's intra-op threads
+(OpenMP's thread count is per calling thread, so the main thread keeps its own); ``None`` keeps
+torch's default.
+
+Each job returns the expert's weighted output for its rows and the host times it ran between, so
+the executor can put the span on the timeline's ``cpu`` lane from the main thread (the event bus
+is not shared across threads).
+
+``measure_costs`` gives the auto decision (``policy.host_lane``) its two costs on this machine:
+one expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads) and
+one record's copy into a device slot, each the median of a few runs, taken when the runtime is
+built (a few tens of ms at Mixtral-8x7B size).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..policy.host_lane import LaneCosts
+from .formats import ExpertFormat
+from .host_store import HostExpertStore
+from .transfer import TransferEngine
+
+COST_TOKENS = (1, 4, 16)
+
+
+class HostLaneWorker:
+    """Runs expert computations on a dedicated host thread."""
+
+    def __init__(self, fmt: ExpertFormat, threads: int | None = None):
+        self.fmt, self.threads = fmt, threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duoserve-cpu-lane",
+                                        initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype,
+               pin: bool) -> Future:
+        """Start ``record``'s expert on ``x [T, H]`` (host tensors); the future gives
+        ``(weights[:, None] * y in out_dtype, start, end)`` with ``time.perf_counter`` times."""
+        return self._pool.submit(self._run, record, x, weights, out_dtype, pin)
+
+    def _run(self, record, x, weights, out_dtype, pin):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            y = (self.fmt.forward(record, x) * weights[:, None].to(x.dtype)).to(out_dtype)
+        if pin:  # a pinned result lets its copy to the device be queued without blocking the host
+            y = y.pin_memory()
+        return y, start, time.perf_counter()
+
+    def time_expert(self, record: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
+        """Median seconds of one expert on this lane for ``tokens`` tokens (on the worker's thread)."""
+        def run() -> float:
+            x = torch.randn(tokens, self.fmt.hidden, dtype=dtype)
+            with torch.inference_mode():
+                self.fmt.forward(record, x)  # warm-up: first-call allocations and kernel selection
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    self.fmt.forward(record, x)
+                    times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        return self._pool.submit(run).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def measure_copy_s(engine: TransferEngine, repeats: int = 3) -> float:
+    """Median seconds of one record's copy into slot 0, relayout included (call before the slot holds
+    anything)."""
+    store = engine.store
+    src, dst = store.record(0, 0), engine.slot(0)
+    times = []
+    for _ in range(repeats + 1):
+        if engine.cuda:
+            torch.cuda.synchronize(engine.device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=engine.cuda)
+        if engine.arrive is not None:
+            engine.arrive(dst)  # a copy is not usable before its relayout (``ExpertFormat.arrive``)
+        if engine.cuda:
+            torch.cuda.synchronize(engine.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine,
+                  dtype: torch.dtype) -> LaneCosts:
+    """The lane's costs on this machine: ``host_s`` interpolates the measured token counts linearly
+    (and extrapolates the last segment's slope), ``copy_s`` is one record's copy."""
+    record = store.record(0, 0)
+    points = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
+
+    def host_s(tokens: int) -> float:
+        for (t0, s0), (t1, s1) in zip(points, points[1:]):
+            if tokens <= t1 or (t1, s1) == points[-1]:
+                return max(s0 + (s1 - s0) * (tokens - t0) / (t1 - t0), points[0][1])
+        return points[0][1]
+
+    return LaneCosts(copy_s=measure_copy_s(engine), host_s=host_s, threads=worker.threads or torch.get_num_threads(),
+                     source=f"measured when the runtime was built ({', '.join(f'{t} tok {s * 1e3:.2f} ms' for t, s in points)})")

@@ -1,0 +1,90 @@
+"""The CPU lane's decision: which of a layer's experts the host computes instead of copying.
+
+Batch-1 decode is copy-bound: a missed Mixtral-8x7B expert costs one 1.8 ms copy over PCIe while
+the host's cores idle, and the same expert in int4 computes one token on the host in about 1.5 ms
+(issue 13's measurements). So with two misses in a layer, one can cross the link while the other
+is computed on the host, and the layer waits for the longer of the two instead of their sum.
+
+``HostLane.choose`` decides, per layer, from a cost model and a modeled state (never a clock, so
+the runtime and the simulator make the same decisions from the same costs):
+
+- ``copy_s``: one expert's copy; the copy stream is modeled as busy for ``queued`` copies already
+  issued and not yet waited for (the prefetches queued after the previous layer's demand loads:
+  at decode sizes a layer computes for far less than one copy, so they are still in flight);
+- ``host_s(tokens)``: one expert on the host lane for that many tokens, at the lane's threads
+  (measured: ``experts.host_lane.measure_costs`` for the runtime, the calibration file's
+  ``host_lane`` curve for the simulator).
+
+``auto`` takes the missed experts fewest tokens first and gives each to the lane that finishes it
+sooner, each lane's queue growing as it is assigned work. An expert the host computes is not
+copied, so it does not enter the cache: the lane trades future hits for this layer's time, which
+is what a copy-bound layer wants when the cache cannot keep a layer's experts anyway.
+
+The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
+(resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
+exactly (no decision is asked for).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+HOST_LANE_MODES = ("off", "auto", "all", "half")
+
+
+@dataclass(frozen=True)
+class LaneCosts:
+    """What the decision weighs: one copy, and one expert on the host as a function of its tokens."""
+
+    copy_s: float
+    host_s: Callable[[int], float]
+    threads: int | None = None
+    source: str = "measured"
+
+    def describe(self) -> dict:
+        return {"copy_ms": self.copy_s * 1e3, "host_ms": {t: self.host_s(t) * 1e3 for t in (1, 4, 16)},
+                "threads": self.threads, "source": self.source}
+
+
+class HostLane:
+    """``choose`` returns the experts of a layer that the host computes; ``mode`` as the module doc."""
+
+    def __init__(self, mode: str, costs: LaneCosts | None = None, seed: int = 0):
+        if mode not in HOST_LANE_MODES:
+            raise ValueError(f"unknown CPU-lane mode {mode!r}; choose one of {', '.join(HOST_LANE_MODES)}")
+        if mode == "auto" and costs is None:
+            raise ValueError("the auto CPU lane needs its costs (LaneCosts)")
+        self.mode, self.costs = mode, costs
+        self._random = random.Random(seed)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def choose(self, needed: list[tuple[int, int]], held: Callable[[int], bool], queued: int) -> set[int]:
+        """Experts of ``needed`` ((expert, tokens) pairs) the host computes; ``held(expert)``: usable
+        from a slot without a copy; ``queued``: copies on the copy stream ahead of this layer's."""
+        if self.mode == "off":
+            return set()
+        if self.mode == "all":
+            return {e for e, _ in needed}
+        if self.mode == "half":
+            return {e for e, _ in needed if self._random.random() < 0.5}
+        copy_s, host_s = self.costs.copy_s, self.costs.host_s
+        copy_done, host_done, chosen = queued * copy_s, 0.0, set()
+        for expert, tokens in sorted(((e, t) for e, t in needed if not held(e)), key=lambda et: et[1]):
+            on_host = host_done + host_s(tokens)
+            if on_host < copy_done + copy_s:
+                chosen.add(expert)
+                host_done = on_host
+            else:
+                copy_done += copy_s
+        return chosen
+
+    def describe(self) -> dict:
+        out: dict = {"cpu_experts": self.mode}
+        if self.costs is not None:
+            out["cpu_lane_costs"] = self.costs.describe()
+        return out

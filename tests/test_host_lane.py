@@ -1,0 +1,164 @@
+"""The CPU lane (issue 13): experts computed on the host from their host-store records, beside the GPU.
+
+What must hold everywhere: the lane never changes the tokens (every, none, a random half of the
+experts on it), the runtime and the simulator make the same decisions with it, and ``auto``
+gives the host exactly the experts that finish sooner there than behind the copies.
+"""
+
+from __future__ import annotations
+
+
+import pandas as pd
+import pytest
+
+import duoserve_core
+from duoserve_core.errors import KnobError
+from duoserve_core.policy import PolicyKnobs
+from duoserve_core.policy.host_lane import HostLane, LaneCosts
+from duoserve_core.sim import Simulator, build_model, load_calibration
+from duoserve_core.sim.calibration import CalibrationError
+from duoserve_core.timeline import COLUMNS
+from duoserve_core.traces import RoutingReplay, read_trace
+from test_layer_step import CONTEXT, DATA, GEN, PROMPT, TRACE, decisions
+from test_sim import MS, fake_calibration, setup
+
+PREDICTOR = str(DATA / "predictors" / "small-moe-depth2.safetensors")
+
+
+# -- the decision ------------------------------------------------------------------------------
+def _lane(copy_ms: float, host_ms_per_token: float) -> HostLane:
+    return HostLane("auto", LaneCosts(copy_ms * MS, lambda t: host_ms_per_token * t * MS))
+
+
+def test_auto_gives_the_host_what_finishes_sooner_there():
+    # Two misses of one token: the host (1.5 ms) beats the copy (1.8 ms) for the first; the second
+    # would finish at 3.0 ms on the host and 1.8 ms behind no copy: it is copied.
+    lane = _lane(1.8, 1.5)
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
+    # Resident experts are never taken: they cost no copy.
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: e == 2, queued=0) == {5}
+    # Two prefetches still on the copy stream: the demand copies would wait 3.6 ms, so the host takes both.
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=2) == {2, 5}
+    # A many-token expert is slow on the host: copied.
+    assert lane.choose([(3, 16)], held=lambda e: False, queued=0) == set()
+
+
+def test_auto_takes_the_cheapest_experts_first():
+    lane = _lane(1.8, 1.0)
+    # 1 token (1 ms) goes to the host first; 3 tokens (3 ms more) would end at 4 ms: copied.
+    assert lane.choose([(0, 3), (1, 1)], held=lambda e: False, queued=0) == {1}
+
+
+def test_forced_modes_and_off():
+    needed = [(e, 1) for e in range(8)]
+    assert HostLane("off").choose(needed, lambda e: False, 0) == set()
+    assert HostLane("all").choose(needed, lambda e: True, 0) == set(range(8))  # resident ones too
+    half = HostLane("half", seed=1).choose(needed, lambda e: False, 0)
+    assert 0 < len(half) < 8 and half == HostLane("half", seed=1).choose(needed, lambda e: False, 0)
+
+
+def test_knobs_refuse_bad_lane_settings():
+    with pytest.raises(KnobError, match="cpu experts 'gpu'"):
+        PolicyKnobs(cpu_experts="gpu")
+    with pytest.raises(KnobError, match="cpu threads 0"):
+        PolicyKnobs(cpu_threads=0)
+    # every policy runs with the lane: reporting keeps it
+    assert PolicyKnobs(policy="on-demand", cpu_experts="auto").effective().cpu_experts == "auto"
+
+
+# -- tokens never change -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runtime():
+    return duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "lru", "duoserve"])
+@pytest.mark.parametrize("mode", ["all", "half"])
+def test_tokens_and_logits_do_not_depend_on_the_lane(runtime, policy, mode):
+    ids = runtime.encode("Once upon a time there was", None)
+    runtime.configure(policy="resident", memory_budget="all", cpu_experts="off")
+    reference = runtime.generate(prompt_ids=ids, max_new_tokens=10, stop_at_eos=False, return_logits=True)
+    extra = {"predictor": PREDICTOR} if policy == "duoserve" else {}
+    runtime.configure(policy=policy, memory_budget="6slots", cpu_experts=mode, **extra)
+    out = runtime.generate(prompt_ids=ids, max_new_tokens=10, stop_at_eos=False, return_logits=True)
+    assert out.tokens == reference.tokens
+    # the host and the device are the same processor here: the same kernels, the same bits
+    assert all(bool((a == b).all()) for a, b in zip(out.logits, reference.logits))
+    needed = out.expert_hits + out.expert_misses + out.host_computes
+    if mode == "all":
+        assert out.host_computes == needed and out.expert_misses == 0  # prefetches may still copy
+    else:
+        assert 0 < out.host_computes < needed
+    lane_rows = [r for r in runtime.timeline.rows() if r["stream"] == "cpu"]
+    assert len(lane_rows) == out.host_computes and all(r["duration_ms"] >= 0 for r in lane_rows)
+    assert out.policy["cpu_lane"] == mode
+
+
+def test_auto_on_a_cpu_device_is_off_and_says_why(runtime):
+    runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="auto")
+    described = runtime.describe()
+    assert described["cpu_experts"] == "auto" and described["cpu_lane"].startswith("off (")
+    assert "nothing to split" in described["cpu_lane"]
+    out = runtime.generate(prompt_ids=[5, 6, 7], max_new_tokens=3, stop_at_eos=False)
+    assert out.host_computes == 0
+
+
+def test_chrome_trace_has_a_cpu_lane_track(runtime):
+    runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="all")
+    runtime.generate(prompt_ids=[5, 6, 7], max_new_tokens=2, stop_at_eos=False)
+    trace = runtime.timeline.to_chrome_trace()["traceEvents"]
+    assert any(e.get("tid") == 3 and e["ph"] == "X" for e in trace)
+    names = [e["args"]["name"] for e in trace if e["ph"] == "M"]
+    assert "CPU lane" in names
+
+
+# -- the simulator -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["all", "half"])
+@pytest.mark.parametrize("policy", ["on-demand", "duoserve"])
+def test_runtime_and_simulator_decide_the_same_with_the_lane(tmp_path, mode, policy):
+    budget_slots = 10
+    knobs = PolicyKnobs(policy=policy, cpu_experts=mode,
+                        **({"predictor": PREDICTOR, "predictor_threshold": 0.3} if policy == "duoserve" else {}))
+    runtime = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", max_context=CONTEXT,
+                                 routing_trace=TRACE)
+    budget = runtime.plan.fixed_bytes + budget_slots * runtime.format.nbytes
+    runtime.configure(memory_budget=budget, knobs=knobs)
+    from duoserve_core.bench import make_prompt
+    prompt = [t % runtime.config.vocab_size for t in make_prompt(PROMPT)]
+    real, _ = decisions(runtime, lambda: runtime.generate(prompt_ids=prompt, max_new_tokens=GEN,
+                                                          stop_at_eos=False).phases)
+    cal = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2, host_lane_s=1 * MS, shape=dict(
+        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)))
+    model = build_model(DATA / "small-moe", quant="nf4", memory_budget=budget, max_context=CONTEXT, device_type="cpu")
+    sim = Simulator(model, cal, RoutingReplay(read_trace(TRACE), 8, 8, 2), knobs, policy_time=False)
+    simulated, _ = decisions(sim, lambda: sim.generate(PROMPT, GEN).phases)
+    assert simulated == real and any(row[5] == "host" for row in real)
+
+
+def test_simulated_lane_halves_a_copy_bound_layer(tmp_path):
+    # One layer, top-2, every token needs two experts not resident (4 experts, 2 slots, alternating):
+    # copies 1 ms, host 0.8 ms per expert. On-demand: two copies in a row (~2.1 ms a token); with the
+    # lane one expert is copied while the other is computed on the host (~1.1 ms).
+    tokens = [[[0, 1]], [[2, 3]]] * 4
+    model, cal, replay = setup(tmp_path, [{"prefill": [[[0, 1]]], "decode": tokens}], 1, 4, 2, budget="2slots",
+                               host_lane_s=0.8 * MS)
+    plain = Simulator(model, cal, replay, "on-demand", policy_time=False).generate(1, 8)
+    lane = Simulator(model, cal, replay, PolicyKnobs(policy="on-demand", cpu_experts="auto"),
+                     policy_time=False).generate(1, 8)
+    assert lane.phases["decode"]["host_computes"] == 7 and lane.phases["decode"]["h2d_copies"] == 7
+    assert lane.tpot_s == pytest.approx(1.16 * MS, rel=0.05) and plain.tpot_s == pytest.approx(2.16 * MS, rel=0.05)
+    df = pd.DataFrame(lane.rows, columns=COLUMNS)
+    cpu, copies = df[df.stream == "cpu"], df[df.kind == "h2d"]
+    # the host's expert runs while the other expert's copy crosses the link
+    first = cpu.iloc[1]
+    assert ((copies.start_ms < first.end_ms) & (copies.end_ms > first.start_ms)).any()
+
+
+def test_simulator_needs_the_lane_in_the_calibration(tmp_path):
+    model, cal, replay = setup(tmp_path, [{"prefill": [[[0, 1]]], "decode": [[[2, 3]]]}], 1, 4, 2)
+    with pytest.raises(CalibrationError, match="no CPU-lane measurements"):
+        Simulator(model, cal, replay, PolicyKnobs(cpu_experts="auto"))
+    model, cal, replay = setup(tmp_path / "with-lane", [{"prefill": [[[0, 1]]], "decode": [[[2, 3]]]}], 1, 4, 2,
+                               host_lane_s=MS)
+    with pytest.raises(CalibrationError, match="at 16 threads"):
+        Simulator(model, cal, replay, PolicyKnobs(cpu_experts="auto", cpu_threads=16))
