@@ -23,7 +23,7 @@ from .events import EventBus, SpanEvent
 
 # transformers renamed the KV-cache argument of the attention and mask functions from
 # ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name, earlier ones know only it).
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(MixtralAttention.forward).parameters else "past_key_values"
+CACHE_KWARG = "cache" if "cache" in inspect.signature(MixtralAttention.forward).parameters else "past_key_values"
 _MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
@@ -104,7 +104,7 @@ class OffloadedMixtral:
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
             attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
-                                      attention_mask=mask, **{_CACHE_KWARG: cache})
+                                      attention_mask=mask, **{CACHE_KWARG: cache})
             hidden = hidden + attn
             self.events.emit(SpanEvent("end", "compute", "attention", index))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

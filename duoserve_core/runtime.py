@@ -7,6 +7,7 @@ the pinned host store, everything else on the device, expert slots sized by the 
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
 from .memory import MemoryPlan, plan_memory, resolve_budget
-from .mixtral import OffloadedMixtral, build_skeleton, dense_bytes, materialize
+from .mixtral import CACHE_KWARG, OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
 from .policy.host_lane import HostLane
 from .timeline import Timeline
@@ -227,8 +228,30 @@ class Runtime:
             return HostLane("off")
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
-        costs = measure_costs(worker, self.store, self.engine, self.dtype) if mode == "auto" else None
+        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s()) \
+            if mode == "auto" else None
         return HostLane(mode, costs)
+
+    @torch.inference_mode()
+    def _decode_layer_host_s(self, repeats: int = 3) -> float:
+        """Seconds to run one decode token through the first layer's norm, attention and router (queued
+        and finished): the host work the CPU lane's wait delays (``LaneCosts.blocked_s``)."""
+        layer = self.skeleton.model.layers[0]
+        x = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        rotary = self.skeleton.model.rotary_emb(x, position_ids=position)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
+        times = []
+        for _ in range(repeats + 1):
+            cache = self.model.new_cache()
+            sync(self.device)
+            t0 = time.perf_counter()
+            attn, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=rotary, attention_mask=None,
+                                      **{CACHE_KWARG: cache})
+            layer.mlp.gate(layer.post_attention_layernorm(x + attn).reshape(1, -1))
+            sync(self.device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:

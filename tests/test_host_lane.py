@@ -43,6 +43,22 @@ def test_auto_gives_the_host_what_finishes_sooner_there():
     assert lane.choose([(3, 16)], held=lambda e: False, queued=0) == set()
 
 
+def test_auto_counts_the_hosts_wait_and_the_gpus_compute():
+    # The lane's wait delays the next layer's host work by 0.5 ms: the first miss is copied (1.8 ms
+    # against 0.5 + 1.5), the second goes to the host (2.0 against 3.6).
+    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, blocked_s=0.5 * MS))
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {5}
+    # A slow GPU expert after each copy (0.5 ms) makes the host worth it for the first miss (2.0 against
+    # 2.3), and then not for the second (3.5 against 2.3).
+    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, lambda t: 0.5 * MS, blocked_s=0.5 * MS))
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
+    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, lambda t: 0.3 * MS))
+    assert lane.choose([(2, 1)], held=lambda e: False, queued=0) == {2}
+    # The lane's wait is counted once a layer, not per expert.
+    lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 0.2 * t * MS, blocked_s=0.5 * MS))
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2, 5}
+
+
 def test_auto_takes_the_cheapest_experts_first():
     lane = _lane(1.8, 1.0)
     # 1 token (1 ms) goes to the host first; 3 tokens (3 ms more) would end at 4 ms: copied.
@@ -162,3 +178,20 @@ def test_simulator_needs_the_lane_in_the_calibration(tmp_path):
                                host_lane_s=MS)
     with pytest.raises(CalibrationError, match="at 16 threads"):
         Simulator(model, cal, replay, PolicyKnobs(cpu_experts="auto", cpu_threads=16))
+
+
+def test_the_runtimes_own_costs_are_measured(runtime):
+    """What ``auto`` weighs on a GPU, measured here on the CPU (where ``auto`` itself stays off): every
+    cost positive, the host lane's growing with tokens, the delayed host work a layer's attention."""
+    from duoserve_core.experts.host_lane import HostLaneWorker, measure_costs
+
+    runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="off")
+    worker = HostLaneWorker(runtime.format, 1)
+    try:
+        costs = measure_costs(worker, runtime.store, runtime.engine, runtime.dtype, runtime._decode_layer_host_s())
+    finally:
+        worker.close()
+    assert costs.copy_s > 0 and costs.blocked_s > 0 and costs.threads == 1
+    assert 0 < costs.host_s(1) <= costs.host_s(64) and costs.device_s(4) > 0
+    described = costs.describe()
+    assert set(described["host_ms"]) == {1, 4, 16} and described["blocked_ms"] > 0

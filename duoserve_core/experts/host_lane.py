@@ -10,10 +10,11 @@ Each job returns the expert's weighted output for its rows and the host times it
 the executor can put the span on the timeline's ``cpu`` lane from the main thread (the event bus
 is not shared across threads).
 
-``measure_costs`` gives the auto decision (``policy.host_lane``) its two costs on this machine:
-one expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads) and
-one record's copy into a device slot, each the median of a few runs, taken when the runtime is
-built (a few tens of ms at Mixtral-8x7B size).
+``measure_costs`` gives the auto decision (``policy.host_lane``) its costs on this machine: one
+expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads), one
+record's copy into a device slot, the same expert computed from that slot, and the host work the
+lane's wait delays (``blocked_s``, timed by the runtime on its first layer), each the median of a
+few runs, taken when the runtime is built (a few tens of ms at Mixtral-8x7B size).
 """
 
 from __future__ import annotations
@@ -95,18 +96,39 @@ def measure_copy_s(engine: TransferEngine, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine,
-                  dtype: torch.dtype) -> LaneCosts:
-    """The lane's costs on this machine: ``host_s`` interpolates the measured token counts linearly
-    (and extrapolates the last segment's slope), ``copy_s`` is one record's copy."""
-    record = store.record(0, 0)
-    points = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
-
-    def host_s(tokens: int) -> float:
+def _piecewise(points: list[tuple[int, float]]):
+    """Linear between the measured token counts, the last segment's slope beyond, never below the first."""
+    def at(tokens: int) -> float:
         for (t0, s0), (t1, s1) in zip(points, points[1:]):
             if tokens <= t1 or (t1, s1) == points[-1]:
                 return max(s0 + (s1 - s0) * (tokens - t0) / (t1 - t0), points[0][1])
         return points[0][1]
+    return at
 
-    return LaneCosts(copy_s=measure_copy_s(engine), host_s=host_s, threads=worker.threads or torch.get_num_threads(),
-                     source=f"measured when the runtime was built ({', '.join(f'{t} tok {s * 1e3:.2f} ms' for t, s in points)})")
+
+def time_device_expert(fmt: ExpertFormat, slot: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Median seconds of one expert computed from a device slot (queued and finished)."""
+    x = torch.randn(tokens, fmt.hidden, dtype=dtype, device=slot.device)
+    sync = torch.cuda.synchronize if slot.device.type == "cuda" else (lambda *a: None)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            sync(slot.device)
+            t0 = time.perf_counter()
+            fmt.forward(slot, x)
+            sync(slot.device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine, dtype: torch.dtype,
+                  blocked_s: float) -> LaneCosts:
+    """The lane's costs on this machine (see the module doc); slot 0 is used and left holding nothing."""
+    record = store.record(0, 0)
+    host = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
+    copy_s = measure_copy_s(engine)  # slot 0 now holds expert (0, 0), relaid for the device
+    device = [(t, time_device_expert(worker.fmt, engine.slot(0), t, dtype)) for t in COST_TOKENS]
+    return LaneCosts(copy_s=copy_s, host_s=_piecewise(host), device_s=_piecewise(device), blocked_s=blocked_s,
+                     threads=worker.threads or torch.get_num_threads(),
+                     source="measured when the runtime was built (host "
+                            + ", ".join(f"{t} tok {s * 1e3:.2f} ms" for t, s in host) + ")")

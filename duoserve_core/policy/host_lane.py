@@ -13,12 +13,18 @@ the runtime and the simulator make the same decisions from the same costs):
   at decode sizes a layer computes for far less than one copy, so they are still in flight);
 - ``host_s(tokens)``: one expert on the host lane for that many tokens, at the lane's threads
   (measured: ``experts.host_lane.measure_costs`` for the runtime, the calibration file's
-  ``host_lane`` curve for the simulator).
+  ``host_lane`` curve for the simulator);
+- ``device_s(tokens)``: one expert on the GPU once its copy landed;
+- ``blocked_s``: the host work of the next layer up to its router (attention's launch, the
+  router) that the lane delays: without the lane the host queues it while the copies run, with
+  it the host first waits for the lane's outputs (``finish_host``).
 
-``auto`` takes the missed experts fewest tokens first and gives each to the lane that finishes it
-sooner, each lane's queue growing as it is assigned work. An expert the host computes is not
-copied, so it does not enter the cache: the lane trades future hits for this layer's time, which
-is what a copy-bound layer wants when the cache cannot keep a layer's experts anyway.
+``auto`` takes the missed experts fewest tokens first and gives each to the lane that ends the
+layer sooner: the copy path ends when the last copied expert is computed; the host path when the
+lane is done plus ``blocked_s``. An expert the host computes is not copied, so it does not enter
+the cache: the lane trades future hits for this layer's time, which is what a copy-bound layer
+wants when the cache cannot keep a layer's experts anyway (the rule does not price the lost
+entry; at large budgets that is where it can still lose: docs/cpu_lane.md).
 
 The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
 (resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
@@ -40,11 +46,14 @@ class LaneCosts:
 
     copy_s: float
     host_s: Callable[[int], float]
+    device_s: Callable[[int], float] = lambda tokens: 0.0
+    blocked_s: float = 0.0
     threads: int | None = None
     source: str = "measured"
 
     def describe(self) -> dict:
         return {"copy_ms": self.copy_s * 1e3, "host_ms": {t: self.host_s(t) * 1e3 for t in (1, 4, 16)},
+                "device_ms": {t: self.device_s(t) * 1e3 for t in (1, 4, 16)}, "blocked_ms": self.blocked_s * 1e3,
                 "threads": self.threads, "source": self.source}
 
 
@@ -72,15 +81,20 @@ class HostLane:
             return {e for e, _ in needed}
         if self.mode == "half":
             return {e for e, _ in needed if self._random.random() < 0.5}
-        copy_s, host_s = self.costs.copy_s, self.costs.host_s
-        copy_done, host_done, chosen = queued * copy_s, 0.0, set()
+        c = self.costs
+        copy_done = queued * c.copy_s   # the copy stream's queue
+        copy_end = 0.0                  # the GPU path's end: the last copied expert computed
+        host_end = 0.0                  # the host path's end: the lane done, then the host's delayed work
+        chosen: set[int] = set()
         for expert, tokens in sorted(((e, t) for e, t in needed if not held(e)), key=lambda et: et[1]):
-            on_host = host_done + host_s(tokens)
-            if on_host < copy_done + copy_s:
+            via_copy = max(copy_end, copy_done + c.copy_s + c.device_s(tokens))
+            via_host = (host_end or c.blocked_s) + c.host_s(tokens)
+            if max(copy_end, via_host) < max(via_copy, host_end):
                 chosen.add(expert)
-                host_done = on_host
+                host_end = via_host
             else:
-                copy_done += copy_s
+                copy_done += c.copy_s
+                copy_end = via_copy
         return chosen
 
     def describe(self) -> dict:

@@ -259,7 +259,11 @@ class Simulator:
             return HostLane("off")
         curve, threads = calibration.host_lane_curve(self.fmt, self.knobs.cpu_threads)
         self.host_lane_s = lambda tokens: curve.at(tokens)
-        costs = LaneCosts(self.engine.copy_s, self.host_lane_s, threads, source=f"calibration {calibration.where}")
+        context = self.model.max_context  # the host work the lane's wait delays, at a long context
+        blocked_s = calibration.attention_launch["decode"].at(context) + calibration.router_device_s("decode", context)
+        costs = LaneCosts(self.engine.copy_s, self.host_lane_s,
+                          lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens), blocked_s,
+                          threads, source=f"calibration {calibration.where}")
         return HostLane(mode, costs)
 
     def _track_peak(self, event: Event) -> None:
