@@ -1,0 +1,112 @@
+"""Notebook 05's CPU-lane view: the simulated token on three lanes, the CPU share, the H200 measurements."""
+
+import json
+
+import pytest
+
+from lab import cpu_lane_view as cv
+
+SOURCE, SLOTS, GEN = "mixtral-like", 23, 16   # a short request: every run here is cached and shared
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return cv.sweep(SOURCE, SLOTS, gen=GEN)
+
+
+def test_the_calibration_gives_the_measured_thread_counts():
+    assert cv.thread_choices() == (4, 8, 16)
+    assert cv.settings() == (("off", None), ("auto", 4), ("auto", 8), ("auto", 16), ("half", 4), ("half", 8),
+                             ("half", 16))
+
+
+def test_a_token_with_the_lane_forced_has_work_on_all_three_lanes():
+    df = cv.token_timeline(SOURCE, SLOTS, "duoserve", "half", 16, gen=GEN)
+    assert set(df["stream"]) == {"compute", "copy", "cpu"}
+    assert set(df["lane"]) == set(cv.LANES.values())
+    assert set(df["step"]) == {GEN // 2} and set(df["phase"]) == {"decode"}
+    assert df["start_ms"].min() == 0
+    # the lane computes experts only, and they overlap the copy stream's work in the same token
+    cpu, copies = df[df["stream"] == "cpu"], df[df["stream"] == "copy"]
+    assert set(cpu["kind"]) == {"expert"}
+    assert any(((c.start_ms < copies["end_ms"]) & (copies["start_ms"] < c.end_ms)).any() for c in cpu.itertuples())
+
+
+def test_a_token_with_the_lane_off_or_auto_has_nothing_on_the_cpu():
+    """Off by definition; auto because, with the host's wait priced in, no expert ends a layer sooner on
+    this host's lane at batch 1 (docs/cpu_lane.md)."""
+    for mode, threads in (("off", None), ("auto", 16)):
+        df = cv.token_timeline(SOURCE, SLOTS, "duoserve", mode, threads, gen=GEN)
+        assert set(df["stream"]) == {"compute", "copy"}, mode
+
+
+def test_the_timeline_step_must_be_a_decode_step():
+    with pytest.raises(ValueError, match="decodes steps 1 to 15"):
+        cv.token_timeline(SOURCE, SLOTS, "duoserve", "auto", 16, step=0, gen=GEN)
+
+
+def test_the_timeline_figure_draws_off_and_the_chosen_mode_on_one_axis():
+    fig = cv.timeline_figure(SOURCE, SLOTS, "duoserve", 16, gen=GEN, mode="half")
+    assert "simulated, H200 calibration" in fig.layout.title.text
+    names = {t.name for t in fig.data}
+    assert "expert on the CPU" in names and "copy" in names
+    on_cpu = [t for t in fig.data if t.name == "expert on the CPU"]
+    assert [t.yaxis for t in on_cpu] == ["y2"]   # only the lower panel, the forced half, has CPU work
+
+
+def test_the_cpu_share_is_a_fraction_and_zero_with_the_lane_off(sweep):
+    assert len(sweep) == len(cv.POLICIES) * len(cv.settings())
+    assert sweep["CPU share"].between(0, 1).all()
+    assert (sweep.loc[sweep["CPU lane"] == "off", "CPU share"] == 0).all()
+    at16 = sweep[(sweep["threads"] == 16) & (sweep["CPU lane"] == "half")]
+    assert (at16["CPU share"] > 0).all()
+    assert (sweep.loc[sweep["CPU lane"] == "auto", "CPU share"] == 0).all()
+    # an expert the host computes is not copied: every needed expert is a hit, a copy or a host compute
+    assert (at16["copies per token"] + at16["host computes per token"] <= 2 * 32).all()
+    assert set(sweep["kind"]) == {cv.SIMULATED}
+
+
+def test_cpu_share_counts_host_computes_among_all_needed_experts():
+    phases = {"decode": {"hits": 10, "misses": 20, "host_computes": 10}}
+    assert cv.cpu_share(phases) == 0.25
+    assert cv.cpu_share({"decode": {"hits": 0, "misses": 0, "host_computes": 0}}) == 0.0
+
+
+def test_the_measured_points_come_from_the_committed_files_with_device_and_date():
+    m = cv.measured()
+    for mode, path in cv.MEASURED.items():
+        record = json.loads(path.read_text())
+        rows = m[m["file"] == path.name]
+        assert set(rows["CPU lane"]) == {mode}
+        assert set(rows["device"]) == {record["device"]} and set(rows["date"]) == {record["date"]}
+        for policy, tpot_ms in zip(rows["policy"], rows["TPOT (ms)"]):
+            assert tpot_ms == pytest.approx(record["results"][policy]["tpot_s"] * 1e3)
+    assert set(m["device"]) == {"NVIDIA H200"} and set(m["date"]) == {"2026-11-30"}
+    effect = cv.lane_effect(m)
+    assert effect.loc["duoserve", "off (ms)"] == 156.7 and effect.loc["duoserve", "auto (ms)"] == 211.1
+    assert (m.loc[m["CPU lane"] == "off", "CPU share"] == 0).all()
+    assert m.loc[(m["CPU lane"] == "auto") & (m["policy"] == "on-demand"), "CPU share"].item() == 0.5
+    assert cv.measured_slots() == SLOTS
+
+
+def test_the_share_figure_marks_the_measured_points(sweep):
+    fig = cv.share_figure(sweep, cv.measured(), ("half", 16))
+    measured = [t for t in fig.data if "measured, NVIDIA H200, 2026-11-30" in t.name]
+    assert len(measured) == len(cv.POLICIES)
+    assert all(t.marker.symbol == "star-open" for t in measured)
+    ring = fig.data[-1]
+    assert ring.name == "lane half, 16 threads" and len(ring.x) == len(cv.POLICIES)
+
+
+def test_at_setting_names_the_threads_it_has(sweep):
+    table = cv.at_setting(sweep, "auto", 8)
+    assert list(table.index) == list(cv.POLICIES) and "TPOT, lane auto, 8 threads (ms)" in table
+    with pytest.raises(ValueError, match=r"threads \[4, 8, 16\]"):
+        cv.at_setting(sweep, "auto", 12)
+
+
+def test_an_unknown_source_or_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown routing source"):
+        cv.sweep("mixtral", SLOTS, gen=GEN)
+    with pytest.raises(ValueError, match="unknown CPU-lane mode"):
+        cv.token_timeline(SOURCE, SLOTS, "duoserve", "sometimes", 16, gen=GEN)
