@@ -104,10 +104,7 @@ def comparison_table(result: dict) -> pd.DataFrame:
                          "at least half": o["half_correct"], f"recall @ {result['threshold']:.2f}": o["recall"],
                          f"precision @ {result['threshold']:.2f}": o["precision"],
                          **{f"R@{m}": o["recall_at"][str(m)] for m in result["recall_at_sizes"]}})
-    table = pd.DataFrame(rows).set_index(["method", "depth"]).round(3)
-    if "speculative_gate" in table.index.get_level_values(0):  # the trace keeps only the gate's top-k
-        table.loc["speculative_gate", [f"R@{m}" for m in result["recall_at_sizes"] if m > k]] = None
-    return table
+    return pd.DataFrame(rows).set_index(["method", "depth"]).astype(float, errors="ignore").round(3)
 
 
 def equal_bytes_figure(result: dict) -> go.Figure:
@@ -120,9 +117,7 @@ def equal_bytes_figure(result: dict) -> go.Figure:
             r = per_depth.get(str(d))
             if r is None:
                 continue
-            sizes = [m for m in result["recall_at_sizes"] if str(m) in r["overall"]["recall_at"]]
-            if name == "speculative_gate":
-                sizes = sizes[:1]  # the trace keeps only the gate's top-k
+            sizes = [m for m in result["recall_at_sizes"] if r["overall"]["recall_at"].get(str(m)) is not None]
             fig.add_trace(go.Bar(x=[f"{m} experts" for m in sizes], y=[r["overall"]["recall_at"][str(m)] for m in sizes],
                                  name=name, marker_color=METHOD_COLOURS.get(name), legendgroup=name, showlegend=d == 1,
                                  hovertemplate=name + ", %{x} per layer: recall %{y:.3f}<extra></extra>"),

@@ -335,3 +335,14 @@ def test_cli_train_interrupted_writes_nothing(tmp_path):
     assert lines[-1] == "interrupted; nothing written" and all(line.startswith("layer ") for line in lines[:-1])
     assert out.read_bytes() == b"the previous predictor"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "stderr"]
+
+
+def test_the_gates_recall_beyond_its_top_k_is_not_given():
+    """The trace keeps only the gate's top-k: R@m for m > k is None in the result and '-' in the table."""
+    from duoserve_core.predict.evaluate import format_recall, metrics, ranked_by, Counts
+
+    c = Counts(pairs=4, exact=1, half=2, actual=8, hits=4, predicted=8, hits_at={2: 4, 3: 5, 4: 6})
+    gate = metrics(c, 1, 1, ranked_by("speculative_gate", 2))
+    assert gate["recall_at"] == {"2": 0.5, "3": None, "4": None}
+    assert metrics(c, 1, 1, ranked_by("previous_token", 2))["recall_at"]["4"] == 0.75
+    assert format_recall(None).strip() == "-" and format_recall(0.5).strip() == "0.500"

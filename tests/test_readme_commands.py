@@ -204,3 +204,19 @@ def test_relative_links_resolve():
     broken = [f"{page.relative_to(ROOT)} -> {t}" for page in pages for t in _links(page)
               if not (page.parent / t.split("#")[0]).exists()]
     assert not broken, broken
+
+
+@pytest.mark.slow  # one short generation on the bundled model
+def test_python_blocks_run_as_written(tmp_path):
+    """The README's Python snippets run on a CPU as written (in a scratch copy: they may write reports/)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    assert blocks, "the README shows the Python API"
+    venv = ROOT / ".venv" if (ROOT / ".venv" / "bin" / "python").exists() else Path(sys.prefix)
+    for entry in ROOT.iterdir():
+        if entry.name not in ("reports", ".git", ".pytest_cache", ".venv"):
+            (tmp_path / entry.name).symlink_to(entry)
+    (tmp_path / "reports").mkdir()
+    for block in blocks:
+        proc = subprocess.run([str(venv / "bin" / "python"), "-c", block], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{block}\n{proc.stderr[-3000:]}"

@@ -69,6 +69,11 @@ class Affinity:
         return current @ self.cond[(layer, d)] / data.meta.top_k
 
 
+# Methods whose scores mark only their top-k guesses (a trace keeps the gate's top-k, not its router
+# scores): beyond k their ranking is the tie-break, so recall of more than k experts is not given.
+TOP_K_ONLY = frozenset({"speculative_gate"})
+
+
 class SpeculativeGate:
     """Layer l+1's router applied at layer l (recorded in the trace as ``spec_experts``): depth 1 only."""
 

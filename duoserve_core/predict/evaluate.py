@@ -9,7 +9,8 @@ at source layer t-d. Metrics (micro-averaged over pairs; per target layer and ov
     experts_per_layer that set's mean size: what a threshold prefetch loads per token and layer
     bytes_per_token   experts_per_layer x expert_bytes, summed over the target layers
     recall_at[m]      recall of the m highest-scoring experts, m = k, k+1, 2k: equal bytes for
-                      every method, so these compare methods at the same transfer cost
+                      every method, so these compare methods at the same transfer cost; None for
+                      m > k where a method scores only its top-k (``baselines.TOP_K_ONLY``: the gate)
     calibration       (overall only) whether a score of p means "used with probability p": every
                       (token, target layer, expert) triple is one event, binned by its score into
                       10 equal bins of [0, 1]; per bin the mean score and the observed frequency
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..units import format_bytes
-from .baselines import Baseline
+from .baselines import TOP_K_ONLY, Baseline
 from .data import TraceArrays, multi_hot, ranked_hits
 from .errors import PredictorError
 from .layer_predictor import LayerPredictor
@@ -120,13 +121,24 @@ def calibration(r: Reliability) -> dict:
     return {"ece": ece, "bins": bins}
 
 
-def metrics(c: Counts, expert_bytes: int, target_layers: int) -> dict:
-    """Ratios of ``c``; bytes are per token over ``target_layers`` layers."""
+def metrics(c: Counts, expert_bytes: int, target_layers: int, ranked: int | None = None) -> dict:
+    """Ratios of ``c``; bytes are per token over ``target_layers`` layers; ``ranked``: how many experts
+    the method's scores rank (None: all), recall of more is None."""
     per_layer = c.predicted / c.pairs
     return {"pairs": c.pairs, "exact_topk": c.exact / c.pairs, "half_correct": c.half / c.pairs,
             "recall": c.hits / c.actual, "precision": c.hits / c.predicted if c.predicted else None,
             "experts_per_layer": per_layer, "bytes_per_token": per_layer * target_layers * expert_bytes,
-            "recall_at": {str(m): v / c.actual for m, v in sorted(c.hits_at.items())}}
+            "recall_at": {str(m): None if ranked is not None and m > ranked else v / c.actual
+                          for m, v in sorted(c.hits_at.items())}}
+
+
+def ranked_by(name: str, top_k: int) -> int | None:
+    """How many experts method ``name``'s scores rank: ``top_k`` for ``TOP_K_ONLY``, else all (None)."""
+    return top_k if name in TOP_K_ONLY else None
+
+
+def format_recall(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:>8.3f}"
 
 
 def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Baseline], *, threshold: float = 0.5,
@@ -156,7 +168,7 @@ def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Basel
                 if scores is None:
                     break
                 c = count(scores, data.experts[:, target], threshold, ms)
-                per_layer[str(target)] = metrics(c, expert_bytes, 1)
+                per_layer[str(target)] = metrics(c, expert_bytes, 1, ranked_by(name, meta.top_k))
                 total += c
                 if binned is not None:  # None from the first score outside [0, 1] on
                     r = reliability(scores, data.experts[:, target])
@@ -165,7 +177,7 @@ def evaluate(test: TraceArrays, predictor: LayerPredictor, baselines: list[Basel
                     else:
                         binned += r
             if per_layer:
-                overall = metrics(total, expert_bytes, len(per_layer))
+                overall = metrics(total, expert_bytes, len(per_layer), ranked_by(name, meta.top_k))
                 overall["calibration"] = None if binned is None else calibration(binned)
                 per_depth[str(d)] = {"overall": overall, "per_layer": per_layer}
         if per_depth:
@@ -192,7 +204,7 @@ def format_report(result: dict) -> str:
             ece = "-" if o.get("calibration") is None else f"{o['calibration']['ece']:.3f}"
             lines.append(f"{name:<17}{d:>5}{o['exact_topk']:>8.3f}{o['half_correct']:>8.3f}{o['recall']:>8.3f}"
                          f"{prec:>8}{o['experts_per_layer']:>9.2f}{format_bytes(o['bytes_per_token']):>12}"
-                         + "".join(f"{o['recall_at'][str(m)]:>8.3f}" for m in ms) + f"{ece:>8}")
+                         + "".join(format_recall(o["recall_at"][str(m)]) for m in ms) + f"{ece:>8}")
     for d, r in result["methods"]["predictor"].items():
         cal = r["overall"].get("calibration")
         if cal is None:

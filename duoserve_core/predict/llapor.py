@@ -65,7 +65,7 @@ from ..units import format_bytes
 from .baselines import PreviousToken, SpeculativeGate
 from .data import TraceArrays, from_trace, load_arrays, multi_hot
 from .errors import PredictorError, describe_shape
-from .evaluate import MIXTRAL_NF4_EXPERT_BYTES, Counts, count, metrics, recall_sizes
+from .evaluate import MIXTRAL_NF4_EXPERT_BYTES, Counts, count, format_recall, metrics, ranked_by, recall_sizes
 from .features import FeatureSpec, layer_features
 from .layer_predictor import LayerPredictor, MLPParams, check_fits, load_predictor, read_predictor_file
 
@@ -341,10 +341,11 @@ def score_methods(data: TraceArrays, methods: dict[str, ScoreFn], depth: int, *,
                 if scores is None:
                     break
                 c = count(scores, data.experts[:, target], threshold, ms)
-                per_layer[str(target)] = metrics(c, expert_bytes, 1)
+                per_layer[str(target)] = metrics(c, expert_bytes, 1, ranked_by(name, meta.top_k))
                 total += c
             if per_layer:
-                per_depth[str(d)] = {"overall": metrics(total, expert_bytes, len(per_layer)), "per_layer": per_layer}
+                per_depth[str(d)] = {"overall": metrics(total, expert_bytes, len(per_layer), ranked_by(name, meta.top_k)),
+                                     "per_layer": per_layer}
         if per_depth:
             results[name] = per_depth
     return {"model": meta.model, "num_layers": meta.num_layers, "num_experts": meta.num_experts,
@@ -381,7 +382,7 @@ def format_table(result: dict) -> str:
         for d, r in per_depth.items():
             o = r["overall"]
             lines.append(f"{name:<18}{d:>5}{o['exact_topk']:>8.3f}{o['half_correct']:>8.3f}"
-                         + "".join(f"{o['recall_at'][str(m)]:>8.3f}" for m in ms))
+                         + "".join(format_recall(o["recall_at"][str(m)]) for m in ms))
     return "\n".join(lines)
 
 
