@@ -65,8 +65,18 @@ class Terminated(KeyboardInterrupt):
     (atomic writes remove their temporary, ``finally`` blocks run, bars are cleared)."""
 
 
+_terminated = threading.Event()  # set by SIGTERM's handler: code that must re-raise a swallowed interrupt asks
+
+
 def _terminate(signum, frame) -> None:
+    _terminated.set()
     raise Terminated
+
+
+def reraise_interrupt() -> None:
+    """Raise what interrupted the work, for code whose library swallowed it (scikit-learn's fit turns
+    an interrupt into a warning): ``Terminated`` after SIGTERM, else ``KeyboardInterrupt``."""
+    raise Terminated if _terminated.is_set() else KeyboardInterrupt
 
 
 def interruptible(work: Callable[[], int], written: Callable[[], str] = lambda: "nothing written") -> int:
@@ -74,6 +84,7 @@ def interruptible(work: Callable[[], int], written: Callable[[], str] = lambda: 
     ``interrupted; `` and ``written()`` (what the run wrote before it stopped: by default nothing).
     SIGTERM's handler is installed for the call (the main thread only can) and restored after."""
     main_thread = threading.current_thread() is threading.main_thread()
+    _terminated.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return work()

@@ -212,18 +212,25 @@ def test_eval_cli_json_and_errors(trained, capsys, tmp_path):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_interrupted_training_writes_nothing(trained, monkeypatch, capsys):
-    """sklearn's MLP swallows a Ctrl-C in its epoch loop and returns half-trained: training must stop."""
+@pytest.mark.parametrize("terminate", [False, True], ids=["ctrl-c", "sigterm"])
+def test_interrupted_training_writes_nothing(trained, monkeypatch, capsys, terminate):
+    """sklearn's MLP swallows a Ctrl-C (or SIGTERM's exception) in its epoch loop and returns
+    half-trained: training must stop, with 130 or 143."""
+    import os
+    import signal
+
     folder, _ = trained
     out = folder / "interrupted.safetensors"
     out.write_bytes(b"the previous predictor")
 
     def interrupt(self, *args):
+        if terminate:
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises where the work is
         raise KeyboardInterrupt
 
     monkeypatch.setattr(llapor.MLPClassifier, "_update_no_improvement_count", interrupt)
     code = main(["train", "--trace", str(folder / "t.parquet"), "--depth", "1", "--out", str(out), "--force"])
-    assert code == 130 and capsys.readouterr().err.endswith("interrupted; nothing written\n")
+    assert code == (143 if terminate else 130) and capsys.readouterr().err.endswith("interrupted; nothing written\n")
     assert out.read_bytes() == b"the previous predictor"
     assert not [p for p in folder.iterdir() if p.name.startswith(".interrupted")]
 

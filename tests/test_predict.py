@@ -310,8 +310,10 @@ def test_cuda_graph_replay_equals_eager(small):
                 layer, predictor.features(layer, *(t.cpu() for t in (experts, weights, prev)))), atol=1e-5, rtol=0)
 
 
-def test_cli_train_interrupted_writes_nothing(tmp_path):
-    """Ctrl-C during training: exit 130, the file --force would replace untouched, no temporary left."""
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_cli_train_interrupted_writes_nothing(tmp_path, signum, code):
+    """Ctrl-C (130) or SIGTERM (143) during training: the file --force would replace untouched, no
+    temporary left."""
     import signal
     import subprocess
     import sys
@@ -328,10 +330,10 @@ def test_cli_train_interrupted_writes_nothing(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.1)
         time.sleep(0.5)  # into the next layer's fit
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signum))
         stdout, _ = proc.communicate(timeout=30)
     lines = err_path.read_text().splitlines()
-    assert proc.returncode == 130 and stdout == b""
+    assert proc.returncode == code and stdout == b""
     assert lines[-1] == "interrupted; nothing written" and all(line.startswith("layer ") for line in lines[:-1])
     assert out.read_bytes() == b"the previous predictor"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "stderr"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DeviceError, DuoServeError
-from ..progress import shows_progress
+from ..progress import interruptible, shows_progress
 from ..traces import read_trace
 from ..units import format_bytes, parse_bytes
 from .baselines import fit_baselines
@@ -195,6 +195,10 @@ def _print_bench(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return interruptible(lambda: _run(args))  # Ctrl-C 130, SIGTERM 143; the predictor is saved only once complete
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             train(args)
@@ -210,7 +214,4 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C during training: the predictor is saved only once it is complete
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
     return 0

@@ -59,6 +59,7 @@ from threadpoolctl import threadpool_limits
 
 from ..atomic import atomic_write_bytes, check_writable
 from ..errors import DuoServeError
+from ..progress import interruptible, reraise_interrupt
 from ..traces import Trace, TraceMeta, read_trace, write_trace
 from ..traces.hidden import HiddenBasis, read_hidden
 from ..units import format_bytes
@@ -112,7 +113,7 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], seed: int, m
         warnings.simplefilter("always")
         clf.fit(x, y)
     if any("interrupted by user" in str(w.message) for w in caught):
-        raise KeyboardInterrupt  # never keep (and save) a half-trained model
+        reraise_interrupt()  # never keep (and save) a half-trained model
     params = [(torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
               for w, b in zip(clf.coefs_, clf.intercepts_)]
     return params, int(clf.n_iter_), float(clf.loss_)
@@ -492,6 +493,10 @@ def _annotate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    return interruptible(lambda: _run(args))  # Ctrl-C 130, SIGTERM 143: training re-raises what sklearn swallows
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             _train(args)
@@ -503,9 +508,6 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training re-raises the interrupt sklearn would swallow (interrupts_abort)
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
     return 0
 
 
