@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from .atomic import check_writable
-from .runtime import load
-from .errors import DuoServeError
+from .runtime import has_tokenizer, load
+from .errors import DuoServeError, PromptError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
 from .knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, number, seed, whole
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.timeline_out:
             check_writable(args.timeline_out, args.force, "--timeline-out")  # before the model loads
+        exists = Path(args.model).is_dir() or args.model.startswith("synthetic:")  # else open_source says what is wrong
+        if args.prompt is not None and exists and not has_tokenizer(args.model):
+            raise PromptError(f"{args.model} has no tokenizer, so --prompt text cannot be encoded; pass token "
+                              "ids (--prompt-ids 1,2,3)")
         out = generate(args)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import TensorSource, open_source
-from .errors import DeviceError, PromptError
+from .errors import CheckpointError, DeviceError, PromptError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache
 from .experts.executor import ExpertExecutor
@@ -449,11 +449,25 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
                    routing_trace=routing_trace, attention_quant=attention_quant)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(model: str | Path) -> bool:
+    """Whether ``model`` (a checkpoint folder, or ``synthetic:...``) has tokenizer files: checked before
+    any weight is read, so a text prompt without a tokenizer fails at once."""
+    path = Path(model)
+    return not str(model).startswith("synthetic:") and any((path / n).is_file() for n in TOKENIZER_FILES)
+
+
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    if not any((path / n).is_file() for n in names):
+    if not has_tokenizer(path):
         return None
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers and tokenizers raise many types for a malformed file
+        raise CheckpointError(f"the tokenizer files in {path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); fix or remove them, "
+                              "or pass token ids (--prompt-ids)") from exc
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:

@@ -479,3 +479,25 @@ def test_generate_with_bad_arguments_raises_duoserve_error(runtime, kwargs):
     kwargs = {"prompt_ids": [1, 2, 3], "max_new_tokens": 2, **kwargs}
     with pytest.raises(DuoServeError):
         runtime.generate(**kwargs)
+
+
+@pytest.mark.parametrize("tokenizer", ["broken", "missing"])
+def test_a_bad_or_missing_tokenizer_is_one_line_before_any_weight_loads(tmp_path, capsys, tokenizer):
+    """A malformed tokenizer.json is a CheckpointError naming the folder; a text prompt without a tokenizer
+    is refused before the checkpoint loads (it took 21 s of weights before)."""
+    import shutil
+
+    from duoserve_core.cli import main as generate_main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer == "broken" and name == "tokenizer.json":
+            (folder / name).write_text("{broken")
+        elif tokenizer == "missing":
+            (folder / name).unlink()
+    code = generate_main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "2",
+                          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert ("cannot be read" if tokenizer == "broken" else "has no tokenizer") in err and "--prompt-ids" in err
