@@ -14,6 +14,7 @@ from .runtime import has_tokenizer, load
 from .errors import DuoServeError, PromptError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
+from .progress import interruptible
 from .knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, number, seed, whole
 from .policy import POLICIES
 from .units import format_bytes
@@ -94,6 +95,10 @@ def _print_table(out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return interruptible(lambda: _run(args))  # Ctrl-C 130, SIGTERM 143, a closed pipe 141
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.timeline_out:
             check_writable(args.timeline_out, args.force, "--timeline-out")  # before the model loads

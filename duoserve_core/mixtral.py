@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
 
 from .checkpoint import TensorSource
+from .errors import CheckpointError
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
 from .events import EventBus, SpanEvent
@@ -67,11 +68,21 @@ def materialize(model: MixtralForCausalLM, source: TensorSource, device: torch.d
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(source.dense(name))
+            _check_finite(source, name, param)
         for name, module in model.named_modules():
             if isinstance(module, NF4Linear):
-                module.load(source.dense(name + ".weight"))
+                weight = source.dense(name + ".weight").to(device)
+                _check_finite(source, name + ".weight", weight)
+                module.load(weight)
     # Non-persistent buffers (rotary frequencies) were left uninitialised by to_empty.
     model.model.rotary_emb = MixtralRotaryEmbedding(model.config).to(device)
+
+
+def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:
+    """A NaN or infinite weight is a corrupt checkpoint: say which tensor (on the device: one reduction)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{source.name}: {name} holds NaN or infinite values; the checkpoint is corrupt: "
+                              "save or download it again")
 
 
 class OffloadedMixtral:

@@ -13,6 +13,7 @@ when the write is interrupted), so the file a run would write is either complete
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -81,13 +82,17 @@ def reraise_interrupt() -> None:
 
 def interruptible(work: Callable[[], int], written: Callable[[], str] = lambda: "nothing written") -> int:
     """``work()``'s exit status, or 130 after Ctrl-C and 143 after SIGTERM, with one line on stderr:
-    ``interrupted; `` and ``written()`` (what the run wrote before it stopped: by default nothing).
+    ``interrupted; `` and ``written()`` (what the run wrote before it stopped: by default nothing);
+    141 and nothing more when stdout's reader has gone (a closed pipe).
     SIGTERM's handler is installed for the call (the main thread only can) and restored after."""
     main_thread = threading.current_thread() is threading.main_thread()
     _terminated.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return work()
+    except BrokenPipeError:  # stdout's reader left (``--json | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except KeyboardInterrupt as exc:
         if sys.stderr.isatty():  # erase the line: a bar interrupted before it could clear itself would take the message
             sys.stderr.write("\r\x1b[K")

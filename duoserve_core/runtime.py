@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import TensorSource, open_source
+from .checkpoint import ExpertTensors, TensorSource, open_source
 from .errors import CheckpointError, DeviceError, PromptError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache
@@ -277,11 +277,20 @@ class Runtime:
         return c.num_hidden_layers * c.num_local_experts * self.format.nbytes + self._dense_bytes
 
     def _load_experts(self) -> None:
-        """Read each expert once, convert it to the storage format, write it into the host store."""
+        """Read each expert once, convert it to the storage format, write it into the host store.
+
+        Each expert is checked for NaN and infinity on the device that packs it (one reduction over
+        weights already on their way there): a corrupt checkpoint would otherwise decode tokens of 0."""
         work = self.device
         for layer in range(self.config.num_hidden_layers):
             for expert in range(self.config.num_local_experts):
-                self.format.pack(self.source.expert(layer, expert), self.store.record(layer, expert), work)
+                read = self.source.expert(layer, expert)
+                tensors = ExpertTensors(read.w1.to(work), read.w3.to(work), read.w2.to(work))
+                for name, w in (("w1", tensors.w1), ("w3", tensors.w3), ("w2", tensors.w2)):
+                    if not bool(torch.isfinite(w).all()):
+                        raise CheckpointError(f"{self.source.name}: expert {expert} of layer {layer} ({name}) holds NaN "
+                                              "or infinite weights; the checkpoint is corrupt: save or download it again")
+                self.format.pack(tensors, self.store.record(layer, expert), work)
         if work.type == "cuda":
             torch.cuda.synchronize(work)
 

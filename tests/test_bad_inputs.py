@@ -501,3 +501,27 @@ def test_a_bad_or_missing_tokenizer_is_one_line_before_any_weight_loads(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert ("cannot be read" if tokenizer == "broken" else "has no tokenizer") in err and "--prompt-ids" in err
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.block_sparse_moe.experts.0.w3.weight", "model.layers.0.self_attn.q_proj.weight"])
+@pytest.mark.parametrize("quant", ["nf4", "bf16"])
+def test_nan_weights_are_a_checkpoint_error_naming_the_tensor(tmp_path, tensor, quant):
+    """A NaN in an expert or a dense weight is refused at load, naming what holds it (it decoded tokens
+    of 0 before), for a quantized and a dense expert format."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import duoserve_core
+    from duoserve_core.errors import CheckpointError
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
+    weights = load_file(folder / "model.safetensors")
+    assert tensor in weights, sorted(weights)[:12]
+    weights[tensor].view(-1)[7] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN or infinite") as caught:
+        duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
+    where = "expert 0 of layer 1 (w3)" if "experts" in tensor else tensor
+    assert where in str(caught.value)

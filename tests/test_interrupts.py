@@ -162,3 +162,14 @@ def test_notebook_runner(tmp_path, sig):
     assert b"notebooks" in err  # the bar was drawn
     assert stdout.decode().splitlines() == ["notebook 00_slow.ipynb ..."]
     check(sig, code, b"", err, out, {"00_slow.html"})
+
+
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """``--json | head``: the reader leaves before the JSON is written; no traceback, status 141."""
+    out = tmp_path / "s.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "duoserve_core.traces", "synth", "--preset", "random", "--layers", "4",
+                             "--tokens", "50", "--requests", "2", "--out", str(out), "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads: the first write of the JSON breaks the pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode()[-2000:]
