@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
     prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompts", default=None,
+                        help="a text file, one prompt per line: generate for all of them, --max-batch at once")
     g.add_argument("--max-new-tokens", type=whole(1), default=32)
+    g.add_argument("--max-batch", type=whole(1), default=8,
+                   help="with --prompts: requests decoded together (continuous batching, prefill first)")
     g.add_argument("--memory-budget", type=budget, default=None,
                    help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
     g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
@@ -60,16 +64,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompts(path: str) -> list[str]:
+    """Every non-blank line of ``path``, a prompt each."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptError(f"cannot read --prompts {path}: {exc}; give a UTF-8 text file, one prompt per line") from exc
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise PromptError(f"--prompts {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
 def generate(args: argparse.Namespace) -> dict:
+    prompts = read_prompts(args.prompts) if args.prompts else None  # before the model loads
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
                    num_layers=args.num_layers, dtype=DTYPES[args.dtype], max_context=args.max_context,
                    seed=args.seed, routing_trace=args.routing_trace, attention_quant=args.quant_attention,
                    knobs=knobs_from_args(args, args.policy))
-    result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
+    if prompts is not None:
+        run = runtime.generate_many(prompts, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
+        out = {**run.as_dict(), **latency_percentiles(run), "runtime": runtime.describe()}
+    else:
+        result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
+        out = {**result.as_dict(), "runtime": runtime.describe()}
     if args.timeline_out:
         runtime.timeline.write_chrome_trace(args.timeline_out)
-    return {**result.as_dict(), "runtime": runtime.describe()}
+    return out
+
+
+def latency_percentiles(run) -> dict:
+    """TTFT and TPOT p50/p99 over the run's requests (TPOT per request first, then over requests)."""
+    def pct(values: list[float], q: float) -> float | None:
+        return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q)) if values else None
+    ttft = [r.ttft_s for r in run.requests]
+    tpot = [r.tpot_s for r in run.requests if r.tpot_s is not None]
+    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "tpot_p50_s": pct(tpot, 0.5),
+            "tpot_p99_s": pct(tpot, 0.99)}
+
+
+def _print_batch(out: dict) -> None:
+    rt = out["runtime"]
+    print(f"{len(out['requests'])} requests on {rt['model']}, {out['device']}, policy {rt['policy']}, "
+          f"max batch {out['max_batch']} (mean {out['mean_batch']:.2f} over {out['decode_steps']} decode steps)")
+    for i, r in enumerate(out["requests"]):
+        tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.1f} ms"
+        text = r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"]))
+        print(f"[{i}] TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {tpot}: {text!r}")
+    print(f"throughput {out['tokens_per_s']:.1f} tokens/s; TTFT p50/p99 {out['ttft_p50_s'] * 1e3:.1f}/"
+          f"{out['ttft_p99_s'] * 1e3:.1f} ms; H2D {format_bytes(out['h2d_bytes'])} in {out['h2d_copies']} copies")
 
 
 def _print_table(out: dict) -> None:
@@ -112,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(json.dumps(out))
+    elif "requests" in out:
+        _print_batch(out)
     else:
         _print_table(out)
     return 0

@@ -102,22 +102,42 @@ class OffloadedMixtral:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits of the last position, ``[batch, vocab]`` in fp32; ``cache`` is extended."""
+        """Logits of the last position, ``[1, vocab]`` in fp32; ``cache`` is extended."""
+        return self.forward_batch([(input_ids, cache)])
+
+    @torch.inference_mode()
+    def forward_batch(self, requests: list[tuple[torch.Tensor, DynamicCache]]) -> torch.Tensor:
+        """One forward over several requests' new tokens (``[1, S_i]`` ids and the request's own cache
+        each): the last position's logits per request, ``[len(requests), vocab]`` in fp32.
+
+        Attention runs per request, on its own cache and positions, so a request's attention is the
+        same computation alone or in a batch; the MoE runs once over every request's tokens (the
+        union of their experts: one copy of an expert serves them all), and each token's output is
+        its own experts' rows summed in the fixed order (``experts.executor``). So a request's
+        tokens do not depend on its batch mates, up to the rounding of a matmul over more rows.
+        """
         inner = self.model.model
-        hidden = inner.embed_tokens(input_ids)
-        past = cache.get_seq_length()
-        position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
-                       **{_MASK_CACHE_KWARG: cache})
-        rotary = inner.rotary_emb(hidden, position_ids=position_ids)
+        hidden, masks, rotaries = [], [], []
+        for input_ids, cache in requests:
+            h = inner.embed_tokens(input_ids)
+            past = cache.get_seq_length()
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+            masks.append(mask_fn(config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids,
+                                 **{_MASK_CACHE_KWARG: cache}))
+            rotaries.append(inner.rotary_emb(h, position_ids=position_ids))
+            hidden.append(h)
+        lengths = [h.shape[1] for h in hidden]
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
-            attn, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=rotary,
-                                      attention_mask=mask, **{CACHE_KWARG: cache})
-            hidden = hidden + attn
+            for i, (_, cache) in enumerate(requests):
+                attn, _ = layer.self_attn(layer.input_layernorm(hidden[i]), position_embeddings=rotaries[i],
+                                          attention_mask=masks[i], **{CACHE_KWARG: cache})
+                hidden[i] = hidden[i] + attn
             self.events.emit(SpanEvent("end", "compute", "attention", index))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = inner.norm(hidden[:, -1:])
-        return self.model.lm_head(last)[:, -1].float()
+            tokens = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)  # [1, sum S_i, H]
+            moe = layer.mlp(layer.post_attention_layernorm(tokens))
+            hidden = [h + part for h, part in zip(hidden, moe.split(lengths, dim=1))]
+        last = inner.norm(torch.cat([h[:, -1] for h in hidden]))
+        return self.model.lm_head(last).float()

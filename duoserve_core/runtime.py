@@ -16,9 +16,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import ExpertTensors, TensorSource, open_source
-from .errors import CheckpointError, DeviceError, PromptError
+from .errors import CheckpointError, DeviceError, KnobError, PromptError
 from .events import EventBus, StepEvent
-from .experts.cache import ExpertCache
+from .experts.cache import ExpertCache, stats_delta
 from .experts.executor import ExpertExecutor
 from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
@@ -62,6 +62,50 @@ class GenerationResult:
         out = asdict(self)
         out.pop("logits")
         return out
+
+
+@dataclass
+class RequestResult:
+    """One request of a ``generate_many`` run: its tokens and its latencies, from the run's start."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    queue_s: float                  # from the run's start until its prefill began
+    ttft_s: float                   # from the run's start until its first token (queueing included)
+    tpot_s: float | None            # its decode: (last token - first token) / (tokens - 1)
+    e2e_s: float                    # from the run's start until its last token
+    text: str | None = None
+    logits: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("logits")
+        return out
+
+
+@dataclass
+class BatchRun:
+    """What one ``generate_many`` call produced: every request in input order, and the run's totals
+    (the cache's counters cannot be split by request: one copy serves every request of a step)."""
+
+    requests: list[RequestResult]
+    max_batch: int
+    e2e_s: float
+    tokens_per_s: float             # generated tokens (first tokens included) per second of the run
+    decode_steps: int
+    mean_batch: float               # requests per decode step, on average
+    peak_gpu_bytes: int | None
+    h2d_bytes: int
+    h2d_copies: int
+    expert_hits: int
+    expert_misses: int
+    host_computes: int
+    device: str
+    policy: dict
+
+    def as_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "requests"},
+                "requests": [r.as_dict() for r in self.requests]}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -315,6 +359,21 @@ class Runtime:
             raise PromptError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
         return ids
 
+    def _check_request(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int, where: str = "") -> None:
+        if max_new_tokens < 1:
+            raise PromptError("max_new_tokens must be at least 1")
+        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+            raise PromptError(f"temperature must be 0 (greedy) or a finite positive number, got {temperature}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise PromptError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
+        if len(ids) + max_new_tokens > self.max_context:
+            raise PromptError(
+                f"{where}the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
+                f"{len(ids) + max_new_tokens} exceed the context of {self.max_context} tokens this runtime was built "
+                f"for; shorten the prompt, lower max_new_tokens, or load with a larger max_context (the model allows "
+                f"{self.config.max_position_embeddings})"
+            )
+
     def empty_expert_cache(self) -> None:
         """Drop every expert from the device (released slots included): the next request starts cold."""
         self.cache.empty()
@@ -340,19 +399,7 @@ class Runtime:
         ``recorder`` (a ``traces.TraceRecorder``) is told every token's routing at every layer.
         """
         ids = self.encode(prompt, prompt_ids)
-        if max_new_tokens < 1:
-            raise PromptError("max_new_tokens must be at least 1")
-        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
-            raise PromptError(f"temperature must be 0 (greedy) or a finite positive number, got {temperature}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise PromptError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
-        if len(ids) + max_new_tokens > self.max_context:
-            raise PromptError(
-                f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {len(ids) + max_new_tokens} "
-                f"exceed the context of {self.max_context} tokens this runtime was built for; shorten the prompt, "
-                f"lower max_new_tokens, or load with a larger max_context (the model allows "
-                f"{self.config.max_position_embeddings})"
-            )
+        self._check_request(ids, max_new_tokens, temperature, seed)
         eos = self.config.eos_token_id if stop_at_eos else None
         eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         cuda = self.device.type == "cuda"
@@ -386,6 +433,80 @@ class Runtime:
             logits=logits_out if return_logits else None,
         )
 
+    def generate_many(self, prompts: list[str | list[int]], *, max_batch: int = 8, max_new_tokens: int = 32,
+                      temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+                      return_logits: bool = False) -> BatchRun:
+        """Generate for every prompt (text, or a list of token ids), up to ``max_batch`` requests at once.
+
+        Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
+        next waiting request is prefilled alone and joins; then every active request decodes one
+        token in one forward (``OffloadedMixtral.forward_batch``: attention per request, the MoE
+        over all of them, so each expert is copied once per step for every request that needs it);
+        a request leaves at EOS or its token limit. Request ``i`` samples with the generator of
+        ``seed`` and keeps request id ``i`` (a routing trace replays its request ``i``), so alone
+        (``generate(..., seed=seed, request_id=i)``) it gives the same tokens, up to the rounding
+        of matmuls over more rows (``tests/test_batching.py`` says how near-ties are told apart).
+        """
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise PromptError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+        if max_batch > 1 and not self.policy.batches_decode:
+            raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token); "
+                            "use on-demand, lru, per-layer-lru, lru-speculative or resident, or max_batch=1")
+        if not prompts:
+            raise PromptError("no prompts given; pass at least one")
+        encoded = [self.encode(p, None) if isinstance(p, str) else self.encode(None, list(p)) for p in prompts]
+        for i, ids in enumerate(encoded):
+            self._check_request(ids, max_new_tokens, temperature, seed, f"prompt {i}: ")
+        eos = self.config.eos_token_id if stop_at_eos else None
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timeline.reset()
+        self.events.emit(StepEvent("request_started"))
+        start = self.cache.stats.as_dict()
+        waiting = list(range(len(encoded)))
+        active: list[_Active] = []
+        done: dict[int, RequestResult] = {}
+        step = decode_steps = batched = 0
+        t0 = time.perf_counter()
+        while waiting or active:
+            if waiting and len(active) < max_batch:  # prefill first: a newcomer joins before the next decode step
+                i = waiting.pop(0)
+                request = _Active(i, self.model.new_cache(), torch.Generator().manual_seed(seed), time.perf_counter() - t0)
+                self.executor.begin_step(step, Phase.PREFILL, [(i, 0, len(encoded[i]))])
+                logits = self.model.forward(torch.tensor([encoded[i]], device=self.device), request.cache)
+                step += 1
+                active.append(request)
+                finished = [request] if request.take(logits[0], temperature, eos, max_new_tokens, return_logits,
+                                                     time.perf_counter() - t0) else []
+            else:
+                segments = [(r.index, r.cache.get_seq_length(), 1) for r in active]
+                self.executor.begin_step(step, Phase.DECODE, segments)
+                logits = self.model.forward_batch([(torch.tensor([[r.tokens[-1]]], device=self.device), r.cache)
+                                                   for r in active])
+                step += 1
+                decode_steps += 1
+                batched += len(active)
+                now = time.perf_counter() - t0
+                finished = [r for r, row in zip(active, logits)
+                            if r.take(row, temperature, eos, max_new_tokens, return_logits, now)]
+            for r in finished:
+                active.remove(r)
+                done[r.index] = r.result(len(encoded[r.index]), self.tokenizer)
+        e2e = time.perf_counter() - t0
+        total = stats_delta(start, self.cache.stats.as_dict())
+        results = [done[i] for i in range(len(encoded))]
+        return BatchRun(
+            requests=results, max_batch=max_batch, e2e_s=e2e,
+            tokens_per_s=sum(len(r.tokens) for r in results) / e2e if e2e > 0 else 0.0,
+            decode_steps=decode_steps, mean_batch=batched / decode_steps if decode_steps else 0.0,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
+            expert_misses=total["misses"], host_computes=total["host_computes"], device=device_name(self.device),
+            policy={**self.policy.describe(), **self._lane_description()})
+
     def _decode_loop(self, ids: list[int], max_new_tokens: int, temperature: float, generator: torch.Generator,
                      eos: set[int], return_logits: bool, recorder, request_id: int):
         """Prefill, then one token per step; returns tokens, logits, per-phase cache counts, TTFT, E2E."""
@@ -397,7 +518,7 @@ class Runtime:
         ttft = 0.0
         for step in range(max_new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
-            self.executor.begin_step(request_id, step, phase, kv_cache.get_seq_length())
+            self.executor.begin_step(step, phase, [(request_id, kv_cache.get_seq_length(), step_input.shape[1])])
             logits = self.model.forward(step_input, kv_cache)
             token = _sample(logits[0], temperature, generator)
             tokens.append(token)
@@ -433,6 +554,33 @@ class Runtime:
         out["cpu_experts"] = self.knobs.cpu_experts  # as asked; ``cpu_lane`` says what runs
         out["cpu_lane"] = self.host_lane.mode if self.host_lane_note is None else f"off ({self.host_lane_note})"
         return out
+
+
+class _Active:
+    """A request of ``generate_many`` while it decodes: its cache, its sampler, what it produced."""
+
+    def __init__(self, index: int, cache, generator: torch.Generator, started_s: float):
+        self.index, self.cache, self.generator, self.started_s = index, cache, generator, started_s
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.logits: list[torch.Tensor] = []
+
+    def take(self, logits: torch.Tensor, temperature: float, eos: set[int], max_new_tokens: int,
+             keep_logits: bool, now_s: float) -> bool:
+        """Sample this step's token; whether the request is finished."""
+        token = _sample(logits, temperature, self.generator)
+        self.tokens.append(token)
+        self.times.append(now_s)
+        if keep_logits:
+            self.logits.append(logits.cpu())
+        return token in eos or len(self.tokens) >= max_new_tokens
+
+    def result(self, prompt_tokens: int, tokenizer) -> RequestResult:
+        first, last = self.times[0], self.times[-1]
+        return RequestResult(tokens=self.tokens, prompt_tokens=prompt_tokens, queue_s=self.started_s, ttft_s=first,
+                             tpot_s=(last - first) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None,
+                             e2e_s=last, text=tokenizer.decode(self.tokens) if tokenizer is not None else None,
+                             logits=self.logits or None)
 
 
 def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",

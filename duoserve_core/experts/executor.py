@@ -57,13 +57,15 @@ class ExpertExecutor:
         self.gates = gates                # every layer's router, for the speculative gate
         self.replay = replay              # a traces.RoutingReplay: routing taken from a trace
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
-        self._where = (0, 0)              # (request id, position of the step's first token)
+        self._segments: list[tuple[int, int, int]] = [(0, 0, 0)]  # (request, first position, tokens) per request
+        self._phase = None
 
-    def begin_step(self, request_id: int, step: int, phase, first_position: int) -> None:
-        """Where the next forward's tokens sit (observers and the replay need it), then the step."""
-        self._where = (request_id, first_position)
-        for observer in self.observers:
-            observer.begin_step(request_id, phase.value, first_position)
+    def begin_step(self, step: int, phase, segments: list[tuple[int, int, int]]) -> None:
+        """Where the next forward's tokens sit, request by request in the forward's token order:
+        ``(request id, position of its first token, tokens)`` (observers and the replay need it),
+        then the step."""
+        self._segments = segments
+        self._phase = phase
         self.layer_step.begin_step(step, phase)
 
     def route(self, layer: int, gate: nn.Module, x: torch.Tensor) -> Routing:
@@ -72,21 +74,21 @@ class ExpertExecutor:
         self.events.emit(SpanEvent("begin", "compute", "router", layer))
         k, num_experts = self.top_k, step.cache.num_experts
         speculate = (bool(self.observers) or step.policy.wants_speculation) and layer + 1 < len(self.gates)
-        request_id, first = self._where
         router_logits, top_w, top_idx = gate(x)
         probs = F.softmax(router_logits.float(), dim=-1)
         if self.replay is not None:  # the router still runs (its cost is real); the trace decides
-            idx_r, w_r = self.replay.routing(request_id, first, x.shape[0], layer)
-            top_idx, top_w = idx_r.to(x.device, non_blocking=True), w_r.to(x.device, non_blocking=True)
+            replayed = [self.replay.routing(r, first, n, layer) for r, first, n in self._segments]
+            top_idx = torch.cat([i for i, _ in replayed]).to(x.device, non_blocking=True)
+            top_w = torch.cat([w for _, w in replayed]).to(x.device, non_blocking=True)
             # what the policy reads as router probabilities must agree with the replayed routing
             probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
         parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
         if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
             guess = self.gates[layer + 1](x)[2]
             if self.replay is not None:  # the gate still runs; the trace's recorded guess is used
-                recorded = self.replay.speculation(request_id, first, x.shape[0], layer)
-                if recorded is not None:
-                    guess = recorded.to(x.device, non_blocking=True)
+                recorded = [self.replay.speculation(r, first, n, layer) for r, first, n in self._segments]
+                if all(g is not None for g in recorded):
+                    guess = torch.cat(recorded).to(x.device, non_blocking=True)
             parts.append(guess.to(torch.float32))
         x_host = None
         if self.host_worker is not None:  # the CPU lane's input, copied before the sync below covers it
@@ -102,8 +104,15 @@ class ExpertExecutor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         routing = self.route(layer, gate, x)
-        for observer in self.observers:
-            observer.routed(layer, routing.topk, routing.weights, routing.probs, routing.speculation)
+        if self.observers:  # each request's rows, where its tokens sit
+            start = 0
+            for request_id, first, n in self._segments:
+                rows = slice(start, start + n)
+                start += n
+                for observer in self.observers:
+                    observer.begin_step(request_id, self._phase.value, first)
+                    observer.routed(layer, routing.topk[rows], routing.weights[rows], routing.probs[rows],
+                                    None if routing.speculation is None else routing.speculation[rows])
         device = _TorchLayer(self, x, routing)
         self.layer_step.run(layer, routing.topk, routing.probs, routing.speculation, device)
         out = combine(device.contrib, routing.top_idx).reshape(shape)

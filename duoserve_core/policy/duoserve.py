@@ -110,6 +110,7 @@ class DuoServePolicy(Policy):
     name = "duoserve"
     uses = frozenset({"predictor", "prefetch_depth", "predictor_threshold", "speculative_gate", "copy_slack"})
     reclaims_released = True   # the prefill window's released layers serve decode while their slots are intact
+    batches_decode = False     # its decode bookkeeping is per token: a step of several tokens reads as a prompt
     uniform = False            # True: the decode rule in both phases (``UniformPolicy``)
 
     def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.5,

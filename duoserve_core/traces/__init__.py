@@ -183,8 +183,9 @@ def _validate(df: pd.DataFrame, meta: TraceMeta, where: str) -> None:
 class TraceRecorder:
     """Collects the routing of every token at every layer while the runtime generates.
 
-    The engine tells it where each forward's tokens sit (``begin_step``); the executor reports
-    each layer's routing (``routed``). Rows are assembled once, at the end.
+    Before each layer's routing of each request in a forward, the executor tells it where that
+    request's tokens sit (``begin_step``) and their routing (``routed``): a batched forward is
+    several requests' rows. Rows are assembled once, at the end.
     """
 
     def __init__(self, *, keep_probs: bool = False):

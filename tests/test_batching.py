@@ -1,0 +1,142 @@
+"""Continuous batching (``Runtime.generate_many``): a request's tokens do not depend on its batch mates.
+
+Greedy, fp32, on the CPU, on the tiny checkpoint and the bundled model: every request's tokens in a
+batch equal the same request generated alone, for every ``max_batch`` and arrival order, for every
+policy that batches decode, with experts offloaded (so the MoE serves several requests per copy)
+and with routing replayed from a trace (each request replays its own trace request).
+
+How a near-tie is told apart: a batch computes the MoE and the lm_head over more rows than a
+request alone, and a matmul's rounding may depend on its row count. So logits may differ by a few
+ulps (asserted below 1e-4 absolute); where the tokens differ, the solo run's two best logits at the
+first differing step must be within that same 1e-4 (a tie that rounding may flip), else it is a bug.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import duoserve_core
+from duoserve_core.errors import KnobError, PromptError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TOLERANCE = 1e-4
+POLICIES = ["on-demand", "lru", "per-layer-lru", "lru-speculative"]
+
+
+def _prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 20))] for _ in range(count)]
+
+
+def assert_same_as_alone(batch, alone) -> None:
+    for i, (got, want) in enumerate(zip(batch.requests, alone)):
+        diffs = [(a - b).abs().max().item() for a, b in zip(got.logits, want.logits)]
+        if got.tokens != want.tokens:
+            step = next(s for s, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b)
+            top2 = want.logits[step].topk(2).values
+            assert (top2[0] - top2[1]).item() < TOLERANCE, f"request {i} differs at step {step}, not a near-tie"
+            diffs = diffs[:step + 1]
+        assert max(diffs) < TOLERANCE, (i, max(diffs))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bundled_requests_equal_alone_for_every_max_batch_and_order(bundled, policy):
+    bundled.configure(policy=policy, memory_budget="6slots")
+    prompts = _prompts(bundled.config.vocab_size, 5, seed=len(policy))
+    alone = [bundled.generate(prompt_ids=p, max_new_tokens=8, stop_at_eos=False, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    for max_batch in (1, 2, 5):
+        run = bundled.generate_many(prompts, max_batch=max_batch, max_new_tokens=8, stop_at_eos=False,
+                                    return_logits=True)
+        assert_same_as_alone(run, alone)
+        assert run.max_batch == max_batch and run.mean_batch <= max_batch
+    order = list(reversed(range(len(prompts))))  # another arrival order: the results follow the input order
+    run = bundled.generate_many([prompts[i] for i in order], max_batch=3, max_new_tokens=8, stop_at_eos=False,
+                                return_logits=True)
+    assert [r.tokens for r in run.requests] == [run.requests[j].tokens for j in range(len(order))]
+
+
+def test_batching_shares_copies(bundled):
+    """One copy of an expert serves every request of a step that needs it: fewer copies than one at a time."""
+    bundled.configure(policy="on-demand", memory_budget="6slots")
+    prompts = _prompts(bundled.config.vocab_size, 6, seed=1)
+    one = bundled.generate_many(prompts, max_batch=1, max_new_tokens=10, stop_at_eos=False)
+    six = bundled.generate_many(prompts, max_batch=6, max_new_tokens=10, stop_at_eos=False)
+    assert six.h2d_copies < one.h2d_copies and six.decode_steps < one.decode_steps
+    assert six.mean_batch == 6 and one.mean_batch == 1
+    assert [r.tokens for r in six.requests] == [r.tokens for r in one.requests]
+    for r in six.requests:  # latencies from the run's start: queueing before the prefill, then the first token
+        assert 0 <= r.queue_s <= r.ttft_s <= r.e2e_s <= six.e2e_s and r.tpot_s > 0
+
+
+def test_tiny_checkpoint_requests_leave_at_eos(tiny_checkpoint):
+    """Requests leave at EOS at different steps while the others go on (EOS is set to a token one request
+    makes early, so that it leaves first)."""
+    rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="nf4", memory_budget="4slots", max_context=64,
+                            policy="lru")
+    prompts = _prompts(rt.config.vocab_size, 7, seed=3)
+    free = rt.generate(prompt_ids=prompts[2], max_new_tokens=12, stop_at_eos=False)
+    rt.config.eos_token_id = free.tokens[3]
+    alone = [rt.generate(prompt_ids=p, max_new_tokens=12, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    run = rt.generate_many(prompts, max_batch=4, max_new_tokens=12, return_logits=True)
+    assert_same_as_alone(run, alone)
+    lengths = [len(r.tokens) for r in run.requests]
+    assert lengths[2] <= 4 and max(lengths) == 12, lengths  # one left early, another ran to its limit
+
+
+def test_each_request_replays_its_own_trace_request():
+    rt = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64,
+                            routing_trace=DATA / "traces" / "small-moe-heldout.parquet", policy="lru-speculative")
+    prompts = _prompts(rt.config.vocab_size, 4, seed=5)
+    alone = [rt.generate(prompt_ids=p, max_new_tokens=6, stop_at_eos=False, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    run = rt.generate_many(prompts, max_batch=4, max_new_tokens=6, stop_at_eos=False, return_logits=True)
+    assert_same_as_alone(run, alone)
+    assert run.expert_misses + run.expert_hits > 0
+
+
+def test_decode_schedulers_refuse_to_batch_and_bad_arguments_are_named(bundled):
+    bundled.configure(policy="duoserve", memory_budget="6slots")
+    with pytest.raises(KnobError, match="does not batch decode yet"):
+        bundled.generate_many([[5, 6, 7]], max_batch=2)
+    one = bundled.generate_many([[5, 6, 7]], max_batch=1, max_new_tokens=4, stop_at_eos=False)
+    assert one.requests[0].tokens == bundled.generate(prompt_ids=[5, 6, 7], max_new_tokens=4, stop_at_eos=False).tokens
+    bundled.configure(policy="on-demand")
+    with pytest.raises(PromptError, match="no prompts"):
+        bundled.generate_many([])
+    with pytest.raises(PromptError, match="max_batch"):
+        bundled.generate_many([[5]], max_batch=0)
+    with pytest.raises(PromptError, match="prompt 1: the prompt has 60 tokens"):
+        bundled.generate_many([[5], [5] * 60], max_new_tokens=8)
+    with pytest.raises(PromptError, match="empty"):
+        bundled.generate_many(["  "])
+    assert torch.is_tensor(bundled.generate_many([[5]], max_new_tokens=2, return_logits=True).requests[0].logits[0])
+
+
+def test_cli_prompts_file_prints_one_json_object(tmp_path, capsys):
+    import json
+
+    from duoserve_core.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe little dog\nIn the morning\n")
+    code = main(["generate", "--model", str(DATA / "small-moe"), "--prompts", str(prompts), "--max-batch", "2",
+                 "--max-new-tokens", "4", "--device", "cpu", "--memory-budget", "6slots", "--ignore-eos", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(out["requests"]) == 3 and out["max_batch"] == 2
+    assert all(len(r["tokens"]) == 4 for r in out["requests"])
+    assert out["ttft_p50_s"] <= out["ttft_p99_s"] and out["tokens_per_s"] > 0 and out["runtime"]["model"] == "small-moe"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["generate", "--model", str(DATA / "small-moe"), "--prompts", str(empty), "--device", "cpu"]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
