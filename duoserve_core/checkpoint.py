@@ -103,6 +103,9 @@ class TensorSource(ABC):
         """Release open files."""
 
 
+WEIGHT_DTYPES = ("BF16", "F16", "F32")  # safetensors' names; integer or float64 weights are a wrongly saved checkpoint
+
+
 class SafetensorsCheckpoint(TensorSource):
     """A Hugging Face Mixtral folder: ``config.json`` and one or several ``*.safetensors``."""
 
@@ -188,6 +191,11 @@ class SafetensorsCheckpoint(TensorSource):
 
     def _expect(self, disk_name: str, shape: tuple[int, ...]) -> None:
         got = self._shape(disk_name)
+        dtype = self._open(self._files[disk_name]).get_slice(disk_name).get_dtype()
+        if dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"tensor {disk_name!r} in {self.path} is stored as {dtype}; Mixtral weights must be "
+                f"{', '.join(WEIGHT_DTYPES)}: save the checkpoint again from the model in one of those dtypes")
         if got != tuple(shape):
             raise CheckpointError(
                 f"tensor {disk_name!r} in {self.path} has shape {list(got)}, but config.json implies "

@@ -525,3 +525,28 @@ def test_nan_weights_are_a_checkpoint_error_naming_the_tensor(tmp_path, tensor, 
         duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
     where = "expert 0 of layer 1 (w3)" if "experts" in tensor else tensor
     assert where in str(caught.value)
+
+
+@pytest.mark.parametrize("tensor, dtype", [("model.layers.1.block_sparse_moe.experts.0.w3.weight", "int32"),
+                                           ("model.embed_tokens.weight", "int8"),
+                                           ("model.layers.0.block_sparse_moe.experts.2.w1.weight", "float64")])
+def test_non_float_weights_are_refused_from_the_header(tmp_path, tensor, dtype):
+    """Integer or float64 weights (they loaded silently, or failed deep in NF4) are refused before any
+    weight is read, naming the tensor and its dtype."""
+    import shutil
+
+    import torch
+
+    from safetensors.torch import load_file, save_file
+
+    import duoserve_core
+    from duoserve_core.errors import CheckpointError
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
+    weights = load_file(folder / "model.safetensors")
+    weights[tensor] = (weights[tensor].float() * 100).to(getattr(torch, dtype))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    for quant in ("none", "nf4"):
+        with pytest.raises(CheckpointError, match=f"{tensor}.*stored as"):
+            duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
