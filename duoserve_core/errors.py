@@ -25,6 +25,10 @@ class DeviceError(DuoServeError, RuntimeError):
     """The requested device does not exist on this machine."""
 
 
+class SettingError(DuoServeError, ValueError):
+    """A runtime setting (compute dtype, expert or attention format) has a value the runtime cannot use."""
+
+
 class KnobError(DuoServeError, ValueError):
     """A scheduling knob (policy, prefetch depth, predictor threshold) has a value no policy can use."""
 

@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
 
 from .checkpoint import TensorSource
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingError
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
 from .events import EventBus, SpanEvent
@@ -40,7 +40,7 @@ def build_skeleton(source: TensorSource, dtype: torch.dtype, attention_quant: st
     under a budget of 15% of the model.
     """
     if attention_quant not in ATTENTION_QUANT_CHOICES:
-        raise ValueError(f"unknown attention quantization {attention_quant!r}; choose one of "
+        raise SettingError(f"unknown attention quantization {attention_quant!r}; choose one of "
                          + ", ".join(ATTENTION_QUANT_CHOICES))
     config = source.config
     config._attn_implementation = "sdpa"

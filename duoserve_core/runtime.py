@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import ExpertTensors, TensorSource, open_source
-from .errors import CheckpointError, DeviceError, KnobError, PromptError
+from .errors import CheckpointError, DeviceError, KnobError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache, stats_delta
 from .experts.executor import ExpertExecutor
@@ -108,6 +108,22 @@ class BatchRun:
                 "requests": [r.as_dict() for r in self.requests]}
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The compute dtype: a torch dtype or its name (bf16, fp16, fp32); ``None`` or ``auto``: the device's default."""
+    if dtype in (None, "auto"):
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return dtype
+    raise SettingError(f"dtype {dtype!r} is not a compute dtype; use bf16, fp16 or fp32 (or torch.bfloat16, ...), "
+                       "or auto")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` picks CUDA when present; a device that is not there is a clear error."""
     if device in (None, "auto"):
@@ -149,7 +165,10 @@ class Runtime:
                  routing_trace: str | Path | None = None, attention_quant: str = "none"):
         self.device = resolve_device(device)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = resolve_dtype(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or max_context < 1):
+            raise PromptError(f"max_context must be a whole number of tokens, at least 1, got {max_context!r}")
         self.quant = quant
         model_context = self.config.max_position_embeddings
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, model_context)

@@ -550,3 +550,30 @@ def test_non_float_weights_are_refused_from_the_header(tmp_path, tensor, dtype):
     for quant in ("none", "nf4"):
         with pytest.raises(CheckpointError, match=f"{tensor}.*stored as"):
             duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
+
+
+@pytest.mark.parametrize("setting, error, match", [
+    ({"dtype": "fp8"}, "SettingError", "dtype 'fp8' is not a compute dtype"),
+    ({"dtype": "int8"}, "SettingError", "use bf16, fp16 or fp32"),
+    ({"quant": "int8"}, "SettingError", "unknown --quant 'int8'"),
+    ({"attention_quant": "int8"}, "SettingError", "unknown attention quantization"),
+    ({"max_context": 0}, "PromptError", "max_context must be a whole number"),
+])
+def test_the_api_names_a_bad_setting_with_the_projects_errors(setting, error, match):
+    """``load`` raises the project's error types (ValueError subclasses) for bad settings; dtype names
+    work as on the command line (``dtype="fp16"`` said 'Invalid device string' before)."""
+    import duoserve_core
+    from duoserve_core import errors
+
+    with pytest.raises(getattr(errors, error), match=match):
+        duoserve_core.load(Path(__file__).resolve().parents[1] / "data" / "small-moe", device="cpu", **setting)
+
+
+def test_dtype_names_are_accepted_by_the_api():
+    import torch
+
+    import duoserve_core
+
+    rt = duoserve_core.load(Path(__file__).resolve().parents[1] / "data" / "small-moe", device="cpu", dtype="bf16",
+                            memory_budget="4slots")
+    assert rt.dtype == torch.bfloat16

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import duoserve_core
 from duoserve_core.checkpoint import ExpertTensors
-from duoserve_core.errors import KnobError
+from duoserve_core.errors import SettingError
 from duoserve_core.experts import int4
 from duoserve_core.experts.formats import ExpertFormat, Int4Format, NF4Format, make_format
 
@@ -53,7 +53,7 @@ def test_group_size_is_the_largest_that_divides_both_widths():
 
 
 def test_widths_no_group_divides_are_refused_with_the_fix():
-    with pytest.raises(KnobError, match=r"hidden_size 48 and intermediate_size 80.*--quant nf4"):
+    with pytest.raises(SettingError, match=r"hidden_size 48 and intermediate_size 80.*--quant nf4"):
         make_format("int4", 48, 80, torch.bfloat16)
 
 

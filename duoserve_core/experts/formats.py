@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import nf4
 from ..checkpoint import ExpertTensors
-from ..errors import KnobError
+from ..errors import SettingError
 from . import int4
 
 _ALIGN = 64  # bytes; keeps every segment aligned for any dtype view and for vector loads
@@ -162,7 +162,7 @@ class Int4Format(ExpertFormat):
         super().__init__(hidden, intermediate)
         group = int4.group_size_for(hidden, intermediate)
         if group is None:
-            raise KnobError(
+            raise SettingError(
                 f"--quant int4 needs a group size of {', '.join(map(str, int4.GROUP_SIZES))} dividing both "
                 f"hidden_size {hidden} and intermediate_size {intermediate}; none does. Use --quant nf4 "
                 "(any width) or bf16 for this model")
@@ -233,4 +233,4 @@ def make_format(quant: str, hidden: int, intermediate: int, checkpoint_dtype: to
         return NF4Format(hidden, intermediate)
     if quant == "int4":
         return Int4Format(hidden, intermediate)
-    raise ValueError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    raise SettingError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
