@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a text file, one prompt per line: generate for all of them, --max-batch at once")
     g.add_argument("--max-new-tokens", type=whole(1), default=32)
     g.add_argument("--max-batch", type=whole(1), default=8,
-                   help="with --prompts: requests decoded together (continuous batching, prefill first)")
+                   help="with --prompts: requests decoded together (continuous batching, prefill first); the "
+                        "memory plan holds their KV caches")
     g.add_argument("--memory-budget", type=budget, default=None,
                    help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
     g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
@@ -81,7 +82,7 @@ def generate(args: argparse.Namespace) -> dict:
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
                    num_layers=args.num_layers, dtype=DTYPES[args.dtype], max_context=args.max_context,
                    seed=args.seed, routing_trace=args.routing_trace, attention_quant=args.quant_attention,
-                   knobs=knobs_from_args(args, args.policy))
+                   max_batch=args.max_batch if prompts is not None else 1, knobs=knobs_from_args(args, args.policy))
     if prompts is not None:
         run = runtime.generate_many(prompts, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)

@@ -40,6 +40,7 @@ class MemoryPlan:
     expert_bytes: int          # one expert record
     num_slots: int
     total_experts: int
+    max_batch: int = 1         # requests whose KV caches (at the planned context) the plan holds at once
 
     @property
     def fixed_bytes(self) -> int:
@@ -102,11 +103,13 @@ def plan_context(longest_request: int, model_context: int, max_context: int | No
 
 
 def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budget: int | None,
-                max_context: int, dtype: torch.dtype, device_type: str) -> MemoryPlan:
+                max_context: int, dtype: torch.dtype, device_type: str, max_batch: int = 1) -> MemoryPlan:
+    """What fits in ``budget``: the fixed costs (``max_batch`` requests' KV caches at ``max_context``
+    among them), then as many expert slots as the rest holds."""
     total = config.num_hidden_layers * config.num_local_experts
     plan = MemoryPlan(
-        budget_bytes=budget, dense_bytes=dense_bytes,
-        kv_cache_bytes=kv_cache_bytes(config, max_context, dtype),
+        budget_bytes=budget, dense_bytes=dense_bytes, max_batch=max_batch,
+        kv_cache_bytes=kv_cache_bytes(config, max_context, dtype, max_batch),
         activation_bytes=activation_bytes(config, max_context, dtype),
         workspace_bytes=workspace_bytes(fmt, dtype), margin_bytes=CUDA_ALLOCATOR_MARGIN if device_type == "cuda" else 0,
         expert_bytes=fmt.nbytes, num_slots=total, total_experts=total,
@@ -117,11 +120,13 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
     if budget < minimum:
         raise BudgetError(
             f"memory budget {format_bytes(budget)} is too small: non-expert weights {format_bytes(plan.dense_bytes)} "
-            f"+ KV cache {format_bytes(plan.kv_cache_bytes)} ({max_context} tokens) + activations "
+            f"+ KV cache {format_bytes(plan.kv_cache_bytes)} ({max_context} tokens x {max_batch} request"
+            f"{'s' if max_batch > 1 else ''}) + activations "
             f"{format_bytes(plan.activation_bytes)} + expert workspace {format_bytes(plan.workspace_bytes)} "
             f"+ margin {format_bytes(plan.margin_bytes)} + one layer's top-{config.num_experts_per_tok} experts "
             f"({config.num_experts_per_tok} x {format_bytes(fmt.nbytes)}) need {format_bytes(minimum)}. "
-            f"Raise --memory-budget to at least {format_bytes(minimum)}, or lower --max-context."
+            f"Raise --memory-budget to at least {format_bytes(minimum)}, or lower --max-context"
+            + (" or --max-batch." if max_batch > 1 else ".")
         )
     plan.num_slots = min(total, (budget - plan.fixed_bytes) // fmt.nbytes)
     return plan

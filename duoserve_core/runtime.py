@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import ExpertTensors, TensorSource, open_source
-from .errors import CheckpointError, DeviceError, KnobError, PromptError, SettingError
+from .errors import BudgetError, CheckpointError, DeviceError, KnobError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache, stats_delta
 from .experts.executor import ExpertExecutor
@@ -25,7 +25,7 @@ from .experts.formats import make_format
 from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
-from .memory import MemoryPlan, plan_memory, resolve_budget
+from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
 from .mixtral import CACHE_KWARG, OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
 from .policy.host_lane import HostLane
@@ -124,6 +124,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
                        "or auto")
 
 
+def check_max_batch(max_batch: int) -> None:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise PromptError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` picks CUDA when present; a device that is not there is a clear error."""
     if device in (None, "auto"):
@@ -162,8 +167,9 @@ class Runtime:
                  memory_budget: str | int | None = None, knobs: PolicyKnobs = PolicyKnobs(),
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
-                 routing_trace: str | Path | None = None, attention_quant: str = "none"):
+                 routing_trace: str | Path | None = None, attention_quant: str = "none", max_batch: int = 1):
         self.device = resolve_device(device)
+        check_max_batch(max_batch)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = resolve_dtype(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
@@ -189,7 +195,7 @@ class Runtime:
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
         self.memory_budget = memory_budget
-        self.plan: MemoryPlan = self._plan(memory_budget, self.max_context)  # fail before anything heavy
+        self.plan: MemoryPlan = self._plan(memory_budget, self.max_context, max_batch)  # fail before anything heavy
         self.knobs = knobs
         self.policy = self._load_policy(knobs)
 
@@ -210,7 +216,7 @@ class Runtime:
         self._build_scheduler()
 
     def configure(self, *, memory_budget: str | int | None = None, max_context: int | None = None,
-                  knobs: PolicyKnobs | None = None, **knob_changes) -> "Runtime":
+                  max_batch: int | None = None, knobs: PolicyKnobs | None = None, **knob_changes) -> "Runtime":
         """Change the budget, the policy or its knobs (``PolicyKnobs`` fields) without reloading the model.
 
         The host store and the dense weights stay; the expert slots are reallocated for the new
@@ -228,7 +234,9 @@ class Runtime:
                 raise PromptError(f"max_context {max_context} exceeds the model's context of "
                                   f"{self.config.max_position_embeddings} tokens")
             context = max_context
-        plan = self._plan(budget, context)
+        if max_batch is not None:
+            check_max_batch(max_batch)
+        plan = self._plan(budget, context, self.plan.max_batch if max_batch is None else max_batch)
         new_policy = self._load_policy(knobs)
         before = (self.plan, self.policy, self.max_context, self.knobs, self.memory_budget)
         self.plan, self.policy, self.max_context, self.knobs, self.memory_budget = plan, new_policy, context, knobs, budget
@@ -240,11 +248,11 @@ class Runtime:
             raise
         return self
 
-    def _plan(self, memory_budget: str | int | None, max_context: int) -> MemoryPlan:
+    def _plan(self, memory_budget: str | int | None, max_context: int, max_batch: int = 1) -> MemoryPlan:
         unbounded = plan_memory(self.config, self._dense_bytes, self.format, None, max_context, self.dtype,
-                                self.device.type)
+                                self.device.type, max_batch)
         return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget, unbounded),
-                           max_context, self.dtype, self.device.type)
+                           max_context, self.dtype, self.device.type, max_batch)
 
     def _load_policy(self, knobs: PolicyKnobs) -> Policy:
         c = self.config
@@ -452,10 +460,13 @@ class Runtime:
             logits=logits_out if return_logits else None,
         )
 
-    def generate_many(self, prompts: list[str | list[int]], *, max_batch: int = 8, max_new_tokens: int = 32,
+    def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
                       temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
                       return_logits: bool = False) -> BatchRun:
         """Generate for every prompt (text, or a list of token ids), up to ``max_batch`` requests at once.
+
+        ``max_batch``: at most the memory plan's (``load(..., max_batch=N)``, whose plan holds N
+        requests' KV caches), which is the default.
 
         Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
         next waiting request is prefilled alone and joins; then every active request decodes one
@@ -466,8 +477,14 @@ class Runtime:
         (``generate(..., seed=seed, request_id=i)``) it gives the same tokens, up to the rounding
         of matmuls over more rows (``tests/test_batching.py`` says how near-ties are told apart).
         """
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise PromptError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+        max_batch = self.plan.max_batch if max_batch is None else max_batch
+        check_max_batch(max_batch)
+        if max_batch > self.plan.max_batch:
+            more = kv_cache_bytes(self.config, self.max_context, self.dtype, max_batch - self.plan.max_batch)
+            raise BudgetError(f"max_batch {max_batch}: this runtime's memory plan holds the KV caches of "
+                              f"{self.plan.max_batch} request(s) at {self.max_context} tokens; load or configure it "
+                              f"with max_batch={max_batch} (its KV caches need {format_bytes(more)} more, taken "
+                              "from the expert slots)")
         if max_batch > 1 and not self.policy.batches_decode:
             raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token); "
                             "use on-demand, lru, per-layer-lru, lru-speculative or resident, or max_batch=1")
@@ -606,7 +623,7 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          memory_budget: str | int | None = None, num_layers: int | None = None, dtype: torch.dtype | None = None,
          max_context: int | None = None, seed: int = 0, synth_device: str | torch.device | None = None,
          record_timeline: bool = True, routing_trace: str | Path | None = None, attention_quant: str = "none",
-         knobs: PolicyKnobs | None = None, **knob_values) -> Runtime:
+         max_batch: int = 1, knobs: PolicyKnobs | None = None, **knob_values) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     The schedule: ``knobs``, or its fields as keywords (``policy="duoserve", predictor=...,
@@ -614,7 +631,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     ``synth_device`` chooses where synthesized weights are generated (default: the runtime's
     device, which keeps full-size synthesis fast on a GPU). ``routing_trace`` replays each
     token's top-k experts and weights from a trace instead of the router's choice.
-    ``attention_quant="nf4"`` stores the attention projections in NF4 too.
+    ``attention_quant="nf4"`` stores the attention projections in NF4 too. ``max_batch``: the requests
+    ``generate_many`` decodes at once; the memory plan holds their KV caches (out of the budget).
     """
     knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
     dev = resolve_device(device)
@@ -622,7 +640,7 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
     return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
-                   routing_trace=routing_trace, attention_quant=attention_quant)
+                   routing_trace=routing_trace, attention_quant=attention_quant, max_batch=max_batch)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

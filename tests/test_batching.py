@@ -45,7 +45,8 @@ def assert_same_as_alone(batch, alone) -> None:
 
 @pytest.fixture(scope="module")
 def bundled():
-    return duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
+    return duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64,
+                              max_batch=6)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -82,7 +83,7 @@ def test_tiny_checkpoint_requests_leave_at_eos(tiny_checkpoint):
     """Requests leave at EOS at different steps while the others go on (EOS is set to a token one request
     makes early, so that it leaves first)."""
     rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="nf4", memory_budget="4slots", max_context=64,
-                            policy="lru")
+                            policy="lru", max_batch=4)
     prompts = _prompts(rt.config.vocab_size, 7, seed=3)
     free = rt.generate(prompt_ids=prompts[2], max_new_tokens=12, stop_at_eos=False)
     rt.config.eos_token_id = free.tokens[3]
@@ -96,7 +97,8 @@ def test_tiny_checkpoint_requests_leave_at_eos(tiny_checkpoint):
 
 def test_each_request_replays_its_own_trace_request():
     rt = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=64,
-                            routing_trace=DATA / "traces" / "small-moe-heldout.parquet", policy="lru-speculative")
+                            routing_trace=DATA / "traces" / "small-moe-heldout.parquet", policy="lru-speculative",
+                            max_batch=4)
     prompts = _prompts(rt.config.vocab_size, 4, seed=5)
     alone = [rt.generate(prompt_ids=p, max_new_tokens=6, stop_at_eos=False, return_logits=True, request_id=i)
              for i, p in enumerate(prompts)]
@@ -121,6 +123,24 @@ def test_decode_schedulers_refuse_to_batch_and_bad_arguments_are_named(bundled):
     with pytest.raises(PromptError, match="empty"):
         bundled.generate_many(["  "])
     assert torch.is_tensor(bundled.generate_many([[5]], max_new_tokens=2, return_logits=True).requests[0].logits[0])
+
+
+def test_the_memory_plan_holds_the_batchs_kv_caches(bundled):
+    """The plan reserves max_batch KV caches out of the budget (so a byte budget buys fewer slots), and a
+    run with more requests at once than the plan holds is refused, saying what it would need."""
+    from duoserve_core.errors import BudgetError
+
+    bundled.configure(policy="on-demand", memory_budget="6slots")
+    six = bundled.plan
+    budget = six.fixed_bytes + 6 * six.expert_bytes
+    bundled.configure(memory_budget=budget, max_batch=1)
+    one = bundled.plan
+    assert six.max_batch == 6 and one.max_batch == 1
+    assert six.kv_cache_bytes == 6 * one.kv_cache_bytes and one.num_slots > 6
+    with pytest.raises(BudgetError, match="max_batch 2: this runtime's memory plan holds the KV caches of 1"):
+        bundled.generate_many([[5], [6]], max_batch=2)
+    assert bundled.generate_many([[5], [6]], max_new_tokens=2).max_batch == 1  # the plan's, by default
+    bundled.configure(memory_budget="6slots", max_batch=6)
 
 
 def test_cli_prompts_file_prints_one_json_object(tmp_path, capsys):
