@@ -160,3 +160,29 @@ def test_cli_prompts_file_prints_one_json_object(tmp_path, capsys):
     empty.write_text("\n  \n")
     assert main(["generate", "--model", str(DATA / "small-moe"), "--prompts", str(empty), "--device", "cpu"]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "lru", "lru-speculative"])
+def test_runtime_and_simulator_make_the_same_decisions_in_batches(tmp_path, policy):
+    """The simulator schedules a batch as the runtime does (prefill first, the same segments): with routing
+    replayed from the bundled trace, the cache's decisions are the same, event by event."""
+    from duoserve_core.sim import Simulator, build_model, load_calibration
+    from duoserve_core.traces import RoutingReplay, read_trace
+    from test_layer_step import decisions
+    from test_sim import fake_calibration
+
+    trace = DATA / "traces" / "small-moe-heldout.parquet"
+    lengths, gen, context = [5, 9, 3, 7], 6, 32
+    rt = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="10slots", max_context=context,
+                            routing_trace=trace, policy=policy, max_batch=3)
+    prompts = [[5 + t for t in range(n)] for n in lengths]
+    real, _ = decisions(rt, lambda: rt.generate_many(prompts, max_new_tokens=gen, stop_at_eos=False).decode_steps)
+    cal = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2, shape=dict(
+        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)))
+    model = build_model(DATA / "small-moe", quant="nf4", memory_budget="10slots", max_context=context, device_type="cpu")
+    sim = Simulator(model, cal, RoutingReplay(read_trace(trace), 8, 8, 2), policy, policy_time=False)
+    simulated, steps = decisions(sim, lambda: sim.generate_many([(n, gen) for n in lengths], 3).decode_steps)
+    assert len(real) > 0 and simulated == real
+    batch = sim.generate_many([(n, gen) for n in lengths], 3)
+    assert batch.mean_batch > 1 and batch.decode_steps == steps[0]
+    assert all(0 <= r["queue_s"] <= r["ttft_s"] <= r["e2e_s"] <= batch.e2e_s for r in batch.requests)

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
-from ..experts.cache import ExpertCache
+from ..errors import KnobError
+from ..experts.cache import ExpertCache, stats_delta
 from ..experts.layer_step import LayerStep, PhaseCounts
 from ..policy import Phase, Policy, PolicyKnobs, load_policy
 from ..policy.host_lane import HostLane, LaneCosts
@@ -217,6 +218,21 @@ class SimRun:
     rows: list[dict] = field(repr=False)
 
 
+@dataclass
+class SimBatch:
+    """What one simulated ``generate_many`` produced: per request its latencies (from the run's start),
+    the run's throughput and the cache's counters, and the timeline rows."""
+
+    requests: list[dict]
+    max_batch: int
+    e2e_s: float
+    tokens_per_s: float
+    decode_steps: int
+    mean_batch: float
+    counts: dict
+    rows: list[dict] = field(repr=False)
+
+
 class Simulator:
     """One simulated runtime: model, calibration, policy, cache; ``generate`` replays a request.
 
@@ -297,6 +313,45 @@ class Simulator:
         return SimRun(prompt_tokens, new_tokens, ttft, (e2e - ttft) / (new_tokens - 1) if new_tokens > 1 else None,
                       e2e, counts.phases(), self._peak_resident, self.timeline.rows())
 
+    def generate_many(self, requests: list[tuple[int, int]], max_batch: int) -> SimBatch:
+        """``(prompt tokens, new tokens)`` per request, scheduled as ``Runtime.generate_many`` does
+        (prefill first, up to ``max_batch`` decoding together; request ``i`` replays trace request
+        ``i``), clocks from zero. A request leaves when it has its tokens (no EOS here)."""
+        if max_batch > 1 and not self.policy.batches_decode:
+            raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token)")
+        self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
+        self.engine.reset()
+        self.timeline.reset()
+        self.events.emit(StepEvent("request_started"))
+        start = self.cache.stats.as_dict()
+        waiting, active = list(range(len(requests))), []
+        made = {i: [] for i in range(len(requests))}  # each request's token times
+        queued: dict[int, float] = {}
+        step = decode_steps = batched = 0
+        while waiting or active:
+            if waiting and len(active) < max_batch:
+                i = waiting.pop(0)
+                queued[i] = self.clocks.host
+                self._step_many(step, Phase.PREFILL, [(i, 0, requests[i][0])])
+                active.append(i)
+                stepped = [i]
+            else:
+                segments = [(i, requests[i][0] + len(made[i]) - 1, 1) for i in active]
+                self._step_many(step, Phase.DECODE, segments)
+                decode_steps, batched, stepped = decode_steps + 1, batched + len(active), list(active)
+            step += 1
+            for i in stepped:
+                made[i].append(self.clocks.host)
+                if len(made[i]) >= requests[i][1]:
+                    active.remove(i)
+        e2e = self.clocks.host
+        per_request = [{"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "queue_s": queued[i],
+                        "ttft_s": t[0], "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+                        "e2e_s": t[-1]} for i, t in made.items()]
+        return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
+                        decode_steps, batched / decode_steps if decode_steps else 0.0,
+                        stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
+
     def _compute(self, kind: str, layer: int, seconds: float) -> None:
         c = self.clocks
         start = max(c.compute, c.host)
@@ -306,28 +361,41 @@ class Simulator:
         self.events.emit(SpanEvent("whole", "compute", kind, layer, start_s=start, end_s=c.compute))
 
     def _step(self, step: int, phase: Phase, n_tokens: int, first: int, request_id: int) -> None:
+        self._step_many(step, phase, [(request_id, first, n_tokens)])
+
+    def _step_many(self, step: int, phase: Phase, segments: list[tuple[int, int, int]]) -> None:
+        """One forward over ``segments`` ((request, first position, tokens) each, the runtime's
+        ``ExpertExecutor.begin_step`` order): attention per request at its own context, the router and
+        the experts over every token at once (``OffloadedMixtral.forward_batch``)."""
         cal, c, p = self.cal, self.clocks, phase.value
         self.layer_step.begin_step(step, phase)
         c.host += cal.step_pre_s[p]
-        x = n_tokens if phase is Phase.PREFILL else first + n_tokens  # prefill: tokens; decode: context
-        attention_s, launch_s = cal.attention_device_s(p, x), cal.attention_launch[p].at(x)
-        router_s = cal.router_device_s(p, x)
+        n_tokens = sum(n for _, _, n in segments)
+        # prefill: the attention curves are by tokens; decode: by context
+        sizes = [n if phase is Phase.PREFILL else first + n for _, first, n in segments]
+        attention = [(cal.attention_device_s(p, x), cal.attention_launch[p].at(x)) for x in sizes]
+        router_s = cal.router_device_s(p, max(sizes))
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
-            c.host += launch_s
-            c.compute = max(start + attention_s, c.host)
+            for attention_s, launch_s in attention:  # one request's attention after another, on one stream
+                begin = max(c.compute, c.host)
+                c.host += launch_s
+                c.compute = max(begin + attention_s, c.host)
             self.events.emit(SpanEvent("whole", "compute", "attention", layer, start_s=start, end_s=c.compute))
             self.events.emit(StepEvent("router_started", step, p, layer))
             self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
             c.host += cal.layer_base_s[self.mode]
-            experts, weights = self.replay.routing(request_id, first, n_tokens, layer)
+            routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
+            experts = torch.cat([e for e, _ in routed])
+            weights = torch.cat([w for _, w in routed])
             probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
             guess = None
             if self.policy.wants_speculation and layer + 1 < self.L:
                 # where the trace has no guess the real gate's would be used; the simulator has none
-                guess = self.replay.speculation(request_id, first, n_tokens, layer)
+                guesses = [self.replay.speculation(r, first, n, layer) for r, first, n in segments]
+                guess = torch.cat(guesses) if all(g is not None for g in guesses) else None
             counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
             self.layer_step.run(layer, experts, probs, guess, _SimLayer(self, p, counts))
             self.events.emit(StepEvent("layer_done", step, p, layer))
