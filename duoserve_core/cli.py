@@ -86,7 +86,7 @@ def generate(args: argparse.Namespace) -> dict:
     if prompts is not None:
         run = runtime.generate_many(prompts, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
-        out = {**run.as_dict(), **latency_percentiles(run), "runtime": runtime.describe()}
+        out = {**run.as_dict(), "runtime": runtime.describe()}
     else:
         result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
@@ -94,16 +94,6 @@ def generate(args: argparse.Namespace) -> dict:
     if args.timeline_out:
         runtime.timeline.write_chrome_trace(args.timeline_out)
     return out
-
-
-def latency_percentiles(run) -> dict:
-    """TTFT and TPOT p50/p99 over the run's requests (TPOT per request first, then over requests)."""
-    def pct(values: list[float], q: float) -> float | None:
-        return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q)) if values else None
-    ttft = [r.ttft_s for r in run.requests]
-    tpot = [r.tpot_s for r in run.requests if r.tpot_s is not None]
-    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "tpot_p50_s": pct(tpot, 0.5),
-            "tpot_p99_s": pct(tpot, 0.99)}
 
 
 def _print_batch(out: dict) -> None:

@@ -105,7 +105,16 @@ class BatchRun:
 
     def as_dict(self) -> dict:
         return {**{k: v for k, v in asdict(self).items() if k != "requests"},
-                "requests": [r.as_dict() for r in self.requests]}
+                "requests": [r.as_dict() for r in self.requests], **self.percentiles()}
+
+    def percentiles(self) -> dict:
+        """TTFT and TPOT p50/p99 over the requests (a request's TPOT first, then the percentile over requests)."""
+        def pct(values: list[float], q: float) -> float | None:
+            return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q)) if values else None
+        ttft = [r.ttft_s for r in self.requests]
+        tpot = [r.tpot_s for r in self.requests if r.tpot_s is not None]
+        return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "tpot_p50_s": pct(tpot, 0.5),
+                "tpot_p99_s": pct(tpot, 0.99)}
 
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

@@ -186,3 +186,23 @@ def test_runtime_and_simulator_make_the_same_decisions_in_batches(tmp_path, poli
     batch = sim.generate_many([(n, gen) for n in lengths], 3)
     assert batch.mean_batch > 1 and batch.decode_steps == steps[0]
     assert all(0 <= r["queue_s"] <= r["ttft_s"] <= r["e2e_s"] <= batch.e2e_s for r in batch.requests)
+
+
+def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
+    import json
+
+    from duoserve_core.bench.__main__ import main
+
+    out = tmp_path / "batch.json"
+    code = main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len",
+                 "8", "--gen", "4", "--repeats", "1", "--policies", "on-demand,duoserve", "--max-batch", "1,3",
+                 "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert code == 0 and [(r["max_batch"], r["policy"]) for r in rows] == [
+        (1, "on-demand"), (1, "duoserve"), (3, "on-demand"), (3, "duoserve")]
+    one, three = rows[0], rows[2]
+    assert "does not batch decode" in rows[3]["skipped"] and "skipped" not in rows[1]
+    assert one["slots"] == three["slots"] == 8 and three["kv_bytes_added"] > 0 == one["kv_bytes_added"]
+    assert three["mean_batch"] == 3 and one["mean_batch"] == 1 and three["h2d_copies"] < 3 * one["h2d_copies"]
+    for r in (one, three):
+        assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["tokens_per_s"] > 0 and r["experts_per_decode_step"] > 0

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BudgetError
-from ..memory import MemoryPlan
+from ..errors import BudgetError, KnobError
+from ..memory import MemoryPlan, kv_cache_bytes
 from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
 from ..progress import progress_bar
@@ -210,8 +210,62 @@ def sweep_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], gen: i
     return rows
 
 
-def make_prompt(length: int) -> list[int]:
-    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+def make_prompt(length: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batches: list[int], prompt_len: int,
+               gen: int, *, memory_budget: str | int | None, repeats: int = REPEATS, quiet: bool = False) -> list[dict]:
+    """Throughput and latency by batch size: for each batch size B and policy, B requests (distinct
+    prompts of ``prompt_len`` tokens, ``gen`` tokens each) submitted at once and decoded together
+    (``Runtime.generate_many``), one warm-up then the median of ``repeats`` runs by E2E. The budget of
+    a row is what ``memory_budget`` buys at batch 1 plus the KV caches of the B - 1 other requests
+    (stated in the row), so every batch size keeps the same expert slots.
+
+    ``copy_floor_tokens_per_s``: B tokens a step over the time to copy the step's distinct experts
+    (experts computed per decode step x the run's mean copy time): what the link allows if every
+    expert a step uses had to cross it once."""
+    runtime.configure(memory_budget=memory_budget, max_batch=1)
+    base = runtime.plan.budget_bytes
+    rows: list[dict] = []
+    with progress_bar(desc="batches", total=len(batches) * len(policies) * (repeats + 1), unit="run",
+                      quiet=quiet) as tick:
+        for b in batches:
+            extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, b - 1)
+            budget = None if base is None else base + extra
+            prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)] for i in range(b)]
+            for policy in policies:
+                runs = []
+                try:
+                    runtime.configure(memory_budget=budget, max_batch=b, knobs=knobs.changed(policy=policy).effective())
+                    for _ in range(repeats + 1):
+                        if not runtime.policy.holds_every_expert:
+                            runtime.empty_expert_cache()
+                        runs.append((runtime.generate_many(prompts, max_batch=b, max_new_tokens=gen, stop_at_eos=False),
+                                     runtime.timeline.rows()))
+                        tick()
+                except (BudgetError, KnobError) as exc:
+                    rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
+                    tick(repeats + 1 - len(runs))
+                    continue
+                run, timeline = sorted(runs[1:], key=lambda r: r[0].e2e_s)[len(runs[1:]) // 2]
+                rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
+                             "slots": runtime.plan.num_slots, **batch_summary(run, timeline),
+                             "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
+    return rows
+
+
+def batch_summary(run, rows: list[dict]) -> dict:
+    """A ``BatchRun``'s figures for a table, with the copy floor read from its timeline."""
+    decode = [r for r in rows if r["phase"] == "decode"]
+    copies = [r["duration_ms"] for r in decode if r["kind"] == "h2d"]
+    experts = sum(1 for r in decode if r["kind"] == "expert")  # computed on the GPU or the CPU lane
+    per_step = experts / run.decode_steps if run.decode_steps else 0.0
+    copy_s = sum(copies) / len(copies) / 1e3 if copies else None
+    floor = run.mean_batch / (per_step * copy_s) if copy_s and per_step else None
+    out = {k: v for k, v in run.as_dict().items() if k not in ("requests", "policy")}
+    return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s, "copy_floor_tokens_per_s": floor,
+            "tokens_per_s_over_copy_floor": run.tokens_per_s / floor if floor else None}
 
 
 def summary(r: dict) -> dict:

@@ -18,7 +18,7 @@ from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible, print_line
 from ..knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
-from . import (REPEATS, BenchSetup, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
+from . import (REPEATS, BenchSetup, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
 
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", default=None, help="a benchmarks/accelerate_peer.py result: duoserve's speed-up over it")
     p.add_argument("--timelines", default=None, help="folder for each policy's timeline (Parquet)")
     p.add_argument("--record-trace", default=None, help="write the routing the runs took (a trace) here")
+    p.add_argument("--max-batch", type=listed(whole(1)), default=None,
+                   help="batch sizes, e.g. 1,4,16,64: throughput and latency percentiles per policy, B requests "
+                        "decoded together (the budget adds the KV caches of the other B - 1)")
     sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
     sweep.add_argument("--sweep", action="store_true", help="sweep prompt lengths, budgets, depth and threshold")
     sweep.add_argument("--prompt-lens", type=listed(whole(1)), default="128,256,512,1024,2048")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # --json: the record alone on stdout; the table, progress and "wrote" lines go to stderr
             with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
-                return (sweep if args.sweep else compare)(args, argv, stdout)
+                return (sweep if args.sweep else batches if args.max_batch else compare)(args, argv, stdout)
         except DuoServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -154,6 +157,40 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
         print(json.dumps(record), file=stdout)
     print(f"wrote {out}")
     return 0
+
+
+def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
+    """Throughput against batch size, per policy (``bench.batch_rows``)."""
+    out = check_writable(output_path(args, "batch"), args.force, "--out")  # before the model loads
+    knobs = knobs_from_args(args)
+    runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
+    rows = batch_rows(runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")],
+                      args.prompt_len, args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
+                      quiet=args.json)
+    record = bench_record(device_label(args.device), command(argv), {})
+    record.pop("results")
+    record["rows"] = rows
+    atomic_write_json(out, record)
+    print(format_batch_table(rows))
+    if args.json:
+        print(json.dumps(record), file=stdout)
+    print(f"wrote {out}")
+    return 0
+
+
+def format_batch_table(rows: list[dict]) -> str:
+    lines = [f"{'batch':>5} {'policy':<16} {'tok/s':>9} {'/copy floor':>11} {'TTFT p50/p99 ms':>17} "
+             f"{'TPOT p50/p99 ms':>17} {'mean batch':>10} {'copies':>7}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['max_batch']:>5} {r['policy']:<16} skipped: {r['skipped']}")
+            continue
+        floor = "-" if r["tokens_per_s_over_copy_floor"] is None else f"{r['tokens_per_s_over_copy_floor']:.2f}"
+        tpot = "-" if r["tpot_p50_s"] is None else f"{r['tpot_p50_s'] * 1e3:.1f}/{r['tpot_p99_s'] * 1e3:.1f}"
+        lines.append(f"{r['max_batch']:>5} {r['policy']:<16} {r['tokens_per_s']:>9.1f} {floor:>11} "
+                     f"{r['ttft_p50_s'] * 1e3:>8.1f}/{r['ttft_p99_s'] * 1e3:<8.1f} {tpot:>17} {r['mean_batch']:>10.2f} "
+                     f"{r['h2d_copies']:>7}")
+    return "\n".join(lines)
 
 
 def _write_timelines(paths: dict[str, Path], timelines: dict[str, list[dict]]) -> None:
