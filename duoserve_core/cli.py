@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .atomic import check_writable
 from .runtime import has_tokenizer, load
 from .errors import DuoServeError, PromptError
@@ -19,7 +17,7 @@ from .knob_args import Parser, add_knob_arguments, budget, device, knobs_from_ar
 from .policy import POLICIES
 from .units import format_bytes
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")  # names ``runtime.resolve_dtype`` takes, as the API does
 
 
 def _ids(text: str) -> list[int]:
@@ -51,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", choices=POLICIES, default="on-demand")
     add_knob_arguments(g)
     g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num-layers", type=whole(1), default=None, help="keep only the first N layers (quick runs)")
     g.add_argument("--max-context", type=whole(1), default=None, help="longest prompt + output to plan memory for")
     g.add_argument("--seed", type=seed, default=0, help="sampling seed, and the seed of synthesized weights")
@@ -80,7 +78,7 @@ def read_prompts(path: str) -> list[str]:
 def generate(args: argparse.Namespace) -> dict:
     prompts = read_prompts(args.prompts) if args.prompts else None  # before the model loads
     runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
-                   num_layers=args.num_layers, dtype=DTYPES[args.dtype], max_context=args.max_context,
+                   num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
                    seed=args.seed, routing_trace=args.routing_trace, attention_quant=args.quant_attention,
                    max_batch=args.max_batch if prompts is not None else 1, knobs=knobs_from_args(args, args.policy))
     if prompts is not None:

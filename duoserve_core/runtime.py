@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -36,8 +36,14 @@ from .units import format_bytes
 DEFAULT_MAX_CONTEXT = 4096
 
 
+class _Result:
+    def as_dict(self) -> dict:
+        """The fields but the logits (JSON-ready; the logits' tensors are neither kept nor copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "logits"}
+
+
 @dataclass
-class GenerationResult:
+class GenerationResult(_Result):
     """What one ``generate`` call produced and what it cost."""
 
     tokens: list[int]
@@ -58,14 +64,9 @@ class GenerationResult:
     text: str | None = None
     logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("logits")
-        return out
-
 
 @dataclass
-class RequestResult:
+class RequestResult(_Result):
     """One request of a ``generate_many`` run: its tokens and its latencies, from the run's start."""
 
     tokens: list[int]
@@ -76,11 +77,6 @@ class RequestResult:
     e2e_s: float                    # from the run's start until its last token
     text: str | None = None
     logits: list[torch.Tensor] | None = field(default=None, repr=False)
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("logits")
-        return out
 
 
 @dataclass
@@ -104,7 +100,7 @@ class BatchRun:
     policy: dict
 
     def as_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "requests"},
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "requests"},
                 "requests": [r.as_dict() for r in self.requests], **self.percentiles()}
 
     def percentiles(self) -> dict:
