@@ -7,6 +7,7 @@ the pinned host store, everything else on the device, expert slots sized by the 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, fields
@@ -67,14 +68,15 @@ class GenerationResult(_Result):
 
 @dataclass
 class RequestResult(_Result):
-    """One request of a ``generate_many`` run: its tokens and its latencies, from the run's start."""
+    """One request of a ``generate_many`` run: its tokens and its latencies, from its arrival."""
 
     tokens: list[int]
     prompt_tokens: int
-    queue_s: float                  # from the run's start until its prefill began
-    ttft_s: float                   # from the run's start until its first token (queueing included)
+    queue_s: float                  # from its arrival until its prefill began
+    ttft_s: float                   # from its arrival until its first token (queueing included)
     tpot_s: float | None            # its decode: (last token - first token) / (tokens - 1)
-    e2e_s: float                    # from the run's start until its last token
+    e2e_s: float                    # from its arrival until its last token
+    arrival_s: float = 0.0          # when it arrived, from the run's start
     text: str | None = None
     logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
@@ -127,6 +129,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     raise SettingError(f"dtype {dtype!r} is not a compute dtype; use bf16, fp16 or fp32 (or torch.bfloat16, ...), "
                        "or auto")
+
+
+def check_arrivals(arrivals: list[float] | None, count: int) -> list[float]:
+    """Arrival times, one per request, finite and not negative (all 0 when not given)."""
+    if arrivals is None:
+        return [0.0] * count
+    values = list(arrivals)
+    if len(values) != count or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and
+                                       math.isfinite(a) and a >= 0 for a in values):
+        raise PromptError(f"arrivals must give {count} finite times of at least 0 s, one per prompt; "
+                          f"got {values[:5]}{'...' if len(values) > 5 else ''}")
+    return [float(a) for a in values]
 
 
 def check_max_batch(max_batch: int) -> None:
@@ -467,11 +481,13 @@ class Runtime:
 
     def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
                       temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                      return_logits: bool = False) -> BatchRun:
+                      return_logits: bool = False, arrivals: list[float] | None = None) -> BatchRun:
         """Generate for every prompt (text, or a list of token ids), up to ``max_batch`` requests at once.
 
         ``max_batch``: at most the memory plan's (``load(..., max_batch=N)``, whose plan holds N
-        requests' KV caches), which is the default.
+        requests' KV caches), which is the default. ``arrivals``: when each request arrives, in seconds
+        from the call (replayed in real time; default: all at once); a request's queueing, TTFT and E2E
+        count from its arrival, and requests join in the order they arrive.
 
         Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
         next waiting request is prefilled alone and joins; then every active request decodes one
@@ -495,6 +511,7 @@ class Runtime:
                             "use on-demand, lru, per-layer-lru, lru-speculative or resident, or max_batch=1")
         if not prompts:
             raise PromptError("no prompts given; pass at least one")
+        arrivals = check_arrivals(arrivals, len(prompts))
         encoded = [self.encode(p, None) if isinstance(p, str) else self.encode(None, list(p)) for p in prompts]
         for i, ids in enumerate(encoded):
             self._check_request(ids, max_new_tokens, temperature, seed, f"prompt {i}: ")
@@ -507,15 +524,20 @@ class Runtime:
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
         start = self.cache.stats.as_dict()
-        waiting = list(range(len(encoded)))
+        waiting = sorted(range(len(encoded)), key=lambda i: arrivals[i])  # stable: ties keep the input order
         active: list[_Active] = []
         done: dict[int, RequestResult] = {}
         step = decode_steps = batched = 0
         t0 = time.perf_counter()
         while waiting or active:
-            if waiting and len(active) < max_batch:  # prefill first: a newcomer joins before the next decode step
+            arrived = waiting and arrivals[waiting[0]] <= time.perf_counter() - t0
+            if not active and waiting and not arrived:  # idle until the next request arrives
+                time.sleep(max(0.0, arrivals[waiting[0]] - (time.perf_counter() - t0)))
+                continue
+            if arrived and len(active) < max_batch:  # prefill first: a newcomer joins before the next decode step
                 i = waiting.pop(0)
-                request = _Active(i, self.model.new_cache(), torch.Generator().manual_seed(seed), time.perf_counter() - t0)
+                request = _Active(i, self.model.new_cache(), torch.Generator().manual_seed(seed),
+                                  time.perf_counter() - t0, arrivals[i])
                 self.executor.begin_step(step, Phase.PREFILL, [(i, 0, len(encoded[i]))])
                 logits = self.model.forward(torch.tensor([encoded[i]], device=self.device), request.cache)
                 step += 1
@@ -600,8 +622,9 @@ class Runtime:
 class _Active:
     """A request of ``generate_many`` while it decodes: its cache, its sampler, what it produced."""
 
-    def __init__(self, index: int, cache, generator: torch.Generator, started_s: float):
+    def __init__(self, index: int, cache, generator: torch.Generator, started_s: float, arrived_s: float = 0.0):
         self.index, self.cache, self.generator, self.started_s = index, cache, generator, started_s
+        self.arrived_s = arrived_s
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.logits: list[torch.Tensor] = []
@@ -618,9 +641,10 @@ class _Active:
 
     def result(self, prompt_tokens: int, tokenizer) -> RequestResult:
         first, last = self.times[0], self.times[-1]
-        return RequestResult(tokens=self.tokens, prompt_tokens=prompt_tokens, queue_s=self.started_s, ttft_s=first,
+        return RequestResult(tokens=self.tokens, prompt_tokens=prompt_tokens, queue_s=self.started_s - self.arrived_s,
+                             ttft_s=first - self.arrived_s,
                              tpot_s=(last - first) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None,
-                             e2e_s=last, text=tokenizer.decode(self.tokens) if tokenizer is not None else None,
+                             e2e_s=last - self.arrived_s, arrival_s=self.arrived_s, text=tokenizer.decode(self.tokens) if tokenizer is not None else None,
                              logits=self.logits or None)
 
 

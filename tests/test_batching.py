@@ -206,3 +206,37 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
     assert three["mean_batch"] == 3 and one["mean_batch"] == 1 and three["h2d_copies"] < 3 * one["h2d_copies"]
     for r in (one, three):
         assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["tokens_per_s"] > 0 and r["experts_per_decode_step"] > 0
+
+
+def test_requests_join_when_they_arrive(bundled):
+    """Arrivals replayed in real time: requests join in arrival order, results stay in input order, and a
+    request's latencies count from its arrival (a late one does not wait for the run's start)."""
+    bundled.configure(policy="lru", memory_budget="6slots", max_batch=6)
+    prompts = _prompts(bundled.config.vocab_size, 3, seed=7)
+    alone = [bundled.generate(prompt_ids=p, max_new_tokens=4, stop_at_eos=False, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    run = bundled.generate_many(prompts, max_batch=2, max_new_tokens=4, stop_at_eos=False, return_logits=True,
+                                arrivals=[0.4, 0.0, 0.1])
+    assert_same_as_alone(run, alone)
+    assert [r.arrival_s for r in run.requests] == [0.4, 0.0, 0.1]
+    assert run.e2e_s >= 0.4 and all(0 <= r.queue_s <= r.ttft_s <= r.e2e_s for r in run.requests)
+    assert run.requests[0].e2e_s < run.e2e_s  # counted from its arrival at 0.4 s, not from the start
+    for bad in ([0.0, 0.1], [0.0, -1.0, 0.0], [0.0, float("nan"), 0.0]):
+        with pytest.raises(PromptError, match="arrivals must give 3 finite times"):
+            bundled.generate_many(prompts, arrivals=bad)
+
+
+def test_the_simulator_waits_for_arrivals(tmp_path):
+    from duoserve_core.sim import Simulator, build_model, load_calibration
+    from duoserve_core.traces import RoutingReplay, read_trace
+    from test_sim import fake_calibration
+
+    cal = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2, shape=dict(
+        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)))
+    model = build_model(DATA / "small-moe", quant="nf4", memory_budget="10slots", max_context=32, device_type="cpu")
+    replay = RoutingReplay(read_trace(DATA / "traces" / "small-moe-heldout.parquet"), 8, 8, 2)
+    now = Simulator(model, cal, replay, "on-demand", policy_time=False).generate_many([(6, 4)], 1)
+    late = Simulator(model, cal, replay, "on-demand", policy_time=False).generate_many([(6, 4)], 1, arrivals=[5.0])
+    assert late.e2e_s == pytest.approx(5.0 + now.e2e_s)
+    assert late.requests[0]["ttft_s"] == pytest.approx(now.requests[0]["ttft_s"])
+    assert late.requests[0]["arrival_s"] == 5.0 and late.requests[0]["queue_s"] == pytest.approx(0.0)

@@ -47,6 +47,7 @@ import torch
 
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..errors import KnobError
+from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
 from ..experts.layer_step import LayerStep, PhaseCounts
 from ..policy import Phase, Policy, PolicyKnobs, load_policy
@@ -313,10 +314,12 @@ class Simulator:
         return SimRun(prompt_tokens, new_tokens, ttft, (e2e - ttft) / (new_tokens - 1) if new_tokens > 1 else None,
                       e2e, counts.phases(), self._peak_resident, self.timeline.rows())
 
-    def generate_many(self, requests: list[tuple[int, int]], max_batch: int) -> SimBatch:
+    def generate_many(self, requests: list[tuple[int, int]], max_batch: int,
+                      arrivals: list[float] | None = None) -> SimBatch:
         """``(prompt tokens, new tokens)`` per request, scheduled as ``Runtime.generate_many`` does
-        (prefill first, up to ``max_batch`` decoding together; request ``i`` replays trace request
-        ``i``), clocks from zero. A request leaves when it has its tokens (no EOS here)."""
+        (prefill first, up to ``max_batch`` decoding together, joining in arrival order; request ``i``
+        replays trace request ``i``), clocks from zero; an idle simulator jumps to the next arrival.
+        A request leaves when it has its tokens (no EOS here); its latencies count from its arrival."""
         if max_batch > 1 and not self.policy.batches_decode:
             raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token)")
         self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
@@ -324,12 +327,17 @@ class Simulator:
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
         start = self.cache.stats.as_dict()
-        waiting, active = list(range(len(requests))), []
+        arrivals = check_arrivals(arrivals, len(requests))
+        waiting, active = sorted(range(len(requests)), key=lambda i: arrivals[i]), []
         made = {i: [] for i in range(len(requests))}  # each request's token times
         queued: dict[int, float] = {}
         step = decode_steps = batched = 0
         while waiting or active:
-            if waiting and len(active) < max_batch:
+            arrived = waiting and arrivals[waiting[0]] <= self.clocks.host
+            if not active and waiting and not arrived:  # idle until the next request arrives
+                self.clocks.host = arrivals[waiting[0]]
+                continue
+            if arrived and len(active) < max_batch:
                 i = waiting.pop(0)
                 queued[i] = self.clocks.host
                 self._step_many(step, Phase.PREFILL, [(i, 0, requests[i][0])])
@@ -345,9 +353,10 @@ class Simulator:
                 if len(made[i]) >= requests[i][1]:
                     active.remove(i)
         e2e = self.clocks.host
-        per_request = [{"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "queue_s": queued[i],
-                        "ttft_s": t[0], "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
-                        "e2e_s": t[-1]} for i, t in made.items()]
+        per_request = [{"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "arrival_s": arrivals[i],
+                        "queue_s": queued[i] - arrivals[i], "ttft_s": t[0] - arrivals[i],
+                        "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+                        "e2e_s": t[-1] - arrivals[i]} for i, t in made.items()]
         return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
                         decode_steps, batched / decode_steps if decode_steps else 0.0,
                         stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
