@@ -240,3 +240,21 @@ def test_the_simulator_waits_for_arrivals(tmp_path):
     assert late.e2e_s == pytest.approx(5.0 + now.e2e_s)
     assert late.requests[0]["ttft_s"] == pytest.approx(now.requests[0]["ttft_s"])
     assert late.requests[0]["arrival_s"] == 5.0 and late.requests[0]["queue_s"] == pytest.approx(0.0)
+
+
+def test_bench_arrival_rate_reports_percentiles_and_slo_per_rate(tmp_path):
+    import json
+
+    from duoserve_core.bench.__main__ import main
+
+    out = tmp_path / "load.json"
+    code = main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len",
+                 "8", "--gen", "3", "--policies", "lru", "--arrival-rate", "4,40", "--requests", "3",
+                 "--max-batch", "2", "--slo-ttft-ms", "0.001", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert code == 0 and [r["arrival_rate"] for r in rows] == [4.0, 40.0]
+    for r in rows:
+        assert r["requests"] == 3 and r["max_batch"] == 2 and r["slots"] == 8
+        assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["slo_attainment"] == 0.0  # nobody meets 1 us
+    assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--arrival-rate", "4", "--max-batch", "1,2",
+                 "--out", str(tmp_path / "x.json")]) == 2

@@ -255,6 +255,45 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     return rows
 
 
+def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int,
+                 prompt_len: int, gen: int, *, max_batch: int, memory_budget: str | int | None, seed: int = 0,
+                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False) -> list[dict]:
+    """Latency under load: for each arrival rate and policy, ``requests`` requests arriving as a seeded
+    Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
+    time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
+    the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike."""
+    from ..sim.qos import poisson_arrivals, summarize
+
+    runtime.configure(memory_budget=memory_budget, max_batch=1)
+    base = runtime.plan.budget_bytes
+    extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, max_batch - 1)
+    budget = None if base is None else base + extra
+    prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)] for i in range(requests)]
+    rows: list[dict] = []
+    with progress_bar(desc="arrivals", total=len(rates) * len(policies), unit="run", quiet=quiet) as tick:
+        for rate in rates:
+            arrivals = poisson_arrivals(rate, requests, seed)
+            for policy in policies:
+                try:
+                    runtime.configure(memory_budget=budget, max_batch=max_batch,
+                                      knobs=knobs.changed(policy=policy).effective())
+                    if not runtime.policy.holds_every_expert:
+                        runtime.empty_expert_cache()
+                    run = runtime.generate_many(prompts, max_batch=max_batch, max_new_tokens=gen, stop_at_eos=False,
+                                                arrivals=arrivals)
+                except (BudgetError, KnobError) as exc:
+                    rows.append({"arrival_rate": rate, "policy": policy, "skipped": str(exc)})
+                    tick()
+                    continue
+                records = [{"arrival_s": r.arrival_s, "queued_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
+                            "latency_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
+                rows.append({"arrival_rate": rate, "policy": policy, "max_batch": max_batch, "budget_bytes": budget,
+                             "slots": runtime.plan.num_slots, "mean_batch": run.mean_batch,
+                             "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s)})
+                tick()
+    return rows
+
+
 def batch_summary(run, rows: list[dict]) -> dict:
     """A ``BatchRun``'s figures for a table, with the copy floor read from its timeline."""
     decode = [r for r in rows if r["phase"] == "decode"]

@@ -18,7 +18,7 @@ from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible, print_line
 from ..knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
-from . import (REPEATS, BenchSetup, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
+from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
 
 
@@ -43,7 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--record-trace", default=None, help="write the routing the runs took (a trace) here")
     p.add_argument("--max-batch", type=listed(whole(1)), default=None,
                    help="batch sizes, e.g. 1,4,16,64: throughput and latency percentiles per policy, B requests "
-                        "decoded together (the budget adds the KV caches of the other B - 1)")
+                        "decoded together (the budget adds the KV caches of the other B - 1); with --arrival-rate, "
+                        "one size: the most requests decoding together")
+    p.add_argument("--arrival-rate", type=listed(number(0.0, above=True)), default=None,
+                   help="arrival rates per second, e.g. 0.5,1,2: --requests requests arriving as a seeded Poisson "
+                        "process, replayed in real time; percentiles and SLO attainment per rate and policy")
+    p.add_argument("--requests", type=whole(1), default=16, help="with --arrival-rate: requests per rate")
+    p.add_argument("--slo-ttft-ms", type=number(0.0, above=True), default=None)
+    p.add_argument("--slo-tpot-ms", type=number(0.0, above=True), default=None)
     sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
     sweep.add_argument("--sweep", action="store_true", help="sweep prompt lengths, budgets, depth and threshold")
     sweep.add_argument("--prompt-lens", type=listed(whole(1)), default="128,256,512,1024,2048")
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # --json: the record alone on stdout; the table, progress and "wrote" lines go to stderr
             with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
-                return (sweep if args.sweep else batches if args.max_batch else compare)(args, argv, stdout)
+                mode = sweep if args.sweep else under_load if args.arrival_rate else batches if args.max_batch else compare
+                return mode(args, argv, stdout)
         except DuoServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -172,6 +180,38 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     record["rows"] = rows
     atomic_write_json(out, record)
     print(format_batch_table(rows))
+    if args.json:
+        print(json.dumps(record), file=stdout)
+    print(f"wrote {out}")
+    return 0
+
+
+def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
+    """Latency percentiles and SLO attainment under Poisson arrivals (``bench.arrival_rows``)."""
+    sizes = [int(b) for b in (args.max_batch or "8").split(",")]
+    if len(sizes) != 1:
+        raise DuoServeError("--arrival-rate takes one --max-batch (the most requests decoding together), "
+                            f"got {args.max_batch}")
+    out = check_writable(output_path(args, "load"), args.force, "--out")  # before the model loads
+    knobs = knobs_from_args(args)
+    runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
+    rows = arrival_rows(runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
+                        args.requests, args.prompt_len, args.gen, max_batch=sizes[0], memory_budget=args.memory_budget,
+                        slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+                        slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json)
+    record = bench_record(device_label(args.device), command(argv), {})
+    record.pop("results")
+    record["rows"] = rows
+    atomic_write_json(out, record)
+    for r in rows:
+        if "skipped" in r:
+            print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} skipped: {r['skipped']}")
+            continue
+        tpot = r["tpot_s"]
+        print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} TTFT p50/p99 {r['ttft_s']['p50'] * 1e3:.1f}/"
+              f"{r['ttft_s']['p99'] * 1e3:.1f} ms  TPOT p50/p99 "
+              + ("-" if tpot["p50"] is None else f"{tpot['p50'] * 1e3:.1f}/{tpot['p99'] * 1e3:.1f} ms")
+              + f"  SLO {r['slo_attainment']:.0%}  mean batch {r['mean_batch']:.2f}")
     if args.json:
         print(json.dumps(record), file=stdout)
     print(f"wrote {out}")
