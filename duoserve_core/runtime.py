@@ -405,6 +405,17 @@ class Runtime:
             raise PromptError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
         return ids
 
+    def _begin_run(self, stop_at_eos: bool) -> set[int]:
+        """A measured run starts: the device idle with fresh peak-memory figures, the timeline's clock from
+        now, observers told; returns the token ids that end a request."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timeline.reset()
+        self.events.emit(StepEvent("request_started"))
+        eos = self.config.eos_token_id if stop_at_eos else None
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
     def _check_request(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int, where: str = "") -> None:
         if max_new_tokens < 1:
             raise PromptError("max_new_tokens must be at least 1")
@@ -446,14 +457,8 @@ class Runtime:
         """
         ids = self.encode(prompt, prompt_ids)
         self._check_request(ids, max_new_tokens, temperature, seed)
-        eos = self.config.eos_token_id if stop_at_eos else None
-        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        eos = self._begin_run(stop_at_eos)
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.timeline.reset()
-        self.events.emit(StepEvent("request_started"))
         if recorder is not None:
             self.executor.observers.append(recorder)
         try:
@@ -515,14 +520,8 @@ class Runtime:
         encoded = [self.encode(p, None) if isinstance(p, str) else self.encode(None, list(p)) for p in prompts]
         for i, ids in enumerate(encoded):
             self._check_request(ids, max_new_tokens, temperature, seed, f"prompt {i}: ")
-        eos = self.config.eos_token_id if stop_at_eos else None
-        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        eos = self._begin_run(stop_at_eos)
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.timeline.reset()
-        self.events.emit(StepEvent("request_started"))
         start = self.cache.stats.as_dict()
         waiting = sorted(range(len(encoded)), key=lambda i: arrivals[i])  # stable: ties keep the input order
         active: list[_Active] = []

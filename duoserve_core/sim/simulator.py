@@ -305,7 +305,7 @@ class Simulator:
         for step in range(new_tokens):
             phase = Phase.PREFILL if step == 0 else Phase.DECODE
             first = 0 if step == 0 else prompt_tokens + step - 1
-            self._step(step, phase, prompt_tokens if step == 0 else 1, first, request_id)
+            self._step_many(step, phase, [(request_id, first, prompt_tokens if step == 0 else 1)])
             if step == 0:
                 ttft = self.clocks.host
                 counts.mark()
@@ -368,9 +368,6 @@ class Simulator:
         if self.cal.synchronous:
             c.host = c.compute
         self.events.emit(SpanEvent("whole", "compute", kind, layer, start_s=start, end_s=c.compute))
-
-    def _step(self, step: int, phase: Phase, n_tokens: int, first: int, request_id: int) -> None:
-        self._step_many(step, phase, [(request_id, first, n_tokens)])
 
     def _step_many(self, step: int, phase: Phase, segments: list[tuple[int, int, int]]) -> None:
         """One forward over ``segments`` ((request, first position, tokens) each, the runtime's
