@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..knob_args import Parser
 from ..errors import DeviceError, DuoServeError
 from ..progress import interruptible, shows_progress
 from ..traces import read_trace
@@ -77,8 +78,8 @@ def _share(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m duoserve_core.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m duoserve_core.predict", description=__doc__,  # one-line errors
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fit a predictor on one or more traces")

@@ -58,6 +58,7 @@ from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
 from ..atomic import atomic_write_bytes, check_writable
+from ..knob_args import Parser
 from ..errors import DuoServeError
 from ..progress import interruptible, reraise_interrupt
 from ..traces import Trace, TraceMeta, read_trace, write_trace
@@ -424,8 +425,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m duoserve_core.predict.llapor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m duoserve_core.predict.llapor", description=__doc__,  # one-line errors
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fit LLaPor on traces recorded with --hidden-dims")
     t.add_argument("--trace", action="append", required=True, help="training trace (repeat for several; one basis)")
