@@ -9,23 +9,17 @@ single weight is read.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from transformers import DynamicCache, MixtralForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding
+import torch.nn.functional as F
+from transformers import MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb
 
 from .checkpoint import TensorSource
 from .errors import CheckpointError, SettingError
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
 from .events import EventBus, SpanEvent
-
-# transformers renamed the KV-cache argument of the attention and mask functions from
-# ``past_key_values`` to ``cache`` within 5.x (later releases warn on the old name, earlier ones know only it).
-CACHE_KWARG = "cache" if "cache" in inspect.signature(MixtralAttention.forward).parameters else "past_key_values"
-_MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+from .kv_cache import RowKVCache
 
 
 ATTENTION_QUANT_CHOICES = ("none", "nf4")
@@ -86,58 +80,66 @@ def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None
 
 
 class OffloadedMixtral:
-    """A forward pass over transformers' Mixtral modules, one layer at a time.
+    """A forward pass over transformers' Mixtral modules, one layer at a time, for rows of a batch.
 
-    Written out (rather than calling ``MixtralModel.forward``) so that the runtime sees layer
-    boundaries: the policy hears ``layer_started`` before each attention (``on_layer_started``),
-    and attention is a span of its own, which the prefill pipeline and the timeline need.
+    Written out (rather than calling ``MixtralModel.forward``) for two reasons. The runtime sees
+    layer boundaries: the policy hears ``layer_started`` before each attention
+    (``on_layer_started``), and attention is a span of its own, which the prefill pipeline and the
+    timeline need. And continuous batching needs requests at different positions in one forward:
+    transformers' caches hold a batch whose rows advance together, so the KV cache here is one row
+    per request (``RowKVCache``) and attention takes per-row positions. The projections, the
+    rotary embedding and the norms are transformers' modules; the attention itself is torch's SDPA
+    with a mask of the row's own positions (``attend``).
     """
 
-    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started):
-        self.model, self.events, self.on_layer_started = model, events, on_layer_started
+    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started, kv: RowKVCache):
+        self.model, self.events, self.on_layer_started, self.kv = model, events, on_layer_started, kv
         self.config = model.config
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], row: int) -> torch.Tensor:
+        """A request's prompt into KV row ``row`` (empty until now): the last position's logits, ``[1, vocab]``
+        in fp32."""
+        return self._forward(torch.tensor([ids], device=self.kv.device), [row])
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits of the last position, ``[1, vocab]`` in fp32; ``cache`` is extended."""
-        return self.forward_batch([(input_ids, cache)])
+    def decode(self, tokens: list[int], rows: list[int]) -> torch.Tensor:
+        """One token per request (``tokens[i]`` for KV row ``rows[i]``), all requests in one forward:
+        logits ``[len(rows), vocab]`` in fp32.
 
-    @torch.inference_mode()
-    def forward_batch(self, requests: list[tuple[torch.Tensor, DynamicCache]]) -> torch.Tensor:
-        """One forward over several requests' new tokens (``[1, S_i]`` ids and the request's own cache
-        each): the last position's logits per request, ``[len(requests), vocab]`` in fp32.
-
-        Attention runs per request, on its own cache and positions, so a request's attention is the
-        same computation alone or in a batch; the MoE runs once over every request's tokens (the
-        union of their experts: one copy of an expert serves them all), and each token's output is
-        its own experts' rows summed in the fixed order (``experts.executor``). So a request's
+        The MoE runs once over every request's token (the union of their experts: one copy of an
+        expert serves them all), and each token's output is its own experts' rows summed in the
+        fixed order (``experts.executor``); attention reads each row's own keys. So a request's
         tokens do not depend on its batch mates, up to the rounding of a matmul over more rows.
         """
+        return self._forward(torch.tensor(tokens, device=self.kv.device)[:, None], rows)
+
+    def _forward(self, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Every layer over ``ids`` ``[B, S]``: one request's S prompt tokens, or B requests' one token each."""
         inner = self.model.model
-        mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        hidden, masks, rotaries = [], [], []
-        for input_ids, cache in requests:
-            h = inner.embed_tokens(input_ids)
-            past = cache.get_seq_length()
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
-            masks.append(mask_fn(config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids,
-                                 **{_MASK_CACHE_KWARG: cache}))
-            rotaries.append(inner.rotary_emb(h, position_ids=position_ids))
-            hidden.append(h)
-        lengths = [h.shape[1] for h in hidden]
+        positions, mask = self.kv.begin(rows, ids.shape[1], self.config.sliding_window)
+        hidden = inner.embed_tokens(ids)
+        rotary = inner.rotary_emb(hidden, position_ids=positions)
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
-            for i, (_, cache) in enumerate(requests):
-                attn, _ = layer.self_attn(layer.input_layernorm(hidden[i]), position_embeddings=rotaries[i],
-                                          attention_mask=masks[i], **{CACHE_KWARG: cache})
-                hidden[i] = hidden[i] + attn
+            hidden = hidden + attend(layer.self_attn, layer.input_layernorm(hidden), rotary, mask, self.kv, index)
             self.events.emit(SpanEvent("end", "compute", "attention", index))
-            tokens = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)  # [1, sum S_i, H]
-            moe = layer.mlp(layer.post_attention_layernorm(tokens))
-            hidden = [h + part for h, part in zip(hidden, moe.split(lengths, dim=1))]
-        last = inner.norm(torch.cat([h[:, -1] for h in hidden]))
-        return self.model.lm_head(last).float()
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.kv.end(ids.shape[1])
+        return self.model.lm_head(inner.norm(hidden[:, -1])).float()
+
+
+def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+           kv: RowKVCache, layer: int) -> torch.Tensor:
+    """``attn``'s self-attention for ``x`` ``[B, S, H]`` (the rows and positions ``kv.begin`` was told):
+    the new keys and values go into their rows, then each query attends to its row's visible keys."""
+    batch, seq, _ = x.shape
+    q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    keys, values = kv.write_and_read(layer, k, v)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                         enable_gqa=attn.num_key_value_groups > 1)
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -27,7 +27,9 @@ from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
-from .mixtral import CACHE_KWARG, OffloadedMixtral, build_skeleton, dense_bytes, materialize
+from .batching import Batcher, Request, sample
+from .kv_cache import RowKVCache
+from .mixtral import OffloadedMixtral, attend, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
 from .policy.host_lane import HostLane
 from .timeline import Timeline
@@ -283,7 +285,7 @@ class Runtime:
             # Free the slots now: the old policy and cache refer to each other, so without this the
             # buffer would live until the garbage collector ran, on top of the new one.
             self.engine.buffer = None
-            self.engine = self.cache = self.executor = None
+            self.engine = self.cache = self.executor = self.model = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         c = self.config
@@ -298,7 +300,8 @@ class Runtime:
                                        self.host_worker if self.host_lane.enabled else None)
         for layer in layers:
             layer.mlp.executor = self.executor
-        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started)
+        kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
+        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, kv)
 
     def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
@@ -326,21 +329,20 @@ class Runtime:
     def _decode_layer_host_s(self, repeats: int = 3) -> float:
         """Seconds to run one decode token through the first layer's norm, attention and router (queued
         and finished): the host work the CPU lane's wait delays (``LaneCosts.blocked_s``)."""
-        layer = self.skeleton.model.layers[0]
+        layer, kv = self.skeleton.model.layers[0], self.model.kv
         x = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        rotary = self.skeleton.model.rotary_emb(x, position_ids=position)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
         times = []
         for _ in range(repeats + 1):
-            cache = self.model.new_cache()
             sync(self.device)
             t0 = time.perf_counter()
-            attn, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=rotary, attention_mask=None,
-                                      **{CACHE_KWARG: cache})
+            positions, mask = kv.begin([0], 1, self.config.sliding_window)
+            rotary = self.skeleton.model.rotary_emb(x, position_ids=positions)
+            attn = attend(layer.self_attn, layer.input_layernorm(x), rotary, mask, kv, 0)
             layer.mlp.gate(layer.post_attention_layernorm(x + attn).reshape(1, -1))
             sync(self.device)
             times.append(time.perf_counter() - t0)
+        kv.release(0)
         return statistics.median(times[1:])
 
     # -- loading -----------------------------------------------------------------------------
@@ -496,8 +498,8 @@ class Runtime:
 
         Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
         next waiting request is prefilled alone and joins; then every active request decodes one
-        token in one forward (``OffloadedMixtral.forward_batch``: attention per request, the MoE
-        over all of them, so each expert is copied once per step for every request that needs it);
+        token in one forward (``OffloadedMixtral.decode``: attention over each request's own KV row, the
+        MoE over all of them, so each expert is copied once per step for every request that needs it);
         a request leaves at EOS or its token limit. Request ``i`` samples with the generator of
         ``seed`` and keeps request id ``i`` (a routing trace replays its request ``i``), so alone
         (``generate(..., seed=seed, request_id=i)``) it gives the same tokens, up to the rounding
@@ -523,47 +525,27 @@ class Runtime:
         eos = self._begin_run(stop_at_eos)
         cuda = self.device.type == "cuda"
         start = self.cache.stats.as_dict()
-        waiting = sorted(range(len(encoded)), key=lambda i: arrivals[i])  # stable: ties keep the input order
-        active: list[_Active] = []
-        done: dict[int, RequestResult] = {}
-        step = decode_steps = batched = 0
         t0 = time.perf_counter()
-        while waiting or active:
-            arrived = waiting and arrivals[waiting[0]] <= time.perf_counter() - t0
-            if not active and waiting and not arrived:  # idle until the next request arrives
-                time.sleep(max(0.0, arrivals[waiting[0]] - (time.perf_counter() - t0)))
+        batcher = Batcher(self, max_batch, eos, return_logits, clock=lambda: time.perf_counter() - t0)
+        pending = [Request(i, encoded[i], max_new_tokens, temperature, seed, arrivals[i])
+                   for i in sorted(range(len(encoded)), key=lambda i: arrivals[i])]  # stable: ties keep the input order
+        done: dict[int, RequestResult] = {}
+        while pending or batcher.busy:
+            while pending and pending[0].arrival_s <= batcher.clock():
+                batcher.submit(pending.pop(0))
+            if not batcher.busy:  # idle until the next request arrives
+                time.sleep(max(0.0, pending[0].arrival_s - batcher.clock()))
                 continue
-            if arrived and len(active) < max_batch:  # prefill first: a newcomer joins before the next decode step
-                i = waiting.pop(0)
-                request = _Active(i, self.model.new_cache(), torch.Generator().manual_seed(seed),
-                                  time.perf_counter() - t0, arrivals[i])
-                self.executor.begin_step(step, Phase.PREFILL, [(i, 0, len(encoded[i]))])
-                logits = self.model.forward(torch.tensor([encoded[i]], device=self.device), request.cache)
-                step += 1
-                active.append(request)
-                finished = [request] if request.take(logits[0], temperature, eos, max_new_tokens, return_logits,
-                                                     time.perf_counter() - t0) else []
-            else:
-                segments = [(r.index, r.cache.get_seq_length(), 1) for r in active]
-                self.executor.begin_step(step, Phase.DECODE, segments)
-                logits = self.model.forward_batch([(torch.tensor([[r.tokens[-1]]], device=self.device), r.cache)
-                                                   for r in active])
-                step += 1
-                decode_steps += 1
-                batched += len(active)
-                now = time.perf_counter() - t0
-                finished = [r for r, row in zip(active, logits)
-                            if r.take(row, temperature, eos, max_new_tokens, return_logits, now)]
-            for r in finished:
-                active.remove(r)
-                done[r.index] = r.result(len(encoded[r.index]), self.tokenizer)
+            for r in batcher.step():
+                done[r.index] = request_result(r, self.tokenizer)
         e2e = time.perf_counter() - t0
         total = stats_delta(start, self.cache.stats.as_dict())
         results = [done[i] for i in range(len(encoded))]
         return BatchRun(
             requests=results, max_batch=max_batch, e2e_s=e2e,
             tokens_per_s=sum(len(r.tokens) for r in results) / e2e if e2e > 0 else 0.0,
-            decode_steps=decode_steps, mean_batch=batched / decode_steps if decode_steps else 0.0,
+            decode_steps=batcher.decode_steps,
+            mean_batch=batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
             expert_misses=total["misses"], host_computes=total["host_computes"], device=device_name(self.device),
@@ -572,27 +554,31 @@ class Runtime:
     def _decode_loop(self, ids: list[int], max_new_tokens: int, temperature: float, generator: torch.Generator,
                      eos: set[int], return_logits: bool, recorder, request_id: int):
         """Prefill, then one token per step; returns tokens, logits, per-phase cache counts, TTFT, E2E."""
-        kv_cache = self.model.new_cache()
         tokens, logits_out = [], []
         counts = PhaseCounts(self.cache)
-        step_input = torch.tensor([ids], device=self.device)
         t0 = time.perf_counter()
         ttft = 0.0
-        for step in range(max_new_tokens):
-            phase = Phase.PREFILL if step == 0 else Phase.DECODE
-            self.executor.begin_step(step, phase, [(request_id, kv_cache.get_seq_length(), step_input.shape[1])])
-            logits = self.model.forward(step_input, kv_cache)
-            token = _sample(logits[0], temperature, generator)
-            tokens.append(token)
-            self.events.emit(StepEvent("step_done", step, phase.value))
-            if return_logits:
-                logits_out.append(logits[0].cpu())
-            if step == 0:
-                ttft = time.perf_counter() - t0
-                counts.mark()
-            if token in eos:
-                break
-            step_input = torch.tensor([[token]], device=self.device)
+        try:
+            for step in range(max_new_tokens):
+                phase = Phase.PREFILL if step == 0 else Phase.DECODE
+                if step == 0:
+                    self.executor.begin_step(step, phase, [(request_id, 0, len(ids))])
+                    logits = self.model.prefill(ids, row=0)
+                else:
+                    self.executor.begin_step(step, phase, [(request_id, len(ids) + step - 1, 1)])
+                    logits = self.model.decode([tokens[-1]], rows=[0])
+                token = sample(logits[0], temperature, generator)
+                tokens.append(token)
+                self.events.emit(StepEvent("step_done", step, phase.value))
+                if return_logits:
+                    logits_out.append(logits[0].cpu())
+                if step == 0:
+                    ttft = time.perf_counter() - t0
+                    counts.mark()
+                if token in eos:
+                    break
+        finally:
+            self.model.kv.release(0)
         e2e = time.perf_counter() - t0
         counts.mark()
         return tokens, logits_out, counts.phases(), ttft, e2e
@@ -618,33 +604,15 @@ class Runtime:
         return out
 
 
-class _Active:
-    """A request of ``generate_many`` while it decodes: its cache, its sampler, what it produced."""
-
-    def __init__(self, index: int, cache, generator: torch.Generator, started_s: float, arrived_s: float = 0.0):
-        self.index, self.cache, self.generator, self.started_s = index, cache, generator, started_s
-        self.arrived_s = arrived_s
-        self.tokens: list[int] = []
-        self.times: list[float] = []
-        self.logits: list[torch.Tensor] = []
-
-    def take(self, logits: torch.Tensor, temperature: float, eos: set[int], max_new_tokens: int,
-             keep_logits: bool, now_s: float) -> bool:
-        """Sample this step's token; whether the request is finished."""
-        token = _sample(logits, temperature, self.generator)
-        self.tokens.append(token)
-        self.times.append(now_s)
-        if keep_logits:
-            self.logits.append(logits.cpu())
-        return token in eos or len(self.tokens) >= max_new_tokens
-
-    def result(self, prompt_tokens: int, tokenizer) -> RequestResult:
-        first, last = self.times[0], self.times[-1]
-        return RequestResult(tokens=self.tokens, prompt_tokens=prompt_tokens, queue_s=self.started_s - self.arrived_s,
-                             ttft_s=first - self.arrived_s,
-                             tpot_s=(last - first) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None,
-                             e2e_s=last - self.arrived_s, arrival_s=self.arrived_s, text=tokenizer.decode(self.tokens) if tokenizer is not None else None,
-                             logits=self.logits or None)
+def request_result(active, tokenizer) -> RequestResult:
+    """A finished request of ``generate_many`` (a ``batching.ActiveRequest``), its times from its arrival."""
+    first, last, arrived = active.times[0], active.times[-1], active.request.arrival_s
+    n = len(active.tokens)
+    return RequestResult(tokens=active.tokens, prompt_tokens=len(active.request.ids),
+                         queue_s=active.started_s - arrived, ttft_s=first - arrived,
+                         tpot_s=(last - first) / (n - 1) if n > 1 else None, e2e_s=last - arrived, arrival_s=arrived,
+                         text=tokenizer.decode(active.tokens) if tokenizer is not None else None,
+                         logits=active.logits or None)
 
 
 def load(model: str | Path, *, device: str | torch.device | None = "auto", quant: str = "nf4",
@@ -690,13 +658,6 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
         raise CheckpointError(f"the tokenizer files in {path} cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); fix or remove them, "
                               "or pass token ids (--prompt-ids)") from exc
-
-
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def device_name(device: torch.device) -> str:

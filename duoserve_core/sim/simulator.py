@@ -372,7 +372,7 @@ class Simulator:
     def _step_many(self, step: int, phase: Phase, segments: list[tuple[int, int, int]]) -> None:
         """One forward over ``segments`` ((request, first position, tokens) each, the runtime's
         ``ExpertExecutor.begin_step`` order): attention per request at its own context, the router and
-        the experts over every token at once (``OffloadedMixtral.forward_batch``)."""
+        the experts over every token at once (``OffloadedMixtral.decode``)."""
         cal, c, p = self.cal, self.clocks, phase.value
         self.layer_step.begin_step(step, phase)
         c.host += cal.step_pre_s[p]
