@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import ExpertTensors, TensorSource, open_source
-from .errors import BudgetError, CheckpointError, DeviceError, KnobError, PromptError, SettingError
+from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache, stats_delta
 from .experts.executor import ExpertExecutor
@@ -513,9 +513,6 @@ class Runtime:
                               f"{self.plan.max_batch} request(s) at {self.max_context} tokens; load or configure it "
                               f"with max_batch={max_batch} (its KV caches need {format_bytes(more)} more, taken "
                               "from the expert slots)")
-        if max_batch > 1 and not self.policy.batches_decode:
-            raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token); "
-                            "use on-demand, lru, per-layer-lru, lru-speculative or resident, or max_batch=1")
         if not prompts:
             raise PromptError("no prompts given; pass at least one")
         arrivals = check_arrivals(arrivals, len(prompts))

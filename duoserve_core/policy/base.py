@@ -95,10 +95,6 @@ class Policy:
     # Whether an expert this policy releases may be taken back from its slot while no copy has
     # overwritten it (``ExpertCache``). Off for the baselines: on-demand keeps nothing by definition.
     reclaims_released = False
-    # Whether the policy reads a decode step of several tokens (a batch of requests) as such. The decode
-    # scheduler (duoserve, uniform) reads any step of more than one token as a prompt: it does not batch yet.
-    batches_decode = True
-
     def attach(self, cache: CacheView) -> None:
         """Called once when the runtime is built; may raise if the budget cannot serve the policy."""
         self.cache = cache

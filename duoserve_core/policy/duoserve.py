@@ -110,7 +110,6 @@ class DuoServePolicy(Policy):
     name = "duoserve"
     uses = frozenset({"predictor", "prefetch_depth", "predictor_threshold", "speculative_gate", "copy_slack"})
     reclaims_released = True   # the prefill window's released layers serve decode while their slots are intact
-    batches_decode = False     # its decode bookkeeping is per token: a step of several tokens reads as a prompt
     uniform = False            # True: the decode rule in both phases (``UniformPolicy``)
 
     def __init__(self, predictor=None, prefetch_depth: int = 2, predictor_threshold: float = 0.5,
@@ -131,6 +130,7 @@ class DuoServePolicy(Policy):
         self.usage = [[0.0] * E for _ in range(L)]  # decayed count of tokens that used (layer, expert)
         self.tokens = 0.0                             # decayed count of tokens
         self.top_k = 0                                # known from the first routing
+        self.batch = 1                                # requests in this decode step (``_batch_router_done``)
         self._values_now: dict[ExpertKey, float] | None = None  # this layer step's values, see _savings
         self.prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # this prompt's, per layer so far
         self.scores: dict[ExpertKey, float] = {}
@@ -176,6 +176,9 @@ class DuoServePolicy(Policy):
     def router_done(self, layer: int, topk: torch.Tensor, probs: torch.Tensor) -> Plan:
         self.top_k = topk.shape[1]
         self._values_now = None
+        self.batch = 1 if self.in_prompt else topk.shape[0]
+        if self.batch > 1:
+            return self._batch_router_done(layer, topk)
         if topk.shape[0] > 1:
             self._score_prompt_guesses(layer, topk)
             if self.in_prompt:
@@ -210,6 +213,38 @@ class DuoServePolicy(Policy):
             self.held = guesses
             return Plan()
         return self._plan(guesses)
+
+    def _batch_router_done(self, layer: int, topk: torch.Tensor) -> Plan:
+        """A decode step of B requests (continuous batching): the step's rows are different requests, in an
+        order that changes as requests join and leave, so the per-token sources (the previous token, the
+        trained predictor, which read one request's history) sit out; popularity stays, as the chance
+        that at least one of the B tokens uses an expert: 1 - (1 - share)^B (tokens taken as
+        independent draws). The gate's guesses are per row and are scored as a prompt's are. At batch
+        16 and more that chance nears 1 for most experts, and the rule becomes the prefill window's:
+        load the next layers whole."""
+        self._score_gate_rows(layer, topk)
+        self.prev_ids = None  # the next lone token has no predecessor on record
+        self.scores = {key: p for key, p in self.scores.items() if key[0] > layer}
+        if layer == 0:
+            self._age_usage(topk.shape[0])
+        used = topk.flatten().tolist()
+        for e in used:
+            self.usage[layer][e] += 1.0
+        self.latest[layer] = set(used)
+        self.visits.record(layer, self.latest[layer])
+        if layer == self.cache.num_layers - 1:
+            return Plan()
+        last = min(self.cache.num_layers, layer + 1 + self.depth)
+        guesses = [((target, e), self._union(self._share(target, e))) for target in range(layer + 1, last)
+                   for e in range(self.cache.num_experts)]
+        if self.wants_speculation:
+            self.held = guesses
+            return Plan()
+        return self._plan(guesses)
+
+    def _union(self, p: float) -> float:
+        """The chance that at least one of this step's tokens does what one does with chance ``p``."""
+        return 1.0 - (1.0 - p) ** self.batch
 
     def _age_usage(self, new_tokens: int) -> None:
         """A step starts: every count decays once, and ``new_tokens`` more tokens are on record."""
@@ -260,9 +295,17 @@ class DuoServePolicy(Policy):
         k = topk.shape[1]
         if self.gate is None:
             self.gate = SourceCalibration((self.cache.num_layers, k), 0.5)
-        if self.prefill or topk.shape[0] != 1:
+        if self.prefill or (self.in_prompt and topk.shape[0] != 1):
             self.pending[layer] = topk
             return Plan()
+        if topk.shape[0] > 1:  # a decode batch: an expert is used if any row's guess of it is right
+            self.pending[layer] = topk
+            miss: dict[int, float] = {}
+            for rank, column in enumerate(topk.t().tolist()):
+                for e in column:
+                    miss[e] = miss.get(e, 1.0) * (1.0 - self.gate.p(layer * k + rank))
+            held, self.held = self.held, []
+            return self._plan(held + [((layer, e), 1.0 - m) for e, m in miss.items()])
         ids = self.pending[layer] = topk[0].tolist()
         guesses = [((layer, e), self.gate.p(layer * k + rank)) for rank, e in enumerate(ids)]
         held, self.held = self.held, []
@@ -281,13 +324,17 @@ class DuoServePolicy(Policy):
     def _score_prompt_guesses(self, layer: int, topk: torch.Tensor) -> None:
         """The gate's guesses for a prompt's tokens at ``layer``, and how often consecutive prompt tokens
         repeat their predecessor's experts there (the previous-token source's record)."""
+        self._score_gate_rows(layer, topk)
+        right = (topk[:-1, :, None] == topk[1:, None, :]).any(dim=2).flatten()
+        self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
+
+    def _score_gate_rows(self, layer: int, topk: torch.Tensor) -> None:
+        """The gate's guesses for several tokens at ``layer`` (row by row) against their experts there."""
         guess = self.pending.pop(layer, None)
         if isinstance(guess, torch.Tensor) and guess.shape[0] == topk.shape[0] and self.gate is not None:
             right = (guess[:, :, None] == topk[:, None, :]).any(dim=2)  # [tokens, rank]
             ranks = torch.arange(right.shape[1]).expand_as(right)
             self.gate.record((torch.full_like(ranks, layer), ranks), right)
-        right = (topk[:-1, :, None] == topk[1:, None, :]).any(dim=2).flatten()
-        self.repeat.record((torch.full_like(right, layer, dtype=torch.int64),), right)
 
     def _score_guesses(self, layer: int, ids: list[int]) -> None:
         """Every source's earlier guesses for ``layer`` against a decode token's experts there."""
@@ -370,7 +417,7 @@ class DuoServePolicy(Policy):
             if layer < self.current_layer:
                 return -1.0                                  # its layer is done
             return 1.0 / (1 + layer - self.current_layer)    # nearer layers first
-        share = self._share(layer, key[1]) if self.tokens else 0.0
+        share = self._union(self._share(layer, key[1])) if self.tokens else 0.0
         recent = self.repeat.p(layer) if key[1] in self.latest[layer] else 0.0
         return max(self.scores.get(key, 0.0), share, recent)  # the best of its sources
 

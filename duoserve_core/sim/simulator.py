@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
-from ..errors import KnobError
 from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
 from ..experts.layer_step import LayerStep, PhaseCounts
@@ -320,8 +319,6 @@ class Simulator:
         (prefill first, up to ``max_batch`` decoding together, joining in arrival order; request ``i``
         replays trace request ``i``), clocks from zero; an idle simulator jumps to the next arrival.
         A request leaves when it has its tokens (no EOS here); its latencies count from its arrival."""
-        if max_batch > 1 and not self.policy.batches_decode:
-            raise KnobError(f"policy {self.policy.name} does not batch decode yet (its bookkeeping is per token)")
         self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
         self.engine.reset()
         self.timeline.reset()
