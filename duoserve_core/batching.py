@@ -95,6 +95,7 @@ class Batcher:
         for row in self.free_rows:  # a run cut short (an interrupt) may have left rows filled
             runtime.model.kv.release(row)
         self.steps = self.decode_steps = self.decoded = 0
+        self.decode_s = 0.0  # time in decode steps: the batch's throughput apart from its prefills
 
     @property
     def busy(self) -> bool:
@@ -129,6 +130,7 @@ class Batcher:
             self.active.append(active)
             finished = [active] if active.take(logits[0], self.eos, self.keep_logits, self.clock()) else []
         elif self.active:
+            began = self.clock()
             rows = [r.kv_row for r in self.active]
             self.runtime.executor.begin_step(
                 self.steps, Phase.DECODE,
@@ -139,6 +141,7 @@ class Batcher:
             self.decoded += len(self.active)
             now = self.clock()
             finished = [r for r, row in zip(self.active, logits) if r.take(row, self.eos, self.keep_logits, now)]
+            self.decode_s += now - began
         else:
             return []
         for r in finished:

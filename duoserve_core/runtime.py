@@ -94,6 +94,8 @@ class BatchRun:
     tokens_per_s: float             # generated tokens (first tokens included) per second of the run
     decode_steps: int
     mean_batch: float               # requests per decode step, on average
+    decode_s: float                 # time in decode steps (prefills apart)
+    decode_tokens_per_s: float      # tokens of decode steps per second of them: the batch's decode throughput
     peak_gpu_bytes: int | None
     h2d_bytes: int
     h2d_copies: int
@@ -543,6 +545,7 @@ class Runtime:
             tokens_per_s=sum(len(r.tokens) for r in results) / e2e if e2e > 0 else 0.0,
             decode_steps=batcher.decode_steps,
             mean_batch=batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
+            decode_s=batcher.decode_s, decode_tokens_per_s=batcher.decoded / batcher.decode_s if batcher.decode_s else 0.0,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
             expert_misses=total["misses"], host_computes=total["host_computes"], device=device_name(self.device),

@@ -201,7 +201,7 @@ def test_runtime_and_simulator_make_the_same_decisions_in_batches(tmp_path, poli
     simulated, steps = decisions(sim, lambda: sim.generate_many([(n, gen) for n in lengths], 3).decode_steps)
     assert len(real) > 0 and simulated == real
     batch = sim.generate_many([(n, gen) for n in lengths], 3)
-    assert batch.mean_batch > 1 and batch.decode_steps == steps[0]
+    assert batch.mean_batch > 1 and batch.decode_steps == steps[0] and 0 < batch.decode_s < batch.e2e_s
     assert all(0 <= r["queue_s"] <= r["ttft_s"] <= r["e2e_s"] <= batch.e2e_s for r in batch.requests)
 
 
@@ -223,6 +223,7 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
     assert three["mean_batch"] == 3 and one["mean_batch"] == 1 and three["h2d_copies"] < 3 * one["h2d_copies"]
     for r in (one, three):
         assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["tokens_per_s"] > 0 and r["experts_per_decode_step"] > 0
+        assert 0 < r["decode_s"] < r["e2e_s"] and r["decode_tokens_per_s"] > r["tokens_per_s"] * 0.5
 
 
 def test_requests_join_when_they_arrive(bundled):

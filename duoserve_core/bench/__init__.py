@@ -303,8 +303,9 @@ def batch_summary(run, rows: list[dict]) -> dict:
     copy_s = sum(copies) / len(copies) / 1e3 if copies else None
     floor = run.mean_batch / (per_step * copy_s) if copy_s and per_step else None
     out = {k: v for k, v in run.as_dict().items() if k not in ("requests", "policy")}
-    return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s, "copy_floor_tokens_per_s": floor,
-            "tokens_per_s_over_copy_floor": run.tokens_per_s / floor if floor else None}
+    return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s,
+            "copy_floor_tokens_per_s": floor,
+            "decode_tokens_per_s_over_copy_floor": run.decode_tokens_per_s / floor if floor else None}
 
 
 def summary(r: dict) -> dict:

@@ -229,6 +229,8 @@ class SimBatch:
     tokens_per_s: float
     decode_steps: int
     mean_batch: float
+    decode_s: float             # time in decode steps (prefills apart), as ``BatchRun``'s
+    decode_tokens_per_s: float
     counts: dict
     rows: list[dict] = field(repr=False)
 
@@ -329,6 +331,7 @@ class Simulator:
         made = {i: [] for i in range(len(requests))}  # each request's token times
         queued: dict[int, float] = {}
         step = decode_steps = batched = 0
+        decode_s = 0.0
         while waiting or active:
             arrived = waiting and arrivals[waiting[0]] <= self.clocks.host
             if not active and waiting and not arrived:  # idle until the next request arrives
@@ -342,7 +345,9 @@ class Simulator:
                 stepped = [i]
             else:
                 segments = [(i, requests[i][0] + len(made[i]) - 1, 1) for i in active]
+                began = self.clocks.host
                 self._step_many(step, Phase.DECODE, segments)
+                decode_s += self.clocks.host - began
                 decode_steps, batched, stepped = decode_steps + 1, batched + len(active), list(active)
             step += 1
             for i in stepped:
@@ -356,6 +361,7 @@ class Simulator:
                         "e2e_s": t[-1] - arrivals[i]} for i, t in made.items()]
         return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
                         decode_steps, batched / decode_steps if decode_steps else 0.0,
+                        decode_s, batched / decode_s if decode_s else 0.0,
                         stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
 
     def _compute(self, kind: str, layer: int, seconds: float) -> None:
