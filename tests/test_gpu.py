@@ -79,3 +79,19 @@ def test_warm_up_leaves_the_tokens_and_an_empty_cache():
     rt.warm_up()
     assert not rt.cache.resident()
     assert rt.generate(prompt_ids=PROMPT, max_new_tokens=8).tokens == before
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "duoserve"])
+def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy):
+    """Continuous batching on the GPU (row KV cache, one attention call per layer, the MoE over the batch):
+    each request's tokens equal its solo run's, near-ties told apart as in tests/test_batching.py."""
+    from test_batching import _prompts, assert_same_as_alone
+
+    rt = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4", dtype=torch.float32, policy=policy,
+                            memory_budget="4slots", max_context=64, max_batch=4)
+    prompts = _prompts(rt.config.vocab_size, 6, seed=11)
+    alone = [rt.generate(prompt_ids=p, max_new_tokens=8, stop_at_eos=False, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    run = rt.generate_many(prompts, max_batch=4, max_new_tokens=8, stop_at_eos=False, return_logits=True)
+    assert_same_as_alone(run, alone)
+    assert run.mean_batch > 1 and run.peak_gpu_bytes <= rt.plan.budget_bytes

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 14 on the GPU machine: continuous batching, throughput by batch size and latency under arrivals.
+# Synthesized Mixtral-8x7B, NF4 experts and attention, 15% at batch 1 (+ the batch's KV caches), prompt 512,
+# context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
+#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals   (carry [".whl"])
+# GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
+# MAXB (16) override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+set -uo pipefail
+source benchmarks/gpu_env.sh
+GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
+RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}
+COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
+        --routing-trace /tmp/mixtral_like_64.parquet)
+trace() {
+  [[ -f /tmp/mixtral_like_64.parquet ]] || timeout 120 python3 -m duoserve_core.traces synth --preset mixtral-like \
+      --seed 1 --requests 64 --tokens 128 --prompt-len 512 --out /tmp/mixtral_like_64.parquet --force > /dev/null
+}
+for stage in "$@"; do
+echo "== $stage ($(date +%T))"
+case $stage in
+check)
+  timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k batched > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
+batch)
+  trace
+  for policy in ${POLICIES//,/ }; do
+    timeout 400 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
+        --max-batch "$BATCHES" --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
+    tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
+  done ;;
+arrivals)
+  trace
+  timeout 560 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
+      --requests "$REQUESTS" --max-batch "$MAXB" --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like.json" \
+      > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log" ;;
+esac
+done
