@@ -1,4 +1,5 @@
-"""``python -m duoserve_core generate ...``: one generation, as a table or as JSON."""
+"""``python -m duoserve_core generate ...``: one generation, as a table or as JSON;
+``python -m duoserve_core serve ...``: an OpenAI-compatible HTTP server (``duoserve_core.server``)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,38 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from exc
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which model to load and how (``load_runtime`` reads them), shared by every
+    subcommand that loads one."""
+    parser.add_argument("--model", required=True, help="checkpoint folder, or synthetic:mixtral-8x7b|mixtral-8x22b|tiny")
+    parser.add_argument("--memory-budget", type=budget, default=None,
+                        help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="nf4",
+                        help="how experts are stored (none = checkpoint dtype)")
+    parser.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
+                        help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
+    parser.add_argument("--policy", choices=POLICIES, default="on-demand")
+    add_knob_arguments(parser)
+    parser.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--num-layers", type=whole(1), default=None, help="keep only the first N layers (quick runs)")
+    parser.add_argument("--max-context", type=whole(1), default=None, help="longest prompt + output to plan memory for")
+
+
+def load_runtime(args: argparse.Namespace, max_batch: int, **extra):
+    """The runtime ``add_model_arguments``' flags describe, its memory plan holding ``max_batch`` KV caches."""
+    return load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
+                num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
+                attention_quant=args.quant_attention, max_batch=max_batch,
+                knobs=knobs_from_args(args, args.policy), **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m duoserve_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate from a Mixtral checkpoint with offloaded experts")
-    g.add_argument("--model", required=True, help="checkpoint folder, or synthetic:mixtral-8x7b|mixtral-8x22b|tiny")
+    add_model_arguments(g)
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
     prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
@@ -41,17 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=whole(1), default=8,
                    help="with --prompts: requests decoded together (continuous batching, prefill first); the "
                         "memory plan holds their KV caches")
-    g.add_argument("--memory-budget", type=budget, default=None,
-                   help="device memory ceiling: 12GiB, 4.5GB, or 15%% of the model; default: 90%% of free GPU memory")
-    g.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help="how experts are stored (none = checkpoint dtype)")
-    g.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
-                   help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
-    g.add_argument("--policy", choices=POLICIES, default="on-demand")
-    add_knob_arguments(g)
-    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--num-layers", type=whole(1), default=None, help="keep only the first N layers (quick runs)")
-    g.add_argument("--max-context", type=whole(1), default=None, help="longest prompt + output to plan memory for")
     g.add_argument("--seed", type=seed, default=0, help="sampling seed, and the seed of synthesized weights")
     g.add_argument("--temperature", type=number(0.0), default=0.0, help="0 = greedy")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -60,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeline-out", default=None, help="write a Chrome trace (open in ui.perfetto.dev)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--force", action="store_true", help="replace --timeline-out if it exists")
+    s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (Ctrl-C stops)")
+    add_model_arguments(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=whole(0), default=8000, help="TCP port to listen on (0: any free one)")
+    s.add_argument("--max-batch", type=whole(1), default=8,
+                   help="requests decoded together (continuous batching, prefill first); the memory plan holds "
+                        "their KV caches, and further requests wait")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the checkpoint folder's name)")
     return parser
 
 
@@ -77,10 +103,8 @@ def read_prompts(path: str) -> list[str]:
 
 def generate(args: argparse.Namespace) -> dict:
     prompts = read_prompts(args.prompts) if args.prompts else None  # before the model loads
-    runtime = load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
-                   num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
-                   seed=args.seed, routing_trace=args.routing_trace, attention_quant=args.quant_attention,
-                   max_batch=args.max_batch if prompts is not None else 1, knobs=knobs_from_args(args, args.policy))
+    runtime = load_runtime(args, args.max_batch if prompts is not None else 1, seed=args.seed,
+                           routing_trace=args.routing_trace)
     if prompts is not None:
         run = runtime.generate_many(prompts, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
@@ -129,21 +153,44 @@ def _print_table(out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return interruptible(lambda: _run(args))  # Ctrl-C 130, SIGTERM 143, a closed pipe 141
+    command = serve_command if args.command == "serve" else generate_command
+    return interruptible(lambda: _one_line_errors(command, args))  # Ctrl-C 130, SIGTERM 143, a closed pipe 141
 
 
-def _run(args: argparse.Namespace) -> int:
+def _one_line_errors(command, args: argparse.Namespace) -> int:
+    """``command(args)``'s status, or 2 with ``error: ...`` on stderr for an error the user can act on."""
     try:
-        if args.timeline_out:
-            check_writable(args.timeline_out, args.force, "--timeline-out")  # before the model loads
-        exists = Path(args.model).is_dir() or args.model.startswith("synthetic:")  # else open_source says what is wrong
-        if args.prompt is not None and exists and not has_tokenizer(args.model):
-            raise PromptError(f"{args.model} has no tokenizer, so --prompt text cannot be encoded; pass token "
-                              "ids (--prompt-ids 1,2,3)")
-        out = generate(args)
+        return command(args)
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Load the model, then serve it until Ctrl-C (the port is taken first: a port in use fails at once)."""
+    from .server import bind, create_app, serve  # FastAPI and uvicorn only for this subcommand
+
+    if (Path(args.model).is_dir() or args.model.startswith("synthetic:")) and not has_tokenizer(args.model):
+        raise PromptError(f"{args.model} has no tokenizer; the server answers with text, so serve a checkpoint "
+                          "with tokenizer files")  # before the model loads
+    sock = bind(args.host, args.port)
+    try:
+        runtime = load_runtime(args, args.max_batch, record_timeline=False)
+        serve(create_app(runtime, max_batch=args.max_batch, model_name=args.served_model_name), sock)
+    finally:
+        sock.close()
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """One generation (or ``--prompts``' batch), printed as a table or as JSON."""
+    if args.timeline_out:
+        check_writable(args.timeline_out, args.force, "--timeline-out")  # before the model loads
+    exists = Path(args.model).is_dir() or args.model.startswith("synthetic:")  # else open_source says what is wrong
+    if args.prompt is not None and exists and not has_tokenizer(args.model):
+        raise PromptError(f"{args.model} has no tokenizer, so --prompt text cannot be encoded; pass token "
+                          "ids (--prompt-ids 1,2,3)")
+    out = generate(args)
     if args.json:
         print(json.dumps(out))
     elif "requests" in out:
