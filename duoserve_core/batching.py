@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
+from .errors import KnobError
 from .policy import Phase
 
 # why a request left: OpenAI's ``finish_reason`` values, and ours for a request nobody waits for
@@ -46,6 +47,7 @@ class ActiveRequest:
     def __init__(self, request: Request, kv_row: int, started_s: float):
         self.request, self.kv_row, self.started_s = request, kv_row, started_s
         self.generator = torch.Generator().manual_seed(request.seed)
+        self.prompt_done = 0            # prompt tokens in its KV row so far
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.logits: list[torch.Tensor] = []
@@ -55,12 +57,13 @@ class ActiveRequest:
     def index(self) -> int:
         return self.request.index
 
-    def take(self, logits: torch.Tensor, eos: set[int], keep_logits: bool, now_s: float) -> bool:
-        """Sample this step's token, tell the listener; whether the request is finished."""
-        token = sample(logits, self.request.temperature, self.generator)
+    def take(self, logits: torch.Tensor | None, eos: set[int], keep_logits: bool, now_s: float) -> bool:
+        """Sample this step's token, tell the listener; whether the request is finished. Without logits
+        (the simulator's steps) the token is a placeholder, 0."""
+        token = 0 if logits is None else sample(logits, self.request.temperature, self.generator)
         self.tokens.append(token)
         self.times.append(now_s)
-        if keep_logits:
+        if keep_logits and logits is not None:
             self.logits.append(logits.cpu())
         if token in eos:
             self.finish_reason = STOP
@@ -79,27 +82,60 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+SCHEDULES = ("prefill-first", "mixed")
+
+
+class StepForward(Protocol):
+    """What a batcher step runs: the runtime's model (``Runtime.batcher``), or the simulator's clocks."""
+
+    def __call__(self, step: int, phase: Phase, segments: list[tuple[int, int, int]],
+                 decode: tuple[list[int], list[int]] | None,
+                 chunk: tuple[list[int], int] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One forward of the decode tokens ``(tokens, KV rows)`` and a prompt chunk ``(ids, KV row)``, either
+        may be absent; ``segments`` say where their tokens sit, decode tokens first. Returns the decode
+        logits and the chunk's last position's logits (``None`` where absent, or with no model)."""
+
+    def release(self, row: int) -> None:
+        """KV row ``row`` is free."""
+
+
 class Batcher:
-    """The waiting queue and the active batch of one runtime; ``step`` runs one forward.
+    """The waiting queue and the active batch of one runtime (or simulator); ``step`` runs one forward.
+
+    ``schedule``: ``prefill-first`` prefills a newcomer alone, in one forward, while the others wait
+    (their decode pauses for one prefill); ``mixed`` runs its prompt, in chunks of ``prefill_chunk``
+    tokens (default: the whole prompt), in the same forward as one decode token of every active
+    request. On an offloaded model a prompt of a few hundred tokens touches every expert of every
+    layer, so a prompt step costs the copy of the whole model whatever else rides in it: the decode
+    tokens ride for free, while each extra chunk costs another full pass (see docs/cli.md for the
+    measured comparison and the default).
 
     ``clock`` gives the seconds that arrival, start and token times are measured on (the caller's
     run clock). Not thread-safe: one thread submits, cancels and steps (the server's engine thread).
     """
 
-    def __init__(self, runtime, max_batch: int, eos: set[int], keep_logits: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.runtime, self.max_batch, self.eos, self.keep_logits, self.clock = runtime, max_batch, eos, keep_logits, clock
+    def __init__(self, forward: StepForward, max_batch: int, eos: set[int], keep_logits: bool = False,
+                 clock: Callable[[], float] = time.perf_counter, schedule: str = "prefill-first",
+                 prefill_chunk: int | None = None):
+        if schedule not in SCHEDULES:
+            raise KnobError(f"unknown prefill schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if prefill_chunk is not None and (schedule != "mixed" or isinstance(prefill_chunk, bool)
+                                          or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise KnobError(f"prefill_chunk {prefill_chunk!r}: a whole number of tokens, with the mixed schedule only")
+        self.forward, self.max_batch, self.eos, self.keep_logits, self.clock = forward, max_batch, eos, keep_logits, clock
+        self.schedule, self.prefill_chunk = schedule, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.active: list[ActiveRequest] = []
+        self.filling: ActiveRequest | None = None   # a request whose prompt is partly in its KV row
         self.free_rows = list(range(max_batch))
         for row in self.free_rows:  # a run cut short (an interrupt) may have left rows filled
-            runtime.model.kv.release(row)
+            forward.release(row)
         self.steps = self.decode_steps = self.decoded = 0
-        self.decode_s = 0.0  # time in decode steps: the batch's throughput apart from its prefills
+        self.decode_s = 0.0  # time in steps with decode tokens
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self.filling)
 
     def submit(self, request: Request) -> None:
         self.waiting.append(request)
@@ -111,6 +147,11 @@ class Batcher:
             if request.index == index:
                 self.waiting.remove(request)
                 return None
+        if self.filling is not None and self.filling.index == index:
+            dropped, self.filling = self.filling, None
+            self._free(dropped)
+            dropped.finish_reason = CANCELLED
+            return dropped
         for active in self.active:
             if active.index == index:
                 active.finish_reason = CANCELLED
@@ -119,36 +160,64 @@ class Batcher:
         return None
 
     def step(self) -> list[ActiveRequest]:
-        """One forward: the next waiting request's prefill if there is room, else one decode token for
-        every active request. Returns the requests that finished in it."""
-        if self.waiting and len(self.active) < self.max_batch:
-            request = self.waiting.popleft()
-            active = ActiveRequest(request, self.free_rows.pop(0), self.clock())
-            self.runtime.executor.begin_step(self.steps, Phase.PREFILL, [(request.index, 0, len(request.ids))])
-            logits = self.runtime.model.prefill(request.ids, active.kv_row)
-            self.steps += 1
-            self.active.append(active)
-            finished = [active] if active.take(logits[0], self.eos, self.keep_logits, self.clock()) else []
+        """One forward: a prompt (or its next chunk) if one is being filled or waits with room for it,
+        else one decode token for every active request. Returns the requests that finished in it."""
+        if self.filling is None and self.waiting and len(self.active) < self.max_batch:
+            self.filling = ActiveRequest(self.waiting.popleft(), self.free_rows.pop(0), self.clock())
+        if self.filling is not None:
+            finished = self._prompt_step(self.filling)
         elif self.active:
+            riding = list(self.active)
             began = self.clock()
-            rows = [r.kv_row for r in self.active]
-            self.runtime.executor.begin_step(
-                self.steps, Phase.DECODE,
-                [(r.index, len(r.request.ids) + len(r.tokens) - 1, 1) for r in self.active])
-            logits = self.runtime.model.decode([r.tokens[-1] for r in self.active], rows)
-            self.steps += 1
-            self.decode_steps += 1
-            self.decoded += len(self.active)
-            now = self.clock()
-            finished = [r for r, row in zip(self.active, logits) if r.take(row, self.eos, self.keep_logits, now)]
-            self.decode_s += now - began
+            logits, _ = self.forward(self.steps, Phase.DECODE, _decode_segments(riding), _decode_inputs(riding), None)
+            finished = self._took(riding, logits, began)
         else:
             return []
         for r in finished:
             self._leave(r)
         return finished
 
+    def _prompt_step(self, fill: ActiveRequest) -> list[ActiveRequest]:
+        ids, start = fill.request.ids, fill.prompt_done
+        chunk = ids[start:] if self.prefill_chunk is None else ids[start:start + self.prefill_chunk]
+        riding = list(self.active) if self.schedule == "mixed" else []
+        began = self.clock()
+        logits, last = self.forward(self.steps, Phase.PREFILL,
+                                    _decode_segments(riding) + [(fill.index, start, len(chunk))],
+                                    _decode_inputs(riding) if riding else None, (chunk, fill.kv_row))
+        finished = self._took(riding, logits, began) if riding else []
+        if not riding:
+            self.steps += 1
+        fill.prompt_done += len(chunk)
+        if fill.prompt_done == len(ids):
+            self.filling = None
+            self.active.append(fill)
+            if fill.take(None if last is None else last[0], self.eos, self.keep_logits, self.clock()):
+                finished.append(fill)
+        return finished
+
+    def _took(self, riding: list[ActiveRequest], logits: torch.Tensor | None, began: float) -> list[ActiveRequest]:
+        """The decode tokens of a step: each riding request samples its token; those that finished."""
+        self.steps += 1
+        self.decode_steps += 1
+        self.decoded += len(riding)
+        now = self.clock()
+        self.decode_s += now - began
+        rows = [None] * len(riding) if logits is None else logits
+        return [r for r, row in zip(riding, rows) if r.take(row, self.eos, self.keep_logits, now)]
+
     def _leave(self, active: ActiveRequest) -> None:
         self.active.remove(active)
-        self.free_rows.append(active.kv_row)
-        self.runtime.model.kv.release(active.kv_row)
+        self._free(active)
+
+    def _free(self, request: ActiveRequest) -> None:
+        self.free_rows.append(request.kv_row)
+        self.forward.release(request.kv_row)
+
+
+def _decode_segments(riding: list[ActiveRequest]) -> list[tuple[int, int, int]]:
+    return [(r.index, len(r.request.ids) + len(r.tokens) - 1, 1) for r in riding]
+
+
+def _decode_inputs(riding: list[ActiveRequest]) -> tuple[list[int], list[int]]:
+    return [r.tokens[-1] for r in riding], [r.kv_row for r in riding]

@@ -19,8 +19,10 @@ from .errors import PromptError
 class RowKVCache:
     """Keys and values ``[layers, rows, kv_heads, max_context, head_dim]`` and each row's length.
 
-    A forward first says where its tokens go (``begin``: rows, positions, the width its queries read),
-    then each layer writes its new keys and values and reads its rows back (``write_and_read``).
+    A forward first says where its tokens go (``place``: rows and how many new tokens each), then
+    each layer writes its new keys and values and reads its rows back (``write_and_read`` with that
+    placement); ``advance`` records the new lengths once every layer has run. A forward may hold two
+    placements (a prompt chunk beside the decode tokens of the others: ``OffloadedMixtral.mixed``).
     """
 
     def __init__(self, config, rows: int, max_context: int, dtype: torch.dtype, device: torch.device):
@@ -30,9 +32,6 @@ class RowKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.rows, self.max_context, self.device = rows, max_context, device
         self.lengths = [0] * rows           # tokens held per row, on the host (no sync to read them)
-        self._rows: list[int] = []
-        self._row_index = self._slots = None
-        self._width = 0
 
     @property
     def nbytes(self) -> int:
@@ -42,44 +41,53 @@ class RowKVCache:
         """Row ``row`` is free for the next request (its stale values stay, always masked)."""
         self.lengths[row] = 0
 
-    def begin(self, rows: list[int], new_tokens: int, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A forward of ``new_tokens`` tokens for each of ``rows`` (several rows: one token each) starts
-        at each row's length. Returns the token positions ``[B, S]`` and the attention mask
-        ``[B, 1, S, width]`` (True where a key is visible: at or before the query's position, and
-        within the sliding window if the model has one)."""
+    def place(self, rows: list[int], new_tokens: int, sliding_window: int | None) -> "Placement":
+        """Where a forward's tokens go: ``new_tokens`` tokens for each of ``rows`` (several rows: one token
+        each), from each row's length on."""
         if len(rows) > 1 and new_tokens != 1:
             raise ValueError("several rows advance one token each")
         for row in rows:
             if self.lengths[row] + new_tokens > self.max_context:
                 raise PromptError(f"request in KV row {row} would hold {self.lengths[row] + new_tokens} tokens, "
                                   f"more than the max_context of {self.max_context}")
-        starts = [self.lengths[row] for row in rows]
-        positions = torch.tensor([[s + i for i in range(new_tokens)] for s in starts], device=self.device)
-        self._width = max(starts) + new_tokens
-        self._rows = rows
-        self._row_index = torch.tensor(rows, device=self.device)
-        self._slots = positions[:, 0]
-        keys = torch.arange(self._width, device=self.device)
-        visible = keys[None, None, :] <= positions[:, :, None]
-        if sliding_window is not None:
-            visible &= positions[:, :, None] - keys[None, None, :] < sliding_window
-        return positions, visible[:, None]
+        return Placement(self, rows, new_tokens, sliding_window)
 
-    def end(self, new_tokens: int) -> None:
-        """The forward's tokens are in the cache: every row it covered is ``new_tokens`` longer."""
-        for row in self._rows:
-            self.lengths[row] += new_tokens
+    def advance(self, placement: "Placement") -> None:
+        """The placement's tokens are in the cache: its rows are that much longer."""
+        for row in placement.rows:
+            self.lengths[row] += placement.new_tokens
 
-    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's keys and values ``[B, kv_heads, S, head_dim]`` of ``layer``; return each
-        row's keys and values up to the forward's width, ``[B, kv_heads, width, head_dim]``."""
+    def write_and_read(self, layer: int, at: "Placement", k: torch.Tensor,
+                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``layer``'s new keys and values ``[B, kv_heads, S, head_dim]`` where ``at`` says; return each
+        row's keys and values up to the placement's width, ``[B, kv_heads, width, head_dim]``."""
         keys, values = self.keys[layer], self.values[layer]
-        if len(self._rows) == 1:  # one request (a prefill or a lone decode): contiguous positions, plain slices
-            row, start = self._rows[0], self.lengths[self._rows[0]]
+        if len(at.rows) == 1:  # one request (a prompt or a lone decode): contiguous positions, plain slices
+            row, start = at.rows[0], at.starts[0]
             keys[row, :, start:start + k.shape[2]] = k[0]
             values[row, :, start:start + k.shape[2]] = v[0]
-            return keys[row:row + 1, :, :self._width], values[row:row + 1, :, :self._width]
-        keys[self._row_index, :, self._slots] = k[:, :, 0]
-        values[self._row_index, :, self._slots] = v[:, :, 0]
-        return (keys[:, :, :self._width].index_select(0, self._row_index),
-                values[:, :, :self._width].index_select(0, self._row_index))
+            return keys[row:row + 1, :, :at.width], values[row:row + 1, :, :at.width]
+        keys[at.row_index, :, at.slots] = k[:, :, 0]
+        values[at.row_index, :, at.slots] = v[:, :, 0]
+        return (keys[:, :, :at.width].index_select(0, at.row_index),
+                values[:, :, :at.width].index_select(0, at.row_index))
+
+
+class Placement:
+    """A forward's tokens in the cache: their rows, positions ``[B, S]`` and attention mask
+    ``[B, 1, S, width]`` (True where a key is visible: at or before the query's position, and within
+    the sliding window if the model has one)."""
+
+    def __init__(self, cache: RowKVCache, rows: list[int], new_tokens: int, sliding_window: int | None):
+        device = cache.device
+        self.rows, self.new_tokens = rows, new_tokens
+        self.starts = [cache.lengths[row] for row in rows]
+        self.positions = torch.tensor([[s + i for i in range(new_tokens)] for s in self.starts], device=device)
+        self.width = max(self.starts) + new_tokens
+        self.row_index = torch.tensor(rows, device=device)
+        self.slots = self.positions[:, 0]
+        keys = torch.arange(self.width, device=device)
+        visible = keys[None, None, :] <= self.positions[:, :, None]
+        if sliding_window is not None:
+            visible &= self.positions[:, :, None] - keys[None, None, :] < sliding_window
+        self.mask = visible[:, None]

@@ -19,7 +19,7 @@ from .errors import CheckpointError, SettingError
 from .experts.executor import OffloadedMoE
 from .nf4 import NF4Linear
 from .events import EventBus, SpanEvent
-from .kv_cache import RowKVCache
+from .kv_cache import Placement, RowKVCache
 
 
 ATTENTION_QUANT_CHOICES = ("none", "nf4")
@@ -100,7 +100,7 @@ class OffloadedMixtral:
     def prefill(self, ids: list[int], row: int) -> torch.Tensor:
         """A request's prompt into KV row ``row`` (empty until now): the last position's logits, ``[1, vocab]``
         in fp32."""
-        return self._forward(torch.tensor([ids], device=self.kv.device), [row])
+        return self._forward([(torch.tensor([ids], device=self.kv.device), [row])])[0]
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], rows: list[int]) -> torch.Tensor:
@@ -112,34 +112,52 @@ class OffloadedMixtral:
         fixed order (``experts.executor``); attention reads each row's own keys. So a request's
         tokens do not depend on its batch mates, up to the rounding of a matmul over more rows.
         """
-        return self._forward(torch.tensor(tokens, device=self.kv.device)[:, None], rows)
+        return self._forward([(torch.tensor(tokens, device=self.kv.device)[:, None], rows)])[0]
 
-    def _forward(self, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Every layer over ``ids`` ``[B, S]``: one request's S prompt tokens, or B requests' one token each."""
+    @torch.inference_mode()
+    def mixed(self, tokens: list[int], rows: list[int], chunk: list[int], chunk_row: int) -> list[torch.Tensor]:
+        """The decode tokens of ``rows`` (as ``decode``) and a chunk of one prompt (``chunk``, continuing KV
+        row ``chunk_row``) in one forward: one attention per group, one MoE over all their tokens
+        (decode tokens first), so an expert copied for the prompt serves the decode tokens too.
+        Returns the decode logits ``[len(rows), vocab]`` (when there are rows) and the chunk's last
+        position's ``[1, vocab]``."""
+        device = self.kv.device
+        groups = [(torch.tensor(tokens, device=device)[:, None], rows)] if rows else []
+        return self._forward(groups + [(torch.tensor([chunk], device=device), [chunk_row])])
+
+    def _forward(self, groups: list[tuple[torch.Tensor, list[int]]]) -> list[torch.Tensor]:
+        """Every layer over each group's ids ``[B, S]`` with its KV rows (one row's S prompt tokens, or B
+        rows' one token each): each group's last-position logits, in fp32."""
         inner = self.model.model
-        positions, mask = self.kv.begin(rows, ids.shape[1], self.config.sliding_window)
-        hidden = inner.embed_tokens(ids)
-        rotary = inner.rotary_emb(hidden, position_ids=positions)
+        placements = [self.kv.place(rows, ids.shape[1], self.config.sliding_window) for ids, rows in groups]
+        hidden = [inner.embed_tokens(ids) for ids, _ in groups]
+        rotary = [inner.rotary_emb(h, position_ids=at.positions) for h, at in zip(hidden, placements)]
+        sizes = [h.shape[0] * h.shape[1] for h in hidden]
+        width = self.config.hidden_size
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
-            hidden = hidden + attend(layer.self_attn, layer.input_layernorm(hidden), rotary, mask, self.kv, index)
+            hidden = [h + attend(layer.self_attn, layer.input_layernorm(h), r, at, self.kv, index)
+                      for h, r, at in zip(hidden, rotary, placements)]
             self.events.emit(SpanEvent("end", "compute", "attention", index))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        self.kv.end(ids.shape[1])
-        return self.model.lm_head(inner.norm(hidden[:, -1])).float()
+            tokens = torch.cat([h.reshape(-1, width) for h in hidden])[None]  # [1, all tokens, H]
+            moe = layer.mlp(layer.post_attention_layernorm(tokens))[0].split(sizes)
+            hidden = [h + part.view_as(h) for h, part in zip(hidden, moe)]
+        for at in placements:
+            self.kv.advance(at)
+        return [self.model.lm_head(inner.norm(h[:, -1])).float() for h in hidden]
 
 
-def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], at: Placement,
            kv: RowKVCache, layer: int) -> torch.Tensor:
-    """``attn``'s self-attention for ``x`` ``[B, S, H]`` (the rows and positions ``kv.begin`` was told):
-    the new keys and values go into their rows, then each query attends to its row's visible keys."""
+    """``attn``'s self-attention for ``x`` ``[B, S, H]`` placed in the cache by ``at``: the new keys and
+    values go into their rows, then each query attends to its row's visible keys."""
     batch, seq, _ = x.shape
     q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, *rotary)
-    keys, values = kv.write_and_read(layer, k, v)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+    keys, values = kv.write_and_read(layer, at, k, v)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, scale=attn.scaling,
                                          enable_gqa=attn.num_key_value_groups > 1)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -94,8 +94,9 @@ class BatchRun:
     tokens_per_s: float             # generated tokens (first tokens included) per second of the run
     decode_steps: int
     mean_batch: float               # requests per decode step, on average
-    decode_s: float                 # time in decode steps (prefills apart)
-    decode_tokens_per_s: float      # tokens of decode steps per second of them: the batch's decode throughput
+    decode_s: float                 # time in steps with decode tokens (prefill-first: prefills apart)
+    decode_tokens_per_s: float      # decode tokens per second of those steps: the batch's decode throughput
+    prefill_schedule: str           # how newcomers' prompts met the decode (``batching.Batcher``)
     peak_gpu_bytes: int | None
     h2d_bytes: int
     h2d_copies: int
@@ -338,13 +339,12 @@ class Runtime:
         for _ in range(repeats + 1):
             sync(self.device)
             t0 = time.perf_counter()
-            positions, mask = kv.begin([0], 1, self.config.sliding_window)
-            rotary = self.skeleton.model.rotary_emb(x, position_ids=positions)
-            attn = attend(layer.self_attn, layer.input_layernorm(x), rotary, mask, kv, 0)
+            at = kv.place([0], 1, self.config.sliding_window)
+            rotary = self.skeleton.model.rotary_emb(x, position_ids=at.positions)
+            attn = attend(layer.self_attn, layer.input_layernorm(x), rotary, at, kv, 0)
             layer.mlp.gate(layer.post_attention_layernorm(x + attn).reshape(1, -1))
             sync(self.device)
             times.append(time.perf_counter() - t0)
-        kv.release(0)
         return statistics.median(times[1:])
 
     # -- loading -----------------------------------------------------------------------------
@@ -490,13 +490,15 @@ class Runtime:
 
     def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
                       temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                      return_logits: bool = False, arrivals: list[float] | None = None) -> BatchRun:
+                      return_logits: bool = False, arrivals: list[float] | None = None,
+                      prefill_schedule: str = "prefill-first", prefill_chunk: int | None = None) -> BatchRun:
         """Generate for every prompt (text, or a list of token ids), up to ``max_batch`` requests at once.
 
         ``max_batch``: at most the memory plan's (``load(..., max_batch=N)``, whose plan holds N
         requests' KV caches), which is the default. ``arrivals``: when each request arrives, in seconds
         from the call (replayed in real time; default: all at once); a request's queueing, TTFT and E2E
-        count from its arrival, and requests join in the order they arrive.
+        count from its arrival, and requests join in the order they arrive. ``prefill_schedule`` and
+        ``prefill_chunk``: how a newcomer's prompt meets the others' decode (``batching.Batcher``).
 
         Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
         next waiting request is prefilled alone and joins; then every active request decodes one
@@ -525,7 +527,8 @@ class Runtime:
         cuda = self.device.type == "cuda"
         start = self.cache.stats.as_dict()
         t0 = time.perf_counter()
-        batcher = Batcher(self, max_batch, eos, return_logits, clock=lambda: time.perf_counter() - t0)
+        batcher = self.batcher(max_batch, eos, return_logits, lambda: time.perf_counter() - t0, prefill_schedule,
+                               prefill_chunk)
         pending = [Request(i, encoded[i], max_new_tokens, temperature, seed, arrivals[i])
                    for i in sorted(range(len(encoded)), key=lambda i: arrivals[i])]  # stable: ties keep the input order
         done: dict[int, RequestResult] = {}
@@ -546,10 +549,17 @@ class Runtime:
             decode_steps=batcher.decode_steps,
             mean_batch=batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
             decode_s=batcher.decode_s, decode_tokens_per_s=batcher.decoded / batcher.decode_s if batcher.decode_s else 0.0,
+            prefill_schedule=prefill_schedule if prefill_chunk is None else f"{prefill_schedule}, chunks of {prefill_chunk}",
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
             expert_misses=total["misses"], host_computes=total["host_computes"], device=device_name(self.device),
             policy={**self.policy.describe(), **self._lane_description()})
+
+    def batcher(self, max_batch: int, eos: set[int], keep_logits: bool = False,
+                clock=time.perf_counter, prefill_schedule: str = "prefill-first",
+                prefill_chunk: int | None = None) -> Batcher:
+        """A continuous batcher over this runtime's model (``generate_many`` and the server drive one)."""
+        return Batcher(_ModelStep(self), max_batch, eos, keep_logits, clock, prefill_schedule, prefill_chunk)
 
     def _decode_loop(self, ids: list[int], max_new_tokens: int, temperature: float, generator: torch.Generator,
                      eos: set[int], return_logits: bool, recorder, request_id: int):
@@ -602,6 +612,26 @@ class Runtime:
         out["cpu_experts"] = self.knobs.cpu_experts  # as asked; ``cpu_lane`` says what runs
         out["cpu_lane"] = self.host_lane.mode if self.host_lane_note is None else f"off ({self.host_lane_note})"
         return out
+
+
+class _ModelStep:
+    """A batcher step on the runtime: the executor learns the step's segments, the model runs it."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def __call__(self, step, phase, segments, decode, chunk):
+        self.runtime.executor.begin_step(step, phase, segments)
+        model = self.runtime.model
+        if chunk is None:
+            return model.decode(*decode), None
+        if decode is None:
+            return None, model.mixed([], [], *chunk)[0]
+        logits, last = model.mixed(*decode, *chunk)
+        return logits, last
+
+    def release(self, row: int) -> None:
+        self.runtime.model.kv.release(row)
 
 
 def request_result(active, tokenizer) -> RequestResult:

@@ -276,3 +276,33 @@ def test_bench_arrival_rate_reports_percentiles_and_slo_per_rate(tmp_path):
         assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["slo_attainment"] == 0.0  # nobody meets 1 us
     assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--arrival-rate", "4", "--max-batch", "1,2",
                  "--out", str(tmp_path / "x.json")]) == 2
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "duoserve"])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_mixed_schedule_requests_equal_alone(bundled, policy, chunk):
+    """The mixed schedule: a newcomer's prompt (whole, or in chunks of 3 tokens continuing its KV row) runs in
+    the same forward as the others' decode tokens; every request's tokens still equal its solo run's, and
+    the decode of the others goes on while a prompt is filled (fewer steps than prefill-first)."""
+    bundled.configure(policy=policy, memory_budget="6slots", max_batch=6)
+    prompts = _prompts(bundled.config.vocab_size, 5, seed=12)
+    alone = [bundled.generate(prompt_ids=p, max_new_tokens=6, stop_at_eos=False, return_logits=True, request_id=i)
+             for i, p in enumerate(prompts)]
+    first = bundled.generate_many(prompts, max_batch=3, max_new_tokens=6, stop_at_eos=False)
+    mixed = bundled.generate_many(prompts, max_batch=3, max_new_tokens=6, stop_at_eos=False, return_logits=True,
+                                  prefill_schedule="mixed", prefill_chunk=chunk)
+    assert_same_as_alone(mixed, alone)
+    if chunk is None:
+        assert mixed.decode_steps + len(prompts) > first.decode_steps and mixed.e2e_s > 0
+    assert mixed.prefill_schedule.startswith("mixed")
+
+
+def test_bad_schedules_are_named(bundled):
+    from duoserve_core.errors import KnobError
+
+    with pytest.raises(KnobError, match="unknown prefill schedule 'chunky'"):
+        bundled.generate_many([[5]], prefill_schedule="chunky")
+    with pytest.raises(KnobError, match="with the mixed schedule only"):
+        bundled.generate_many([[5]], prefill_chunk=4)
+    with pytest.raises(KnobError, match="prefill_chunk 0"):
+        bundled.generate_many([[5]], prefill_schedule="mixed", prefill_chunk=0)

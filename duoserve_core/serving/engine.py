@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..batching import Batcher, Request
+from ..batching import Request
 from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Engine:
                               f"{runtime.plan.max_batch} request(s); load it with max_batch={max_batch}")
         self.runtime, self.max_batch = runtime, max_batch
         self.eos = runtime._begin_run(stop_at_eos=True)
-        self.batcher = Batcher(runtime, max_batch, self.eos)
+        self.batcher = runtime.batcher(max_batch, self.eos)
         self.cancelled = self.failed_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}   # requests submitted and not yet finished (engine thread only)
@@ -146,7 +146,7 @@ class Engine:
         waiting = list(self.batcher.waiting)
         waiting_ids = {r.index for r in waiting}
         self._fail([i for i in self._sinks if i not in waiting_ids], f"generation failed: {type(exc).__name__}: {exc}")
-        self.batcher = Batcher(self.runtime, self.max_batch, self.eos)  # releases every KV row
+        self.batcher = self.runtime.batcher(self.max_batch, self.eos)  # releases every KV row
         for request in waiting:
             self.batcher.submit(request)
 
