@@ -14,7 +14,7 @@ from .errors import DuoServeError, PromptError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
 from .progress import interruptible
-from .knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, number, seed, whole
+from .knob_args import Parser, add_knob_arguments, add_schedule_arguments, budget, device, knobs_from_args, number, seed, whole
 from .policy import POLICIES
 from .units import format_bytes
 
@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a text file, one prompt per line: generate for all of them, --max-batch at once")
     g.add_argument("--max-new-tokens", type=whole(1), default=32)
     g.add_argument("--max-batch", type=whole(1), default=8,
-                   help="with --prompts: requests decoded together (continuous batching, prefill first); the "
-                        "memory plan holds their KV caches")
+                   help="with --prompts: requests decoded together (continuous batching); the memory plan holds "
+                        "their KV caches")
+    add_schedule_arguments(g)
     g.add_argument("--seed", type=seed, default=0, help="sampling seed, and the seed of synthesized weights")
     g.add_argument("--temperature", type=number(0.0), default=0.0, help="0 = greedy")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -82,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=whole(0), default=8000, help="TCP port to listen on (0: any free one)")
     s.add_argument("--max-batch", type=whole(1), default=8,
-                   help="requests decoded together (continuous batching, prefill first); the memory plan holds "
-                        "their KV caches, and further requests wait")
+                   help="requests decoded together (continuous batching); the memory plan holds their KV caches, "
+                        "and further requests wait")
+    add_schedule_arguments(s)
     s.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the checkpoint folder's name)")
     return parser
@@ -107,7 +109,8 @@ def generate(args: argparse.Namespace) -> dict:
                            routing_trace=args.routing_trace)
     if prompts is not None:
         run = runtime.generate_many(prompts, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos)
+                                    temperature=args.temperature, seed=args.seed, stop_at_eos=not args.ignore_eos,
+                                    prefill_schedule=args.prefill_schedule, prefill_chunk=args.prefill_chunk)
         out = {**run.as_dict(), "runtime": runtime.describe()}
     else:
         result = runtime.generate(args.prompt, prompt_ids=args.prompt_ids, max_new_tokens=args.max_new_tokens,
@@ -176,7 +179,8 @@ def serve_command(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         runtime = load_runtime(args, args.max_batch, record_timeline=False)
-        serve(create_app(runtime, max_batch=args.max_batch, model_name=args.served_model_name), sock)
+        serve(create_app(runtime, max_batch=args.max_batch, model_name=args.served_model_name,
+                         prefill_schedule=args.prefill_schedule, prefill_chunk=args.prefill_chunk), sock)
     finally:
         sock.close()
     return 0

@@ -85,6 +85,26 @@ def listed(item: Callable[[str], object]) -> Callable[[str], str]:
     return parse
 
 
+def schedule(text: str) -> str:
+    """A prefill schedule of continuous batching (``batching.SCHEDULES``)."""
+    from .batching import SCHEDULES
+
+    if text not in SCHEDULES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a prefill schedule; choose one of {', '.join(SCHEDULES)}")
+    return text
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """``--prefill-schedule`` (several, comma-separated, where ``many``) and ``--prefill-chunk``, one spelling for
+    generate, serve and the bench."""
+    parser.add_argument("--prefill-schedule", type=listed(schedule) if many else schedule, default="prefill-first",
+                        help="how a newcomer's prompt meets the others' decode: prefill-first (alone, the others "
+                             "wait one step) or mixed (in the same forward as their decode tokens)"
+                             + ("; comma-separated to compare" if many else ""))
+    parser.add_argument("--prefill-chunk", type=whole(1), default=None,
+                        help="with --prefill-schedule mixed: prompt tokens per step (default: the whole prompt)")
+
+
 def budget(text: str) -> str:
     """An argparse type: a memory budget ``memory.resolve_budget`` reads (bytes, %, Nslots or all)."""
     try:

@@ -40,12 +40,13 @@ class ListenError(DuoServeError, RuntimeError):
     """The server cannot listen where it was asked to (the port is taken, the address is not ours)."""
 
 
-def create_app(runtime, *, max_batch: int, model_name: str | None = None) -> FastAPI:
+def create_app(runtime, *, max_batch: int, model_name: str | None = None, prefill_schedule: str = "prefill-first",
+               prefill_chunk: int | None = None) -> FastAPI:
     """The app over ``runtime``: its engine (``app.state.engine``) starts and stops with the app."""
     if runtime.tokenizer is None:
         raise PromptError(f"{runtime.source.name} has no tokenizer; the server answers with text, so serve a "
                           "checkpoint with tokenizer files")
-    engine = Engine(runtime, max_batch)
+    engine = Engine(runtime, max_batch, prefill_schedule, prefill_chunk)
     name = model_name or runtime.source.name
 
     @asynccontextmanager

@@ -268,9 +268,11 @@ def test_bench_arrival_rate_reports_percentiles_and_slo_per_rate(tmp_path):
     out = tmp_path / "load.json"
     code = main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len",
                  "8", "--gen", "3", "--policies", "lru", "--arrival-rate", "4,40", "--requests", "3",
-                 "--max-batch", "2", "--slo-ttft-ms", "0.001", "--out", str(out)])
+                 "--max-batch", "2", "--slo-ttft-ms", "0.001", "--prefill-schedule", "prefill-first,mixed",
+                 "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert code == 0 and [r["arrival_rate"] for r in rows] == [4.0, 40.0]
+    assert code == 0 and [(r["arrival_rate"], r["prefill_schedule"]) for r in rows] == [
+        (4.0, "prefill-first"), (4.0, "mixed"), (40.0, "prefill-first"), (40.0, "mixed")]
     for r in rows:
         assert r["requests"] == 3 and r["max_batch"] == 2 and r["slots"] == 8
         assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["slo_attainment"] == 0.0  # nobody meets 1 us

@@ -37,6 +37,8 @@ writes ``benchmarks/results/sweep_<device>_<date>.json``, one row per measuremen
 
 from __future__ import annotations
 
+import itertools
+
 import datetime
 import json
 import re
@@ -215,7 +217,8 @@ def make_prompt(length: int, seed: int = 0) -> list[int]:
 
 
 def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batches: list[int], prompt_len: int,
-               gen: int, *, memory_budget: str | int | None, repeats: int = REPEATS, quiet: bool = False) -> list[dict]:
+               gen: int, *, memory_budget: str | int | None, repeats: int = REPEATS, quiet: bool = False,
+               schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None) -> list[dict]:
     """Throughput and latency by batch size: for each batch size B and policy, B requests (distinct
     prompts of ``prompt_len`` tokens, ``gen`` tokens each) submitted at once and decoded together
     (``Runtime.generate_many``), one warm-up then the median of ``repeats`` runs by E2E. The budget of
@@ -228,36 +231,37 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     base = runtime.plan.budget_bytes
     rows: list[dict] = []
-    with progress_bar(desc="batches", total=len(batches) * len(policies) * (repeats + 1), unit="run",
+    with progress_bar(desc="batches", total=len(batches) * len(policies) * len(schedules) * (repeats + 1), unit="run",
                       quiet=quiet) as tick:
-        for b in batches:
+        for b, schedule, policy in itertools.product(batches, schedules, policies):
             extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, b - 1)
             budget = None if base is None else base + extra
             prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)] for i in range(b)]
-            for policy in policies:
-                runs = []
-                try:
-                    runtime.configure(memory_budget=budget, max_batch=b, knobs=knobs.changed(policy=policy).effective())
-                    for _ in range(repeats + 1):
-                        if not runtime.policy.holds_every_expert:
-                            runtime.empty_expert_cache()
-                        runs.append((runtime.generate_many(prompts, max_batch=b, max_new_tokens=gen, stop_at_eos=False),
-                                     runtime.timeline.rows()))
-                        tick()
-                except (BudgetError, KnobError) as exc:
-                    rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
-                    tick(repeats + 1 - len(runs))
-                    continue
-                run, timeline = sorted(runs[1:], key=lambda r: r[0].e2e_s)[len(runs[1:]) // 2]
-                rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
-                             "slots": runtime.plan.num_slots, **batch_summary(run, timeline),
-                             "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
+            runs = []
+            try:
+                runtime.configure(memory_budget=budget, max_batch=b, knobs=knobs.changed(policy=policy).effective())
+                for _ in range(repeats + 1):
+                    if not runtime.policy.holds_every_expert:
+                        runtime.empty_expert_cache()
+                    runs.append((runtime.generate_many(prompts, max_batch=b, max_new_tokens=gen, stop_at_eos=False,
+                                                       prefill_schedule=schedule, prefill_chunk=prefill_chunk),
+                                 runtime.timeline.rows()))
+                    tick()
+            except (BudgetError, KnobError) as exc:
+                rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
+                tick(repeats + 1 - len(runs))
+                continue
+            run, timeline = sorted(runs[1:], key=lambda r: r[0].e2e_s)[len(runs[1:]) // 2]
+            rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
+                         "slots": runtime.plan.num_slots, **batch_summary(run, timeline),
+                         "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
     return rows
 
 
 def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int,
                  prompt_len: int, gen: int, *, max_batch: int, memory_budget: str | int | None, seed: int = 0,
-                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False) -> list[dict]:
+                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
+                 schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None) -> list[dict]:
     """Latency under load: for each arrival rate and policy, ``requests`` requests arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
@@ -270,24 +274,27 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
     budget = None if base is None else base + extra
     prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)] for i in range(requests)]
     rows: list[dict] = []
-    with progress_bar(desc="arrivals", total=len(rates) * len(policies), unit="run", quiet=quiet) as tick:
+    with progress_bar(desc="arrivals", total=len(rates) * len(policies) * len(schedules), unit="run",
+                      quiet=quiet) as tick:
         for rate in rates:
             arrivals = poisson_arrivals(rate, requests, seed)
-            for policy in policies:
+            for schedule, policy in itertools.product(schedules, policies):
                 try:
                     runtime.configure(memory_budget=budget, max_batch=max_batch,
                                       knobs=knobs.changed(policy=policy).effective())
                     if not runtime.policy.holds_every_expert:
                         runtime.empty_expert_cache()
                     run = runtime.generate_many(prompts, max_batch=max_batch, max_new_tokens=gen, stop_at_eos=False,
-                                                arrivals=arrivals)
+                                                arrivals=arrivals, prefill_schedule=schedule,
+                                                prefill_chunk=prefill_chunk)
                 except (BudgetError, KnobError) as exc:
                     rows.append({"arrival_rate": rate, "policy": policy, "skipped": str(exc)})
                     tick()
                     continue
                 records = [{"arrival_s": r.arrival_s, "queued_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
                             "latency_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
-                rows.append({"arrival_rate": rate, "policy": policy, "max_batch": max_batch, "budget_bytes": budget,
+                rows.append({"arrival_rate": rate, "policy": policy, "prefill_schedule": run.prefill_schedule,
+                             "max_batch": max_batch, "budget_bytes": budget,
                              "slots": runtime.plan.num_slots, "mean_batch": run.mean_batch,
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s)})
                 tick()

@@ -16,7 +16,7 @@ from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible, print_line
-from ..knob_args import Parser, add_knob_arguments, budget, device, knobs_from_args, listed, number, whole
+from ..knob_args import Parser, add_knob_arguments, add_schedule_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="arrival rates per second, e.g. 0.5,1,2: --requests requests arriving as a seeded Poisson "
                         "process, replayed in real time; percentiles and SLO attainment per rate and policy")
     p.add_argument("--requests", type=whole(1), default=16, help="with --arrival-rate: requests per rate")
+    add_schedule_arguments(p, many=True)
     p.add_argument("--slo-ttft-ms", type=number(0.0, above=True), default=None)
     p.add_argument("--slo-tpot-ms", type=number(0.0, above=True), default=None)
     sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
@@ -174,7 +175,8 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     rows = batch_rows(runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")],
                       args.prompt_len, args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
-                      quiet=args.json)
+                      quiet=args.json, schedules=tuple(args.prefill_schedule.split(",")),
+                      prefill_chunk=args.prefill_chunk)
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
     record["rows"] = rows
@@ -198,7 +200,8 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
     rows = arrival_rows(runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
                         args.requests, args.prompt_len, args.gen, max_batch=sizes[0], memory_budget=args.memory_budget,
                         slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
-                        slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json)
+                        slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
+                        schedules=tuple(args.prefill_schedule.split(",")), prefill_chunk=args.prefill_chunk)
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
     record["rows"] = rows
@@ -208,7 +211,7 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
             print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} skipped: {r['skipped']}")
             continue
         tpot = r["tpot_s"]
-        print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} TTFT p50/p99 {r['ttft_s']['p50'] * 1e3:.1f}/"
+        print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} {r['prefill_schedule']:<14} TTFT p50/p99 {r['ttft_s']['p50'] * 1e3:.1f}/"
               f"{r['ttft_s']['p99'] * 1e3:.1f} ms  TPOT p50/p99 "
               + ("-" if tpot["p50"] is None else f"{tpot['p50'] * 1e3:.1f}/{tpot['p99'] * 1e3:.1f} ms")
               + f"  SLO {r['slo_attainment']:.0%}  mean batch {r['mean_batch']:.2f}")

@@ -57,13 +57,16 @@ class Engine:
     string); ``failed_steps`` counts steps that raised. Both are for tests and monitoring.
     """
 
-    def __init__(self, runtime, max_batch: int):
+    def __init__(self, runtime, max_batch: int, prefill_schedule: str = "prefill-first",
+                 prefill_chunk: int | None = None):
         if max_batch > runtime.plan.max_batch:  # the batcher would write past the KV cache's rows
             raise BudgetError(f"max_batch {max_batch}: the runtime's memory plan holds the KV caches of "
                               f"{runtime.plan.max_batch} request(s); load it with max_batch={max_batch}")
         self.runtime, self.max_batch = runtime, max_batch
+        self.schedule = (prefill_schedule, prefill_chunk)
         self.eos = runtime._begin_run(stop_at_eos=True)
-        self.batcher = runtime.batcher(max_batch, self.eos)
+        self.batcher = runtime.batcher(max_batch, self.eos, prefill_schedule=prefill_schedule,
+                                       prefill_chunk=prefill_chunk)
         self.cancelled = self.failed_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Sink] = {}   # requests submitted and not yet finished (engine thread only)
@@ -146,7 +149,8 @@ class Engine:
         waiting = list(self.batcher.waiting)
         waiting_ids = {r.index for r in waiting}
         self._fail([i for i in self._sinks if i not in waiting_ids], f"generation failed: {type(exc).__name__}: {exc}")
-        self.batcher = self.runtime.batcher(self.max_batch, self.eos)  # releases every KV row
+        self.batcher = self.runtime.batcher(self.max_batch, self.eos, prefill_schedule=self.schedule[0],
+                                            prefill_chunk=self.schedule[1])  # releases every KV row
         for request in waiting:
             self.batcher.submit(request)
 
