@@ -81,8 +81,9 @@ def test_warm_up_leaves_the_tokens_and_an_empty_cache():
     assert rt.generate(prompt_ids=PROMPT, max_new_tokens=8).tokens == before
 
 
-@pytest.mark.parametrize("policy", ["on-demand", "duoserve"])
-def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy):
+@pytest.mark.parametrize("policy,schedule", [("on-demand", "prefill-first"), ("duoserve", "prefill-first"),
+                                             ("duoserve", "mixed")])
+def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy, schedule):
     """Continuous batching on the GPU (row KV cache, one attention call per layer, the MoE over the batch):
     each request's tokens equal its solo run's, near-ties told apart as in tests/test_batching.py."""
     from test_batching import _prompts, assert_same_as_alone
@@ -92,6 +93,7 @@ def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy):
     prompts = _prompts(rt.config.vocab_size, 6, seed=11)
     alone = [rt.generate(prompt_ids=p, max_new_tokens=8, stop_at_eos=False, return_logits=True, request_id=i)
              for i, p in enumerate(prompts)]
-    run = rt.generate_many(prompts, max_batch=4, max_new_tokens=8, stop_at_eos=False, return_logits=True)
+    run = rt.generate_many(prompts, max_batch=4, max_new_tokens=8, stop_at_eos=False, return_logits=True,
+                           prefill_schedule=schedule)
     assert_same_as_alone(run, alone)
     assert run.mean_batch > 1 and run.peak_gpu_bytes <= rt.plan.budget_bytes
