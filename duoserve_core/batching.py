@@ -2,9 +2,9 @@
 
 One engine for both ways requests come: ``Runtime.generate_many`` (a fixed list, arrival times
 replayed) and the server (``duoserve_core.server``: requests from clients at any time, cancelled
-when a client goes away). The schedule is prefill first: whenever fewer than ``max_batch``
-requests decode and one waits, the next waiting request is prefilled alone and joins; otherwise
-every active request decodes one token in one forward (``OffloadedMixtral.decode``: the
+when a client goes away). Whenever fewer than ``max_batch`` requests decode and one waits, the
+next waiting request's prompt runs (alone, or with the others' decode tokens: ``schedule``) and it
+joins; otherwise every active request decodes one token in one forward (``OffloadedMixtral.decode``: the
 MoE over all of them, so an expert is copied once per step for every request that needs it).
 
 A request samples with its own generator (seeded by its ``seed``) and keeps its id, so its
@@ -83,6 +83,7 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator)
 
 
 SCHEDULES = ("prefill-first", "mixed")
+DEFAULT_SCHEDULE = "mixed"  # measured on the H200: see docs/cli.md ("Prefill schedules")
 
 
 class StepForward(Protocol):
@@ -107,15 +108,16 @@ class Batcher:
     tokens (default: the whole prompt), in the same forward as one decode token of every active
     request. On an offloaded model a prompt of a few hundred tokens touches every expert of every
     layer, so a prompt step costs the copy of the whole model whatever else rides in it: the decode
-    tokens ride for free, while each extra chunk costs another full pass (see docs/cli.md for the
-    measured comparison and the default).
+    tokens ride for free, while each extra chunk costs another full pass. ``mixed``, whole prompts, is
+    the default: on the H200 it cut TPOT p50 by 19-37% under Poisson arrivals at an equal TTFT p99
+    (docs/cli.md, "Prefill schedules").
 
     ``clock`` gives the seconds that arrival, start and token times are measured on (the caller's
     run clock). Not thread-safe: one thread submits, cancels and steps (the server's engine thread).
     """
 
     def __init__(self, forward: StepForward, max_batch: int, eos: set[int], keep_logits: bool = False,
-                 clock: Callable[[], float] = time.perf_counter, schedule: str = "prefill-first",
+                 clock: Callable[[], float] = time.perf_counter, schedule: str = DEFAULT_SCHEDULE,
                  prefill_chunk: int | None = None):
         if schedule not in SCHEDULES:
             raise KnobError(f"unknown prefill schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -130,8 +132,10 @@ class Batcher:
         self.free_rows = list(range(max_batch))
         for row in self.free_rows:  # a run cut short (an interrupt) may have left rows filled
             forward.release(row)
+        # decode steps (decode tokens only): their count, tokens and time, the batch's decode throughput;
+        # a prompt step's riding decode tokens (the mixed schedule) count with the prompt's step
         self.steps = self.decode_steps = self.decoded = 0
-        self.decode_s = 0.0  # time in steps with decode tokens
+        self.decode_s = 0.0
 
     @property
     def busy(self) -> bool:
@@ -170,7 +174,12 @@ class Batcher:
             riding = list(self.active)
             began = self.clock()
             logits, _ = self.forward(self.steps, Phase.DECODE, _decode_segments(riding), _decode_inputs(riding), None)
-            finished = self._took(riding, logits, began)
+            self.steps += 1
+            self.decode_steps += 1
+            self.decoded += len(riding)
+            now = self.clock()
+            self.decode_s += now - began
+            finished = _take_all(riding, logits, self.eos, self.keep_logits, now)
         else:
             return []
         for r in finished:
@@ -181,13 +190,12 @@ class Batcher:
         ids, start = fill.request.ids, fill.prompt_done
         chunk = ids[start:] if self.prefill_chunk is None else ids[start:start + self.prefill_chunk]
         riding = list(self.active) if self.schedule == "mixed" else []
-        began = self.clock()
         logits, last = self.forward(self.steps, Phase.PREFILL,
                                     _decode_segments(riding) + [(fill.index, start, len(chunk))],
                                     _decode_inputs(riding) if riding else None, (chunk, fill.kv_row))
-        finished = self._took(riding, logits, began) if riding else []
-        if not riding:
-            self.steps += 1
+        self.steps += 1
+        now = self.clock()
+        finished = _take_all(riding, logits, self.eos, self.keep_logits, now)
         fill.prompt_done += len(chunk)
         if fill.prompt_done == len(ids):
             self.filling = None
@@ -196,16 +204,6 @@ class Batcher:
                 finished.append(fill)
         return finished
 
-    def _took(self, riding: list[ActiveRequest], logits: torch.Tensor | None, began: float) -> list[ActiveRequest]:
-        """The decode tokens of a step: each riding request samples its token; those that finished."""
-        self.steps += 1
-        self.decode_steps += 1
-        self.decoded += len(riding)
-        now = self.clock()
-        self.decode_s += now - began
-        rows = [None] * len(riding) if logits is None else logits
-        return [r for r, row in zip(riding, rows) if r.take(row, self.eos, self.keep_logits, now)]
-
     def _leave(self, active: ActiveRequest) -> None:
         self.active.remove(active)
         self._free(active)
@@ -213,6 +211,13 @@ class Batcher:
     def _free(self, request: ActiveRequest) -> None:
         self.free_rows.append(request.kv_row)
         self.forward.release(request.kv_row)
+
+
+def _take_all(riding: list[ActiveRequest], logits: torch.Tensor | None, eos: set[int], keep_logits: bool,
+              now: float) -> list[ActiveRequest]:
+    """Each riding request takes its decode token (a placeholder without logits); those that finished."""
+    rows = [None] * len(riding) if logits is None else logits
+    return [r for r, row in zip(riding, rows) if r.take(row, eos, keep_logits, now)]
 
 
 def _decode_segments(riding: list[ActiveRequest]) -> list[tuple[int, int, int]]:

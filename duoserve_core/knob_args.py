@@ -15,6 +15,7 @@ import argparse
 import math
 from typing import Callable
 
+from .batching import DEFAULT_SCHEDULE, SCHEDULES
 from .policy import DEFAULT_KNOBS, PolicyKnobs
 from .policy.host_lane import HOST_LANE_MODES
 from .units import check_budget
@@ -87,20 +88,20 @@ def listed(item: Callable[[str], object]) -> Callable[[str], str]:
 
 def schedule(text: str) -> str:
     """A prefill schedule of continuous batching (``batching.SCHEDULES``)."""
-    from .batching import SCHEDULES
-
     if text not in SCHEDULES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a prefill schedule; choose one of {', '.join(SCHEDULES)}")
     return text
 
 
-def add_schedule_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
+def add_schedule_arguments(parser: argparse.ArgumentParser, many: bool = False, default: str | None = DEFAULT_SCHEDULE,
+                           default_note: str = "") -> None:
     """``--prefill-schedule`` (several, comma-separated, where ``many``) and ``--prefill-chunk``, one spelling for
     generate, serve and the bench."""
-    parser.add_argument("--prefill-schedule", type=listed(schedule) if many else schedule, default="prefill-first",
-                        help="how a newcomer's prompt meets the others' decode: prefill-first (alone, the others "
-                             "wait one step) or mixed (in the same forward as their decode tokens)"
-                             + ("; comma-separated to compare" if many else ""))
+    parser.add_argument("--prefill-schedule", type=listed(schedule) if many else schedule, default=default,
+                        help="how a newcomer's prompt meets the others' decode: mixed (in the same forward as their "
+                             "decode tokens) or prefill-first (alone, the others wait one step)"
+                             + ("; comma-separated to compare" if many else "") + (default_note or
+                             f"; default {DEFAULT_SCHEDULE}"))
     parser.add_argument("--prefill-chunk", type=whole(1), default=None,
                         help="with --prefill-schedule mixed: prompt tokens per step (default: the whole prompt)")
 

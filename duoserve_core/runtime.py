@@ -27,7 +27,7 @@ from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
-from .batching import Batcher, Request, sample
+from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
 from .kv_cache import RowKVCache
 from .mixtral import OffloadedMixtral, attend, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
@@ -94,8 +94,8 @@ class BatchRun:
     tokens_per_s: float             # generated tokens (first tokens included) per second of the run
     decode_steps: int
     mean_batch: float               # requests per decode step, on average
-    decode_s: float                 # time in steps with decode tokens (prefill-first: prefills apart)
-    decode_tokens_per_s: float      # decode tokens per second of those steps: the batch's decode throughput
+    decode_s: float                 # time in decode steps (steps with no prompt tokens)
+    decode_tokens_per_s: float      # their tokens per second: the batch's decode throughput
     prefill_schedule: str           # how newcomers' prompts met the decode (``batching.Batcher``)
     peak_gpu_bytes: int | None
     h2d_bytes: int
@@ -491,7 +491,7 @@ class Runtime:
     def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
                       temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
                       return_logits: bool = False, arrivals: list[float] | None = None,
-                      prefill_schedule: str = "prefill-first", prefill_chunk: int | None = None) -> BatchRun:
+                      prefill_schedule: str = DEFAULT_SCHEDULE, prefill_chunk: int | None = None) -> BatchRun:
         """Generate for every prompt (text, or a list of token ids), up to ``max_batch`` requests at once.
 
         ``max_batch``: at most the memory plan's (``load(..., max_batch=N)``, whose plan holds N
@@ -500,8 +500,9 @@ class Runtime:
         count from its arrival, and requests join in the order they arrive. ``prefill_schedule`` and
         ``prefill_chunk``: how a newcomer's prompt meets the others' decode (``batching.Batcher``).
 
-        Continuous batching, prefill first: whenever fewer than ``max_batch`` requests decode, the
-        next waiting request is prefilled alone and joins; then every active request decodes one
+        Continuous batching (``batching.Batcher``): whenever fewer than ``max_batch`` requests decode, the
+        next waiting request's prompt runs (``mixed``, the default: in the same forward as one decode
+        token of every active request; ``prefill-first``: alone) and it joins; else every active request decodes one
         token in one forward (``OffloadedMixtral.decode``: attention over each request's own KV row, the
         MoE over all of them, so each expert is copied once per step for every request that needs it);
         a request leaves at EOS or its token limit. Request ``i`` samples with the generator of
@@ -556,7 +557,7 @@ class Runtime:
             policy={**self.policy.describe(), **self._lane_description()})
 
     def batcher(self, max_batch: int, eos: set[int], keep_logits: bool = False,
-                clock=time.perf_counter, prefill_schedule: str = "prefill-first",
+                clock=time.perf_counter, prefill_schedule: str = DEFAULT_SCHEDULE,
                 prefill_chunk: int | None = None) -> Batcher:
         """A continuous batcher over this runtime's model (``generate_many`` and the server drive one)."""
         return Batcher(_ModelStep(self), max_batch, eos, keep_logits, clock, prefill_schedule, prefill_chunk)

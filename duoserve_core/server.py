@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .batching import DEFAULT_SCHEDULE
 from .errors import DuoServeError, PromptError
 from .serving.engine import Engine, EngineFailure
 from .serving.generation import ClientGone, Generation, unless_disconnected
@@ -40,7 +41,7 @@ class ListenError(DuoServeError, RuntimeError):
     """The server cannot listen where it was asked to (the port is taken, the address is not ours)."""
 
 
-def create_app(runtime, *, max_batch: int, model_name: str | None = None, prefill_schedule: str = "prefill-first",
+def create_app(runtime, *, max_batch: int, model_name: str | None = None, prefill_schedule: str = DEFAULT_SCHEDULE,
                prefill_chunk: int | None = None) -> FastAPI:
     """The app over ``runtime``: its engine (``app.state.engine``) starts and stops with the app."""
     if runtime.tokenizer is None:

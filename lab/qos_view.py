@@ -1,189 +1,472 @@
-"""What notebook 07 draws: requests arriving over time, served FCFS, SLO attainment per policy as load grows.
+"""What notebook 07 draws: batched serving, throughput by batch size and latency under arrivals, per policy.
 
-``duoserve_core.sim.qos`` serves a list of requests on one simulated GPU (batch 1, first come first
-served; the cache and the policy's state carry from one request to the next). A request's own
-service (its TTFT without queueing, its TPOT, its E2E) does not depend on when it arrived: the
-simulator is handed the same requests in the same order whatever the rate. So each policy is
-simulated once per request (``service_runs``), and every arrival rate is then a queue over those
-service times (``serve``, the same arithmetic as ``qos.serve``); a load sweep of many rates costs
-one simulation per request and policy, and the SLO knobs only re-count.
+The runtime serves requests with continuous batching (``Runtime.generate_many``: up to
+``max_batch`` requests decoding together, newcomers joining in arrival order), and the simulator
+schedules them the same way (``Simulator.generate_many``). This view asks both the bench's two
+questions (``duoserve_core.bench.batch_rows`` and ``arrival_rows``, which made the committed H200
+files) at the notebook's knobs:
+
+- **throughput by batch size**: B requests of ``PROMPT`` tokens submitted at once, ``gen`` tokens each;
+  decode tokens per second of decode steps (prefills apart) against the **copy floor**, B tokens a
+  step over the time to copy the experts a step computes, what the link allows if each crossed once;
+- **latency under load**: ``requests`` requests arriving as a seeded Poisson process at each rate,
+  at most ``max_batch`` decoding together; TTFT (its queueing included), TPOT and latency
+  percentiles and SLO attainment by ``sim.qos.summarize``, the bench's summary.
+
+The memory budget is the bench's rule: ``budget_pct`` of the model buys the batch-1 plan, and a
+batch of B adds the KV caches of its B - 1 other requests (``memory.kv_cache_bytes``), so every batch
+size keeps the same expert slots and the curves compare schedules, not budgets.
+
+Where the figures come from (``source_label`` names it in every title): on a CUDA GPU the real
+runtime (``live_batches``, ``live_arrivals``: synthesized Mixtral-8x7B, NF4 experts and attention,
+routing replayed from the bench's trace), elsewhere the simulator on the committed H200 calibration
+(``simulated_batches``, ``simulated_arrivals``). The committed H200 measurements (``measured_batches``,
+``measured_arrivals``, read from ``benchmarks/results``) are drawn beside either as markers labelled
+with their device and date. Both sources replay the bench's routing: the ``mixtral-like`` preset,
+seed 1, 64 requests of a 512-token prompt and 128 tokens (``routing_trace``), request i as trace
+request i. The simulated runs charge no policy decision time, so they are deterministic.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from duoserve_core.errors import BudgetError
+from duoserve_core import bench
+from duoserve_core.errors import BudgetError, KnobError
+from duoserve_core.memory import kv_cache_bytes
 from duoserve_core.policy import PolicyKnobs
 from duoserve_core.sim import Simulator, qos
+from duoserve_core.sim.decode_routing import mixtral_replay, preset_routing
+from duoserve_core.traces import RoutingReplay, Trace, write_trace
+from duoserve_core.units import format_bytes
 
-from .paper_figures import POLICY_COLOURS, SIMULATED, TRACE, _trace, sim_setup
+from .gpu_results import RESULTS
+from .paper_figures import POLICY_COLOURS, SIMULATED, device_short, sim_setup
 
-POLICIES = ("duoserve", "uniform", "on-demand", "lru-speculative")
-
-
-@functools.lru_cache(maxsize=32)
-def service_runs(preset: str, policy: str, budget_pct: float, depth: int, threshold: float, n_requests: int,
-                 prompt_len: int | None = None, gen: int | None = 32) -> tuple[dict, ...]:
-    """Request i (trace request i, its prompt, ``gen`` new tokens) served back to back by one simulator:
-    ``(request_index, prompt_tokens, new_tokens, ttft_s, tpot_s, e2e_s)`` each (seconds, no queueing)."""
-    requests = qos.make_requests([0.0] * n_requests, qos.request_lengths(_trace()), prompt_len, gen)
-    context = context_for(n_requests, gen, prompt_len)
-    model, cal, replay, _ = sim_setup(preset, budget_pct, context)
-    knobs = PolicyKnobs(policy=policy, prefetch_depth=depth, predictor_threshold=threshold, speculative_gate=True)
-    sim = Simulator(model, cal, replay, knobs.effective(), record_timeline=False, policy_time=False)
-    out = []
-    for r in requests:
-        run = sim.generate(r.prompt_tokens, r.new_tokens, r.request_index)
-        out.append({"request_index": r.request_index, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
-                    "ttft_s": run.ttft_s, "tpot_s": run.tpot_s, "e2e_s": run.e2e_s})
-    return tuple(out)
-
-
-def context_for(n_requests: int, gen: int | None, prompt_len: int | None = None) -> int:
-    """The longest of these requests (prompt + generated tokens), which ``service_runs`` plans memory for
-    (through ``sim_setup``: at least ``memory.PLAN_CONTEXT`` tokens, so 15% is the slots it is elsewhere)."""
-    requests = qos.make_requests([0.0] * n_requests, qos.request_lengths(_trace()), prompt_len, gen)
-    return max(r.prompt_tokens + r.new_tokens for r in requests)
+# Every policy batches decode; the notebook's default is the three the H200 measured.
+POLICIES = ("on-demand", "lru", "per-layer-lru", "lru-speculative", "duoserve", "uniform")
+MEASURED_POLICIES = ("on-demand", "lru", "duoserve")
+COLOURS = {**POLICY_COLOURS, "lru": "#9d755d", "per-layer-lru": "#b279a2"}
+SIM_MODEL = "mixtral-8x7b"                 # the calibration's shape and the measured runs'
+GPU_MODEL = "synthetic:mixtral-8x7b"       # what the bench loads on a GPU
+PROMPT = 512                               # the bench's prompt (benchmarks/batch_gpu.sh)
+MAX_GEN = 128                              # the notebook's largest generated-tokens knob
+# The bench's routing trace: ``traces synth --preset mixtral-like --seed 1 --requests 64 --tokens 128
+# --prompt-len 512`` (benchmarks/batch_gpu.sh); grown where the knobs ask for more requests or tokens.
+TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 128
+MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
+MEASURED_ARRIVALS_GLOB = "arrivals_*_8x7b_mixtral_like.json"
+PERCENTILES = ("p50", "p99")
 
 
-def serve(service: tuple[dict, ...] | list[dict], arrivals: list[float]) -> list[dict]:
-    """``qos.serve``'s records for these arrivals, from the service times (one per request, in order)."""
-    if len(arrivals) > len(service):
-        raise ValueError(f"{len(arrivals)} arrivals, {len(service)} service runs")
-    free_at, out = 0.0, []
-    for at, s in zip(arrivals, service):
-        start = max(at, free_at)
-        free_at = start + s["e2e_s"]
-        out.append({"arrival_s": at, "start_s": start, "queued_s": start - at, "ttft_s": start - at + s["ttft_s"],
-                    "tpot_s": s["tpot_s"], "latency_s": free_at - at, "prompt_tokens": s["prompt_tokens"],
-                    "new_tokens": s["new_tokens"]})
-    return out
+# -- the routing and the budget ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def routing_trace(requests: int = TRACE_REQUESTS, tokens: int = TRACE_TOKENS) -> Trace:
+    """The bench's routing trace (at least its size; synthesizing 64 requests takes about 10 s, once)."""
+    return Trace(*preset_routing(TRACE_PRESET, seed=TRACE_SEED, requests=max(requests, TRACE_REQUESTS),
+                                 tokens=max(tokens, TRACE_TOKENS), prompt_len=PROMPT))
 
 
-def capacity(service: tuple[dict, ...] | list[dict]) -> float:
-    """Requests per second one server sustains: 1 / mean service time (past it the queue only grows)."""
-    return 1.0 / float(np.mean([s["e2e_s"] for s in service]))
+def _replay(requests: int, gen: int) -> RoutingReplay:
+    return mixtral_replay(routing_trace(requests, gen))
 
 
-def default_rates(services: dict[str, tuple[dict, ...]], points: int = 8, up_to: float = 1.6) -> list[float]:
-    """Arrival rates from light load to ``up_to`` x the capacity of the fastest policy (same rates for all)."""
-    top = max(capacity(s) for s in services.values())
-    return [round(float(x), 4) for x in np.linspace(top * up_to / points, top * up_to, points)]
+def context() -> int:
+    """The longest request the knobs allow (prompt + ``MAX_GEN``), which every plan here reserves KV
+    cache for (640 tokens, ``memory.PLAN_CONTEXT``): one plan for every ``gen``, so the generated-tokens
+    knob never moves the slots, and 15% buys the 21 slots it buys in every other view."""
+    return PROMPT + MAX_GEN
 
 
-def load_sweep(services: dict[str, tuple[dict, ...]], rates: list[float], *, seed: int = 0,
-               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> pd.DataFrame:
-    """One row per (policy, rate): SLO attainment and p50/p90/p99 of TTFT, TPOT and latency, on the same
-    seeded Poisson arrivals for every policy (``qos.poisson_arrivals``)."""
+def budget_rows(budget_pct: float, batches: Iterable[int]) -> pd.DataFrame:
+    """The bench's budget rule on the simulator's plan: per batch size, the budget (batch-1 budget plus
+    the other requests' KV caches) and the expert slots it keeps (the same at every size)."""
+    model = sim_setup(SIM_MODEL, budget_pct, context())[0]
     rows = []
-    for rate in rates:
-        n = min(len(s) for s in services.values())
-        arrivals = qos.poisson_arrivals(rate, n, seed)
-        for policy, service in services.items():
-            s = qos.summarize(serve(service, arrivals), slo_ttft_s, slo_tpot_s)
-            rows.append({"policy": policy, "arrival_rate": rate, "slo_attainment": s["slo_attainment"],
-                         **{f"{m}_{p}_s": s[f"{m}_s"][p] for m in ("ttft", "tpot", "latency") for p in ("p50", "p90", "p99")},
-                         "tokens_per_s": s["tokens_per_s"], "capacity_rps": capacity(service)})
+    for b in batches:
+        kv = kv_cache_bytes(model.config, model.max_context, model.dtype, b - 1)
+        rows.append({"max batch": b, "budget": format_bytes(model.plan.budget_bytes + kv),
+                     "KV caches added": format_bytes(kv), "expert slots": f"{model.plan.num_slots} of "
+                     f"{model.plan.total_experts}", "budget (% of the model)":
+                     round(100 * (model.plan.budget_bytes + kv) / model.full_model_bytes, 1)})
+    return pd.DataFrame(rows).set_index("max batch")
+
+
+# -- what the bench reads off a run ------------------------------------------------------------------
+def copy_floor(rows: list[dict], decode_steps: int, mean_batch: float) -> tuple[float | None, float]:
+    """``(copy floor in tokens/s, experts computed per decode step)`` from a run's timeline rows, as
+    ``bench.batch_summary`` reads them: a step's B tokens over (its experts x the mean copy time)."""
+    decode = [r for r in rows if r["phase"] == "decode"]
+    copies = [r["duration_ms"] for r in decode if r["kind"] == "h2d"]
+    experts = sum(1 for r in decode if r["kind"] == "expert")
+    per_step = experts / decode_steps if decode_steps else 0.0
+    copy_s = sum(copies) / len(copies) / 1e3 if copies else None
+    return (mean_batch / (per_step * copy_s) if copy_s and per_step else None), per_step
+
+
+def records(requests: list[dict]) -> list[dict]:
+    """A batch's requests (``SimBatch.requests``, or the runtime's ``RequestResult`` fields) in ``qos.summarize``'s
+    shape: the measured and simulated runs are summarised by the same code."""
+    return [{"arrival_s": r["arrival_s"], "queued_s": r["queue_s"], "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"],
+             "latency_s": r["e2e_s"], "new_tokens": r["new_tokens"]} for r in requests]
+
+
+def _percentile_columns(recs: list[dict]) -> dict:
+    s = qos.summarize(recs)
+    return {f"{m}_{p}_s": s[f"{m}_s"][p] for m in ("ttft", "tpot") for p in PERCENTILES}
+
+
+# -- simulated ---------------------------------------------------------------------------------------
+def _simulator(policy: str, budget_pct: float, requests: int, gen: int, record_timeline: bool) -> Simulator:
+    model, cal, _, _ = sim_setup(SIM_MODEL, budget_pct, context())
+    return Simulator(model, cal, _replay(requests, gen), PolicyKnobs(policy=policy), record_timeline=record_timeline,
+                     policy_time=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _simulated_batch(policy: str, budget_pct: float, batch: int, gen: int) -> dict:
+    """One bench row (``bench.batch_rows``' fields) of the simulator: ``batch`` requests at once."""
+    sim = _simulator(policy, budget_pct, batch, gen, record_timeline=True)
+    run = sim.generate_many([(PROMPT, gen)] * batch, batch, prefill_schedule="prefill-first")  # as batch_rows
+    floor, per_step = copy_floor(run.rows, run.decode_steps, run.mean_batch)
+    return {"max_batch": batch, "policy": policy, "slots": sim.model.plan.num_slots, "e2e_s": run.e2e_s,
+            "tokens_per_s": run.tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s,
+            "decode_s": run.decode_s, "mean_batch": run.mean_batch, "h2d_copies": run.counts["h2d_copies"],
+            "experts_per_decode_step": per_step, "copy_floor_tokens_per_s": floor,
+            **_percentile_columns(records(run.requests))}
+
+
+def simulated_batches(policies: Iterable[str], budget_pct: float, batches: Iterable[int], gen: int) -> pd.DataFrame:
+    """``bench.batch_rows`` on the simulator: one row per (batch size, policy); a policy the budget
+    cannot hold gets a ``skipped`` row with the reason, as the bench's."""
+    rows = []
+    for b in batches:
+        for policy in policies:
+            try:
+                rows.append(_simulated_batch(policy, float(budget_pct), int(b), int(gen)))
+            except (BudgetError, KnobError) as exc:
+                rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
     return pd.DataFrame(rows)
 
 
-# -- figures ---------------------------------------------------------------------------------------
-def attainment_figure(sweep: pd.DataFrame, *, slo_ttft_ms: float, slo_tpot_ms: float, title: str = "") -> go.Figure:
-    """SLO attainment against arrival rate per policy; each policy's capacity (1 / mean service time)
-    as a dotted vertical line of its colour."""
+@functools.lru_cache(maxsize=256)
+def _simulated_arrivals(policy: str, budget_pct: float, rate: float, requests: int, gen: int, max_batch: int,
+                        seed: int) -> tuple[tuple[dict, ...], float]:
+    sim = _simulator(policy, budget_pct, requests, gen, record_timeline=False)
+    run = sim.generate_many([(PROMPT, gen)] * requests, max_batch, arrivals=qos.poisson_arrivals(rate, requests, seed))
+    return tuple(records(run.requests)), run.mean_batch
+
+
+def simulated_arrivals(policies: Iterable[str], budget_pct: float, rates: Iterable[float], requests: int, gen: int,
+                       max_batch: int, seed: int = 0) -> dict[tuple[str, float], dict]:
+    """``bench.arrival_rows`` on the simulator, its records kept: ``{(policy, rate): {"records",
+    "mean_batch"}}`` (or ``{"skipped"}``), the same seeded arrivals for every policy, scaled with the rate.
+    SLOs are applied later (``arrival_table``), so a change of SLO only re-counts."""
+    out = {}
+    for rate in rates:
+        for policy in policies:
+            try:
+                recs, mean_batch = _simulated_arrivals(policy, float(budget_pct), float(rate), int(requests), int(gen),
+                                                       int(max_batch), seed)
+                out[(policy, float(rate))] = {"records": list(recs), "mean_batch": mean_batch}
+            except (BudgetError, KnobError) as exc:
+                out[(policy, float(rate))] = {"skipped": str(exc)}
+    return out
+
+
+# -- live (a CUDA GPU, or any runtime handed in) -----------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def gpu_runtime(model: str = GPU_MODEL):
+    """The bench's runtime on this machine's GPU, loaded once (synthesizing 8x7B's weights takes a while):
+    NF4 experts and attention, and for a synthesized model the bench's routing trace replayed (its own
+    router routes at random); a checkpoint routes with its own router."""
+    trace = None
+    if model.startswith("synthetic:"):
+        t = routing_trace()
+        trace = Path(tempfile.gettempdir()) / f"duoserve_lab_{TRACE_PRESET}_{TRACE_SEED}_{TRACE_REQUESTS}.parquet"
+        write_trace(trace, t.df, t.meta, overwrite=True)
+    setup = bench.BenchSetup(model=model, quant="nf4", attention_quant="nf4", device="cuda",
+                             routing_trace=None if trace is None else str(trace))
+    return bench.open_runtime(setup, "15%", context())
+
+
+def live_batches(runtime, policies: Iterable[str], budget_pct: float, batches: Iterable[int], gen: int,
+                 prompt_len: int = PROMPT) -> pd.DataFrame:
+    """``bench.batch_rows`` itself (one warm-up, one measured run each) on ``runtime``."""
+    return pd.DataFrame(bench.batch_rows(runtime, PolicyKnobs(), list(policies), [int(b) for b in batches], prompt_len,
+                                         int(gen), memory_budget=f"{budget_pct:g}%", repeats=1, quiet=True))
+
+
+def live_arrivals(runtime, policies: Iterable[str], budget_pct: float, rates: Iterable[float], requests: int, gen: int,
+                  max_batch: int, seed: int = 0, prompt_len: int = PROMPT) -> dict[tuple[str, float], dict]:
+    """``bench.arrival_rows`` on ``runtime`` (arrivals replayed in real time, the same budget rule and
+    prompts), its records kept as ``simulated_arrivals`` keeps them."""
+    runtime.configure(memory_budget=f"{budget_pct:g}%", max_batch=1)
+    base = runtime.plan.budget_bytes
+    budget = None if base is None else base + kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype,
+                                                             max_batch - 1)
+    prompts = [[t % runtime.config.vocab_size for t in bench.make_prompt(prompt_len, seed=i)] for i in range(requests)]
+    out = {}
+    for rate in rates:
+        arrivals = qos.poisson_arrivals(rate, requests, seed)
+        for policy in policies:
+            try:
+                runtime.configure(memory_budget=budget, max_batch=max_batch,
+                                  knobs=PolicyKnobs().changed(policy=policy).effective())
+                if not runtime.policy.holds_every_expert:
+                    runtime.empty_expert_cache()
+                run = runtime.generate_many(prompts, max_batch=max_batch, max_new_tokens=gen, stop_at_eos=False,
+                                            arrivals=arrivals)
+            except (BudgetError, KnobError) as exc:
+                out[(policy, float(rate))] = {"skipped": str(exc)}
+                continue
+            requests_done = [{"arrival_s": r.arrival_s, "queue_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
+                              "e2e_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
+            out[(policy, float(rate))] = {"records": records(requests_done), "mean_batch": run.mean_batch}
+    return out
+
+
+# -- one entry point per question: the GPU's runtime where there is one, else the simulator --------------
+def _live(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+@functools.lru_cache(maxsize=8)
+def throughput_runs(device: str, policies: tuple[str, ...], budget_pct: float, batches: tuple[int, ...], gen: int,
+                    model: str = GPU_MODEL) -> pd.DataFrame:
+    """Throughput by batch size on ``device``: ``live_batches`` on a CUDA GPU (``model`` loaded there),
+    else ``simulated_batches``. Cached: treat the table as read-only."""
+    if _live(device):
+        return live_batches(gpu_runtime(model), policies, budget_pct, batches, gen)
+    return simulated_batches(policies, budget_pct, batches, gen)
+
+
+@functools.lru_cache(maxsize=8)
+def arrival_runs(device: str, policies: tuple[str, ...], budget_pct: float, rates: tuple[float, ...], requests: int,
+                 gen: int, max_batch: int, model: str = GPU_MODEL) -> dict[tuple[str, float], dict]:
+    """Requests under Poisson arrivals on ``device``: ``live_arrivals`` on a CUDA GPU, else
+    ``simulated_arrivals``. Cached: treat the records as read-only."""
+    if _live(device):
+        return live_arrivals(gpu_runtime(model), policies, budget_pct, rates, requests, gen, max_batch)
+    return simulated_arrivals(policies, budget_pct, rates, requests, gen, max_batch)
+
+
+def source_label(device: str) -> str:
+    """What a figure's numbers are: ``measured on <GPU>, <date>`` on a CUDA device, else ``SIMULATED``."""
+    if not _live(device):
+        return SIMULATED
+    import torch
+
+    return f"measured on {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}"
+
+
+# -- the committed H200 measurements -----------------------------------------------------------------
+def _measured_label(record: dict) -> str:
+    return f"measured {device_short(record['device'])}, {record['date']}"
+
+
+def measured_batches(results_dir: str | Path = RESULTS) -> pd.DataFrame:
+    """Every committed ``batch_*_8x7b_mixtral_like_<policy>.json`` row (the bench's ``--max-batch`` runs),
+    with ``label`` (``measured H200, 2026-11-30``) and ``file``."""
+    rows = []
+    for path in sorted(Path(results_dir).glob(MEASURED_BATCH_GLOB)):
+        record = json.loads(path.read_text())
+        rows += [{**r, "label": _measured_label(record), "file": path.name} for r in record["rows"] if "skipped" not in r]
+    return pd.DataFrame(rows)
+
+
+def measured_arrivals(results_dir: str | Path = RESULTS) -> pd.DataFrame:
+    """The committed ``arrivals_*_8x7b_mixtral_like.json`` rows flattened (``ttft_p50_s``...), with
+    ``label`` saying device, date, max batch and requests (the run's own, whatever the knobs say)."""
+    rows = []
+    for path in sorted(Path(results_dir).glob(MEASURED_ARRIVALS_GLOB)):
+        record = json.loads(path.read_text())
+        for r in record["rows"]:
+            if "skipped" in r:
+                continue
+            flat = {f"{m}_{p}_s": r[f"{m}_s"][p] for m in ("ttft", "tpot", "latency") for p in PERCENTILES}
+            rows.append({"policy": r["policy"], "arrival_rate": r["arrival_rate"], "max_batch": r["max_batch"],
+                         "requests": r["requests"], "mean_batch": r["mean_batch"], **flat,
+                         "label": f"{_measured_label(record)} (max batch {r['max_batch']}, {r['requests']} requests)",
+                         "file": path.name})
+    return pd.DataFrame(rows)
+
+
+# -- tables ------------------------------------------------------------------------------------------
+def arrival_table(runs: dict[tuple[str, float], dict], slo_ttft_s: float | None = None,
+                  slo_tpot_s: float | None = None) -> pd.DataFrame:
+    """One row per (policy, rate) that ran: SLO attainment, mean batch, tokens/s and p50/p99 of TTFT,
+    TPOT and latency (``qos.summarize``, the bench's summary), rates ascending within each policy."""
+    rows = []
+    for (policy, rate), run in runs.items():
+        if "skipped" in run:
+            continue
+        s = qos.summarize(run["records"], slo_ttft_s, slo_tpot_s)
+        rows.append({"policy": policy, "arrival_rate": rate, "slo_attainment": s["slo_attainment"],
+                     "mean_batch": run["mean_batch"], "tokens_per_s": s["tokens_per_s"],
+                     **{f"{m}_{p}_s": s[f"{m}_s"][p] for m in ("ttft", "tpot", "latency") for p in PERCENTILES}})
+    if not rows:
+        raise BudgetError("no chosen policy fits this budget: " + "; ".join(r["skipped"] for r in runs.values()))
+    order = {p: i for i, p in enumerate(POLICIES)}
+    return pd.DataFrame(rows).sort_values(["policy", "arrival_rate"], key=lambda s: s.map(order.get) if s.name ==
+                                          "policy" else s).reset_index(drop=True)
+
+
+def percentile_table(table: pd.DataFrame) -> pd.DataFrame:
+    """``arrival_table`` as a reader wants it: per policy and rate, the mean batch, p50/p99 of TTFT and
+    TPOT in ms and of latency in s, and the attainment."""
+    out = pd.DataFrame({"mean batch": table["mean_batch"],
+                        **{f"{m.upper()} {p} (ms)": table[f"{m}_{p}_s"] * 1e3 for m in ("ttft", "tpot")
+                           for p in PERCENTILES},
+                        **{f"latency {p} (s)": table[f"latency_{p}_s"] for p in PERCENTILES},
+                        "SLO attainment": table["slo_attainment"]})
+    out.index = pd.MultiIndex.from_frame(table[["policy", "arrival_rate"]], names=["policy", "requests/s"])
+    return out.round(2)
+
+
+def batch_table(rows: pd.DataFrame, measured: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Decode tokens/s against the copy floor per policy and batch size, beside the committed
+    measurement at the same batch size where there is one."""
+    ran = rows[rows["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in rows else rows.iloc[0:0]
+    out = pd.DataFrame({"policy": ran["policy"], "max batch": ran["max_batch"], "slots": ran["slots"],
+                        "decode tokens/s": ran["decode_tokens_per_s"], "copy floor (tokens/s)":
+                        ran["copy_floor_tokens_per_s"], "of the floor": ran["decode_tokens_per_s"] /
+                        ran["copy_floor_tokens_per_s"], "TPOT p50 (ms)": ran["tpot_p50_s"] * 1e3})
+    if measured is not None and not measured.empty:
+        m = measured.set_index(["policy", "max_batch"])["decode_tokens_per_s"]
+        out[f"{measured['label'].iloc[0]}: decode tokens/s"] = [m.get((p, b)) for p, b in
+                                                                zip(out["policy"], out["max batch"])]
+    return out.round(2).set_index(["policy", "max batch"])
+
+
+def skipped(rows: pd.DataFrame) -> str:
+    """The policies a budget could not hold, and why (empty when every one ran)."""
+    if "skipped" not in rows:
+        return ""
+    gone = rows[rows["skipped"].notna()]
+    return "; ".join(f"{r.policy} at batch {r.max_batch}: {r.skipped}" for r in gone.itertuples())
+
+
+# -- figures -----------------------------------------------------------------------------------------
+def throughput_figure(rows: pd.DataFrame, source: str, measured: pd.DataFrame | None = None) -> go.Figure:
+    """Decode tokens/s (solid) and the copy floor (dotted) against batch size per policy, both axes
+    logarithmic; the committed measurements of the same policies as markers (filled: decode tokens/s,
+    open: their copy floor)."""
     fig = go.Figure()
-    for policy, part in sweep.groupby("policy", sort=False):
-        colour = POLICY_COLOURS.get(policy)
+    ran = rows[rows["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in rows else rows.iloc[0:0]
+    for policy, part in ran.groupby("policy", sort=False):
+        colour = COLOURS.get(policy, "#888")
+        fig.add_trace(go.Scatter(x=part["max_batch"], y=part["decode_tokens_per_s"], mode="lines+markers",
+                                 name=f"{policy}", line_color=colour, legendgroup=policy,
+                                 hovertemplate=policy + ": %{y:.1f} tokens/s at batch %{x}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=part["max_batch"], y=part["copy_floor_tokens_per_s"], mode="lines",
+                                 name=f"{policy} copy floor", line=dict(color=colour, dash="dot"), legendgroup=policy,
+                                 hovertemplate=policy + " copy floor: %{y:.1f} tokens/s at batch %{x}<extra></extra>"))
+        if measured is not None and not measured.empty:
+            m = measured[measured["policy"] == policy]
+            if not m.empty:
+                label = m["label"].iloc[0]
+                fig.add_trace(go.Scatter(x=m["max_batch"], y=m["decode_tokens_per_s"], mode="markers",
+                                         name=f"{policy}, {label}", legendgroup=policy,
+                                         marker=dict(color=colour, symbol="diamond", size=11,
+                                                     line=dict(color="black", width=1)),
+                                         hovertemplate=f"{policy}, {label}: " + "%{y:.1f} tokens/s at batch %{x}"
+                                         "<extra></extra>"))
+                fig.add_trace(go.Scatter(x=m["max_batch"], y=m["copy_floor_tokens_per_s"], mode="markers",
+                                         name=f"{policy} copy floor, {label}", legendgroup=policy,
+                                         marker=dict(color=colour, symbol="diamond-open", size=11),
+                                         hovertemplate=f"{policy} copy floor, {label}: " + "%{y:.1f} tokens/s at "
+                                         "batch %{x}<extra></extra>"))
+    fig.update_layout(title=f"Decode throughput against batch size ({source}); dotted: copy floor; "
+                      "diamonds: committed measurements", xaxis=dict(title="max batch (requests decoding together)",
+                                                                     type="log", dtick=0.30103),
+                      yaxis=dict(title="decode tokens/s", type="log"), legend_title="policy", height=440)
+    return fig
+
+
+def latency_figure(table: pd.DataFrame, source: str, max_batch: int, measured: pd.DataFrame | None = None
+                   ) -> go.Figure:
+    """TTFT (left) and TPOT (right) against arrival rate: p50 solid, p99 dashed per policy, in ms; the
+    committed measurements as markers (circle p50, cross p99)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT, queueing included (ms)", "TPOT (ms)"))
+    for col, metric in enumerate(("ttft", "tpot"), start=1):
+        for policy, part in table.groupby("policy", sort=False):
+            colour = COLOURS.get(policy, "#888")
+            for p, dash in (("p50", "solid"), ("p99", "dash")):
+                fig.add_trace(go.Scatter(x=part["arrival_rate"], y=part[f"{metric}_{p}_s"] * 1e3, mode="lines+markers",
+                                         name=f"{policy} {p}", line=dict(color=colour, dash=dash), legendgroup=policy,
+                                         showlegend=col == 1), row=1, col=col)
+            if measured is not None and not measured.empty:
+                m = measured[measured["policy"] == policy]
+                for p, symbol in (("p50", "circle"), ("p99", "x")):
+                    if m.empty:
+                        continue
+                    fig.add_trace(go.Scatter(x=m["arrival_rate"], y=m[f"{metric}_{p}_s"] * 1e3, mode="markers",
+                                             name=f"{policy} {p}, {m['label'].iloc[0]}", legendgroup=policy,
+                                             showlegend=col == 1, marker=dict(color=colour, symbol=symbol, size=10,
+                                                                              line=dict(color="black", width=1))),
+                                  row=1, col=col)
+        fig.update_xaxes(title_text="arrival rate (requests/s)", type="log", row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_layout(title=f"Latency percentiles against arrival rate at max batch {max_batch} ({source}); "
+                      "p50 solid, p99 dashed; markers: committed measurements", legend_title="policy", height=440)
+    return fig
+
+
+def attainment_figure(table: pd.DataFrame, source: str, *, slo_ttft_ms: float, slo_tpot_ms: float,
+                      max_batch: int) -> go.Figure:
+    """SLO attainment (TTFT and TPOT both within) against arrival rate per policy."""
+    fig = go.Figure()
+    for policy, part in table.groupby("policy", sort=False):
         fig.add_trace(go.Scatter(x=part["arrival_rate"], y=part["slo_attainment"], mode="lines+markers", name=policy,
-                                 line_color=colour, customdata=part[["ttft_p90_s", "tpot_p90_s"]] * 1e3,
-                                 hovertemplate=policy + ": %{y:.2f} at %{x:.3f} req/s<br>TTFT p90 %{customdata[0]:.0f} ms, "
-                                 "TPOT p90 %{customdata[1]:.1f} ms<extra></extra>"))
-        fig.add_vline(x=part["capacity_rps"].iloc[0], line_dash="dot", line_color=colour)
-    fig.update_layout(title=title or f"SLO attainment (TTFT <= {slo_ttft_ms:g} ms and TPOT <= {slo_tpot_ms:g} ms); "
-                      "dotted: each policy's capacity", xaxis_title="arrival rate (requests/s)",
-                      yaxis_title="share of requests meeting both SLOs", yaxis_range=[0, 1.02], legend_title="policy",
+                                 line_color=COLOURS.get(policy, "#888"), customdata=part[["mean_batch"]],
+                                 hovertemplate=policy + ": %{y:.2f} at %{x:.3g} req/s, mean batch "
+                                 "%{customdata[0]:.1f}<extra></extra>"))
+    fig.update_layout(title=f"SLO attainment (TTFT <= {slo_ttft_ms:g} ms and TPOT <= {slo_tpot_ms:g} ms) at max batch "
+                      f"{max_batch} ({source})", xaxis=dict(title="arrival rate (requests/s)", type="log"),
+                      yaxis=dict(title="share of requests meeting both SLOs", range=[0, 1.02]), legend_title="policy",
                       height=400)
     return fig
 
 
-def latency_figure(sweep: pd.DataFrame, services: dict[str, tuple[dict, ...]], metric: str = "latency",
-                   title: str = "") -> go.Figure:
-    """p50 (solid) and p99 (dashed) of ``metric`` (latency, ttft or tpot) against arrival rate, in ms;
-    dotted: each policy's unloaded mean (no queue), the floor the curves start from."""
-    unit = 1e3
+def requests_figure(runs: dict[tuple[str, float], dict], rate: float, source: str) -> go.Figure:
+    """Requests over time at one rate: per policy and request, its wait in the queue (faint), its prefill
+    (solid, up to the first token) and its decode in the batch (mid), from arrival to last token."""
     fig = go.Figure()
-    for policy, part in sweep.groupby("policy", sort=False):
-        colour = POLICY_COLOURS.get(policy)
-        for p, dash in (("p50", "solid"), ("p99", "dash")):
-            fig.add_trace(go.Scatter(x=part["arrival_rate"], y=part[f"{metric}_{p}_s"] * unit, mode="lines+markers",
-                                     name=f"{policy} {p}", line=dict(color=colour, dash=dash), legendgroup=policy))
-        key = {"latency": "e2e_s", "ttft": "ttft_s", "tpot": "tpot_s"}[metric]
-        floor = np.mean([s[key] for s in services[policy] if s[key] is not None]) * unit
-        fig.add_hline(y=floor, line_dash="dot", line_color=colour)
-    what = {"latency": "request latency (arrival to last token)", "ttft": "TTFT (queueing included)",
-            "tpot": "TPOT"}[metric]
-    fig.update_layout(title=title or f"{what}: p50 solid, p99 dashed; dotted: unloaded mean",
-                      xaxis_title="arrival rate (requests/s)", yaxis_title=f"{what.split(' (')[0]} (ms)",
-                      yaxis_type="log", legend_title="policy", height=400)
-    return fig
-
-
-def requests_figure(services: dict[str, tuple[dict, ...]], rate: float, seed: int = 0, title: str = "") -> go.Figure:
-    """Requests over time at one rate: per policy and request, the wait in the queue (light) and the
-    service (its prefill dark, its decode mid) from arrival to last token."""
-    n = min(len(s) for s in services.values())
-    arrivals = qos.poisson_arrivals(rate, n, seed)
-    fig = go.Figure()
-    for policy, service in services.items():
-        colour = POLICY_COLOURS.get(policy, "#888")
-        recs = serve(service, arrivals)
+    height = 0
+    for (policy, at), run in runs.items():
+        if at != rate or "skipped" in run:
+            continue
+        colour, recs = COLOURS.get(policy, "#888"), run["records"]
         y = [f"{policy} #{i}" for i in range(len(recs))]
+        height += len(recs)
         parts = (("queued", [r["queued_s"] for r in recs], [r["arrival_s"] for r in recs], 0.25),
-                 ("prefill", [s["ttft_s"] for s in service[:n]], [r["start_s"] for r in recs], 1.0),
-                 ("decode", [s["e2e_s"] - s["ttft_s"] for s in service[:n]],
-                  [r["start_s"] + s["ttft_s"] for r, s in zip(recs, service)], 0.6))
+                 ("prefill", [r["ttft_s"] - r["queued_s"] for r in recs],
+                  [r["arrival_s"] + r["queued_s"] for r in recs], 1.0),
+                 ("decode", [r["latency_s"] - r["ttft_s"] for r in recs], [r["arrival_s"] + r["ttft_s"] for r in recs],
+                  0.6))
         for name, width, base, opacity in parts:
             fig.add_trace(go.Bar(y=y, x=width, base=base, orientation="h", marker_color=colour, opacity=opacity,
                                  name=policy, legendgroup=policy, showlegend=name == "prefill",
                                  hovertemplate="%{y}: " + name + " from %{base:.2f} s for %{x:.2f} s<extra></extra>"))
-    fig.update_layout(barmode="overlay", height=max(300, 14 * n * len(services)), legend_title="policy, part",
-                      title=title or f"requests over time at {rate:.3f} requests/s (Poisson, seed {seed})",
-                      xaxis_title="time (s)", yaxis=dict(title="request", autorange="reversed"))
+    fig.update_layout(barmode="overlay", height=max(300, 14 * height), legend_title="policy",
+                      title=f"Requests over time at {rate:g} requests/s: queued faint, prefill solid, decode mid "
+                      f"({source})", xaxis_title="time (s)", yaxis=dict(title="request", autorange="reversed"))
     return fig
 
 
-def percentile_table(sweep: pd.DataFrame, rate: float) -> pd.DataFrame:
-    """p50 / p99 of TTFT, TPOT and latency (ms) and attainment per policy at the rate closest to ``rate``."""
-    at = sweep.loc[(sweep["arrival_rate"] - rate).abs().idxmin(), "arrival_rate"]
-    part = sweep[sweep["arrival_rate"] == at].set_index("policy")
-    out = pd.DataFrame({f"{m} {p} (ms)": part[f"{m}_{p}_s"] * 1e3 for m in ("ttft", "tpot", "latency")
-                        for p in ("p50", "p99")})
-    out["SLO attainment"] = part["slo_attainment"]
-    out["tokens/s"] = part["tokens_per_s"]
-    return out.round(2).rename_axis(f"policy at {at:.3f} req/s")
-
-
-def service_summary(services: dict[str, tuple[dict, ...]]) -> pd.DataFrame:
-    """Each policy unloaded: mean TTFT, TPOT and E2E per request, and the capacity they give."""
-    rows = {p: {"TTFT (ms)": 1e3 * np.mean([r["ttft_s"] for r in s]),
-                "TPOT (ms)": 1e3 * np.mean([r["tpot_s"] for r in s if r["tpot_s"] is not None]),
-                "E2E (s)": np.mean([r["e2e_s"] for r in s]), "capacity (req/s)": capacity(s)}
-            for p, s in services.items()}
-    return pd.DataFrame(rows).T.round(3).rename_axis(SIMULATED)
-
-
-def services_for(preset: str, policies: tuple[str, ...], budget_pct: float, depth: int, threshold: float,
-                 n_requests: int, gen: int | None) -> tuple[dict[str, tuple[dict, ...]], dict[str, str]]:
-    """``service_runs`` of every policy that fits the budget, and why the others were skipped."""
-    services, skipped = {}, {}
-    for policy in policies:
-        try:
-            services[policy] = service_runs(preset, policy, float(budget_pct), depth, threshold, n_requests, None, gen)
-        except BudgetError as exc:
-            skipped[policy] = str(exc)
-    return services, skipped
+def parse_numbers(text: str, cast=float) -> tuple:
+    """``"1, 4, 16"`` -> ``(1, 4, 16)``: the knobs that take a list (sorted, duplicates dropped)."""
+    values = sorted({cast(v) for v in str(text).replace(";", ",").split(",") if v.strip()})
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"need positive numbers separated by commas, got {text!r}")
+    return tuple(values)

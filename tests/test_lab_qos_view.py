@@ -1,60 +1,107 @@
-"""lab.qos_view: the queue over service times is qos.serve's; sweeps and figures."""
+"""lab.qos_view: batched serving on the simulator and the runtime, read as the bench reads it; figures."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
-from duoserve_core.sim import Simulator, qos
-from lab import paper_figures as pf
+import duoserve_core
+from duoserve_core import bench
+from duoserve_core.sim import qos
 from lab import qos_view as qv
 
-ARGS = ("mixtral-8x7b", "on-demand", 15.0, 2, 0.8, 4, None, 4)
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def test_serve_from_service_times_equals_qos_serve():
-    service = qv.service_runs(*ARGS)
-    arrivals = [0.0, 0.1, 5.0, 5.05]
-    lengths = qos.request_lengths(pf._trace())
-    requests = qos.make_requests(arrivals, lengths, None, 4)
-    model, cal, replay, _ = pf.sim_setup("mixtral-8x7b", 15.0, max(r.prompt_tokens + r.new_tokens for r in requests))
-    sim = Simulator(model, cal, replay, "on-demand", record_timeline=False, policy_time=False)
-    expected = qos.serve(sim, requests)
-    got = qv.serve(service, arrivals)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        for key in e:
-            assert g[key] == pytest.approx(e[key]), key
+def test_the_committed_h200_measurements_are_read_from_their_files():
+    batches = qv.measured_batches()
+    assert set(batches["policy"]) == {"on-demand", "lru", "duoserve"}
+    assert sorted(set(batches["max_batch"])) == [1, 4, 16, 64]
+    assert (batches["label"] == "measured H200, 2026-11-30").all()
+    assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
+    arrivals = qv.measured_arrivals()
+    assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
+    assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30 (max batch 16, 16 requests)"
+    assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
 
 
-def test_load_sweep_attainment_falls_and_latency_rises_with_load():
-    services = {"on-demand": qv.service_runs(*ARGS)}
-    rates = qv.default_rates(services, points=4, up_to=3.0)
-    assert rates == sorted(rates) and rates[-1] > qv.capacity(services["on-demand"])
-    sweep = qv.load_sweep(services, rates, slo_ttft_s=10.0, slo_tpot_s=10.0)
-    assert list(sweep["arrival_rate"]) == rates
-    assert sweep["latency_p99_s"].is_monotonic_increasing
-    assert (sweep["latency_p50_s"] >= min(s["e2e_s"] for s in services["on-demand"]) - 1e-12).all()
-    strict = qv.load_sweep(services, rates, slo_ttft_s=1e-6, slo_tpot_s=None)
-    assert (strict["slo_attainment"] == 0).all()
-    loose = qv.load_sweep(services, rates[:1], slo_ttft_s=None, slo_tpot_s=None)
-    assert loose["slo_attainment"].iloc[0] == 1.0
+def test_the_budget_rule_adds_kv_caches_and_keeps_the_slots():
+    rows = qv.budget_rows(15, (1, 4))
+    assert list(rows["expert slots"]) == ["21 of 256"] * 2
+    assert rows.loc[1, "KV caches added"] == "0 B" and rows.loc[4, "budget (% of the model)"] > 15
 
 
-def test_figures_and_tables():
-    services = {"on-demand": qv.service_runs(*ARGS)}
-    rates = qv.default_rates(services, points=3)
-    sweep = qv.load_sweep(services, rates, slo_ttft_s=2.0, slo_tpot_s=0.2)
-    fig = qv.attainment_figure(sweep, slo_ttft_ms=2000, slo_tpot_ms=200)
-    assert fig.layout.xaxis.title.text == "arrival rate (requests/s)" and len(fig.layout.shapes) == 1
-    fig = qv.latency_figure(sweep, services)
-    assert len(fig.data) == 2 and fig.layout.yaxis.type == "log"
-    fig = qv.requests_figure(services, rates[1])
-    assert len(fig.data) == 3 and fig.layout.xaxis.title.text == "time (s)"
-    table = qv.percentile_table(sweep, rates[1])
-    assert "SLO attainment" in table.columns and list(table.index) == ["on-demand"]
-    assert qv.service_summary(services).loc["on-demand", "capacity (req/s)"] > 0
+def test_simulated_throughput_grows_with_the_batch_and_reads_like_the_bench():
+    rows = qv.simulated_batches(("on-demand",), 15, (1, 4), 4)
+    one, four = rows.iloc[0], rows.iloc[1]
+    assert (one["max_batch"], four["max_batch"]) == (1, 4) and one["slots"] == four["slots"] == 21
+    assert four["decode_tokens_per_s"] > one["decode_tokens_per_s"] and four["mean_batch"] == 4
+    assert one["experts_per_decode_step"] == 64  # top-2 of 32 layers, one token a step
+    assert 0.5 < one["decode_tokens_per_s"] / one["copy_floor_tokens_per_s"] < 1.5
+    assert one["ttft_p50_s"] <= one["ttft_p99_s"] and four["tpot_p50_s"] <= four["tpot_p99_s"]
+    skipped = qv.simulated_batches(("on-demand",), 1, (1,), 4)
+    assert "too small" in skipped["skipped"].iloc[0] and "on-demand at batch 1" in qv.skipped(skipped)
 
 
-def test_a_budget_too_small_is_skipped_with_its_reason():
-    services, skipped = qv.services_for("mixtral-8x7b", ("on-demand",), 1, 2, 0.8, 2, 4)
-    assert not services and "on-demand" in skipped
+def test_simulated_arrivals_queue_fill_the_batch_and_recount_slos():
+    runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 50.0), 4, 4, max_batch=2)
+    slow, fast = runs[("on-demand", 0.5)], runs[("on-demand", 50.0)]
+    assert len(slow["records"]) == len(fast["records"]) == 4
+    assert slow["mean_batch"] <= fast["mean_batch"] <= 2
+    assert max(r["queued_s"] for r in fast["records"]) > max(r["queued_s"] for r in slow["records"])
+    table = qv.arrival_table(runs, slo_ttft_s=None, slo_tpot_s=None)
+    assert list(table["arrival_rate"]) == [0.5, 50.0] and (table["slo_attainment"] == 1).all()
+    assert (qv.arrival_table(runs, 1e-6, None)["slo_attainment"] == 0).all()
+    s = qos.summarize(fast["records"])
+    assert table["ttft_p99_s"].iloc[1] == s["ttft_s"]["p99"]
+    with pytest.raises(duoserve_core.errors.BudgetError, match="no chosen policy"):
+        qv.arrival_table(qv.simulated_arrivals(("on-demand",), 1, (1.0,), 2, 4, 2))
+
+
+def test_the_live_path_runs_the_bench_on_a_runtime_and_its_copy_floor_is_the_benchs():
+    """The GPU path, on the CPU with the bundled model: bench.batch_rows' rows, arrivals' records, and
+    ``copy_floor`` equal to ``bench.batch_summary``'s on a real run's timeline."""
+    rt = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="6slots", max_context=40)
+    rows = qv.live_batches(rt, ("on-demand",), 95, (1, 2), 4, prompt_len=8)
+    assert list(rows["max_batch"]) == [1, 2] and (rows["decode_tokens_per_s"] > 0).all()
+    runs = qv.live_arrivals(rt, ("on-demand", "duoserve"), 95, (20.0,), 3, 4, max_batch=2, prompt_len=8)
+    table = qv.arrival_table(runs)
+    assert list(table["policy"]) == ["on-demand", "duoserve"] and (table["mean_batch"] <= 2).all()
+    assert all(len(r["records"]) == 3 for r in runs.values())
+    run = rt.generate_many([[5, 6, 7], [8, 9]], max_batch=2, max_new_tokens=4, stop_at_eos=False)
+    timeline = rt.timeline.rows()
+    floor, per_step = qv.copy_floor(timeline, run.decode_steps, run.mean_batch)
+    expected = bench.batch_summary(run, timeline)
+    assert floor == expected["copy_floor_tokens_per_s"] and per_step == expected["experts_per_decode_step"]
+
+
+def test_figures_tables_and_labels():
+    rows = qv.simulated_batches(("on-demand", "duoserve"), 15, (1, 4), 4)
+    measured = qv.measured_batches()
+    fig = qv.throughput_figure(rows, qv.SIMULATED, measured)
+    names = [t.name for t in fig.data]
+    assert "duoserve, measured H200, 2026-11-30" in names and "duoserve copy floor" in names
+    assert qv.SIMULATED in fig.layout.title.text and fig.layout.xaxis.type == "log"
+    table = qv.batch_table(rows, measured)
+    assert table.loc[("duoserve", 1), "measured H200, 2026-11-30: decode tokens/s"] == pytest.approx(
+        measured.set_index(["policy", "max_batch"]).loc[("duoserve", 1), "decode_tokens_per_s"], abs=0.01)
+    runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 1.0), 4, 4, 2)
+    arrivals = qv.arrival_table(runs, 2.0, 0.5)
+    fig = qv.latency_figure(arrivals, "measured on X", 2, qv.measured_arrivals())
+    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2)  # 2 panels: lines and markers
+    fig = qv.attainment_figure(arrivals, qv.SIMULATED, slo_ttft_ms=2000, slo_tpot_ms=500, max_batch=2)
+    assert len(fig.data) == 1 and list(fig.data[0].x) == [0.5, 1.0]
+    fig = qv.requests_figure(runs, 1.0, qv.SIMULATED)
+    assert len(fig.data) == 3 and len(fig.data[0].y) == 4 and fig.layout.xaxis.title.text == "time (s)"
+    assert list(qv.percentile_table(arrivals).columns)[0] == "mean batch"
+    assert qv.source_label("cpu") == qv.SIMULATED
+
+
+def test_list_knobs_parse():
+    assert qv.parse_numbers("16, 1 ,4,4", int) == (1, 4, 16) and qv.parse_numbers("0.5;2") == (0.5, 2.0)
+    for bad in ("", "0, 1", "a"):
+        with pytest.raises(ValueError):
+            qv.parse_numbers(bad)
+    assert isinstance(qv.measured_batches(Path("/nonexistent")), pd.DataFrame)

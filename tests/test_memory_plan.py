@@ -68,9 +68,10 @@ def test_sim_sweep_qos_and_replay_resolve_15pct_as_the_readme(capsys, readme_slo
 def test_notebooks_06_and_07_resolve_15pct_as_the_simulator(readme_slots):
     from lab import paper_figures as pf, qos_view as qv
 
-    # notebook 07: its services and its knob note, at the notebook's defaults (12 requests, 32 tokens)
-    n07 = pf.sim_setup("mixtral-8x7b", 15, qv.context_for(12, 32))[0]
-    note = pf.knob_note("mixtral-8x7b", 15, qv.context_for(12, 32) - 32, 32)
+    # notebook 07: its simulator's plan (every batch size keeps it) and its knob note, at its defaults (32 tokens)
+    n07 = pf.sim_setup(qv.SIM_MODEL, 15, qv.context())[0]
+    note = pf.knob_note(qv.SIM_MODEL, 15, qv.PROMPT, 32)
+    assert set(qv.budget_rows(15, (1, 16))["expert slots"]) == {f"{readme_slots} of 256"}
     # notebook 06: the simulated comparison at prompt 512, 128 tokens, and the budget sweeps' 512 + 32
     n06 = pf.sim_setup("mixtral-8x7b", 15, 512 + 128)[0]
     sweep = pf.sim_setup("mixtral-8x7b", 15, 512 + 32)[0]

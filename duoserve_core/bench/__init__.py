@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ..batching import DEFAULT_SCHEDULE
 from ..errors import BudgetError, KnobError
 from ..memory import MemoryPlan, kv_cache_bytes
 from ..oracle import belady_loads, expert_groups
@@ -227,7 +228,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
 
     ``copy_floor_tokens_per_s``: B tokens a step over the time to copy the step's distinct experts
     (experts computed per decode step x the run's mean copy time): what the link allows if every
-    expert a step uses had to cross it once."""
+    expert a step uses had to cross it once. ``schedules``: prefill-first by default, so that every decode
+    step holds all B requests (the mixed schedule staggers them: the first ones finish earlier)."""
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     base = runtime.plan.budget_bytes
     rows: list[dict] = []
@@ -261,7 +263,7 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
 def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int,
                  prompt_len: int, gen: int, *, max_batch: int, memory_budget: str | int | None, seed: int = 0,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
-                 schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None) -> list[dict]:
+                 schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None) -> list[dict]:
     """Latency under load: for each arrival rate and policy, ``requests`` requests arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
@@ -269,6 +271,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
     from ..sim.qos import poisson_arrivals, summarize
 
     runtime.configure(memory_budget=memory_budget, max_batch=1)
+    runtime.warm_up()  # on a GPU: the first run of the process would time kernel loading (one run each here)
     base = runtime.plan.budget_bytes
     extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, max_batch - 1)
     budget = None if base is None else base + extra

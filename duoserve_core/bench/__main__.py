@@ -16,6 +16,7 @@ from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible, print_line
+from ..batching import DEFAULT_SCHEDULE
 from ..knob_args import Parser, add_knob_arguments, add_schedule_arguments, budget, device, knobs_from_args, listed, number, whole
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="arrival rates per second, e.g. 0.5,1,2: --requests requests arriving as a seeded Poisson "
                         "process, replayed in real time; percentiles and SLO attainment per rate and policy")
     p.add_argument("--requests", type=whole(1), default=16, help="with --arrival-rate: requests per rate")
-    add_schedule_arguments(p, many=True)
+    add_schedule_arguments(p, many=True, default=None, default_note=(
+        f"; default: prefill-first with --max-batch (every decode step then holds B requests, the throughput "
+        f"the sweep is about), {DEFAULT_SCHEDULE} with --arrival-rate"))
     p.add_argument("--slo-ttft-ms", type=number(0.0, above=True), default=None)
     p.add_argument("--slo-tpot-ms", type=number(0.0, above=True), default=None)
     sweep = p.add_argument_group("sweep (--sweep): each list is swept with the other knobs at their defaults")
@@ -175,7 +178,7 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     rows = batch_rows(runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")],
                       args.prompt_len, args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
-                      quiet=args.json, schedules=tuple(args.prefill_schedule.split(",")),
+                      quiet=args.json, schedules=tuple((args.prefill_schedule or "prefill-first").split(",")),
                       prefill_chunk=args.prefill_chunk)
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
@@ -201,7 +204,8 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
                         args.requests, args.prompt_len, args.gen, max_batch=sizes[0], memory_budget=args.memory_budget,
                         slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
-                        schedules=tuple(args.prefill_schedule.split(",")), prefill_chunk=args.prefill_chunk)
+                        schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")),
+                        prefill_chunk=args.prefill_chunk)
     record = bench_record(device_label(args.device), command(argv), {})
     record.pop("results")
     record["rows"] = rows

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..batching import Request
+from ..batching import DEFAULT_SCHEDULE, Request
 from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Engine:
     string); ``failed_steps`` counts steps that raised. Both are for tests and monitoring.
     """
 
-    def __init__(self, runtime, max_batch: int, prefill_schedule: str = "prefill-first",
+    def __init__(self, runtime, max_batch: int, prefill_schedule: str = DEFAULT_SCHEDULE,
                  prefill_chunk: int | None = None):
         if max_batch > runtime.plan.max_batch:  # the batcher would write past the KV cache's rows
             raise BudgetError(f"max_batch {max_batch}: the runtime's memory plan holds the KV caches of "

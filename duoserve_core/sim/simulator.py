@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batching import DEFAULT_SCHEDULE, Batcher, Request
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
@@ -315,53 +316,44 @@ class Simulator:
         return SimRun(prompt_tokens, new_tokens, ttft, (e2e - ttft) / (new_tokens - 1) if new_tokens > 1 else None,
                       e2e, counts.phases(), self._peak_resident, self.timeline.rows())
 
-    def generate_many(self, requests: list[tuple[int, int]], max_batch: int,
-                      arrivals: list[float] | None = None) -> SimBatch:
-        """``(prompt tokens, new tokens)`` per request, scheduled as ``Runtime.generate_many`` does
-        (prefill first, up to ``max_batch`` decoding together, joining in arrival order; request ``i``
-        replays trace request ``i``), clocks from zero; an idle simulator jumps to the next arrival.
-        A request leaves when it has its tokens (no EOS here); its latencies count from its arrival."""
+    def generate_many(self, requests: list[tuple[int, int]], max_batch: int, arrivals: list[float] | None = None,
+                      prefill_schedule: str = DEFAULT_SCHEDULE, prefill_chunk: int | None = None) -> SimBatch:
+        """``(prompt tokens, new tokens)`` per request, scheduled by the runtime's own batcher
+        (``batching.Batcher``: the same prefill schedule, joins and segments; request ``i`` replays trace
+        request ``i``), its steps timed by the simulator's clocks from zero; an idle simulator jumps to
+        the next arrival. A request leaves when it has its tokens (no EOS here); its latencies count
+        from its arrival."""
         self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
         self.engine.reset()
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
         start = self.cache.stats.as_dict()
         arrivals = check_arrivals(arrivals, len(requests))
-        waiting, active = sorted(range(len(requests)), key=lambda i: arrivals[i]), []
-        made = {i: [] for i in range(len(requests))}  # each request's token times
-        queued: dict[int, float] = {}
-        step = decode_steps = batched = 0
-        decode_s = 0.0
-        while waiting or active:
-            arrived = waiting and arrivals[waiting[0]] <= self.clocks.host
-            if not active and waiting and not arrived:  # idle until the next request arrives
-                self.clocks.host = arrivals[waiting[0]]
+        batcher = Batcher(_SimStep(self), max_batch, set(), clock=lambda: self.clocks.host,
+                          schedule=prefill_schedule, prefill_chunk=prefill_chunk)
+        pending = [Request(i, [0] * requests[i][0], requests[i][1], arrival_s=arrivals[i])
+                   for i in sorted(range(len(requests)), key=lambda i: arrivals[i])]
+        done = {}
+        while pending or batcher.busy:
+            while pending and pending[0].arrival_s <= self.clocks.host:
+                batcher.submit(pending.pop(0))
+            if not batcher.busy:  # idle until the next request arrives
+                self.clocks.host = pending[0].arrival_s
                 continue
-            if arrived and len(active) < max_batch:
-                i = waiting.pop(0)
-                queued[i] = self.clocks.host
-                self._step_many(step, Phase.PREFILL, [(i, 0, requests[i][0])])
-                active.append(i)
-                stepped = [i]
-            else:
-                segments = [(i, requests[i][0] + len(made[i]) - 1, 1) for i in active]
-                began = self.clocks.host
-                self._step_many(step, Phase.DECODE, segments)
-                decode_s += self.clocks.host - began
-                decode_steps, batched, stepped = decode_steps + 1, batched + len(active), list(active)
-            step += 1
-            for i in stepped:
-                made[i].append(self.clocks.host)
-                if len(made[i]) >= requests[i][1]:
-                    active.remove(i)
+            for r in batcher.step():
+                done[r.index] = r
         e2e = self.clocks.host
-        per_request = [{"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "arrival_s": arrivals[i],
-                        "queue_s": queued[i] - arrivals[i], "ttft_s": t[0] - arrivals[i],
-                        "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
-                        "e2e_s": t[-1] - arrivals[i]} for i, t in made.items()]
+        per_request = []
+        for i in range(len(requests)):
+            r = done[i]
+            t, arrived = r.times, r.request.arrival_s
+            per_request.append({"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "arrival_s": arrived,
+                                "queue_s": r.started_s - arrived, "ttft_s": t[0] - arrived,
+                                "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+                                "e2e_s": t[-1] - arrived})
         return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
-                        decode_steps, batched / decode_steps if decode_steps else 0.0,
-                        decode_s, batched / decode_s if decode_s else 0.0,
+                        batcher.decode_steps, batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
+                        batcher.decode_s, batcher.decoded / batcher.decode_s if batcher.decode_s else 0.0,
                         stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
 
     def _compute(self, kind: str, layer: int, seconds: float) -> None:
@@ -374,20 +366,28 @@ class Simulator:
 
     def _step_many(self, step: int, phase: Phase, segments: list[tuple[int, int, int]]) -> None:
         """One forward over ``segments`` ((request, first position, tokens) each, the runtime's
-        ``ExpertExecutor.begin_step`` order): attention per request at its own context, the router and
-        the experts over every token at once (``OffloadedMixtral.decode``)."""
+        ``ExpertExecutor.begin_step`` order): one attention call per layer and group (a prompt chunk, the
+        decode tokens of every request's KV row), the router and the experts over every token at once
+        (``OffloadedMixtral.mixed``)."""
         cal, c, p = self.cal, self.clocks, phase.value
         self.layer_step.begin_step(step, phase)
         c.host += cal.step_pre_s[p]
         n_tokens = sum(n for _, _, n in segments)
-        # prefill: the attention curves are by tokens; decode: by context
-        sizes = [n if phase is Phase.PREFILL else first + n for _, first, n in segments]
-        attention = [(cal.attention_device_s(p, x), cal.attention_launch[p].at(x)) for x in sizes]
-        router_s = cal.router_device_s(p, max(sizes))
+        # A step's attention is one call per group and layer (``mixtral.attend``): a prompt chunk (the last
+        # segment of a prompt step), timed by the prompt curves at its tokens, and the decode tokens of B
+        # rows, each read up to the widest row's context (``RowKVCache``): the host queues the kernels
+        # once (the launch at that context), and the device reads B x width keys (the one-row curve at
+        # that many keys; the projections of B tokens stream the same weights as one token's)
+        riding, chunk = (segments[:-1], segments[-1][2]) if phase is Phase.PREFILL else (segments, 0)
+        width = max((first + n for _, first, n in riding), default=0)
+        groups = [(cal.attention_device_s("prefill", chunk), cal.attention_launch["prefill"].at(chunk))] if chunk else []
+        if riding:
+            groups.append((cal.attention_device_s("decode", len(riding) * width), cal.attention_launch["decode"].at(width)))
+        router_s = cal.router_device_s(p, n_tokens if phase is Phase.PREFILL else width)
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
-            for attention_s, launch_s in attention:  # one request's attention after another, on one stream
+            for attention_s, launch_s in groups:  # one group's attention after the other, on one stream
                 begin = max(c.compute, c.host)
                 c.host += launch_s
                 c.compute = max(begin + attention_s, c.host)
@@ -410,3 +410,17 @@ class Simulator:
             self.events.emit(StepEvent("layer_done", step, p, layer))
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
         self.events.emit(StepEvent("step_done", step, p))
+
+
+class _SimStep:
+    """A batcher step on the simulator: ``_step_many`` advances the clocks; there are no logits."""
+
+    def __init__(self, sim: Simulator):
+        self.sim = sim
+
+    def __call__(self, step, phase, segments, decode, chunk):
+        self.sim._step_many(step, phase, segments)
+        return None, None
+
+    def release(self, row: int) -> None:
+        """The simulator holds no KV cache."""

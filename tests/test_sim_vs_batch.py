@@ -1,0 +1,89 @@
+"""benchmarks/sim_vs_batch.py on a tiny setting: bench-shaped batch and arrival files, the bundled model
+and trace, a hand-made calibration. The simulated figures put in as the measurement come back with
+zero error; a measurement twice as fast comes back at -50%."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from test_sim import fake_calibration
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+SCRIPT = ROOT / "benchmarks" / "sim_vs_batch.py"
+TRACE = DATA / "traces" / "small-moe-heldout.parquet"
+SHAPE = dict(hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)
+COMMAND = (f"python -m duoserve_core.bench --model {DATA / 'small-moe'} --quant nf4 --memory-budget 10slots "
+           f"--prompt-len 6 --gen 4 --routing-trace {TRACE} --policies on-demand,lru")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("sim_vs_batch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def files(tmp_path):
+    """A --max-batch file (B 1 and 3) and an --arrival-rate file, bench-shaped, their figures placeholders."""
+    batch = {"max_batch": 0, "policy": "", "slots": 10, "decode_tokens_per_s": 1.0, "tokens_per_s": 1.0,
+             "ttft_p50_s": 1.0, "ttft_p99_s": 1.0, "tpot_p50_s": 1.0, "tpot_p99_s": 1.0, "h2d_copies": 1,
+             "decode_s": 1.0, "decode_steps": 3}
+    pct = {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0}
+    (tmp_path / "batch.json").write_text(json.dumps({"command": COMMAND + " --max-batch 1,3", "rows": [
+        {**batch, "max_batch": 1, "policy": "on-demand"}, {**batch, "max_batch": 3, "policy": "lru"},
+        {"max_batch": 3, "policy": "resident", "skipped": "does not fit"}]}))
+    (tmp_path / "arrivals.json").write_text(json.dumps({"command": COMMAND + " --arrival-rate 50 --requests 4 "
+                                                        "--max-batch 3", "rows": [
+        {"arrival_rate": 50.0, "policy": "lru", "max_batch": 3, "slots": 10, "mean_batch": 1.0, "h2d_copies": 1,
+         "requests": 4, "ttft_s": pct, "tpot_s": pct, "latency_s": pct, "queued_s": pct, "tokens_per_s": 1.0}]}))
+    cal = fake_calibration(tmp_path / "cal.json", 8, 2, shape=SHAPE)
+    return tmp_path, cal
+
+
+def test_equal_figures_give_zero_error_and_a_faster_measurement_a_negative_one(files):
+    from duoserve_core.sim import load_calibration
+
+    folder, cal_path = files
+    svb, cal = _script(), load_calibration(cal_path)
+    configs = svb.configurations(folder / "batch.json") + svb.configurations(folder / "arrivals.json")
+    assert [(c["kind"], c["policy"], c["max_batch"], c["requests"]) for c in configs] == [
+        ("batch", "on-demand", 1, 1), ("batch", "lru", 3, 3), ("arrivals", "lru", 3, 4)]
+    assert all(c["slots"] == 10 and c["max_context"] == 10 and c["arrival_rate"] in (None, 50.0) for c in configs)
+    rows = []
+    for c in configs:
+        c["policy_time"] = False  # deterministic: the same run twice gives the same figures
+        c["measured"] = svb.simulate(c, cal)["figures"]
+        rows.append(svb.compare(c, cal))
+    for r in rows:
+        assert set(r["figures"]) == set(svb.FIGURES[r["kind"]])
+        for name, f in r["figures"].items():
+            assert f["measured"] is not None and f["sim"] == f["measured"] and f["rel_error"] == 0.0, name
+    assert rows[1]["figures"]["h2d_copies"]["sim"] > 0 and rows[2]["figures"]["mean_batch"]["sim"] > 1
+    assert svb.summary(rows)["met"] and svb.summary(rows)["p50_latency"]["max_abs_rel_error"] == 0.0
+
+    faster = dict(configs[1], measured={**configs[1]["measured"],
+                                        "decode_tokens_per_s": 2 * configs[1]["measured"]["decode_tokens_per_s"]})
+    row = svb.compare(faster, cal)
+    assert row["figures"]["decode_tokens_per_s"]["rel_error"] == pytest.approx(-0.5)
+    summ = svb.summary(rows + [row])
+    assert not summ["met"] and summ["decode_tokens_per_s"]["max_abs_rel_error"] == pytest.approx(0.5)
+    assert summ["decode_tokens_per_s"]["policy"] == "lru" and summ["decode_tokens_per_s"]["max_batch"] == 3
+
+
+def test_main_writes_the_table_and_the_summary(files, capsys):
+    folder, cal_path = files
+    out = folder / "table"
+    assert _script().main([str(folder / "batch.json"), str(folder / "arrivals.json"), "--calibration", str(cal_path),
+                           "--out", str(out)]) == 0
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert [r["kind"] for r in record["rows"]] == ["batch", "batch", "arrivals"]
+    assert record["summary"]["target"] == 0.10 and record["summary"]["met"] is False  # placeholders: far off
+    table = Path(f"{out}.md").read_text()
+    assert "| on-demand | 1 | 10 |" in table and "| lru | 50 | 4 | 3 |" in table and "not met" in table
+    assert "decode throughput" in capsys.readouterr().out
