@@ -4,11 +4,12 @@
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
 #   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals   (carry [".whl"])
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
-# MAXB (16), SCHEDULES (prefill-first) override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+# MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
-RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-prefill-first}
+RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-mixed}
+SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
         --routing-trace /tmp/mixtral_like_64.parquet)
 trace() {
@@ -30,7 +31,7 @@ batch)
 arrivals)
   trace
   timeout 560 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
-      --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" \
+      --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log" ;;
 esac
