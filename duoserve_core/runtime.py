@@ -417,10 +417,15 @@ class Runtime:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
+        return self.eos_ids(stop_at_eos)
+
+    def eos_ids(self, stop_at_eos: bool = True) -> set[int]:
+        """The token ids that end a request (none when ``stop_at_eos`` is False)."""
         eos = self.config.eos_token_id if stop_at_eos else None
         return set(eos if isinstance(eos, list) else [eos]) - {None}
 
-    def _check_request(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int, where: str = "") -> None:
+    def check_request(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int, where: str = "") -> None:
+        """A ``PromptError`` naming what is wrong with a request (encoded ``ids``) before anything runs."""
         if max_new_tokens < 1:
             raise PromptError("max_new_tokens must be at least 1")
         if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
@@ -460,7 +465,7 @@ class Runtime:
         ``recorder`` (a ``traces.TraceRecorder``) is told every token's routing at every layer.
         """
         ids = self.encode(prompt, prompt_ids)
-        self._check_request(ids, max_new_tokens, temperature, seed)
+        self.check_request(ids, max_new_tokens, temperature, seed)
         eos = self._begin_run(stop_at_eos)
         cuda = self.device.type == "cuda"
         if recorder is not None:
@@ -523,7 +528,7 @@ class Runtime:
         arrivals = check_arrivals(arrivals, len(prompts))
         encoded = [self.encode(p, None) if isinstance(p, str) else self.encode(None, list(p)) for p in prompts]
         for i, ids in enumerate(encoded):
-            self._check_request(ids, max_new_tokens, temperature, seed, f"prompt {i}: ")
+            self.check_request(ids, max_new_tokens, temperature, seed, f"prompt {i}: ")
         eos = self._begin_run(stop_at_eos)
         cuda = self.device.type == "cuda"
         start = self.cache.stats.as_dict()

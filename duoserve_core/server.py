@@ -160,7 +160,7 @@ class _Api:
         seed = random.randrange(2**63) if body.seed is None else body.seed
         for i, (ids, n) in enumerate(zip(prompts, max_tokens)):
             try:
-                self.runtime._check_request(ids, n, temperature, seed, f"prompt {i}: " if len(prompts) > 1 else "")
+                self.runtime.check_request(ids, n, temperature, seed, f"prompt {i}: " if len(prompts) > 1 else "")
             except PromptError as exc:
                 raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens") from exc
         return Generation(self.engine, self.runtime.tokenizer, prompts, max_tokens, temperature, seed, body.stops())

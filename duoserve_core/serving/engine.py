@@ -64,7 +64,7 @@ class Engine:
                               f"{runtime.plan.max_batch} request(s); load it with max_batch={max_batch}")
         self.runtime, self.max_batch = runtime, max_batch
         self.schedule = (prefill_schedule, prefill_chunk)
-        self.eos = runtime._begin_run(stop_at_eos=True)
+        self.eos = runtime.eos_ids()
         self.batcher = runtime.batcher(max_batch, self.eos, prefill_schedule=prefill_schedule,
                                        prefill_chunk=prefill_chunk)
         self.cancelled = self.failed_steps = 0
