@@ -481,16 +481,28 @@ def test_generate_with_bad_arguments_raises_duoserve_error(runtime, kwargs):
         runtime.generate(**kwargs)
 
 
+def _bundled_copy(tmp_path: Path, change_weights=None) -> Path:
+    """A copy of the bundled checkpoint to damage; ``change_weights(tensors)`` edits its weights first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(DATA / "small-moe", folder)
+    if change_weights is not None:
+        weights = load_file(folder / "model.safetensors")
+        change_weights(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 @pytest.mark.parametrize("tokenizer", ["broken", "missing"])
 def test_a_bad_or_missing_tokenizer_is_one_line_before_any_weight_loads(tmp_path, capsys, tokenizer):
     """A malformed tokenizer.json is a CheckpointError naming the folder; a text prompt without a tokenizer
     is refused before the checkpoint loads (it took 21 s of weights before)."""
-    import shutil
-
     from duoserve_core.cli import main as generate_main
 
-    folder = tmp_path / "ckpt"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
+    folder = _bundled_copy(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if tokenizer == "broken" and name == "tokenizer.json":
             (folder / name).write_text("{broken")
@@ -508,19 +520,14 @@ def test_a_bad_or_missing_tokenizer_is_one_line_before_any_weight_loads(tmp_path
 def test_nan_weights_are_a_checkpoint_error_naming_the_tensor(tmp_path, tensor, quant):
     """A NaN in an expert or a dense weight is refused at load, naming what holds it (it decoded tokens
     of 0 before), for a quantized and a dense expert format."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     import duoserve_core
     from duoserve_core.errors import CheckpointError
 
-    folder = tmp_path / "ckpt"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
-    weights = load_file(folder / "model.safetensors")
-    assert tensor in weights, sorted(weights)[:12]
-    weights[tensor].view(-1)[7] = float("nan")
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    def poison(weights):
+        assert tensor in weights, sorted(weights)[:12]
+        weights[tensor].view(-1)[7] = float("nan")
+
+    folder = _bundled_copy(tmp_path, poison)
     with pytest.raises(CheckpointError, match="NaN or infinite") as caught:
         duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
     where = "expert 0 of layer 1 (w3)" if "experts" in tensor else tensor
@@ -533,20 +540,15 @@ def test_nan_weights_are_a_checkpoint_error_naming_the_tensor(tmp_path, tensor, 
 def test_non_float_weights_are_refused_from_the_header(tmp_path, tensor, dtype):
     """Integer or float64 weights (they loaded silently, or failed deep in NF4) are refused before any
     weight is read, naming the tensor and its dtype."""
-    import shutil
-
     import torch
-
-    from safetensors.torch import load_file, save_file
 
     import duoserve_core
     from duoserve_core.errors import CheckpointError
 
-    folder = tmp_path / "ckpt"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "small-moe", folder)
-    weights = load_file(folder / "model.safetensors")
-    weights[tensor] = (weights[tensor].float() * 100).to(getattr(torch, dtype))
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    def retype(weights):
+        weights[tensor] = (weights[tensor].float() * 100).to(getattr(torch, dtype))
+
+    folder = _bundled_copy(tmp_path, retype)
     for quant in ("none", "nf4"):
         with pytest.raises(CheckpointError, match=f"{tensor}.*stored as"):
             duoserve_core.load(folder, device="cpu", quant=quant, memory_budget="4slots")
