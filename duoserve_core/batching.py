@@ -42,7 +42,7 @@ class Request:
 
 
 class ActiveRequest:
-    """A request after its prefill: its KV-cache row, its sampler, what it produced and when."""
+    """A request from its first prompt step: its KV-cache row, its sampler, what it produced and when."""
 
     def __init__(self, request: Request, kv_row: int, started_s: float):
         self.request, self.kv_row, self.started_s = request, kv_row, started_s
