@@ -40,7 +40,7 @@ from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.knob_args import knobs_from_args  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
 from duoserve_core.sim.calibration import load_calibration  # noqa: E402
-from duoserve_core.sim.qos import poisson_arrivals, summarize  # noqa: E402
+from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.sim.simulator import Simulator  # noqa: E402
 from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
@@ -74,7 +74,8 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "knobs": knobs_from_args(args, row["policy"]).effective(),
                     "slots": row["slots"], "max_context": args.prompt_len + args.gen,  # as bench opens the runtime
                     "prompt_len": args.prompt_len, "gen": args.gen, "max_batch": row["max_batch"],
-                    "requests": args.requests if arrivals else row["max_batch"],
+                    "requests": row["requests"] if arrivals else row["max_batch"],
+                    "duration_s": args.duration,
                     "arrival_rate": row.get("arrival_rate"), "measured": measured_figures(row),
                     # rows before the schedule knob ran prefill-first; "mixed, chunks of N" names a chunk
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
@@ -94,6 +95,13 @@ def measured_figures(row: dict) -> dict:
             "decode_step_s": row["decode_s"] / row["decode_steps"] if row["decode_steps"] else None}
 
 
+def bench_arrivals(config: dict) -> list[float]:
+    """The arrival times the bench replayed for an arrival row: by count, or within ``--duration``."""
+    if config.get("duration_s"):
+        return poisson_arrivals_within(config["arrival_rate"], config["duration_s"], ARRIVAL_SEED)
+    return poisson_arrivals(config["arrival_rate"], config["requests"], ARRIVAL_SEED)
+
+
 def simulate(config: dict, calibration) -> dict:
     """One measured row simulated the bench's way: its figures (``FIGURES`` names) and a few of the
     simulated run's own (copies and experts per decode step, the decode step's parts)."""
@@ -108,8 +116,7 @@ def simulate(config: dict, calibration) -> dict:
     # False leaves it out, which makes a run deterministic (tests)
     sim = Simulator(model, calibration, replay, config["knobs"], policy_time=config.get("policy_time", True))
     requests = [(config["prompt_len"], config["gen"])] * config["requests"]
-    arrivals = (poisson_arrivals(config["arrival_rate"], config["requests"], ARRIVAL_SEED)
-                if config["kind"] == "arrivals" else None)
+    arrivals = bench_arrivals(config) if config["kind"] == "arrivals" else None
     for _ in range(2 if config["kind"] == "batch" else 1):  # batch rows: a warm-up run first, as the bench
         if not sim.policy.holds_every_expert:
             sim.empty_cache()

@@ -315,3 +315,24 @@ def test_bad_schedules_are_named(bundled):
         bundled.generate_many([[5]], prefill_schedule="prefill-first", prefill_chunk=4)
     with pytest.raises(KnobError, match="prefill_chunk 0"):
         bundled.generate_many([[5]], prefill_schedule="mixed", prefill_chunk=0)
+
+
+def test_bench_duration_replays_the_arrivals_within_it(tmp_path):
+    """--duration S: the same seeded Poisson process as --requests, cut at S seconds (so a higher rate brings
+    more requests); --requests with --duration is refused."""
+    import json
+
+    from duoserve_core.bench.__main__ import main
+    from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within
+
+    within = poisson_arrivals_within(20.0, 0.5, seed=0)
+    assert within == poisson_arrivals(20.0, len(within), seed=0) and within[-1] < 0.5
+    assert len(poisson_arrivals_within(40.0, 0.5, seed=0)) > len(within)
+    out = tmp_path / "load.json"
+    assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len",
+                 "4", "--gen", "2", "--policies", "lru", "--arrival-rate", "6,60", "--duration", "0.3",
+                 "--max-batch", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["requests"] for r in rows] == [len(poisson_arrivals_within(r, 0.3)) for r in (6.0, 60.0)]
+    assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--arrival-rate", "4", "--duration", "1",
+                 "--requests", "3", "--out", str(tmp_path / "x.json")]) == 2

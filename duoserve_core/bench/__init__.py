@@ -260,27 +260,31 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     return rows
 
 
-def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int,
+def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int | None,
                  prompt_len: int, gen: int, *, max_batch: int, memory_budget: str | int | None, seed: int = 0,
+                 duration_s: float | None = None,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
                  schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None) -> list[dict]:
-    """Latency under load: for each arrival rate and policy, ``requests`` requests arriving as a seeded
+    """Latency under load: for each arrival rate and policy, ``requests`` requests (or, with ``duration_s``, those
+    arriving within that many seconds) arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
     the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike."""
-    from ..sim.qos import poisson_arrivals, summarize
+    from ..sim.qos import poisson_arrivals, poisson_arrivals_within, summarize
 
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     runtime.warm_up()  # on a GPU: the first run of the process would time kernel loading (one run each here)
     base = runtime.plan.budget_bytes
     extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, max_batch - 1)
     budget = None if base is None else base + extra
-    prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)] for i in range(requests)]
     rows: list[dict] = []
     with progress_bar(desc="arrivals", total=len(rates) * len(policies) * len(schedules), unit="run",
                       quiet=quiet) as tick:
         for rate in rates:
-            arrivals = poisson_arrivals(rate, requests, seed)
+            arrivals = (poisson_arrivals_within(rate, duration_s, seed) if duration_s is not None
+                        else poisson_arrivals(rate, requests, seed))
+            prompts = [[t % runtime.config.vocab_size for t in make_prompt(prompt_len, seed=i)]
+                       for i in range(len(arrivals))]
             for schedule, policy in itertools.product(schedules, policies):
                 try:
                     runtime.configure(memory_budget=budget, max_batch=max_batch,

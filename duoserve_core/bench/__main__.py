@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arrival-rate", type=listed(number(0.0, above=True)), default=None,
                    help="arrival rates per second, e.g. 0.5,1,2: --requests requests arriving as a seeded Poisson "
                         "process, replayed in real time; percentiles and SLO attainment per rate and policy")
-    p.add_argument("--requests", type=whole(1), default=16, help="with --arrival-rate: requests per rate")
+    p.add_argument("--requests", type=whole(1), default=None, help="with --arrival-rate: requests per rate (default 16)")
+    p.add_argument("--duration", type=number(0.0, above=True), default=None,
+                   help="with --arrival-rate: the requests arriving within this many seconds, instead of --requests")
     add_schedule_arguments(p, many=True, default=None, default_note=(
         f"; default: prefill-first with --max-batch (every decode step then holds B requests, the throughput "
         f"the sweep is about), {DEFAULT_SCHEDULE} with --arrival-rate"))
@@ -194,6 +196,8 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
 def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
     """Latency percentiles and SLO attainment under Poisson arrivals (``bench.arrival_rows``)."""
     sizes = [int(b) for b in (args.max_batch or "8").split(",")]
+    if args.requests and args.duration:
+        raise DuoServeError("--requests and --duration both say how many requests arrive; give one")
     if len(sizes) != 1:
         raise DuoServeError("--arrival-rate takes one --max-batch (the most requests decoding together), "
                             f"got {args.max_batch}")
@@ -201,7 +205,8 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     rows = arrival_rows(runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
-                        args.requests, args.prompt_len, args.gen, max_batch=sizes[0], memory_budget=args.memory_budget,
+                        None if args.duration else args.requests or 16, args.prompt_len, args.gen,
+                        max_batch=sizes[0], memory_budget=args.memory_budget, duration_s=args.duration,
                         slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
                         slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
                         schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")),

@@ -52,6 +52,17 @@ def poisson_arrivals(rate_per_s: float, n: int, seed: int = 0) -> list[float]:
     return (np.cumsum(gaps) - gaps[0]).tolist()
 
 
+def poisson_arrivals_within(rate_per_s: float, duration_s: float, seed: int = 0) -> list[float]:
+    """The arrivals of ``poisson_arrivals(rate_per_s, n, seed)`` that fall within ``duration_s`` seconds (the
+    first at 0, so at least one): the same process, cut by time instead of by count."""
+    if not duration_s > 0:
+        raise WorkloadError(f"need a positive duration, got {duration_s}")
+    n = int(rate_per_s * duration_s * 2) + 16
+    while (arrivals := poisson_arrivals(rate_per_s, n, seed))[-1] < duration_s:
+        n *= 2
+    return [a for a in arrivals if a < duration_s]
+
+
 def make_requests(arrivals: list[float], lengths: list[tuple[int, int]], prompt_tokens: int | None = None,
                   new_tokens: int | None = None) -> list[Request]:
     """Request i arrives at ``arrivals[i]`` and takes trace request ``i mod R``'s routing and lengths
