@@ -296,7 +296,8 @@ def measured_arrivals(results_dir: str | Path = RESULTS) -> pd.DataFrame:
             flat = {f"{m}_{p}_s": r[f"{m}_s"][p] for m in ("ttft", "tpot", "latency") for p in PERCENTILES}
             rows.append({"policy": r["policy"], "arrival_rate": r["arrival_rate"], "max_batch": r["max_batch"],
                          "requests": r["requests"], "mean_batch": r["mean_batch"], **flat,
-                         "label": f"{_measured_label(record)} (max batch {r['max_batch']}, {r['requests']} requests)",
+                         "label": f"{_measured_label(record)} (max batch {r['max_batch']}, {r['requests']} requests, "
+                                  f"{r.get('prefill_schedule', 'prefill-first')})",
                          "file": path.name})
     return pd.DataFrame(rows)
 

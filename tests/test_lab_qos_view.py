@@ -23,7 +23,7 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
     arrivals = qv.measured_arrivals()
     assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
-    assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30 (max batch 16, 16 requests)"
+    assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30 (max batch 16, 16 requests, prefill-first)"
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
 
 
