@@ -73,6 +73,13 @@ class ActiveRequest:
             self.request.on_token(token, self.finish_reason)
         return self.finish_reason is not None
 
+    def latencies(self) -> dict:
+        """When it arrived (on the batcher's clock) and, from then, its queueing (until its first prompt
+        step), TTFT and E2E; its TPOT, (last token - first token) / (tokens - 1)."""
+        first, last, arrived, n = self.times[0], self.times[-1], self.request.arrival_s, len(self.tokens)
+        return {"arrival_s": arrived, "queue_s": self.started_s - arrived, "ttft_s": first - arrived,
+                "tpot_s": (last - first) / (n - 1) if n > 1 else None, "e2e_s": last - arrived}
+
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
     """Greedy at temperature 0, else a draw from the softmax at ``temperature`` with ``generator``."""
@@ -140,6 +147,32 @@ class Batcher:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.active or self.filling)
+
+    @property
+    def mean_batch(self) -> float:
+        """Requests per decode step, on average."""
+        return self.decoded / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens of decode steps per second of them: the batch's decode throughput."""
+        return self.decoded / self.decode_s if self.decode_s else 0.0
+
+    def run(self, requests: list[Request], wait: Callable[[float], None]) -> dict[int, ActiveRequest]:
+        """Every request submitted once the clock reaches its arrival (in arrival order, ties in the given
+        order), stepping until all have finished; ``wait(t)`` brings an idle batcher's clock to ``t`` (a
+        sleep on the runtime, a jump on the simulator). The finished requests by index."""
+        pending = sorted(requests, key=lambda r: r.arrival_s)
+        done: dict[int, ActiveRequest] = {}
+        while pending or self.busy:
+            while pending and pending[0].arrival_s <= self.clock():
+                self.submit(pending.pop(0))
+            if not self.busy:
+                wait(pending[0].arrival_s)
+                continue
+            for r in self.step():
+                done[r.index] = r
+        return done
 
     def submit(self, request: Request) -> None:
         self.waiting.append(request)

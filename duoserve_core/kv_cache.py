@@ -84,7 +84,8 @@ class Placement:
         self.starts = [cache.lengths[row] for row in rows]
         self.positions = torch.tensor([[s + i for i in range(new_tokens)] for s in self.starts], device=device)
         self.width = max(self.starts) + new_tokens
-        self.row_index = torch.tensor(rows, device=device)
+        # several rows are gathered by index; one row is a slice (no index tensor to send to the device)
+        self.row_index = torch.tensor(rows, device=device) if len(rows) > 1 else None
         self.slots = self.positions[:, 0]
         keys = torch.arange(self.width, device=device)
         visible = keys[None, None, :] <= self.positions[:, :, None]

@@ -140,7 +140,8 @@ class OffloadedMixtral:
             hidden = [h + attend(layer.self_attn, layer.input_layernorm(h), r, at, self.kv, index)
                       for h, r, at in zip(hidden, rotary, placements)]
             self.events.emit(SpanEvent("end", "compute", "attention", index))
-            tokens = torch.cat([h.reshape(-1, width) for h in hidden])[None]  # [1, all tokens, H]
+            tokens = (hidden[0].reshape(1, -1, width) if len(hidden) == 1 else  # no copy for one group
+                      torch.cat([h.reshape(-1, width) for h in hidden])[None])  # [1, all tokens, H]
             moe = layer.mlp(layer.post_attention_layernorm(tokens))[0].split(sizes)
             hidden = [h + part.view_as(h) for h, part in zip(hidden, moe)]
         for at in placements:

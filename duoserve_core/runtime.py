@@ -535,26 +535,17 @@ class Runtime:
         t0 = time.perf_counter()
         batcher = self.batcher(max_batch, eos, return_logits, lambda: time.perf_counter() - t0, prefill_schedule,
                                prefill_chunk)
-        pending = [Request(i, encoded[i], max_new_tokens, temperature, seed, arrivals[i])
-                   for i in sorted(range(len(encoded)), key=lambda i: arrivals[i])]  # stable: ties keep the input order
-        done: dict[int, RequestResult] = {}
-        while pending or batcher.busy:
-            while pending and pending[0].arrival_s <= batcher.clock():
-                batcher.submit(pending.pop(0))
-            if not batcher.busy:  # idle until the next request arrives
-                time.sleep(max(0.0, pending[0].arrival_s - batcher.clock()))
-                continue
-            for r in batcher.step():
-                done[r.index] = request_result(r, self.tokenizer)
+        done = batcher.run([Request(i, ids, max_new_tokens, temperature, seed, arrivals[i])
+                            for i, ids in enumerate(encoded)],
+                           wait=lambda t: time.sleep(max(0.0, t - batcher.clock())))  # real time
         e2e = time.perf_counter() - t0
         total = stats_delta(start, self.cache.stats.as_dict())
-        results = [done[i] for i in range(len(encoded))]
+        results = [request_result(done[i], self.tokenizer) for i in range(len(encoded))]
         return BatchRun(
             requests=results, max_batch=max_batch, e2e_s=e2e,
             tokens_per_s=sum(len(r.tokens) for r in results) / e2e if e2e > 0 else 0.0,
-            decode_steps=batcher.decode_steps,
-            mean_batch=batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
-            decode_s=batcher.decode_s, decode_tokens_per_s=batcher.decoded / batcher.decode_s if batcher.decode_s else 0.0,
+            decode_steps=batcher.decode_steps, mean_batch=batcher.mean_batch, decode_s=batcher.decode_s,
+            decode_tokens_per_s=batcher.decode_tokens_per_s,
             prefill_schedule=prefill_schedule if prefill_chunk is None else f"{prefill_schedule}, chunks of {prefill_chunk}",
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
@@ -632,7 +623,7 @@ class _ModelStep:
         if chunk is None:
             return model.decode(*decode), None
         if decode is None:
-            return None, model.mixed([], [], *chunk)[0]
+            return None, model.prefill(*chunk)
         logits, last = model.mixed(*decode, *chunk)
         return logits, last
 
@@ -642,11 +633,7 @@ class _ModelStep:
 
 def request_result(active, tokenizer) -> RequestResult:
     """A finished request of ``generate_many`` (a ``batching.ActiveRequest``), its times from its arrival."""
-    first, last, arrived = active.times[0], active.times[-1], active.request.arrival_s
-    n = len(active.tokens)
-    return RequestResult(tokens=active.tokens, prompt_tokens=len(active.request.ids),
-                         queue_s=active.started_s - arrived, ttft_s=first - arrived,
-                         tpot_s=(last - first) / (n - 1) if n > 1 else None, e2e_s=last - arrived, arrival_s=arrived,
+    return RequestResult(tokens=active.tokens, prompt_tokens=len(active.request.ids), **active.latencies(),
                          text=tokenizer.decode(active.tokens) if tokenizer is not None else None,
                          logits=active.logits or None)
 

@@ -208,31 +208,13 @@ def live_batches(runtime, policies: Iterable[str], budget_pct: float, batches: I
 
 def live_arrivals(runtime, policies: Iterable[str], budget_pct: float, rates: Iterable[float], requests: int, gen: int,
                   max_batch: int, seed: int = 0, prompt_len: int = PROMPT) -> dict[tuple[str, float], dict]:
-    """``bench.arrival_rows`` on ``runtime`` (arrivals replayed in real time, the same budget rule and
-    prompts), its records kept as ``simulated_arrivals`` keeps them."""
-    runtime.configure(memory_budget=f"{budget_pct:g}%", max_batch=1)
-    base = runtime.plan.budget_bytes
-    budget = None if base is None else base + kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype,
-                                                             max_batch - 1)
-    prompts = [[t % runtime.config.vocab_size for t in bench.make_prompt(prompt_len, seed=i)] for i in range(requests)]
-    out = {}
-    for rate in rates:
-        arrivals = qos.poisson_arrivals(rate, requests, seed)
-        for policy in policies:
-            try:
-                runtime.configure(memory_budget=budget, max_batch=max_batch,
-                                  knobs=PolicyKnobs().changed(policy=policy).effective())
-                if not runtime.policy.holds_every_expert:
-                    runtime.empty_expert_cache()
-                run = runtime.generate_many(prompts, max_batch=max_batch, max_new_tokens=gen, stop_at_eos=False,
-                                            arrivals=arrivals)
-            except (BudgetError, KnobError) as exc:
-                out[(policy, float(rate))] = {"skipped": str(exc)}
-                continue
-            requests_done = [{"arrival_s": r.arrival_s, "queue_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
-                              "e2e_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
-            out[(policy, float(rate))] = {"records": records(requests_done), "mean_batch": run.mean_batch}
-    return out
+    """``bench.arrival_rows`` itself on ``runtime`` (arrivals replayed in real time), its records kept in the
+    shape ``simulated_arrivals`` gives."""
+    rows = bench.arrival_rows(runtime, PolicyKnobs(), list(policies), [float(r) for r in rates], int(requests),
+                              prompt_len, int(gen), max_batch=int(max_batch), memory_budget=f"{budget_pct:g}%",
+                              seed=seed, quiet=True, keep_records=True)
+    return {(r["policy"], float(r["arrival_rate"])): {"skipped": r["skipped"]} if "skipped" in r else
+            {"records": r["records"], "mean_batch": r["mean_batch"]} for r in rows}
 
 
 # -- one entry point per question: the GPU's runtime where there is one, else the simulator --------------

@@ -37,9 +37,8 @@ writes ``benchmarks/results/sweep_<device>_<date>.json``, one row per measuremen
 
 from __future__ import annotations
 
-import itertools
-
 import datetime
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -264,12 +263,14 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                  prompt_len: int, gen: int, *, max_batch: int, memory_budget: str | int | None, seed: int = 0,
                  duration_s: float | None = None,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
-                 schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None) -> list[dict]:
+                 schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None,
+                 keep_records: bool = False) -> list[dict]:
     """Latency under load: for each arrival rate and policy, ``requests`` requests (or, with ``duration_s``, those
     arriving within that many seconds) arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
-    the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike."""
+    the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike. ``keep_records``: each
+    row also holds its requests' records (``records``, what ``summarize`` read), so other SLOs can re-count."""
     from ..sim.qos import poisson_arrivals, poisson_arrivals_within, summarize
 
     runtime.configure(memory_budget=memory_budget, max_batch=1)
@@ -303,7 +304,8 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                 rows.append({"arrival_rate": rate, "policy": policy, "prefill_schedule": run.prefill_schedule,
                              "max_batch": max_batch, "budget_bytes": budget,
                              "slots": runtime.plan.num_slots, "mean_batch": run.mean_batch,
-                             "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s)})
+                             "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
+                             **({"records": records} if keep_records else {})})
                 tick()
     return rows
 

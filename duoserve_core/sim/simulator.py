@@ -331,29 +331,13 @@ class Simulator:
         arrivals = check_arrivals(arrivals, len(requests))
         batcher = Batcher(_SimStep(self), max_batch, set(), clock=lambda: self.clocks.host,
                           schedule=prefill_schedule, prefill_chunk=prefill_chunk)
-        pending = [Request(i, [0] * requests[i][0], requests[i][1], arrival_s=arrivals[i])
-                   for i in sorted(range(len(requests)), key=lambda i: arrivals[i])]
-        done = {}
-        while pending or batcher.busy:
-            while pending and pending[0].arrival_s <= self.clocks.host:
-                batcher.submit(pending.pop(0))
-            if not batcher.busy:  # idle until the next request arrives
-                self.clocks.host = pending[0].arrival_s
-                continue
-            for r in batcher.step():
-                done[r.index] = r
+        done = batcher.run([Request(i, [0] * n, new, arrival_s=arrivals[i]) for i, (n, new) in enumerate(requests)],
+                           wait=lambda t: setattr(self.clocks, "host", t))  # an idle simulator jumps
         e2e = self.clocks.host
-        per_request = []
-        for i in range(len(requests)):
-            r = done[i]
-            t, arrived = r.times, r.request.arrival_s
-            per_request.append({"prompt_tokens": requests[i][0], "new_tokens": requests[i][1], "arrival_s": arrived,
-                                "queue_s": r.started_s - arrived, "ttft_s": t[0] - arrived,
-                                "tpot_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
-                                "e2e_s": t[-1] - arrived})
+        per_request = [{"prompt_tokens": n, "new_tokens": new, **done[i].latencies()}
+                       for i, (n, new) in enumerate(requests)]
         return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
-                        batcher.decode_steps, batcher.decoded / batcher.decode_steps if batcher.decode_steps else 0.0,
-                        batcher.decode_s, batcher.decoded / batcher.decode_s if batcher.decode_s else 0.0,
+                        batcher.decode_steps, batcher.mean_batch, batcher.decode_s, batcher.decode_tokens_per_s,
                         stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
 
     def _compute(self, kind: str, layer: int, seconds: float) -> None:
