@@ -96,7 +96,9 @@ def sweep_configurations(path: Path, record: dict, trace_override: str | None = 
 def derived_device_terms(bench: Path, calibration):
     """``calibrate.device_terms`` applied to the timelines a bench run wrote (``--timelines``; looked
     for as ``<dir of the file>/timelines/<stem>_<policy>.parquet``): the calibration with the
-    derived ``device_time`` and decode host time per expert merged in, and a note of what was used."""
+    derived ``device_time`` and decode host time per expert merged in, and a note of what was used.
+    The timeline gives one 1-token expert point; where the calibration holds a per-token-count curve
+    (``calibrate.measure_experts`` on CUDA) that curve is kept (``Calibration.with_device_time``)."""
     import pandas as pd
 
     record = json.loads(bench.read_text())

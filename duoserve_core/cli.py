@@ -14,7 +14,8 @@ from .errors import DuoServeError, PromptError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
 from .progress import interruptible
-from .knob_args import Parser, add_knob_arguments, add_schedule_arguments, budget, device, knobs_from_args, number, seed, whole
+from .knob_args import (Parser, add_device_arguments, add_knob_arguments, add_schedule_arguments, budget,
+                        devices_from_args, knobs_from_args, number, seed, whole)
 from .policy import POLICIES
 from .units import format_bytes
 
@@ -40,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
     parser.add_argument("--policy", choices=POLICIES, default="on-demand")
     add_knob_arguments(parser)
-    parser.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_arguments(parser)
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--num-layers", type=whole(1), default=None, help="keep only the first N layers (quick runs)")
@@ -49,7 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_runtime(args: argparse.Namespace, max_batch: int, **extra):
     """The runtime ``add_model_arguments``' flags describe, its memory plan holding ``max_batch`` KV caches."""
-    return load(args.model, device=args.device, quant=args.quant, memory_budget=args.memory_budget,
+    return load(args.model, **devices_from_args(args), quant=args.quant, memory_budget=args.memory_budget,
                 num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
                 attention_quant=args.quant_attention, max_batch=max_batch,
                 knobs=knobs_from_args(args, args.policy), **extra)
@@ -121,9 +122,22 @@ def generate(args: argparse.Namespace) -> dict:
     return out
 
 
+def _devices_text(out: dict) -> str:
+    """The device's name; on several, every device's name and which it is (``cuda:0``, ...)."""
+    names = ", ".join(out["runtime"]["devices"])
+    return out["device"] if len(out["runtime"]["devices"]) == 1 or out["device"] == names else f"{out['device']} ({names})"
+
+
+def _by_device(rt: dict, values: list | None, fmt) -> str:
+    """`` (a on cuda:0, b on cuda:1)`` on several devices, else nothing."""
+    if not values or len(rt["devices"]) < 2:
+        return ""
+    return " (" + ", ".join(f"{fmt(v)} on {name}" for v, name in zip(values, rt["devices"])) + ")"
+
+
 def _print_batch(out: dict) -> None:
     rt = out["runtime"]
-    print(f"{len(out['requests'])} requests on {rt['model']}, {out['device']}, policy {rt['policy']}, "
+    print(f"{len(out['requests'])} requests on {rt['model']}, {_devices_text(out)}, policy {rt['policy']}, "
           f"max batch {out['max_batch']} (mean {out['mean_batch']:.2f} over {out['decode_steps']} decode steps)")
     for i, r in enumerate(out["requests"]):
         tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.1f} ms"
@@ -137,13 +151,16 @@ def _print_table(out: dict) -> None:
     rt = out["runtime"]
     rows = [
         ("model", f"{rt['model']} ({rt['layers']} layers, {rt['experts']} experts, top-{rt['top_k']})"),
-        ("device", out["device"]), ("policy", rt["policy"]), ("experts stored as", rt["expert_format"]),
-        ("expert slots", f"{rt['memory_plan']['num_slots']} of {rt['memory_plan']['total_experts']}"),
+        ("devices" if len(rt["devices"]) > 1 else "device", _devices_text(out)), ("policy", rt["policy"]),
+        ("experts stored as", rt["expert_format"]),
+        ("expert slots", f"{rt['memory_plan']['num_slots']} of {rt['memory_plan']['total_experts']}"
+                         + _by_device(rt, [d["slots"] for d in rt["memory_plan_by_device"]], str)),
         ("tokens", " ".join(map(str, out["tokens"]))),
         ("TTFT", f"{out['ttft_s'] * 1e3:.1f} ms"),
         ("TPOT", "-" if out["tpot_s"] is None else f"{out['tpot_s'] * 1e3:.1f} ms"),
         ("E2E", f"{out['e2e_s'] * 1e3:.1f} ms"),
-        ("peak GPU memory", "-" if out["peak_gpu_bytes"] is None else format_bytes(out["peak_gpu_bytes"])),
+        ("peak GPU memory", "-" if out["peak_gpu_bytes"] is None else format_bytes(out["peak_gpu_bytes"])
+         + _by_device(rt, out.get("peak_gpu_bytes_by_device"), format_bytes)),
         ("H2D moved", f"{format_bytes(out['h2d_bytes'])} in {out['h2d_copies']} copies"),
         ("expert hits / misses", f"{out['expert_hits']} / {out['expert_misses']}"),
     ]

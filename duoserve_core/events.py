@@ -68,6 +68,7 @@ class SpanEvent:
     cuda_stream: object = None  # the torch.cuda.Stream that does the work; None: the current one
     start_s: float | None = None
     end_s: float | None = None
+    device: int = 0             # which of the runtime's devices (0: the first, where the dense part runs)
 
 
 Event = CacheEvent | StepEvent | SpanEvent

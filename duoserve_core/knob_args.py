@@ -3,6 +3,9 @@
 ``generate``, ``bench`` and ``sim`` take the same flags for the same ``PolicyKnobs`` fields; the
 policy itself is each CLI's own flag (one name for ``generate``, a list for ``bench`` and ``sim``).
 
+The devices' flags (``--device``, ``--devices``, ``--gpus``) are one spelling for ``generate``, ``serve``
+and ``bench``; ``sim`` takes ``--gpus N`` alone (a count: it simulates GPUs, it looks for none).
+
 Also the argument types every CLI shares, so a bad value is refused while the arguments are
 parsed (before a trace is read or a model loads) with one line that names the flag: the project's
 rule is one line on stderr and exit 2 for every error, and ``Parser`` keeps argparse's own errors
@@ -114,19 +117,74 @@ def budget(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def device(text: str) -> str:
-    """An argparse type: auto, cpu, cuda or cuda:N (whether that GPU exists is the runtime's check)."""
+def _device_name(text: str) -> str | None:
+    """``text`` if torch reads it as the CPU or a CUDA device (cpu, cuda, cuda:N), else None."""
     import torch
 
-    if text == "auto":
-        return text
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+        return None
+    return text if dev.type in ("cpu", "cuda") else None
+
+
+def device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (whether that GPU exists is the runtime's check)."""
+    if text != "auto" and _device_name(text) is None:
         raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use auto, cpu, cuda or cuda:N")
     return text
+
+
+def devices(text: str) -> str:
+    """An argparse type: comma-separated devices, each cpu, cuda or cuda:N; the text is kept as given (whether
+    those GPUs exist, or a GPU is named twice, is the runtime's check: ``runtime.resolve_devices``)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"takes comma-separated devices, e.g. cuda:0,cuda:1, got {text!r}")
+    for p in parts:
+        if _device_name(p) is None:
+            raise argparse.ArgumentTypeError(f"device {p!r} in {text!r} is not supported; name each device "
+                                             "cpu, cuda or cuda:N, e.g. cuda:0,cuda:1")
+    return text
+
+
+def gpus(auto: bool = True) -> Callable[[str], int | str]:
+    """An argparse type: a number of GPUs, a whole number of at least 1, or (where ``auto``) ``auto``:
+    every visible GPU (whether there are that many is the runtime's check)."""
+    def parse(text: str) -> int | str:
+        if auto and text == "auto":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            takes = "a whole number of at least 1 or auto" if auto else "a whole number of at least 1"
+            why = " (not auto here: give the number of GPUs)" if text == "auto" and not auto else ""
+            raise argparse.ArgumentTypeError(f"takes {takes}{why}, got {text!r}")
+        return value
+    parse.__name__ = "number of GPUs"
+    return parse
+
+
+def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device`` (one device), ``--devices`` (several, by name) and ``--gpus`` (several, by count): one
+    spelling for generate, serve and the bench, at most one of them given; ``devices_from_args`` reads them.
+    Without ``--devices`` or ``--gpus`` the runtime has one device, as before."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--device", type=device, default="auto",
+                       help="one device: auto, cpu, cuda or cuda:N (auto: cuda:0 where there is a GPU)")
+    group.add_argument("--devices", type=devices, default=None,
+                       help="several devices, comma-separated, e.g. cuda:0,cuda:1: expert slots and a copy link "
+                            "on each, the dense part on the first; --memory-budget applies to each")
+    group.add_argument("--gpus", type=gpus(), default=None,
+                       help="N GPUs from cuda:0, or auto: every visible GPU (the CPU where there is none); "
+                            "default: one device (--device)")
+
+
+def devices_from_args(args: argparse.Namespace) -> dict:
+    """``add_device_arguments``' flags as ``load``'s keywords (``device``, ``devices``, ``gpus``)."""
+    return {"device": args.device, "devices": args.devices, "gpus": args.gpus}
 
 
 def add_knob_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -5,6 +5,10 @@ cache at the longest context the runtime accepts, activations of the largest for
 the workspace a quantized expert needs while it is computed, a margin for the allocator; the
 rest is expert slots. A budget that cannot hold one layer's top-k experts after that fails
 here, with the figure that would work.
+
+On several devices the budget applies to each: the first device holds the fixed costs above and
+slots; every other device holds activations, the expert workspace and the margin (it computes the
+experts in its slots over the layer's hidden states), and slots in the rest, so it holds more.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class MemoryPlan:
     num_slots: int
     total_experts: int
     max_batch: int = 1         # requests whose KV caches (at the planned context) the plan holds at once
+    device_slots: list[int] | None = None  # slots on each device, the first device's first (None: one device)
+    peer_fixed_bytes: int = 0  # what each other device holds besides its slots (activations, workspace, margin)
+
+    @property
+    def devices(self) -> int:
+        return len(self.device_slots) if self.device_slots else 1
 
     @property
     def fixed_bytes(self) -> int:
@@ -52,7 +62,13 @@ class MemoryPlan:
         return self.num_slots * self.expert_bytes
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "fixed_bytes": self.fixed_bytes, "slot_bytes": self.slot_bytes}
+        return {**asdict(self), "fixed_bytes": self.fixed_bytes, "slot_bytes": self.slot_bytes, "devices": self.devices}
+
+    def describe_devices(self) -> list[dict]:
+        """Each device's share of the plan: its budget, fixed bytes, slots and slot bytes."""
+        slots = self.device_slots or [self.num_slots]
+        return [{"device": d, "budget_bytes": self.budget_bytes, "slots": n, "slot_bytes": n * self.expert_bytes,
+                 "fixed_bytes": self.fixed_bytes if d == 0 else self.peer_fixed_bytes} for d, n in enumerate(slots)]
 
 
 def kv_cache_bytes(config: MixtralConfig, context: int, dtype: torch.dtype, batch: int = 1) -> int:
@@ -103,9 +119,11 @@ def plan_context(longest_request: int, model_context: int, max_context: int | No
 
 
 def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budget: int | None,
-                max_context: int, dtype: torch.dtype, device_type: str, max_batch: int = 1) -> MemoryPlan:
+                max_context: int, dtype: torch.dtype, device_type: str, max_batch: int = 1,
+                devices: int = 1) -> MemoryPlan:
     """What fits in ``budget``: the fixed costs (``max_batch`` requests' KV caches at ``max_context``
-    among them), then as many expert slots as the rest holds."""
+    among them), then as many expert slots as the rest holds; on ``devices`` devices ``budget`` on each
+    (see the module doc), the slots taken device by device until every expert has one."""
     total = config.num_hidden_layers * config.num_local_experts
     plan = MemoryPlan(
         budget_bytes=budget, dense_bytes=dense_bytes, max_batch=max_batch,
@@ -114,7 +132,11 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
         workspace_bytes=workspace_bytes(fmt, dtype), margin_bytes=CUDA_ALLOCATOR_MARGIN if device_type == "cuda" else 0,
         expert_bytes=fmt.nbytes, num_slots=total, total_experts=total,
     )
+    if devices > 1:
+        plan.peer_fixed_bytes = plan.activation_bytes + plan.workspace_bytes + plan.margin_bytes
     if budget is None:
+        if devices > 1:
+            plan.device_slots = [total // devices + (d < total % devices) for d in range(devices)]
         return plan
     minimum = plan.fixed_bytes + config.num_experts_per_tok * fmt.nbytes
     if budget < minimum:
@@ -129,6 +151,13 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
             + (" or --max-batch." if max_batch > 1 else ".")
         )
     plan.num_slots = min(total, (budget - plan.fixed_bytes) // fmt.nbytes)
+    if devices > 1:
+        left, plan.device_slots = total - plan.num_slots, [plan.num_slots]
+        for _ in range(1, devices):
+            n = min(left, max(0, (budget - plan.peer_fixed_bytes) // fmt.nbytes))
+            plan.device_slots.append(n)
+            left -= n
+        plan.num_slots = sum(plan.device_slots)
     return plan
 
 

@@ -25,7 +25,7 @@ from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
 from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
-from .experts.transfer import TransferEngine
+from .experts.transfer import TransferEngine, TransferEngines
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
 from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
 from .kv_cache import RowKVCache
@@ -66,6 +66,7 @@ class GenerationResult(_Result):
     phases: dict = field(default_factory=dict)
     text: str | None = None
     logits: list[torch.Tensor] | None = field(default=None, repr=False)
+    peak_gpu_bytes_by_device: list[int] | None = None  # each GPU's peak (several GPUs), the first's first
 
 
 @dataclass
@@ -105,6 +106,7 @@ class BatchRun:
     host_computes: int
     device: str
     policy: dict
+    peak_gpu_bytes_by_device: list[int] | None = None
 
     def as_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "requests"},
@@ -175,6 +177,43 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def resolve_devices(device: str | torch.device | None = "auto", devices=None, gpus: int | str | None = None
+                    ) -> list[torch.device]:
+    """The runtime's devices, the first one running the dense part: ``devices`` (a list, or names joined
+    by commas: ``cuda:0,cuda:1``), else ``gpus`` (``N`` GPUs from cuda:0, ``auto``: every visible GPU, the
+    CPU where there is none), else ``device`` alone. The same CUDA device twice is an error; the CPU may
+    repeat (CPU "devices" run the several-device logic where there is no GPU, as the tests do)."""
+    if devices is not None and gpus is not None:
+        raise DeviceError("give --devices or --gpus, not both")
+    if gpus is not None:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == "auto":
+            return [torch.device("cuda", i) for i in range(visible)] or [torch.device("cpu")]
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise DeviceError(f"--gpus must be a whole number of at least 1 or auto, got {gpus!r}")
+        if gpus > visible:
+            raise DeviceError(f"--gpus {gpus} was asked for, but this machine has {visible} visible CUDA GPU(s); "
+                              + (f"use --gpus {visible} or fewer" if visible else "use --device cpu"))
+        return [torch.device("cuda", i) for i in range(gpus)]
+    if devices is None:
+        return [resolve_device(device)]
+    names = [d.strip() for d in devices.split(",")] if isinstance(devices, str) else list(devices)
+    if not names or any(n in ("", None) for n in names):
+        raise DeviceError(f"--devices {devices!r} names no device; use e.g. cuda:0,cuda:1")
+    try:
+        kinds = {torch.device(n).type for n in names}
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"--devices {devices!r} names something that is not a device; use e.g. cuda:0,cuda:1") from exc
+    if len(kinds) > 1:
+        raise DeviceError(f"--devices {devices!r} mixes the CPU and GPUs; give GPUs only (the CPU lane is "
+                          "--cpu-experts)")
+    out = [resolve_device(torch.device("cuda", 0) if str(n) == "cuda" else n) for n in names]
+    cuda = [d for d in out if d.type == "cuda"]
+    if len(set(cuda)) != len(cuda):
+        raise DeviceError(f"--devices {devices!r} names a GPU twice; name each GPU once")
+    return out
+
+
 class Runtime:
     """An offloaded Mixtral: non-expert weights on the device, experts in host memory.
 
@@ -191,8 +230,10 @@ class Runtime:
                  memory_budget: str | int | None = None, knobs: PolicyKnobs = PolicyKnobs(),
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
-                 routing_trace: str | Path | None = None, attention_quant: str = "none", max_batch: int = 1):
-        self.device = resolve_device(device)
+                 routing_trace: str | Path | None = None, attention_quant: str = "none", max_batch: int = 1,
+                 devices=None, gpus: int | str | None = None):
+        self.devices = resolve_devices(device, devices, gpus)
+        self.device = self.devices[0]
         check_max_batch(max_batch)
         self.source, self.config, self.tokenizer = source, source.config, tokenizer
         self.dtype = resolve_dtype(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -225,7 +266,7 @@ class Runtime:
 
         cuda = self.device.type == "cuda"
         self.events = EventBus()
-        self.timeline = Timeline(self.device, enabled=record_timeline)
+        self.timeline = Timeline(self.devices, enabled=record_timeline)
         self.events.subscribe(self.timeline.on_event)
         self.store = HostExpertStore(self.config.num_hidden_layers, self.config.num_local_experts,
                                      self.format.nbytes, pin=cuda)
@@ -276,7 +317,7 @@ class Runtime:
         unbounded = plan_memory(self.config, self._dense_bytes, self.format, None, max_context, self.dtype,
                                 self.device.type, max_batch)
         return plan_memory(self.config, self._dense_bytes, self.format, self._budget_bytes(memory_budget, unbounded),
-                           max_context, self.dtype, self.device.type, max_batch)
+                           max_context, self.dtype, self.device.type, max_batch, len(self.devices))
 
     def _load_policy(self, knobs: PolicyKnobs) -> Policy:
         c = self.config
@@ -287,12 +328,16 @@ class Runtime:
         if self.engine is not None:
             # Free the slots now: the old policy and cache refer to each other, so without this the
             # buffer would live until the garbage collector ran, on top of the new one.
-            self.engine.buffer = None
+            self.engine.release_buffers()
             self.engine = self.cache = self.executor = self.model = None
             if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                for device in self.devices:
+                    with torch.cuda.device(device):
+                        torch.cuda.empty_cache()
         c = self.config
-        self.engine = TransferEngine(self.store, self.plan.num_slots, self.device, self.events, self.format.arrive)
+        slots = self.plan.device_slots or [self.plan.num_slots]
+        self.engine = TransferEngines([TransferEngine(self.store, n, device, self.events, self.format.arrive, d)
+                                       for d, (n, device) in enumerate(zip(slots, self.devices))])
         self.cache = ExpertCache(self.engine, self.policy, c.num_hidden_layers, c.num_local_experts, self.events)
         self.policy.attach(self.cache)
         self.host_lane = self._build_host_lane()
@@ -324,7 +369,7 @@ class Runtime:
             return HostLane("off")
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
-        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s()) \
+        costs = measure_costs(worker, self.store, self.engine.engines[0], self.dtype, self._decode_layer_host_s()) \
             if mode == "auto" else None
         return HostLane(mode, costs)
 
@@ -351,10 +396,15 @@ class Runtime:
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:
         """``memory_budget`` in bytes (any spelling of ``memory.resolve_budget``), checked against the GPU."""
         free = None
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if getattr(self, "engine", None) is not None:  # configure(): count what this runtime holds
-                free += self.engine.buffer.numel() + self._dense_bytes
+        if self.device.type == "cuda":  # the budget applies to each device: the one with least free room bounds it
+            engines = self.engine.engines if getattr(self, "engine", None) is not None else None
+            frees = []
+            for d, device in enumerate(self.devices):
+                room = torch.cuda.mem_get_info(device)[0]
+                if engines is not None:  # configure(): count what this runtime holds
+                    room += engines[d].buffer.numel() + (self._dense_bytes if d == 0 else 0)
+                frees.append(room)
+            free = min(frees)
         if memory_budget is None:
             return None if free is None else int(free * 0.9)
         budget = resolve_budget(memory_budget, unbounded.fixed_bytes, self.format.nbytes, unbounded.total_experts,
@@ -413,8 +463,9 @@ class Runtime:
         """A measured run starts: the device idle with fresh peak-memory figures, the timeline's clock from
         now, observers told; returns the token ids that end a request."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
         return self.eos_ids(stop_at_eos)
@@ -487,10 +538,10 @@ class Runtime:
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"],
             h2d_bandwidth_gbps=(sum(r["nbytes"] for r in copies) / copy_ms / 1e6) if copy_ms > 0 else None,
             expert_hits=total["hits"], expert_misses=total["misses"], host_computes=total["host_computes"],
-            device=device_name(self.device), policy={**self.policy.describe(), **self._lane_description()},
+            device=self.device_names(), policy={**self.policy.describe(), **self._lane_description()},
             phases={"prefill": phases["prefill"], "decode": phases["decode"]},
             text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
-            logits=logits_out if return_logits else None,
+            logits=logits_out if return_logits else None, peak_gpu_bytes_by_device=self._peaks(),
         )
 
     def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
@@ -549,8 +600,8 @@ class Runtime:
             prefill_schedule=prefill_schedule if prefill_chunk is None else f"{prefill_schedule}, chunks of {prefill_chunk}",
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
-            expert_misses=total["misses"], host_computes=total["host_computes"], device=device_name(self.device),
-            policy={**self.policy.describe(), **self._lane_description()})
+            expert_misses=total["misses"], host_computes=total["host_computes"], device=self.device_names(),
+            policy={**self.policy.describe(), **self._lane_description()}, peak_gpu_bytes_by_device=self._peaks())
 
     def batcher(self, max_batch: int, eos: set[int], keep_logits: bool = False,
                 clock=time.perf_counter, prefill_schedule: str = DEFAULT_SCHEDULE,
@@ -590,6 +641,15 @@ class Runtime:
         counts.mark()
         return tokens, logits_out, counts.phases(), ttft, e2e
 
+    def device_names(self) -> str:
+        """The device's name; on several, every device's, comma-separated (the first runs the dense part)."""
+        return ", ".join(device_name(d) for d in self.devices)
+
+    def _peaks(self) -> list[int] | None:
+        if self.device.type != "cuda" or len(self.devices) == 1:
+            return None
+        return [torch.cuda.max_memory_allocated(d) for d in self.devices]
+
     def describe(self) -> dict:
         """The runtime's configuration, for result files."""
         return {
@@ -597,8 +657,8 @@ class Runtime:
             "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
             "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name,
             "expert_format_detail": self.format.describe(), "compute_dtype": str(self.dtype).split(".")[-1],
-            "device": device_name(self.device), "max_context": self.max_context,
-            "memory_plan": self.plan.as_dict(), "host_store_bytes": self.store.allocated_bytes,
+            "device": self.device_names(), "devices": [str(d) for d in self.devices], "max_context": self.max_context,
+            "memory_plan": self.plan.as_dict(), "memory_plan_by_device": self.plan.describe_devices(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
             "full_model_bytes": self.full_model_bytes(), "routing_trace": self.routing_trace,
             **self.policy.describe(), **self._lane_description(),
@@ -642,7 +702,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          memory_budget: str | int | None = None, num_layers: int | None = None, dtype: torch.dtype | None = None,
          max_context: int | None = None, seed: int = 0, synth_device: str | torch.device | None = None,
          record_timeline: bool = True, routing_trace: str | Path | None = None, attention_quant: str = "none",
-         max_batch: int = 1, knobs: PolicyKnobs | None = None, **knob_values) -> Runtime:
+         max_batch: int = 1, knobs: PolicyKnobs | None = None, devices=None, gpus: int | str | None = None,
+         **knob_values) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
     The schedule: ``knobs``, or its fields as keywords (``policy="duoserve", predictor=...,
@@ -652,12 +713,14 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     token's top-k experts and weights from a trace instead of the router's choice.
     ``attention_quant="nf4"`` stores the attention projections in NF4 too. ``max_batch``: the requests
     ``generate_many`` decodes at once; the memory plan holds their KV caches (out of the budget).
+    ``devices`` (``["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``) or ``gpus`` (``N`` or ``"auto"``): expert
+    slots and copy links on every device, ``memory_budget`` on each (``resolve_devices``).
     """
     knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
-    dev = resolve_device(device)
-    source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or dev)
+    devs = resolve_devices(device, devices, gpus)
+    source = open_source(model, num_layers=num_layers, seed=seed, synth_device=synth_device or devs[0])
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
-    return Runtime(source, device=dev, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
+    return Runtime(source, devices=devs, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
                    routing_trace=routing_trace, attention_quant=attention_quant, max_batch=max_batch)
 

@@ -8,6 +8,9 @@ timed on the host's monotonic clock by the worker that ran them, and are placed 
 time taken when the timeline was reset (on CUDA that is when the origin event was recorded on an
 idle device, so the two time bases agree to within microseconds). Either way the timeline is
 measured, never inferred.
+On several GPUs each device's spans carry its index (``device``) and are timed against that
+device's own origin event (CUDA events of two devices cannot be compared): the origins are recorded
+back to back on idle devices, so the devices' time bases agree to within microseconds too.
 It is exported as a pandas DataFrame (for the notebooks) and as a Chrome trace that Perfetto and
 chrome://tracing open.
 """
@@ -22,7 +25,8 @@ import torch
 
 from .events import Event, SpanEvent, StepEvent
 
-COLUMNS = ["stream", "kind", "phase", "step", "layer", "expert", "nbytes", "start_ms", "end_ms", "duration_ms"]
+COLUMNS = ["stream", "kind", "phase", "step", "layer", "expert", "nbytes", "start_ms", "end_ms", "duration_ms",
+           "device"]
 
 
 @dataclass
@@ -36,77 +40,83 @@ class _Span:
     nbytes: int
     start: object
     end: object = None
+    device: int = 0
 
 
 class Timeline:
     """Collects spans from the events it is subscribed to (``subscribe`` it to an ``EventBus``)."""
 
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device | list[torch.device], enabled: bool = True):
+        self.devices = list(device) if isinstance(device, (list, tuple)) else [device]
+        self.cuda = self.devices[0].type == "cuda"
         self.enabled = enabled
         self.phase, self.step = "prefill", 0
         self._spans: list[_Span] = []
         self._host_spans: list[dict] = []           # whole spans timed on the host clock (the CPU lane)
-        self._open: dict[str, _Span | None] = {}   # the span in progress on each stream
-        self._origin: object = None
+        self._open: dict[tuple[int, str], _Span | None] = {}   # the span in progress on each device's stream
+        self._origin: list = []                     # one origin mark per device
         self._host_origin = time.perf_counter()
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, SpanEvent):
+            lane = (event.device, event.stream)
             if event.edge == "begin":
-                self._open[event.stream] = self.start(event.stream, event.kind, event.layer, event.expert,
-                                                      event.nbytes, event.cuda_stream)
+                self._open[lane] = self.start(event.stream, event.kind, event.layer, event.expert,
+                                              event.nbytes, event.cuda_stream, event.device)
             elif event.edge == "end":
-                self.end(self._open.pop(event.stream, None), event.cuda_stream)
+                self.end(self._open.pop(lane, None), event.cuda_stream)
             elif self.enabled:  # "whole": already timed on the host clock
                 self._host_spans.append(dict(stream=event.stream, kind=event.kind, phase=self.phase, step=self.step,
                                              layer=event.layer, expert=event.expert, nbytes=event.nbytes,
                                              start_ms=(event.start_s - self._host_origin) * 1e3,
                                              end_ms=(event.end_s - self._host_origin) * 1e3,
-                                             duration_ms=(event.end_s - event.start_s) * 1e3))
+                                             duration_ms=(event.end_s - event.start_s) * 1e3, device=event.device))
         elif isinstance(event, StepEvent) and event.kind == "step_started":
             self.phase, self.step = event.phase, event.step
 
     def reset(self) -> None:
-        """Forget previous spans and start the clock now (on the current stream)."""
+        """Forget previous spans and start the clock now (on each device's current stream)."""
         self._spans.clear()
         self._host_spans.clear()
-        self._origin = self._mark(None)
+        self._origin = [self._mark(None, d) for d in range(len(self.devices))]
         self._host_origin = time.perf_counter()
 
-    def _mark(self, stream: torch.cuda.Stream | None):
+    def _mark(self, stream: torch.cuda.Stream | None, device: int = 0):
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record(stream)
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.devices[device]))
         return event
 
     def start(self, stream: str, kind: str, layer: int, expert: int | None = None, nbytes: int = 0,
-              cuda_stream: torch.cuda.Stream | None = None) -> _Span | None:
+              cuda_stream: torch.cuda.Stream | None = None, device: int = 0) -> _Span | None:
         if not self.enabled:
             return None
-        span = _Span(stream, kind, self.phase, self.step, layer, expert, nbytes, self._mark(cuda_stream))
+        span = _Span(stream, kind, self.phase, self.step, layer, expert, nbytes, self._mark(cuda_stream, device),
+                     device=device)
         self._spans.append(span)
         return span
 
     def end(self, span: _Span | None, cuda_stream: torch.cuda.Stream | None = None) -> None:
         if span is not None:
-            span.end = self._mark(cuda_stream)
+            span.end = self._mark(cuda_stream, span.device)
 
-    def _ms(self, mark) -> float:
+    def _ms(self, mark, device: int = 0) -> float:
         if self.cuda:
-            return self._origin.elapsed_time(mark)
-        return (mark - self._origin) * 1e3
+            return self._origin[device].elapsed_time(mark)
+        return (mark - self._origin[device]) * 1e3
 
     def rows(self) -> list[dict]:
         """Spans as dicts, times in ms from ``reset``. On CUDA, call after the work has finished."""
         if self.cuda and self._spans:
-            torch.cuda.synchronize()
+            for device in self.devices:
+                torch.cuda.synchronize(device)
         out = []
         for s in self._spans:
-            start, end = self._ms(s.start), self._ms(s.end)
+            start, end = self._ms(s.start, s.device), self._ms(s.end, s.device)
             out.append(dict(stream=s.stream, kind=s.kind, phase=s.phase, step=s.step, layer=s.layer,
-                            expert=s.expert, nbytes=s.nbytes, start_ms=start, end_ms=end, duration_ms=end - start))
+                            expert=s.expert, nbytes=s.nbytes, start_ms=start, end_ms=end, duration_ms=end - start,
+                            device=s.device))
         return out + [dict(r) for r in self._host_spans]
 
     def to_dataframe(self):
@@ -115,15 +125,22 @@ class Timeline:
         return pd.DataFrame(self.rows(), columns=COLUMNS)
 
     def to_chrome_trace(self) -> dict:
-        """Chrome trace event format: one complete event ('X') per span, one track per stream."""
+        """Chrome trace event format: one complete event ('X') per span, one track per stream, one
+        process per device."""
         tids = {"compute": 1, "copy": 2, "cpu": 3, "relayout": 4}
         names = {"compute": "compute stream", "copy": "copy stream", "cpu": "CPU lane", "relayout": "relayout stream"}
-        events = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": names[name]}}
-                  for name, tid in tids.items()]
-        for r in self.rows():
+        rows = self.rows()
+        devices = sorted({r.get("device", 0) for r in rows} | {0})
+        events = [{"ph": "M", "name": "thread_name", "pid": d + 1, "tid": tid, "args": {"name": names[name]}}
+                  for d in devices for name, tid in tids.items()]
+        if len(devices) > 1:
+            events += [{"ph": "M", "name": "process_name", "pid": d + 1, "args": {"name": f"device {d}"}}
+                       for d in devices]
+        for r in rows:
             label = f"{r['kind']} L{r['layer']}" + ("" if r["expert"] is None else f"E{r['expert']}")
             events.append({
-                "ph": "X", "name": label, "cat": r["phase"], "pid": 1, "tid": tids.get(r["stream"], 5),
+                "ph": "X", "name": label, "cat": r["phase"], "pid": r.get("device", 0) + 1,
+                "tid": tids.get(r["stream"], 5),
                 "ts": r["start_ms"] * 1e3, "dur": max(r["duration_ms"], 0.0) * 1e3,
                 "args": {k: r[k] for k in ("phase", "step", "layer", "expert", "nbytes")},
             })

@@ -182,7 +182,7 @@ def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: 
     shown = dict(policy=policy, slots=slots, depth=depth, threshold=threshold, gate=knobs.speculative_gate,
                  prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     run = LiveRun(choice, shown, runtime, runtime.plan, result, rows, log)
-    run.bounds = bounds(rows, run.plan.num_slots, run.plan.expert_bytes, run.decode_tokens)
+    run.bounds = bounds(rows, run.plan.num_slots, run.plan.expert_bytes, run.decode_tokens, devices=run.plan.devices)
     return run
 
 

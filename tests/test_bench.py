@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from duoserve_core.bench import bounds
 from duoserve_core.bench.__main__ import main
@@ -99,3 +100,25 @@ def test_sweep_and_peer(tmp_path):
     from duoserve_core.traces import read_trace
 
     assert len(read_trace(tmp_path / "t.parquet").tokens()) == 12 + 2  # the prompt and the decoded inputs
+
+
+def test_bench_on_several_devices_names_each_and_records_their_slots(tmp_path, capsys):
+    common = ["--model", str(DATA / "small-moe"), "--devices", "cpu,cpu", "--memory-budget", "15.5MiB", "--gen", "3",
+              "--prompt-len", "8", "--repeats", "1", "--policies", "on-demand"]
+    assert main(common + ["--out", str(tmp_path / "b.json")]) == 0
+    record = json.loads((tmp_path / "b.json").read_text())
+    r = record["results"]["on-demand"]
+    assert record["device"] == r["device"] == "cpu, cpu" and r["runtime"]["devices"] == ["cpu", "cpu"]
+    by_device = r["runtime"]["memory_plan_by_device"]
+    assert len(by_device) == 2 and sum(d["slots"] for d in by_device) == r["runtime"]["memory_plan"]["num_slots"]
+    assert main(common + ["--max-batch", "1", "--out", str(tmp_path / "batch.json")]) == 0
+    row = json.loads((tmp_path / "batch.json").read_text())["rows"][0]
+    assert row["device_slots"] == [d["slots"] for d in by_device] and row["slots"] == sum(row["device_slots"])
+    assert "peak_gpu_bytes_by_device" in row
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 2, reason="this machine has 2 GPUs")
+def test_bench_gpus_beyond_the_machine_exit_2(tmp_path, capsys):
+    assert main(["--model", str(DATA / "small-moe"), "--gpus", "2", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus 2" in err[0] and not (tmp_path / "b.json").exists()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 
+from conftest import requires_cuda
+from duoserve_core.calibrate import _device_time_per_call, _time_per_call, measure_experts
 from duoserve_core.calibrate.__main__ import main
 from duoserve_core.checkpoint import open_source
 from duoserve_core.sim.calibration import CalibrationError, load_calibration
@@ -43,6 +47,7 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert [b for b, _ in raw["h2d"]["runtime"]] == [nf4]  # the runtime's own copies of a record
     assert cal.copy_s(nf4) == raw["h2d"]["runtime"][0][1] and cal.copy_s(nf4, pinned=False) > 0
     assert cal.expert_s("nf4", 3) > 0
+    assert raw["device_time"] == {}  # the CPU runs every op inline: its spans are device time already
 
 
 def test_calibration_times_the_cpu_lane(calibration_file):
@@ -87,3 +92,36 @@ def test_missing_and_malformed_calibration_files(tmp_path, calibration_file):
     bad.write_text(json.dumps(raw))
     with pytest.raises(CalibrationError, match="not a duoserve-calibration/1"):
         load_calibration(bad)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_expert_device_time_is_measured_behind_a_sleep_on_cuda():
+    """``measure_experts`` on CUDA: a device-time point per token count and format, no longer than
+    the back-to-back span (which adds the host's time); ``_device_time_per_call`` sees through a
+    call whose host part (a 2 ms Python sleep) dwarfs its kernel."""
+    device = torch.device("cuda")
+    config = open_source("synthetic:tiny", num_layers=1).config
+    tokens = [1, 2, 4, 8, 16, 32, 64]
+    span, _, dev = measure_experts(config, ["bf16", "nf4"], tokens, device, torch.bfloat16, torch.bfloat16,
+                                   repeats=3, quiet=True)
+    assert set(dev) == set(span) == {"bf16", "nf4"}
+    for fmt, pts in dev.items():
+        assert [n for n, _ in pts] == tokens
+        for (_, d), (_, s) in zip(pts, span[fmt]):
+            assert 0 < d <= 1.5 * s, (fmt, d, s)
+    x = torch.zeros(16, device=device)
+
+    def host_bound() -> None:
+        time.sleep(2e-3)
+        x.add_(1)
+
+    assert _time_per_call(host_bound, device, 3, 4) > 1.5e-3
+    assert _device_time_per_call(host_bound, device, 3, 4) < 0.5e-3
+
+
+def test_measure_experts_on_the_cpu_has_no_device_curve():
+    config = open_source("synthetic:tiny", num_layers=1).config
+    span, sizes, dev = measure_experts(config, ["nf4"], [1, 2], torch.device("cpu"), torch.float32, torch.float32,
+                                       repeats=1, quiet=True)
+    assert dev == {} and [n for n, _ in span["nf4"]] == [1, 2] and sizes["nf4"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import duoserve_core
 from duoserve_core.cli import main
@@ -73,3 +74,48 @@ def test_text_prompt_through_the_checkpoints_tokenizer(checkpoint_with_tokenizer
     ids = rt.tokenizer("the quick brown fox")["input_ids"]
     assert out["tokens"] == rt.generate(prompt_ids=ids, max_new_tokens=4).tokens
     assert out["text"] == rt.tokenizer.decode(out["tokens"])
+
+
+def _one_line_exit_2(capsys, argv) -> str:
+    """``main(argv)`` fails with exit 2 (a parser error or a runtime one) and one line on stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_several_devices_give_the_same_tokens(tiny_checkpoint, capsys):
+    common = ["generate", "--model", str(tiny_checkpoint), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+              "--quant", "nf4", "--memory-budget", "4slots"]
+    assert main(common + ["--device", "cpu", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(common + ["--devices", "cpu,cpu", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["tokens"] == one["tokens"] and two["device"] == "cpu, cpu" and one["device"] == "cpu"
+    assert two["runtime"]["devices"] == ["cpu", "cpu"] and one["runtime"]["devices"] == ["cpu"]
+    slots = [d["slots"] for d in two["runtime"]["memory_plan_by_device"]]
+    assert len(slots) == 2 and slots[0] == 4 and sum(slots) == two["runtime"]["memory_plan"]["num_slots"]
+    assert two["peak_gpu_bytes_by_device"] is None  # the CPU has no peak to report
+    assert main(common + ["--devices", "cpu,cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "devices" in table and f"(4 on cpu, {slots[1]} on cpu)" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 2, reason="this machine has 2 GPUs")
+def test_gpus_beyond_the_machine_is_one_line_naming_the_fix(capsys):
+    err = _one_line_exit_2(capsys, ["generate", "--model", "synthetic:tiny", "--prompt-ids", "1", "--gpus", "2"])
+    assert "--gpus 2" in err and ("--device cpu" in err or "--gpus 1" in err)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--devices", "cpu,cuda:0"], ""),                 # the CPU and a GPU (or no GPU here): the runtime refuses
+    (["--devices", "cuda:0,,cuda:1"], "--devices"), (["--devices", "tpu:0"], "tpu"), (["--devices", "cuda:x"], "cuda:x"),
+    (["--gpus", "0"], "--gpus"), (["--gpus", "two"], "--gpus"),
+    (["--device", "cpu", "--gpus", "1"], "not allowed"), (["--devices", "cpu", "--gpus", "1"], "not allowed"),
+])
+def test_bad_device_flags_exit_2_with_one_line(capsys, flags, words):
+    err = _one_line_exit_2(capsys, ["generate", "--model", "synthetic:tiny", "--prompt-ids", "1"] + flags)
+    assert words in err

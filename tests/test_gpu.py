@@ -97,3 +97,28 @@ def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy, schedule):
                            prefill_schedule=schedule)
     assert_same_as_alone(run, alone)
     assert run.mean_batch > 1 and run.peak_gpu_bytes <= rt.plan.budget_bytes
+
+
+requires_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                       reason="needs two CUDA GPUs")
+
+
+@requires_two_gpus
+@pytest.mark.parametrize("policy", ["on-demand", "lru", "duoserve"])
+def test_two_gpus_give_the_one_gpu_tokens_and_logits(tiny_checkpoint, policy):
+    """Experts on two GPUs (computed where their slots are, hidden states across NVLink and back): the
+    tokens and logits of the one-GPU run, bit for bit; each GPU within the budget; copies on both links."""
+    kw = dict(quant="nf4", policy=policy, memory_budget="4slots", max_context=64, max_batch=3)
+    one = duoserve_core.load(tiny_checkpoint, device="cuda:0", **kw)
+    two = duoserve_core.load(tiny_checkpoint, devices="cuda:0,cuda:1", **kw)
+    a = one.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+    b = two.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+    assert a.tokens == b.tokens
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    df = two.timeline.to_dataframe()
+    assert set(df[df["kind"] == "h2d"]["device"]) == {0, 1} and set(df[df["kind"] == "expert"]["device"]) == {0, 1}
+    assert all(peak <= two.plan.budget_bytes for peak in b.peak_gpu_bytes_by_device)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+    many_one = one.generate_many(prompts, max_new_tokens=6, stop_at_eos=False)
+    many_two = two.generate_many(prompts, max_new_tokens=6, stop_at_eos=False)
+    assert [r.tokens for r in many_one.requests] == [r.tokens for r in many_two.requests]

@@ -79,3 +79,28 @@ def test_bad_knobs_fail_before_the_model_loads_and_configure_keeps_the_old_setti
                  "--prefetch-depth", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prefetch depth 0" in err[0]
+
+
+def test_device_flag_types():
+    import argparse
+
+    from duoserve_core.knob_args import devices, gpus
+
+    assert devices("cuda:0,cuda:1") == "cuda:0,cuda:1" and devices("cpu, cpu") == "cpu, cpu" and devices("cuda") == "cuda"
+    for bad in ("", "cuda:0,", "tpu:0", "cuda:-1,cuda:1", "gpu0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            devices(bad)
+    assert gpus()("2") == 2 and gpus()("auto") == "auto" and gpus(auto=False)("3") == 3
+    for bad in ("0", "-1", "1.5", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+            gpus()(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="not auto"):
+        gpus(auto=False)("auto")
+    from duoserve_core.bench.__main__ import parse_args as bench_args
+    from duoserve_core.cli import build_parser
+    from duoserve_core.sim.__main__ import parse_args as sim_args
+
+    gen, bench = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"]), bench_args([])
+    for args in (gen, bench):  # one device unless asked: today's behaviour
+        assert (args.device, args.devices, args.gpus) == ("auto", None, None)
+    assert sim_args(["--trace", "t", "--calibration", "c"]).gpus == 1

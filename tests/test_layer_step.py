@@ -105,7 +105,7 @@ def test_layer_step_order_on_a_hand_made_device():
     calls: list[tuple] = []
 
     class Engine:
-        num_slots, store = 3, type("S", (), {"record_bytes": 1})()
+        num_slots, store, device_of_slot = 3, type("S", (), {"record_bytes": 1})(), [0, 0, 0]
 
         def copy_in(self, slot, key):
             calls.append(("copy", key))

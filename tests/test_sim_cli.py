@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from duoserve_core.sim.__main__ import main
 from test_sim import fake_calibration, hand_trace, model_config
 
@@ -67,3 +69,33 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration",
                  str(fake_calibration(tmp_path / "c.json", 8, 2)), "--memory-budget", "1KiB"]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_several_gpus_say_what_they_assume(tmp_path, capsys):
+    trace, model, cal = _files(tmp_path)
+    common = ["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal), "--memory-budget", "10slots"]
+    assert main(common + ["--policy", "on-demand", "--gpus", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["gpus"] == 2 and any("identical" in a for a in record["assumptions"])
+    assert captured.err.count("note: ") == len(record["assumptions"])
+    r = record["results"]["on-demand"]
+    slots = r["runtime"]["memory_plan"]["device_slots"]
+    assert len(slots) == 2 and slots[0] == 10 and len(r["peak_gpu_bytes_by_device"]) == 2
+    assert r["assumptions"] == record["assumptions"]
+    assert main(common + ["--policy", "on-demand", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["gpus"] == 1 and one["assumptions"] == [] and one["results"]["on-demand"]["peak_gpu_bytes_by_device"] is None
+
+
+def test_gpus_takes_a_count(tmp_path, capsys):
+    trace, model, cal = _files(tmp_path)
+    common = ["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal)]
+    for bad in ("0", "auto"):
+        with pytest.raises(SystemExit) as exc:
+            main(common + ["--gpus", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and "--gpus" in err[0]
+    assert main(common + ["--gpus", "2", "--sweep"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sweep" in err[0]

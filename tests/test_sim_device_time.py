@@ -81,3 +81,40 @@ def test_device_terms_from_a_hand_made_timeline():
     assert device["router"]["decode"] == [[12.0, pytest.approx(0.12e-3)]]
     assert device["expert"]["decode"]["nf4"] == [[1.0, pytest.approx(0.1e-3)]]
     assert host == pytest.approx(0.6e-3)
+
+
+def test_expert_device_time_follows_its_token_curve_in_both_phases(tmp_path):
+    # calibrate.measure_experts' curve: one expert by token count, the same for both phases.
+    # A one-point curve would charge 64 tokens the 1-token time; this one grows with the tokens.
+    model, cal, replay = setup(tmp_path, [{"prefill": [[[0]]], "decode": [[[1]]]}], 1, 2, 1, expert_s=0.4 * MS)
+    curve = [[1, 0.02 * MS], [4, 0.03 * MS], [16, 0.06 * MS], [64, 0.2 * MS]]
+    cal = _with(tmp_path / "cal.json", device_time={"expert": {"prefill": {"nf4": curve}, "decode": {"nf4": curve}}})
+    for phase in ("prefill", "decode"):
+        assert cal.expert_device_s("nf4", phase, 1) == pytest.approx(0.02 * MS)
+        assert cal.expert_device_s("nf4", phase, 64) == pytest.approx(0.2 * MS)
+        assert 0.03 * MS < cal.expert_device_s("nf4", phase, 8) < 0.06 * MS  # interpolated
+    assert cal.expert_device_s("bf16", "decode", 64) == cal.expert_s("bf16", 64)  # no curve: the span
+
+
+def test_with_device_time_keeps_the_longer_expert_curve(tmp_path):
+    # sim_vs_measured --device-times-from merges device_terms' output (one 1-token decode point):
+    # it must not replace the calibration's curve by token count, but it does fill what is missing
+    # and replaces attention/router per phase as before.
+    model, cal, replay = setup(tmp_path, [{"prefill": [[[0]]], "decode": [[[1]]]}], 1, 2, 1, expert_s=0.4 * MS)
+    curve = [[1, 0.02 * MS], [64, 0.2 * MS]]
+    cal = _with(tmp_path / "cal.json", device_time={
+        "attention": {"decode": [[10, 0.1 * MS]]},
+        "expert": {"prefill": {"nf4": curve}, "decode": {"nf4": curve}}, "source": "calibration"})
+    bench = {"attention": {"decode": [[12, 0.3 * MS]]}, "expert": {"decode": {"nf4": [[1, 0.05 * MS]],
+                                                                             "bf16": [[1, 0.07 * MS]]}},
+             "source": "bench"}
+    merged = cal.with_device_time(bench, 0.2 * MS)
+    assert merged.expert_device_s("nf4", "decode", 64) == pytest.approx(0.2 * MS)  # the curve kept
+    assert merged.expert_device_s("nf4", "decode", 1) == pytest.approx(0.02 * MS)
+    assert merged.expert_device_s("nf4", "prefill", 64) == pytest.approx(0.2 * MS)
+    assert merged.expert_device_s("bf16", "decode", 64) == pytest.approx(0.07 * MS)  # none before: filled in
+    assert merged.attention_device_s("decode", 12) == pytest.approx(0.3 * MS)  # attention: replaced
+    assert merged.raw["device_time"]["source"].startswith("bench") and "decode.nf4" in merged.raw["device_time"]["source"]
+    # over a one-point curve (an older calibration) the bench's point replaces it
+    old = _with(tmp_path / "cal.json", device_time={"expert": {"decode": {"nf4": [[1, 0.01 * MS]]}}})
+    assert old.with_device_time(bench).expert_device_s("nf4", "decode", 1) == pytest.approx(0.05 * MS)

@@ -52,19 +52,28 @@ from ..memory import MemoryPlan, kv_cache_bytes
 from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
 from ..progress import progress_bar
-from ..runtime import Runtime, device_name, load, resolve_device
+from ..runtime import Runtime, device_name, load, resolve_devices
 from ..units import format_bytes
 
 REPEATS = 3
 
 
-def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: int) -> dict:
-    """The three bounds of one run, from its timeline rows (times in seconds)."""
+def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: int, devices: int = 1) -> dict:
+    """The three bounds of one run, from its timeline rows (times in seconds). On several ``devices``
+    (``num_slots`` over all of them) each has its own link and compute stream: the copies' floors are
+    over ``devices`` links at the run's bandwidth of one, the compute floor the busiest device's."""
     copies = [r for r in rows if r["kind"] == "h2d"]
     copy_s = sum(r["duration_ms"] for r in copies) / 1e3
     bandwidth = sum(r["nbytes"] for r in copies) / copy_s if copy_s > 0 else None
-    compute = {phase: sum(r["duration_ms"] for r in rows if r["stream"] == "compute" and r["phase"] == phase) / 1e3
-               for phase in ("prefill", "decode")}
+
+    def busiest(phase: str) -> float:
+        busy: dict[int, float] = {}
+        for r in rows:
+            if r["stream"] == "compute" and r["phase"] == phase:
+                busy[r.get("device", 0)] = busy.get(r.get("device", 0), 0.0) + r["duration_ms"] / 1e3
+        return max(busy.values(), default=0.0)
+
+    compute = {phase: busiest(phase) for phase in ("prefill", "decode")}
     prefill_experts = {(r["layer"], r["expert"]) for r in rows if r["kind"] == "expert" and r["phase"] == "prefill"}
     # Prefill experts are computed one after another, so each is its own step; decode pins a layer's set.
     prefill_steps = [{key} for key in sorted(prefill_experts)]
@@ -75,27 +84,30 @@ def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: i
            # each prefill expert is used once: Belady loads each once, then the decode loads above
            "oracle_total_loads": len(prefill_steps) + oracle_loads}
     if bandwidth:
-        out["transfer_floor_s"] = len(prefill_experts) * expert_bytes / bandwidth
+        links = bandwidth * devices
+        out["transfer_floor_s"] = len(prefill_experts) * expert_bytes / links
         out["ttft_floor_s"] = max(out["transfer_floor_s"], compute["prefill"])
         if decode_tokens:
-            out["oracle_tpot_s"] = max(oracle_loads * expert_bytes / bandwidth, compute["decode"]) / decode_tokens
+            out["oracle_tpot_s"] = max(oracle_loads * expert_bytes / links, compute["decode"]) / decode_tokens
     return out
 
 
 def derived(*, ttft_s: float, tpot_s: float | None, decode_tokens: int, phases: dict, rows: list[dict],
-            plan: MemoryPlan, peak_gpu_bytes: int | None) -> dict:
+            plan: MemoryPlan, peak_gpu_bytes: int | None, peak_gpu_bytes_by_device: list[int] | None = None) -> dict:
     """What a run's record adds to its raw figures, the same for a measured and a simulated run:
-    the bounds, hit rate, prefetch precision and recall, the budget check and the two ratios."""
+    the bounds, hit rate, prefetch precision and recall, the budget check and the two ratios. On
+    several devices the budget applies to each: every device's peak (``peak_gpu_bytes_by_device``) is checked."""
     total = phases["total"]
-    b = bounds(rows, plan.num_slots, plan.expert_bytes, decode_tokens)
+    b = bounds(rows, plan.num_slots, plan.expert_bytes, decode_tokens, plan.devices)
+    peaks = peak_gpu_bytes_by_device or ([] if peak_gpu_bytes is None else [peak_gpu_bytes])
     decode = phases["decode"]
     uses, decode_uses = total["hits"] + total["misses"], decode["hits"] + decode["misses"]
     out = {"bounds": b,
            "hit_rate": total["hits"] / uses if uses else None,
            "prefetch_precision": decode["prefetch_hits"] / decode["prefetches"] if decode["prefetches"] else None,
            "prefetch_recall": decode["prefetch_hits"] / decode_uses if decode_uses else None,
-           "within_budget": None if peak_gpu_bytes is None
-           else plan.budget_bytes is None or peak_gpu_bytes <= plan.budget_bytes}
+           "within_budget": None if not peaks
+           else plan.budget_bytes is None or max(peaks) <= plan.budget_bytes}
     if "ttft_floor_s" in b:
         out["ttft_over_floor"] = ttft_s / b["ttft_floor_s"]
     if "oracle_tpot_s" in b and tpot_s:
@@ -113,11 +125,13 @@ class BenchSetup:
     device: str = "auto"
     num_layers: int | None = None
     routing_trace: str | None = None
+    devices: str | list[str] | None = None  # several devices (``cuda:0,cuda:1``), or
+    gpus: int | str | None = None           # N GPUs from cuda:0 / "auto" (``runtime.resolve_devices``)
 
 
 def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:
     """One runtime for every configuration of a command: ``configure`` swaps budget and policy."""
-    return load(setup.model, device=setup.device, quant=setup.quant, attention_quant=setup.attention_quant,
+    return load(setup.model, device=setup.device, devices=setup.devices, gpus=setup.gpus, quant=setup.quant, attention_quant=setup.attention_quant,
                 memory_budget=memory_budget, policy="on-demand", num_layers=setup.num_layers,
                 max_context=max_context, routing_trace=setup.routing_trace)
 
@@ -145,7 +159,8 @@ def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen:
                                          for k in result.phases["prefill"]}}
     return {**result.as_dict(), "runtime": runtime.describe(),
             **derived(ttft_s=result.ttft_s, tpot_s=result.tpot_s, decode_tokens=len(result.tokens) - 1,
-                      phases=phases, rows=rows, plan=runtime.plan, peak_gpu_bytes=result.peak_gpu_bytes),
+                      phases=phases, rows=rows, plan=runtime.plan, peak_gpu_bytes=result.peak_gpu_bytes,
+                      peak_gpu_bytes_by_device=result.peak_gpu_bytes_by_device),
             "repeats_e2e_s": [r.e2e_s for r, _ in runs], "timeline": rows}
 
 
@@ -254,7 +269,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
                 continue
             run, timeline = sorted(runs[1:], key=lambda r: r[0].e2e_s)[len(runs[1:]) // 2]
             rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
-                         "slots": runtime.plan.num_slots, **batch_summary(run, timeline),
+                         "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
+                         **batch_summary(run, timeline),
                          "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
     return rows
 
@@ -303,7 +319,8 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                             "latency_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
                 rows.append({"arrival_rate": rate, "policy": policy, "prefill_schedule": run.prefill_schedule,
                              "max_batch": max_batch, "budget_bytes": budget,
-                             "slots": runtime.plan.num_slots, "mean_batch": run.mean_batch,
+                             "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
+                             "mean_batch": run.mean_batch,
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
                              **({"records": records} if keep_records else {})})
                 tick()
@@ -327,10 +344,12 @@ def batch_summary(run, rows: list[dict]) -> dict:
 def summary(r: dict) -> dict:
     """One sweep row's figures from a ``run_policy`` result."""
     rt = r["runtime"]
-    return {"slots": rt["memory_plan"]["num_slots"], "budget_bytes": rt["memory_plan"]["budget_bytes"],
+    return {"slots": rt["memory_plan"]["num_slots"], "device_slots": rt["memory_plan"].get("device_slots"),
+            "budget_bytes": rt["memory_plan"]["budget_bytes"],
             "prefetch_depth": rt.get("prefetch_depth"), "predictor_threshold": rt.get("predictor_threshold"),
             "speculative_gate": rt.get("speculative_gate"), "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"],
-            "e2e_s": r["e2e_s"], "peak_gpu_bytes": r["peak_gpu_bytes"], "within_budget": r["within_budget"],
+            "e2e_s": r["e2e_s"], "peak_gpu_bytes": r["peak_gpu_bytes"],
+            "peak_gpu_bytes_by_device": r.get("peak_gpu_bytes_by_device"), "within_budget": r["within_budget"],
             "h2d_bytes": r["h2d_bytes"], "hit_rate": r["hit_rate"], "prefetch_precision": r["prefetch_precision"],
             "prefetch_recall": r["prefetch_recall"], "ttft_floor_s": r["bounds"].get("ttft_floor_s"),
             "oracle_tpot_s": r["bounds"].get("oracle_tpot_s"), "ttft_over_floor": r.get("ttft_over_floor"),
@@ -348,6 +367,8 @@ def targets(record: dict, mine: str = "duoserve") -> dict:
     b, plan = r["bounds"], r["runtime"]["memory_plan"]
     out = {"peak_within_budget": {"peak_bytes": r["peak_gpu_bytes"], "budget_bytes": plan["budget_bytes"],
                                   "met": r["within_budget"]}}
+    if r.get("peak_gpu_bytes_by_device"):  # several devices: the budget is each one's
+        out["peak_within_budget"]["peak_bytes_by_device"] = r["peak_gpu_bytes_by_device"]
     for key, limit in TARGETS.items():
         value = r.get(key)
         out[key] = {"value": value, "limit": limit, "met": None if value is None else value <= limit}
@@ -386,8 +407,9 @@ def bench_record(device: str, command: str, results: dict) -> dict:
             "torch": torch.__version__, "results": results}
 
 
-def device_label(device: str) -> str:
-    return device_name(resolve_device(device))
+def device_label(device: str = "auto", devices: str | list[str] | None = None, gpus: int | str | None = None) -> str:
+    """The devices' names, as the runtime's results give them: ``NVIDIA H200``, ``NVIDIA H200, NVIDIA H200``."""
+    return ", ".join(device_name(d) for d in resolve_devices(device, devices, gpus))
 
 
 def default_out(record: dict, kind: str) -> Path:

@@ -17,7 +17,8 @@ from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible, print_line
 from ..batching import DEFAULT_SCHEDULE
-from ..knob_args import Parser, add_knob_arguments, add_schedule_arguments, budget, device, knobs_from_args, listed, number, whole
+from ..knob_args import (Parser, add_device_arguments, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
+                         knobs_from_args, listed, number, whole)
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_knob_arguments(p)
     p.add_argument("--routing-trace", default=None)
     p.add_argument("--num-layers", type=whole(1), default=None)
-    p.add_argument("--device", type=device, default="auto")
+    add_device_arguments(p)
     p.add_argument("--repeats", type=whole(1), default=REPEATS)
     p.add_argument("--peer", default=None, help="a benchmarks/accelerate_peer.py result: duoserve's speed-up over it")
     p.add_argument("--timelines", default=None, help="folder for each policy's timeline (Parquet)")
@@ -71,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_of(args: argparse.Namespace) -> BenchSetup:
-    return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention, device=args.device,
-                      num_layers=args.num_layers, routing_trace=args.routing_trace)
+    return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention,
+                      num_layers=args.num_layers, routing_trace=args.routing_trace, **devices_from_args(args))
 
 
 def command(argv: list[str] | None) -> str:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def output_path(args: argparse.Namespace, kind: str) -> Path:
     """``--out``, or the default named after the device and today's date (the one the result is written to)."""
-    return Path(args.out) if args.out else default_out(bench_record(device_label(args.device), "", {}), kind)
+    return Path(args.out) if args.out else default_out(bench_record(device_label(**devices_from_args(args)), "", {}), kind)
 
 
 def timeline_paths(folder: str | None, stem: str, policies: list[str]) -> dict[str, Path]:
@@ -163,7 +164,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
                       depths=[int(x) for x in args.depths.split(",")],
                       thresholds=[float(x) for x in args.thresholds.split(",")], repeats=args.repeats,
                       progress=print_line, quiet=args.json)
-    record = bench_record(device_label(args.device), command(argv), {})
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
     record.pop("results")
     record["rows"] = rows
     atomic_write_json(out, record)
@@ -182,7 +183,7 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
                       args.prompt_len, args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
                       quiet=args.json, schedules=tuple((args.prefill_schedule or "prefill-first").split(",")),
                       prefill_chunk=args.prefill_chunk)
-    record = bench_record(device_label(args.device), command(argv), {})
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
     record.pop("results")
     record["rows"] = rows
     atomic_write_json(out, record)
@@ -211,7 +212,7 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
                         slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
                         schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")),
                         prefill_chunk=args.prefill_chunk)
-    record = bench_record(device_label(args.device), command(argv), {})
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
     record.pop("results")
     record["rows"] = rows
     atomic_write_json(out, record)

@@ -13,7 +13,9 @@ documented in ``duoserve_core.sim.calibration``):
   the CPU, where "H2D" is a host memcpy); and the mean of the runtime's own record copies;
 - one expert's computation by token count, for bf16 and NF4 at the model's shape, through the
   runtime's own ``make_format(...).pack/forward`` on a device slot, with the gather and weighted
-  scatter the executor wraps around it;
+  scatter the executor wraps around it: back to back (``expert_compute``, the longer of device and
+  host time) and, on CUDA, queued behind a device sleep (``device_time.expert``, the device's time
+  alone at every token count, for both phases: ``_device_time_per_call``);
 - attention (with its norm) and router time by new tokens and context length, read from the
   timeline of the real runtime (``load(..., num_layers=2)``): prefill of ``c`` tokens and decode at
   context ``c`` for every ``c`` of ``--contexts``;
@@ -27,10 +29,14 @@ documented in ``duoserve_core.sim.calibration``):
   expert: ~0.1 ms of device work, ~0.5-1 ms of Python) that is the host's time, not the device's.
   The on-demand run is therefore made at top-k slots, so every layer copies: in layers >= 1 of a
   decode step the host queues attention, router and experts while the stream still waits on the
-  previous layer's copies, and those spans are device time (``device_time``). The resident run's
-  decode experts are host-bound; their spans are the host's time per expert at decode
-  (``host.per_expert_s.decode``). Both are read from the timelines by the same function that
-  ``benchmarks/sim_vs_measured.py --device-times-from`` applies to a bench run's timeline.
+  previous layer's copies, and those spans are device time (``device_time`` attention and router).
+  The resident run's decode experts are host-bound; their spans are the host's time per expert at
+  decode (``host.per_expert_s.decode``). Both are read from the timelines by the same function that
+  ``benchmarks/sim_vs_measured.py --device-times-from`` applies to a bench run's timeline. Its
+  expert figure is one point (batch 1 decode routes one token to an expert), and a one-point curve
+  is constant: batched decode (4..16 tokens per expert at 16..64 requests) would be charged the
+  1-token time. So the calibration's expert device time is the per-token-count curve above instead,
+  and the timeline's 1-token point is only logged beside the curve's, as a cross-check.
 
 Per-layer figures are what matter, so a 2-layer model is enough; synthetic weights are generated
 on the device. On an H100 the whole run takes well under two minutes at Mixtral-8x7B width.
@@ -56,7 +62,7 @@ from ..events import StepEvent
 from ..experts.formats import make_format
 from ..progress import progress
 from .host_lane import measure_host_lane
-from ..sim.calibration import FORMAT, SHAPE_KEYS, Calibration, host_reference_s
+from ..sim.calibration import FORMAT, PHASES, SHAPE_KEYS, Calibration, CalibrationError, host_reference_s
 from ..traces import read_trace
 
 MIB = 2**20
@@ -84,6 +90,7 @@ class CalibrationSpec:
     quiet: bool = False                              # no progress lines on stderr, and no bars
     bars: bool = True                                # a bar per phase while stderr is a terminal (not under --json)
     cpu_threads: tuple[int, ...] = ()                # the CPU lane at these thread counts (``host_lane``); () skips it
+    gpus: int = 1                                    # > 1: also every GPU's link at once and peer copies (cuda:0..)
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -113,6 +120,59 @@ def _time_per_call(fn, device: torch.device, repeats: int, inner: int) -> float:
     return statistics.median(samples)
 
 
+FALLBACK_CLOCK_HZ = 3e9  # above any GPU's SM clock: sized with it, a sleep lasts at least as long as planned
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """SM cycles per second, to size ``torch.cuda._sleep``: the device's peak clock
+    (``get_device_properties(...).clock_rate``, kHz as CUDA's ``cudaDevAttrClockRate``); the SM runs at
+    or below its peak, so the sleep lasts at least as long as planned. Where torch reports none (or
+    a value out of any GPU's range), a high fixed clock, which errs on the same, safe side."""
+    khz = float(getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0)
+    return khz * 1e3 if 1e5 <= khz <= 1e7 else FALLBACK_CLOCK_HZ
+
+
+def _device_time_per_call(fn, device: torch.device, repeats: int, inner: int) -> float:
+    """Median over ``repeats`` of the device time per call of ``inner`` calls of ``fn`` (CUDA only).
+
+    ``_time_per_call`` brackets calls that the host queues while the stream is idle: the stream
+    runs each kernel as soon as it is queued, so when the host needs longer to queue a call than
+    the device to run it (one NF4 expert at 1 token, Mixtral-8x7B width, H200: 0.10 ms of kernels
+    in a 0.22 ms span) the span is the host's time. Here the stream is first held by
+    ``torch.cuda._sleep`` (a kernel that spins for a number of clock cycles) for about twice the
+    host's measured time to queue the ``inner`` calls; the start event is recorded after the sleep, the calls are queued behind it,
+    then the end event. When the sleep ends every kernel is already queued and they run back to
+    back: start..end is the device's time alone. A repeat whose queueing outlasted its sleep (the
+    stream caught up with the host, e.g. a call that synchronises) is measured again with a sleep
+    twice as long, a few times at most; past that the sample is kept (then an upper bound).
+    """
+    fn()  # warm-up
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    sleep_s = max(2 * (time.perf_counter() - t0), 1e-3)  # the host's time to queue ``inner`` calls, twice
+    hz = _sleep_cycles_per_s(device)
+    samples: list[float] = []
+    retries = 4
+    while len(samples) < repeats:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(sleep_s * hz))
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        queued_s = time.perf_counter() - t0
+        end.synchronize()
+        if queued_s >= sleep_s and retries > 0:  # the stream may have reached a call before it was queued
+            sleep_s, retries = 2 * sleep_s, retries - 1
+            continue
+        samples.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(samples)
+
+
 def measure_h2d(device: torch.device, sizes: list[int], repeats: int, *, quiet: bool = False
                 ) -> dict[str, list[list[float]]]:
     """Seconds per copy of each size, from pinned and from pageable host memory (a bar per kind unless ``quiet``)."""
@@ -136,16 +196,71 @@ def measure_h2d(device: torch.device, sizes: list[int], repeats: int, *, quiet: 
             else:
                 seconds = _time_per_call(copy, device, repeats, inner)
             points.append([nbytes, seconds])
-            del src, dst
+            src = dst = None  # freed before the next size (rebound, not del: copy() reads them)
         out[kind] = points
     return out
 
 
+def measure_links(devices: list[torch.device], sizes: list[int], repeats: int) -> list[list[float]]:
+    """Seconds per copy on each GPU's link while every one of ``devices`` copies at once (pinned host
+    memory, one side stream per GPU, back to back): the slowest link's time per copy. Each GPU of a
+    host has its own PCIe link, but they may share the host's memory or a switch: this says whether
+    N links really are N times one (H200 x2: 55.4 GB/s each alone, 109 GB/s together)."""
+    points = []
+    for nbytes in sizes:
+        src = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1) for _ in devices]
+        dst = [torch.empty(nbytes, dtype=torch.uint8, device=d) for d in devices]
+        streams = [torch.cuda.Stream(d) for d in devices]
+        inner = max(2, min(16, (256 * MIB) // nbytes))
+        samples = []
+        for r in range(repeats + 1):  # the first round warms up
+            for d in devices:
+                torch.cuda.synchronize(d)
+            marks = []
+            for i, stream in enumerate(streams):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(stream):
+                    start.record(stream)
+                    marks.append((start, end))
+            for _ in range(inner):  # interleaved, so the links run at once
+                for i, stream in enumerate(streams):
+                    with torch.cuda.stream(stream):
+                        dst[i].copy_(src[i], non_blocking=True)
+            for (start, end), stream in zip(marks, streams):
+                end.record(stream)
+            for _, end in marks:
+                end.synchronize()
+            if r:
+                samples.append(max(start.elapsed_time(end) for start, end in marks) / 1e3 / inner)
+        points.append([nbytes, statistics.median(samples)])
+    return points
+
+
+def measure_peer(source: torch.device, target: torch.device, sizes: list[int], repeats: int) -> list[list[float]]:
+    """Seconds per device-to-device copy (``target`` from ``source``, as the executor sends a layer's hidden
+    states to another GPU and its outputs back): NVLink where the GPUs have it, else PCIe peer copies."""
+    points = []
+    for nbytes in sizes:
+        src = torch.ones(nbytes, dtype=torch.uint8, device=source)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=target)
+        inner = max(2, min(16, (256 * MIB) // nbytes))
+
+        def copy() -> None:
+            dst.copy_(src, non_blocking=True)
+
+        points.append([nbytes, _time_per_call(copy, source, repeats, inner)])
+    return points
+
+
 def measure_experts(config, formats: list[str], tokens: list[int], device: torch.device, dtype: torch.dtype,
-                    checkpoint_dtype: torch.dtype, repeats: int, *, quiet: bool = False) -> tuple[dict, dict]:
+                    checkpoint_dtype: torch.dtype, repeats: int, *, quiet: bool = False) -> tuple[dict, dict, dict]:
     """Seconds per expert by token count for each format, as the executor computes it (a bar per format
-    unless ``quiet``)."""
-    timings, sizes = {}, {}
+    unless ``quiet``): ``({format: [[tokens, s]...]}`` timed back to back (``_time_per_call``), ``{format:
+    record bytes}``, ``{format: [[tokens, s]...]}`` of device time alone (``_device_time_per_call``; CUDA
+    only, ``{}`` on the CPU, where every op runs inline and the first is device time already)).
+    Both timings run the same ``expert`` closure, so they differ only by the host's part."""
+    timings, sizes, device_times = {}, {}, {}
+    cuda = device.type == "cuda"
     gen = torch.Generator(device=device).manual_seed(0)
     weights = ExpertTensors(**{
         w: torch.empty(shape, dtype=checkpoint_dtype, device=device).normal_(0, 0.02, generator=gen)
@@ -156,7 +271,7 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
         fmt.pack(weights, record, device)
         slot = record.to(device)
         fmt.arrive(slot)  # as the transfer engine does after each copy
-        points = []
+        points, device_points = [], []
         for n in progress(tokens, desc=f"expert {name}", unit="size", quiet=quiet):
             x = torch.randn(n, config.hidden_size, dtype=dtype, device=device, generator=gen)
             rows = torch.arange(n, device=device)
@@ -168,10 +283,14 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
                 out.index_copy_(0, rows, (y * w.index_select(0, rows)[:, None]).to(dtype))
 
             points.append([n, _time_per_call(expert, device, repeats, inner=8)])
+            if cuda:
+                device_points.append([n, _device_time_per_call(expert, device, repeats, inner=8)])
         timings[fmt.name], sizes[fmt.name] = points, fmt.nbytes
-        del slot, record
+        if cuda:
+            device_times[fmt.name] = device_points
+        slot = record = None  # freed before the next format (rebound, not del: expert() reads slot)
     del weights
-    return timings, sizes
+    return timings, sizes, device_times
 
 
 # -- the runtime's own layers ----------------------------------------------------------------
@@ -370,7 +489,8 @@ def device_terms(runs: list[tuple[int, list[dict]]], fmt: str) -> tuple[dict, fl
       queued it while the stream waited. x = context (prompt + step), one point per run: the median.
       Meant for on-demand runs (every layer copies, the host runs ahead).
     - an expert is device time when it started within ``SLACK_MS`` of its own copy's end (queued
-      ahead, waiting on the copy); batch 1 decode routes one token to it.
+      ahead, waiting on the copy); batch 1 decode routes one token to it, so this is one point
+      (``calibrate`` logs it beside ``measure_experts``' per-token-count curve, which it stores instead).
     - an expert of a layer that copied nothing after its router (the stream idle, every input
       ready) is host-bound: its span is the host's time to queue it (``per_expert_s.decode``).
     """
@@ -423,6 +543,10 @@ def device_terms(runs: list[tuple[int, list[dict]]], fmt: str) -> tuple[dict, fl
 # -- the whole measurement -------------------------------------------------------------------
 def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.calibrate") -> dict:
     device = resolve_device(args.device)
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    if args.gpus > 1 and visible < args.gpus:
+        raise CalibrationError(f"--gpus {args.gpus}: this machine has {visible} visible CUDA GPU(s) for it; "
+                               f"calibrate with --gpus {max(visible, 1)}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t_start = time.perf_counter()
     source = open_source(args.model, num_layers=1, synth_device=device)
@@ -438,13 +562,21 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     quiet = args.quiet or not args.bars
     log(f"calibrating {args.model} on {device_name(device)}: expert compute ({', '.join(formats)})")
-    expert_compute, expert_bytes = measure_experts(config, formats, tokens, device, dtype, checkpoint_dtype,
-                                                   args.repeats, quiet=quiet)
+    expert_compute, expert_bytes, expert_device = measure_experts(config, formats, tokens, device, dtype,
+                                                                  checkpoint_dtype, args.repeats, quiet=quiet)
     record = expert_bytes[make_format(args.quant, config.hidden_size, config.intermediate_size,
                                       checkpoint_dtype).name]
     sizes = sorted({int(float(s) * MIB) for s in args.sizes_mib} | {record})
     log(f"H2D copies: {len(sizes)} sizes, pinned and pageable")
     h2d = measure_h2d(device, sizes, args.repeats, quiet=quiet)
+    peer = None
+    if args.gpus > 1:
+        gpus = [torch.device("cuda", i) for i in range(args.gpus)]
+        log(f"{args.gpus} links at once, and peer copies cuda:0 <-> cuda:1")
+        h2d["links"] = {"count": args.gpus, "pinned": measure_links(gpus, sorted({MIB, 16 * MIB, record}), args.repeats)}
+        peer_sizes = [8 * 2**10, 64 * 2**10, 512 * 2**10, 4 * MIB, 16 * MIB]
+        peer = [[n, max(a, b)] for (n, a), (_, b) in zip(measure_peer(gpus[0], gpus[1], peer_sizes, args.repeats),
+                                                         measure_peer(gpus[1], gpus[0], peer_sizes, args.repeats))]
     log(f"runtime layers: contexts {contexts}, resident and on-demand")
     measured = measure_runtime(args, device, contexts, args.repeats)
     runtime, per_mode = measured["runtime"], measured["per_mode"]
@@ -465,11 +597,20 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     if device.type == "cuda":  # on the CPU every op runs inline: spans are device time already
         device_time, _ = device_terms(measured["timelines"]["offloaded"], quant_format)
         _, per_expert_decode = device_terms(measured["timelines"]["resident"], quant_format)
+        # the expert: the per-token-count curve held behind a sleep, in both phases, instead of the
+        # timeline's one 1-token point (constant as a curve); that point is logged as a cross-check
+        timeline_point = device_time.pop("expert", {}).get("decode", {}).get(quant_format)
+        device_time["expert"] = {p: {f: [list(pt) for pt in pts] for f, pts in expert_device.items()} for p in PHASES}
+        held = {int(n): s for n, s in expert_device.get(quant_format, [])}
+        if timeline_point and 1 in held:
+            log(f"expert {quant_format} at 1 token, device time: {held[1] * 1e3:.4f} ms behind a sleep, "
+                f"{timeline_point[0][1] * 1e3:.4f} ms in the on-demand run's timeline")
+        device_time["source"] = ("attention, router: layers >= 1 of the on-demand run at top-k slots "
+                                 "(calibrate.device_terms); expert: one expert per token count and format, "
+                                 "queued behind a device sleep (calibrate.measure_experts)")
     host = host_terms(per_mode)
     if per_expert_decode is not None:
         host["per_expert_s"] = {"prefill": host["per_expert_s"], "decode": per_expert_decode}
-    if device_time:
-        device_time["source"] = "layers >= 1 of the on-demand run at top-k slots (calibrate.device_terms)"
     out = {
         "format": FORMAT, "device": device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
@@ -491,6 +632,9 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     }
     if host_lane is not None:
         out["host_lane"] = host_lane
+    if peer is not None:
+        out["peer"] = peer
+        out["gpus"] = args.gpus
     Calibration(out, "the new calibration")  # never write a file the simulator would refuse
     return out
 

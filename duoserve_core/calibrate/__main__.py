@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--cpu-threads", type=listed(whole(1)), default=None,
                    help="also time the CPU lane (one expert on the host) at these thread counts, e.g. 4,8,16")
+    p.add_argument("--gpus", type=whole(1), default=1,
+                   help="on a machine with several GPUs: also time all their links at once and peer copies "
+                        "(for sim --gpus N)")
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines (nor bars) on stderr")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                contexts=tuple(int(c) for c in args.contexts.split(",")),
                                routing_trace=args.routing_trace, num_layers=args.num_layers, repeats=args.repeats,
                                quiet=args.quiet, bars=not args.json,
-                               cpu_threads=tuple(int(t) for t in args.cpu_threads.split(",")) if args.cpu_threads else ())
+                               cpu_threads=tuple(int(t) for t in args.cpu_threads.split(",")) if args.cpu_threads else (),
+                               gpus=args.gpus)
         record = calibrate(spec, "python -m duoserve_core.calibrate "
                            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     except DuoServeError as exc:

@@ -17,6 +17,15 @@ slot back without a copy (a *reclaim*, counted as a hit), and free slots that ho
 filled before those that still hold a released expert, oldest release first. So the window keeps
 at most ``depth`` layers live, as DuoServe prescribes, yet a budget larger than the window does not
 send decode back to host memory for experts the prefill left intact.
+
+Several devices (``engine.device_of_slot``): every device's slots sit in one pool, and a load
+first picks the device whose link has carried the fewest copies since the layer began
+(``begin_layer``; ties: the lower index), preferring devices with a free slot to eviction; then the
+slot on that device as with one device (a free one, else the policy's first victim among that
+device's experts). That is a count of decisions, not a clock, so the runtime and the simulator
+place every copy alike, and a layer's misses and prefetches alternate between the links: two
+misses of a decode layer cross two links at once. An expert stays on the device it was loaded to.
+With one device every choice is the one-device cache's.
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ class ExpertCache:
         self._intact: dict[ExpertKey, int] = {}    # released, its bytes still in this free slot
         self._intact_in: dict[int, ExpertKey] = {}
         self._clock = 0
+        self.device_of_slot = list(engine.device_of_slot)
+        self.num_devices = max(self.device_of_slot, default=0) + 1
+        self.copies_this_layer = [0] * self.num_devices  # copies issued on each device's link since begin_layer
 
     # -- CacheView ---------------------------------------------------------------------------
     def is_resident(self, key: ExpertKey) -> bool:
@@ -81,6 +93,15 @@ class ExpertCache:
     def holds(self, key: ExpertKey) -> bool:
         """Resident, or released with its slot intact: usable without a copy."""
         return key in self._slot_of or key in self._intact
+
+    def begin_layer(self) -> None:
+        """A layer starts: its copies are balanced over the links from here (see the module doc)."""
+        self.copies_this_layer = [0] * self.num_devices
+
+    def device_of(self, key: ExpertKey) -> int | None:
+        """The device holding ``key`` (None if it is not resident)."""
+        slot = self._slot_of.get(key)
+        return None if slot is None else self.device_of_slot[slot]
 
     def can_make_room(self) -> bool:
         return bool(self._free) or len(self._pinned) < len(self._slot_of)
@@ -124,10 +145,8 @@ class ExpertCache:
             return False
         if not self.can_make_room():
             return False
-        if not self._free:
-            victim = self.policy.eviction_order([k for k in self._slot_of if k not in self._pinned])[0]
-            if not self.policy.worth_replacing(victim, key):
-                return False
+        if not self._free and not self.policy.worth_replacing(self._victim(), key):
+            return False
         self._load(key)
         self._clock += 1
         self._last_use[key] = self._clock  # a fresh prefetch is not the first thing to evict
@@ -173,20 +192,40 @@ class ExpertCache:
         self.stats.reclaims += 1
         return True
 
+    def _least_loaded(self, devices: set[int]) -> int:
+        return min(devices, key=lambda d: (self.copies_this_layer[d], d))
+
+    def _victim(self) -> ExpertKey:
+        """The expert a load evicts when no slot is free: the policy's first choice among the unpinned
+        experts of the least-loaded device that has one."""
+        candidates = [k for k in self._slot_of if k not in self._pinned]
+        if not candidates:
+            raise RuntimeError("no expert slot can be freed: every slot is pinned by the layer in progress")
+        if self.num_devices > 1:
+            device = self._least_loaded({self.device_of_slot[self._slot_of[k]] for k in candidates})
+            candidates = [k for k in candidates if self.device_of_slot[self._slot_of[k]] == device]
+        return self.policy.eviction_order(candidates)[0]
+
+    def _free_slot(self) -> int:
+        """The free slot a load fills: the last of the free list (one device), or the last on the
+        least-loaded device that has a free slot."""
+        if self.num_devices == 1:
+            return self._free.pop()
+        device = self._least_loaded({self.device_of_slot[s] for s in self._free})
+        i = max(i for i, s in enumerate(self._free) if self.device_of_slot[s] == device)
+        return self._free.pop(i)
+
     def _load(self, key: ExpertKey) -> None:
         if not self._free:
-            candidates = [k for k in self._slot_of if k not in self._pinned]
-            if not candidates:
-                raise RuntimeError("no expert slot can be freed: every slot is pinned by the layer in progress")
-            victim = self.policy.eviction_order(candidates)[0]
-            self._release(victim, "evict")
+            self._release(self._victim(), "evict")
             self.stats.evictions += 1
-        slot = self._free.pop()
+        slot = self._free_slot()
         overwritten = self._intact_in.pop(slot, None)
         if overwritten is not None:
             del self._intact[overwritten]
         self._slot_of[key] = slot
         self.engine.copy_in(slot, key)
+        self.copies_this_layer[self.device_of_slot[slot]] += 1
         self.stats.h2d_copies += 1
         self.stats.h2d_bytes += self.engine.store.record_bytes
 

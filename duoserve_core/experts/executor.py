@@ -17,10 +17,18 @@ transformers' ``MixtralExperts`` accumulates in. So whatever order the experts w
 the result has the same bits. An expert the CPU lane computes writes the same rows; its bits are
 the host kernel's (the same as the device's when the device is the CPU; on a GPU they differ by
 the two kernels' rounding).
+
+On several devices an expert is computed where its slot is (``TransferEngines``): right after the
+router the layer's hidden states, rows and weights cross to every other device (torch's peer copy,
+NVLink where there is one; it is ordered after both devices' queued work, as torch's cross-device
+copies are), each device's experts write their rows of that device's ``contrib``, and ``join``
+brings those rows back into the first device's before the combine. The same kernels on the same
+inputs give the same bits on every GPU of one model, so the tokens are the one-GPU run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +39,7 @@ from ..events import EventBus, SpanEvent, StepEvent
 from .formats import ExpertFormat
 from .host_lane import HostLaneWorker
 from .layer_step import LayerStep
-from .transfer import TransferEngine
+from .transfer import TransferEngines
 
 
 @dataclass
@@ -50,7 +58,7 @@ class Routing:
 class ExpertExecutor:
     """Routes each MoE layer, runs the layer step on it, and combines the experts' outputs."""
 
-    def __init__(self, step: LayerStep, engine: TransferEngine, fmt: ExpertFormat, events: EventBus, top_k: int,
+    def __init__(self, step: LayerStep, engine: TransferEngines, fmt: ExpertFormat, events: EventBus, top_k: int,
                  gates: list[nn.Module], replay=None, host_worker: HostLaneWorker | None = None):
         self.layer_step, self.engine, self.fmt, self.events, self.top_k = step, engine, fmt, events, top_k
         self.host_worker = host_worker    # the CPU lane, when the layer step has one
@@ -115,14 +123,30 @@ class ExpertExecutor:
                                     None if routing.speculation is None else routing.speculation[rows])
         device = _TorchLayer(self, x, routing)
         self.layer_step.run(layer, routing.topk, routing.probs, routing.speculation, device)
+        device.join()
         out = combine(device.contrib, routing.top_idx).reshape(shape)
         self.events.emit(StepEvent("layer_done", self.layer_step.step, self.layer_step.phase, layer))
         return out
 
 
+class _DeviceShare:
+    """What one other device needs to compute its experts of a layer: the layer's inputs copied to it
+    and the rows its experts write, which ``_TorchLayer.join`` copies back."""
+
+    def __init__(self, device: torch.device, layer: "_TorchLayer"):
+        self.device = device
+        self.x = layer.x.to(device, non_blocking=True)
+        self.rows = layer.host_rows.to(device, non_blocking=True)
+        self.weights = layer.weights.to(device, non_blocking=True)
+        self.contrib = torch.empty(layer.contrib.shape, dtype=layer.contrib.dtype, device=device)
+        self.experts: list[int] = []
+        self.guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _TorchLayer:
-    """``ExpertDevice`` for one layer's tokens: an expert's kernels go on the compute stream after a
-    stream-wait on its slot's copy; its weighted output lands in its own rows of ``contrib``."""
+    """``ExpertDevice`` for one layer's tokens: an expert's kernels go on its slot's device's compute
+    stream after a stream-wait on its slot's copy; its weighted output lands in its own rows of
+    ``contrib`` (of that device's, on another device: see the module doc)."""
 
     def __init__(self, executor: ExpertExecutor, x: torch.Tensor, routing: Routing):
         self.engine, self.fmt, self.events, self.x = executor.engine, executor.fmt, executor.events, x
@@ -138,19 +162,40 @@ class _TorchLayer:
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
         self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
+        engines = getattr(self.engine, "engines", None) or [self.engine]
+        # the inputs cross at once, to every other device that has slots (see the module doc)
+        self.shares = [None] + [_DeviceShare(e.device, self) if e.num_slots else None for e in engines[1:]]
 
     def wait_ready(self, slot: int) -> None:
         self.engine.wait_ready(slot)
 
     def compute(self, layer: int, expert: int, slot: int) -> None:
-        self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert))
-        rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
-        y = self.fmt.forward(self.engine.slot(slot), self.x.index_select(0, rows // self.k))
-        self.contrib.index_copy_(0, rows, (y * self.weights.index_select(0, rows)[:, None]).to(self.x.dtype))
-        self.events.emit(SpanEvent("end", "compute", "expert", layer, expert))
+        d = self.engine.device_of_slot[slot]
+        share = self.shares[d]
+        x, all_rows, weights, contrib = (self.x, self.rows, self.weights, self.contrib) if share is None else \
+            (share.x, share.rows, share.weights, share.contrib)
+        self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert, device=d))
+        with contextlib.nullcontext() if share is None else share.guard:
+            rows = all_rows[self.starts[expert]:self.starts[expert + 1]]
+            y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // self.k))
+            contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
+        self.events.emit(SpanEvent("end", "compute", "expert", layer, expert, device=d))
+        if share is not None:
+            share.experts.append(expert)
 
     def mark_read(self, slot: int) -> None:
         self.engine.mark_read(slot)
+
+    def join(self) -> None:
+        """Copy each other device's rows into the first device's ``contrib`` (one copy per device)."""
+        for share in self.shares[1:]:
+            if share is None or not share.experts:
+                continue
+            pick = torch.cat([self.host_rows[self.starts[e]:self.starts[e + 1]] for e in share.experts])
+            with share.guard:
+                rows = pick.to(share.device, non_blocking=True)
+                part = share.contrib.index_select(0, rows)
+            self.contrib.index_copy_(0, pick.to(self.x.device, non_blocking=True), part.to(self.x.device))
 
     def compute_on_host(self, layer: int, expert: int) -> None:
         rows = self.host_rows[self.starts[expert]:self.starts[expert + 1]]

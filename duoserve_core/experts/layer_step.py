@@ -8,7 +8,8 @@ decision, for every policy.
 
 One decode token at layer l, in order:
 
-1. ``layer_started(l)``: the policy's plan is applied (prefill: the window's next layers queue).
+1. ``layer_started(l)``: the copies are balanced over the devices' links from here on
+   (``ExpertCache.begin_layer``); the policy's plan is applied (prefill: the window's next layers queue).
 2. attention and the router run on the compute stream; the top-k comes to the host (the one
    device->host sync of the layer) and ``run`` starts.
 3. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
@@ -83,10 +84,12 @@ class LayerStep:
         """A forward pass starts: observers hear it, then the policy's phase plan is applied."""
         self.phase, self.step = phase.value, step
         self.events.emit(StepEvent("step_started", step, phase.value))
+        self.cache.begin_layer()
         self.apply(self.policy.phase(phase))
 
     def layer_started(self, layer: int) -> None:
         self.events.emit(StepEvent("layer_started", self.step, self.phase, layer))
+        self.cache.begin_layer()
         self.apply(self.policy.layer_started(layer))
 
     def run(self, layer: int, topk: torch.Tensor, probs: torch.Tensor, speculation: torch.Tensor | None,

@@ -16,6 +16,10 @@ A format whose device kernel reads another layout than the host record (``Expert
 int4) relays each landed record in place on a third stream, the relayout stream: it waits for
 the copy, and the copy stream goes on with the next copy meanwhile (the DMA engine and the SMs
 work at once), so the relayout adds to a layer's last copy only, not to every copy in a row.
+
+On several GPUs each device has its own engine: its slots, its copy stream (its own PCIe link) and
+its events; ``TransferEngines`` numbers all their slots as one pool (device 0's first), so the cache
+sees one set of slots and reads each slot's device from ``device_of_slot``.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ class TransferEngine:
     """Moves expert records from the host store into device slots."""
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, events: EventBus,
-                 arrive: Callable[[torch.Tensor], None] | None = None):
+                 arrive: Callable[[torch.Tensor], None] | None = None, device_index: int = 0):
         self.store, self.device, self.events = store, device, events
         self.arrive = arrive  # the format's in-place relayout of a landed record (``ExpertFormat.arrive``)
-        self.num_slots = num_slots
+        self.num_slots, self.device_index = num_slots, device_index
+        self.device_of_slot = [device_index] * num_slots
         self.buffer = torch.empty((num_slots, store.record_bytes), dtype=torch.uint8, device=device)
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -58,21 +63,22 @@ class TransferEngine:
             stream.wait_event(self._free[index])
         if self.cuda and self.arrive is not None and self._copied[index]:
             stream.wait_event(self._ready[index])  # a relayout never read (a prefetch evicted unused) ends first
-        self.events.emit(SpanEvent("begin", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
+        d = self.device_index
+        self.events.emit(SpanEvent("begin", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream, device=d))
         if not self.cuda:
             dst.copy_(src)
         else:
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
-        self.events.emit(SpanEvent("end", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream))
+        self.events.emit(SpanEvent("end", "copy", "h2d", key[0], key[1], dst.numel(), cuda_stream=stream, device=d))
         if self.cuda and self.arrive is not None:
             self._landed.record(stream)
             relayout = self.relayout_stream
             relayout.wait_event(self._landed)
-            self.events.emit(SpanEvent("begin", "relayout", "relayout", key[0], key[1], cuda_stream=relayout))
+            self.events.emit(SpanEvent("begin", "relayout", "relayout", key[0], key[1], cuda_stream=relayout, device=d))
             with torch.cuda.stream(relayout):
                 self.arrive(dst)
-            self.events.emit(SpanEvent("end", "relayout", "relayout", key[0], key[1], cuda_stream=relayout))
+            self.events.emit(SpanEvent("end", "relayout", "relayout", key[0], key[1], cuda_stream=relayout, device=d))
             self._ready[index].record(relayout)
         elif self.cuda:
             self._ready[index].record(stream)
@@ -90,3 +96,46 @@ class TransferEngine:
         if self.cuda:
             self._free[index].record(torch.cuda.current_stream(self.device))
             self._free_recorded[index] = True
+
+
+class TransferEngines:
+    """The engines of several devices as one pool of slots: device 0's slots first, then device 1's.
+
+    The cache and the layer step address slots by their pool index; each call goes to the engine that
+    owns the slot, so a copy runs on that device's copy stream and link, and ``wait_ready`` /
+    ``mark_read`` act on that device's current (compute) stream."""
+
+    def __init__(self, engines: list[TransferEngine]):
+        self.engines = engines
+        self.store = engines[0].store
+        self.device_of_slot = [d for d, engine in enumerate(engines) for _ in range(engine.num_slots)]
+        self._local = [i for engine in engines for i in range(engine.num_slots)]
+        self.num_slots = len(self.device_of_slot)
+
+    def _engine(self, index: int) -> tuple[TransferEngine, int]:
+        return self.engines[self.device_of_slot[index]], self._local[index]
+
+    def slot(self, index: int) -> torch.Tensor:
+        engine, local = self._engine(index)
+        return engine.slot(local)
+
+    def copy_in(self, index: int, key: ExpertKey) -> None:
+        engine, local = self._engine(index)
+        engine.copy_in(local, key)
+
+    def wait_ready(self, index: int) -> None:
+        engine, local = self._engine(index)
+        engine.wait_ready(local)
+
+    def mark_read(self, index: int) -> None:
+        engine, local = self._engine(index)
+        engine.mark_read(local)
+
+    def release_buffers(self) -> None:
+        """Drop every device's slot buffer (before a new plan allocates its own)."""
+        for engine in self.engines:
+            engine.buffer = None
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(engine.buffer.numel() for engine in self.engines if engine.buffer is not None)

@@ -14,6 +14,10 @@ bytes moved, hit rate, prefetch precision, the bounds with Belady's oracle). Two
     --arrivals 0,0.4,1.1    (or at these times), served FCFS; TTFT/TPOT percentiles and SLO attainment
                             (``--slo-ttft-ms``, ``--slo-tpot-ms``) per policy
 
+``--gpus N`` simulates N GPUs, the budget on each, every GPU its own slots and link; what that assumes
+beyond the calibration (one GPU's link measured: N identical, independent links) is printed as a note
+and kept in the result (``assumptions``).
+
 A model with more layers than the trace replays it in relabelled blocks (``traces.RoutingReplay``),
 exactly as the runtime's ``--routing-trace`` does; prompt and generation lengths default to the
 trace request's own.
@@ -32,7 +36,7 @@ from pathlib import Path
 from ..bench import format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
-from ..knob_args import Parser, add_knob_arguments, budget, knobs_from_args, listed, number, seed, whole
+from ..knob_args import Parser, add_knob_arguments, budget, gpus, knobs_from_args, listed, number, seed, whole
 from ..memory import PLAN_CONTEXT, plan_context
 from ..progress import interruptible, progress
 from ..traces import RoutingReplay, TraceError, read_trace
@@ -54,7 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quant", default="nf4")
     p.add_argument("--quant-attention", default="none")
     p.add_argument("--calibration", required=True, help="from python -m duoserve_core.calibrate")
-    p.add_argument("--memory-budget", type=budget, default="15%", help="bytes, %% of the model, Nslots or all")
+    p.add_argument("--memory-budget", type=budget, default="15%",
+                   help="bytes, %% of the model, Nslots or all (on each GPU with --gpus)")
+    p.add_argument("--gpus", type=gpus(auto=False), default=1,
+                   help="GPUs simulated, each with its expert slots and its own link (default 1); a calibration of "
+                        "one GPU's link assumes identical, independent links, and says so")
     p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
     add_knob_arguments(p)
     p.add_argument("--request", type=whole(0), default=0, help="trace request replayed (its index, wrapping)")
@@ -125,11 +133,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     longest = max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep else [prompt + gen])
     context = plan_context(longest, c.max_position_embeddings, args.max_context)
     cal.check(c, args.quant, args.quant_attention)
+    if args.sweep and args.gpus > 1:
+        raise DuoServeError("--sweep estimates one GPU's caches at every slot count; drop --gpus, or compare "
+                            "GPUs in the replay or QoS view")
     replay = RoutingReplay(trace, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
     model = build_model(args.model_preset, quant=args.quant, attention_quant=args.quant_attention,
                         memory_budget=args.memory_budget, max_context=context, device_type=cal.raw["device_type"],
-                        num_layers=args.num_layers)
-    record = {"device": f"simulated {cal.device}", "calibration": str(args.calibration), "trace": str(args.trace),
+                        num_layers=args.num_layers, devices=args.gpus)
+    assumptions = cal.assumptions(model.plan.devices)  # what each Simulator says in ``assumptions``
+    for note in assumptions:
+        print(f"note: {note}", file=sys.stderr)
+    record = {"device": "simulated " + ", ".join([cal.device] * args.gpus), "gpus": args.gpus,
+              "assumptions": assumptions, "calibration": str(args.calibration), "trace": str(args.trace),
               "date": datetime.date.today().isoformat(),
               "command": "python -m duoserve_core.sim " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
               "model": model.describe()}

@@ -16,6 +16,9 @@ Format ``duoserve-calibration/1``::
     expert_bytes: {format: bytes of one expert record}
     h2d: {pinned: [[bytes, s]...], pageable: [[bytes, s]...]}       back-to-back copies, per copy
          runtime (optional): [[record bytes, s]]          mean of the runtime's own copies of a record
+         links (optional): {count: n, pinned: [[bytes, s]...]}   per copy on each of n GPUs' links when
+                                                           all n copy at once (a machine with n GPUs)
+    peer (optional): [[bytes, s]...]    one device-to-device copy (hidden states to another GPU and back)
     expert_compute: {format: [[tokens, s]...]}                      one expert, incl. gather/scatter
     attention: {prefill: [[tokens, s]...], decode: [[context, s]...]}        compute-stream span
     attention_launch: {prefill: [[tokens, s]...], decode: [[context, s]...]} host time to queue it
@@ -25,11 +28,17 @@ Format ``duoserve-calibration/1``::
            reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
     device_time (optional): {attention: {phase: [[x, s]...]}, router: {phase: [[x, s]...]},
                              expert: {phase: {format: [[tokens, s]...]}}, source: str}
-        device time alone: spans whose kernels were queued before the compute stream reached them
-        (layers >= 1 of an on-demand run, where the stream waits on each layer's copies). The spans
-        above (``attention``, ``router``, ``expert_compute``) were timed with the stream idle when
-        the host is slower than the kernels, so at decode sizes they are the host's launch time, not
+        device time alone: kernels queued before the compute stream reached them. attention and
+        router: layers >= 1 of an on-demand run, where the stream waits on each layer's copies
+        (decode, by context). expert: one expert per token count (1, 2, 4, ..) and format, its
+        calls queued behind a ``torch.cuda._sleep`` that holds the stream (``calibrate.measure_experts``),
+        the same curve for both phases (an expert's kernels do not depend on the phase, only on
+        its token count: batched decode routes several tokens to one expert). The spans above
+        (``attention``, ``router``, ``expert_compute``) were timed with the stream idle when the
+        host is slower than the kernels, so at decode sizes they are the host's launch time, not
         the device's; where a phase is given here the simulator puts this on the compute clock.
+        Older files (and ``calibrate.device_terms`` on a bench timeline) hold one 1-token decode
+        point per format, constant as a curve; ``with_device_time`` keeps a longer curve over it.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
     host_lane (optional): {default_threads: n, expert: {format: {threads: [[tokens, s]...]}}}
         one expert computed by the CPU lane (``experts.host_lane``) from its host record, per thread
@@ -118,6 +127,10 @@ class Calibration:
             self.h2d = {k: Curve(_points(raw["h2d"][k], f"{where}: h2d.{k}")) for k in ("pinned", "pageable")}
             runtime = raw["h2d"].get("runtime")
             self.runtime_copy_s = {int(b): s for b, s in _points(runtime, f"{where}: h2d.runtime")} if runtime else {}
+            links = raw["h2d"].get("links")
+            self.links = (int(links["count"]), Curve(_points(links["pinned"], f"{where}: h2d.links.pinned"))) \
+                if links else None
+            self.peer = Curve(_points(raw["peer"], f"{where}: peer")) if raw.get("peer") else None
             self.expert = {k: Curve(_points(v, f"{where}: expert_compute.{k}"))
                            for k, v in raw["expert_compute"].items()}
             self.attention = self._phased(raw, "attention")
@@ -189,14 +202,32 @@ class Calibration:
     def with_device_time(self, device_time: dict, per_expert_decode_s: float | None = None,
                          where: str | None = None) -> "Calibration":
         """A copy with a ``device_time`` section (and optionally the decode host time per expert)
-        merged in, e.g. derived from a measured run's timeline (``calibrate.device_terms``)."""
+        merged in, e.g. derived from a measured run's timeline (``calibrate.device_terms``).
+
+        attention and router: the new curve replaces the old one per phase. expert: per phase and
+        format, the curve with more points wins (ties: the new one). A bench timeline yields one
+        1-token decode point, constant as a curve; over a calibration's per-token-count curve it
+        would charge a 16-token expert of batched decode its 1-token time, and the calibration's
+        curve holds a 1-token point of its own. Kept curves are named in ``source``."""
         raw = json.loads(json.dumps(self.raw))
         merged = raw.setdefault("device_time", {})
+        kept = []
         for key, value in device_time.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            if key == "expert" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                for phase, by_format in value.items():
+                    old = merged[key].setdefault(phase, {})
+                    for fmt, pts in by_format.items():
+                        if len(old.get(fmt) or []) > len(pts):
+                            kept.append(f"{phase}.{fmt}")
+                        else:
+                            old[fmt] = pts
+            elif isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value
+        if kept:
+            merged["source"] = (f"{merged.get('source', '')}; expert {', '.join(kept)}: the calibration's "
+                                "longer curve kept").lstrip("; ")
         if per_expert_decode_s is not None:
             raw["host"]["per_expert_s"] = {"prefill": self.per_expert_phase_s["prefill"],
                                            "decode": float(per_expert_decode_s)}
@@ -228,6 +259,33 @@ class Calibration:
             return self.runtime_copy_s[nbytes]
         return self.h2d["pinned" if pinned else "pageable"].at(nbytes)
 
+    def link_copy_s(self, nbytes: int, links: int) -> float:
+        """One copy on one of ``links`` GPUs' links while all of them copy: measured with that many
+        links where the calibration has it, else the one-link figure (identical, independent links)."""
+        if links > 1 and self.links is not None and self.links[0] == links:
+            return self.links[1].at(nbytes)
+        return self.copy_s(nbytes)
+
+    def peer_s(self, nbytes: int) -> float:
+        """One device-to-device copy of ``nbytes``; without a measurement, a host-to-device copy of that
+        size (an upper bound: NVLink outruns PCIe); on a synchronous device (CPU "devices"), nothing."""
+        if self.synchronous:
+            return 0.0
+        return self.peer.at(nbytes) if self.peer is not None else self.copy_s(nbytes)
+
+    def assumptions(self, links: int) -> list[str]:
+        """What the simulator assumes for ``links`` GPUs that this calibration did not measure."""
+        if links <= 1:
+            return []
+        notes = []
+        if self.links is None or self.links[0] != links:
+            notes.append(f"{self.where} measured {self.links[0] if self.links else 1} link(s) at once, not {links}: "
+                         f"{links} identical, independent links assumed (calibrate on a {links}-GPU machine)")
+        if self.peer is None and not self.synchronous:
+            notes.append(f"{self.where} has no device-to-device copies: each is timed as a host-to-device copy of "
+                         "its size (an upper bound)")
+        return notes
+
     def expert_s(self, fmt: str, tokens: int) -> float:
         """One expert, timed back to back (``expert_compute``): max(device time, host launch time)."""
         return self.expert[fmt].at(tokens)
@@ -242,6 +300,8 @@ class Calibration:
         return curve.at(x) if curve is not None else self.router[phase].at(x)
 
     def expert_device_s(self, fmt: str, phase: str, tokens: int) -> float:
+        """One expert's device time at ``tokens``: ``device_time.expert`` where measured for the phase
+        and format (by token count, interpolated), else the back-to-back span ``expert_compute``."""
         curve = self.device_time.get(("expert", phase, fmt))
         return curve.at(tokens) if curve is not None else self.expert_s(fmt, tokens)
 

@@ -40,21 +40,27 @@ def result(sim: Simulator, run: SimRun, routing_trace: str | None = None) -> dic
     copies = [r for r in run.rows if r["kind"] == "h2d"]
     copy_ms = sum(r["duration_ms"] for r in copies)
     context = run.prompt_tokens + run.new_tokens
-    peak = (plan.dense_bytes + plan.slot_bytes + kv_cache_bytes(model.config, context, model.dtype)
-            + activation_bytes(model.config, run.prompt_tokens, model.dtype) + plan.workspace_bytes)
-    device = f"simulated {sim.cal.device}"
+    # each device: its slots, the activations and an expert's workspace; the first also the dense part and KV cache
+    slots = plan.device_slots or [plan.num_slots]
+    working = activation_bytes(model.config, run.prompt_tokens, model.dtype) + plan.workspace_bytes
+    peaks = [n * plan.expert_bytes + working for n in slots]
+    peaks[0] += plan.dense_bytes + kv_cache_bytes(model.config, context, model.dtype)
+    peak, by_device = peaks[0], (peaks if len(peaks) > 1 else None)
+    device = "simulated " + ", ".join([sim.cal.device] * len(slots))
     return {
         "prompt_tokens": run.prompt_tokens, "new_tokens": run.new_tokens,
         "ttft_s": run.ttft_s, "tpot_s": run.tpot_s, "e2e_s": run.e2e_s,
-        "peak_gpu_bytes": peak, "peak_expert_bytes": run.peak_resident * plan.expert_bytes,
+        "peak_gpu_bytes": peak, "peak_gpu_bytes_by_device": by_device, "peak_expert_bytes": run.peak_resident * plan.expert_bytes,
         "h2d_bytes": total["h2d_bytes"], "h2d_copies": total["h2d_copies"],
         "h2d_bandwidth_gbps": sum(r["nbytes"] for r in copies) / copy_ms / 1e6 if copy_ms > 0 else None,
         "expert_hits": total["hits"], "expert_misses": total["misses"],
         "device": device, "policy": sim.policy.describe(),
         "phases": {"prefill": run.phases["prefill"], "decode": run.phases["decode"]},
         "runtime": {**model.describe(), "device": device, "calibration": sim.cal.where,
-                    "routing_trace": routing_trace, **sim.policy.describe()},
+                    "routing_trace": routing_trace, "memory_plan_by_device": plan.describe_devices(),
+                    **sim.policy.describe()},
+        "assumptions": sim.assumptions,
         **derived(ttft_s=run.ttft_s, tpot_s=run.tpot_s, decode_tokens=run.new_tokens - 1, phases=run.phases,
-                  rows=run.rows, plan=plan, peak_gpu_bytes=peak),
+                  rows=run.rows, plan=plan, peak_gpu_bytes=peak, peak_gpu_bytes_by_device=by_device),
         "timeline": run.rows,
     }

@@ -93,9 +93,11 @@ def open_config(model: str | Path, num_layers: int | None = None) -> tuple[str, 
 def build_model(model: str | Path, *, quant: str = "nf4", attention_quant: str = "none",
                 memory_budget: str | int = "all", max_context: int = 4096, device_type: str = "cuda",
                 dtype: torch.dtype | None = None, num_layers: int | None = None,
-                num_slots: int | None = None) -> SimModel:
-    """The simulated model at a budget; ``num_slots`` overrides the plan's slot count (to mirror a
-    measured run whose slots are known)."""
+                num_slots: int | None = None, devices: int = 1,
+                device_slots: list[int] | None = None) -> SimModel:
+    """The simulated model at a budget (on each of ``devices`` devices); ``num_slots`` (one device) or
+    ``device_slots`` (one count per device) overrides the plan's slots, to mirror a measured run whose
+    slots are known."""
     name, config, checkpoint_dtype = open_config(model, num_layers)
     dtype = dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
     if max_context > config.max_position_embeddings:
@@ -106,8 +108,16 @@ def build_model(model: str | Path, *, quant: str = "nf4", attention_quant: str =
     unbounded = plan_memory(config, dense, fmt, None, max_context, dtype, device_type)
     full = unbounded.total_experts * fmt.nbytes + dense
     budget = resolve_budget(memory_budget, unbounded.fixed_bytes, fmt.nbytes, unbounded.total_experts, full)
-    plan = plan_memory(config, dense, fmt, budget, max_context, dtype, device_type)
-    if num_slots is not None:
+    plan = plan_memory(config, dense, fmt, budget, max_context, dtype, device_type, devices=devices)
+    if device_slots is not None:
+        if len(device_slots) != devices or any(n < 0 for n in device_slots) \
+                or not config.num_experts_per_tok <= sum(device_slots) <= plan.total_experts:
+            raise BudgetError(f"device slots {device_slots}: need one count per device ({devices}), "
+                              f"{config.num_experts_per_tok}..{plan.total_experts} in all")
+        plan.device_slots, plan.num_slots = list(device_slots), sum(device_slots)
+    elif num_slots is not None:
+        if devices > 1:
+            raise BudgetError("num_slots gives one device's slots; on several devices give device_slots")
         if not config.num_experts_per_tok <= num_slots <= plan.total_experts:
             raise BudgetError(f"{num_slots} slots: need {config.num_experts_per_tok}..{plan.total_experts}")
         plan.num_slots = num_slots

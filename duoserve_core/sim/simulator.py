@@ -60,10 +60,33 @@ from .sim_model import SimModel
 
 @dataclass
 class Clocks:
+    """The host thread, the CPU lane, and each device's compute and copy streams (``compute`` and
+    ``copy`` are the first device's, where the dense part runs)."""
+
     host: float = 0.0
-    compute: float = 0.0
-    copy: float = 0.0
     cpu: float = 0.0
+    computes: list[float] = field(default_factory=lambda: [0.0])
+    copies: list[float] = field(default_factory=lambda: [0.0])
+
+    @property
+    def compute(self) -> float:
+        return self.computes[0]
+
+    @compute.setter
+    def compute(self, value: float) -> None:
+        self.computes[0] = value
+
+    @property
+    def copy(self) -> float:
+        return self.copies[0]
+
+    @copy.setter
+    def copy(self, value: float) -> None:
+        self.copies[0] = value
+
+    def reset(self, devices: int = 1) -> None:
+        self.host = self.cpu = 0.0
+        self.computes, self.copies = [0.0] * devices, [0.0] * devices
 
 
 class SimTimeline(Timeline):
@@ -85,16 +108,17 @@ class SimTimeline(Timeline):
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, SpanEvent) and event.edge == "whole":
-            self.add(event.stream, event.kind, event.layer, event.expert, event.nbytes, event.start_s, event.end_s)
+            self.add(event.stream, event.kind, event.layer, event.expert, event.nbytes, event.start_s, event.end_s,
+                     event.device)
         else:
             super().on_event(event)
 
     def add(self, stream: str, kind: str, layer: int, expert: int | None, nbytes: int, start: float,
-            end: float) -> None:
+            end: float, device: int = 0) -> None:
         if self.enabled:
             self._rows.append(dict(stream=stream, kind=kind, phase=self.phase, step=self.step, layer=layer,
                                    expert=expert, nbytes=nbytes, start_ms=start * 1e3, end_ms=end * 1e3,
-                                   duration_ms=(end - start) * 1e3))
+                                   duration_ms=(end - start) * 1e3, device=device))
 
     def rows(self) -> list[dict]:
         return [dict(r) for r in self._rows]
@@ -135,13 +159,16 @@ class _Store:
 
 
 class SimTransferEngine:
-    """``TransferEngine``'s interface on the simulated copy stream."""
+    """``TransferEngine``'s interface on the simulated copy streams: one per device, each its own link
+    (``device_slots``: slots per device, numbered as ``experts.transfer.TransferEngines`` does)."""
 
-    def __init__(self, num_slots: int, record_bytes: int, clocks: Clocks, calibration: Calibration,
+    def __init__(self, device_slots: list[int], record_bytes: int, clocks: Clocks, calibration: Calibration,
                  events: EventBus, synchronous: bool):
-        self.num_slots, self.store = num_slots, _Store(record_bytes)
+        self.device_of_slot = [d for d, n in enumerate(device_slots) for _ in range(n)]
+        self.slots_on = list(device_slots)
+        self.num_slots, self.devices, self.store = len(self.device_of_slot), len(device_slots), _Store(record_bytes)
         self.clocks, self.events, self.synchronous = clocks, events, synchronous
-        self.copy_s = calibration.copy_s(record_bytes)
+        self.copy_s = calibration.link_copy_s(record_bytes, self.devices)
         self.per_copy_s = calibration.per_copy_s
         self.reset()
 
@@ -150,44 +177,61 @@ class SimTransferEngine:
         self.free = [0.0] * self.num_slots    # when each slot's last reader finishes
 
     def copy_in(self, index: int, key: tuple[int, int]) -> None:
-        c = self.clocks
+        c, d = self.clocks, self.device_of_slot[index]
         c.host += self.per_copy_s
-        start = max(c.copy, c.host, self.free[index])
-        c.copy = self.ready[index] = start + self.copy_s
+        start = max(c.copies[d], c.host, self.free[index])
+        c.copies[d] = self.ready[index] = start + self.copy_s
         if self.synchronous:
-            c.host = c.copy
+            c.host = c.copies[d]
         self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.store.record_bytes,
-                                   start_s=start, end_s=c.copy))
+                                   start_s=start, end_s=c.copies[d], device=d))
 
 
 class _SimLayer:
     """``ExpertDevice`` on the clocks: an expert's kernels start once queued and once its slot's copy
     landed, and (like attention) cannot end before the host has finished queueing them; a
-    synchronous device (the CPU) runs them inline."""
+    synchronous device (the CPU) runs them inline. An expert in another device's slot runs on that
+    device's compute clock once the layer's hidden states crossed to it (``peer_s``, right after the
+    router); ``join`` brings each such device's outputs back before the layer's combine."""
 
-    def __init__(self, sim: "Simulator", phase: str, counts: list[int]):
+    def __init__(self, sim: "Simulator", phase: str, counts: list[int], peer_in: list[float], peer_out_s: float):
         self.sim, self.phase, self.counts = sim, phase, counts
         self.not_before = 0.0
         self.on_host = 0  # experts given to the CPU lane this layer
+        self.peer_in, self.peer_out_s = peer_in, peer_out_s  # when x reached each device; one copy back
+        self.used: set[int] = set()
 
     def wait_ready(self, slot: int) -> None:
         self.not_before = self.sim.engine.ready[slot]
 
     def compute(self, layer: int, expert: int, slot: int) -> None:
         cal, c = self.sim.cal, self.sim.clocks
+        d = self.sim.engine.device_of_slot[slot]
         device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert])
         if cal.synchronous:
             c.host += cal.per_expert(self.phase)
-        start = max(c.compute, c.host, self.not_before)
+        start = max(c.computes[d], c.host, self.not_before, self.peer_in[d])
         if cal.synchronous:
-            c.compute = c.host = start + device_s
+            c.computes[d] = c.host = start + device_s
         else:
             c.host += cal.per_expert(self.phase)
-            c.compute = max(start + device_s, c.host)
-        self.sim.events.emit(SpanEvent("whole", "compute", "expert", layer, expert, start_s=start, end_s=c.compute))
+            c.computes[d] = max(start + device_s, c.host)
+        if d:
+            self.used.add(d)
+        self.sim.events.emit(SpanEvent("whole", "compute", "expert", layer, expert, start_s=start,
+                                       end_s=c.computes[d], device=d))
 
     def mark_read(self, slot: int) -> None:
-        self.sim.engine.free[slot] = self.sim.clocks.compute
+        self.sim.engine.free[slot] = self.sim.clocks.computes[self.sim.engine.device_of_slot[slot]]
+
+    def join(self) -> None:
+        """Each other device's outputs cross back after its last expert and once the first device's queue
+        reached the copy (the copy waits on both streams, as torch's cross-device copy does)."""
+        c = self.sim.clocks
+        for d in sorted(self.used):
+            c.computes[d] = c.compute = max(c.computes[d], c.compute, c.host) + self.peer_out_s
+            if self.sim.cal.synchronous:
+                c.host = c.compute
 
     def compute_on_host(self, layer: int, expert: int) -> None:
         c, lane_s = self.sim.clocks, self.sim.host_lane_s(self.counts[expert])
@@ -261,8 +305,10 @@ class Simulator:
         self.timeline = SimTimeline(record_timeline)
         self.events.subscribe(self.timeline.on_event)
         self.events.subscribe(self._track_peak)
-        self.engine = SimTransferEngine(model.plan.num_slots, model.format.nbytes, self.clocks, calibration,
-                                        self.events, calibration.synchronous)
+        self.devices = model.plan.devices
+        self.engine = SimTransferEngine(model.plan.device_slots or [model.plan.num_slots], model.format.nbytes,
+                                        self.clocks, calibration, self.events, calibration.synchronous)
+        self.assumptions = calibration.assumptions(self.devices)  # what several GPUs' timing assumes
         self.cache = ExpertCache(self.engine, self.policy, self.L, self.E, self.events)
         inner.attach(self.cache)
         self.host_lane = self._host_lane(calibration)
@@ -297,7 +343,7 @@ class Simulator:
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt_tokens: int, new_tokens: int, request_id: int = 0) -> SimRun:
         """Prefill ``prompt_tokens`` then decode until ``new_tokens`` tokens exist, clocks from zero."""
-        self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
+        self.clocks.reset(self.devices)
         self.engine.reset()
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
@@ -323,7 +369,7 @@ class Simulator:
         request ``i``), its steps timed by the simulator's clocks from zero; an idle simulator jumps to
         the next arrival. A request leaves when it has its tokens (no EOS here); its latencies count
         from its arrival."""
-        self.clocks.host = self.clocks.compute = self.clocks.copy = self.clocks.cpu = 0.0
+        self.clocks.reset(self.devices)
         self.engine.reset()
         self.timeline.reset()
         self.events.emit(StepEvent("request_started"))
@@ -368,6 +414,11 @@ class Simulator:
         if riding:
             groups.append((cal.attention_device_s("decode", len(riding) * width), cal.attention_launch["decode"].at(width)))
         router_s = cal.router_device_s(p, n_tokens if phase is Phase.PREFILL else width)
+        # several devices: the layer's hidden states cross to each other device after the router, and each
+        # one's outputs (k rows per token) come back before the combine (``ExpertExecutor``)
+        hidden_bytes = n_tokens * self.model.config.hidden_size * torch.empty((), dtype=self.model.dtype).element_size()
+        peer_in_s = cal.peer_s(hidden_bytes) if self.devices > 1 else 0.0
+        peer_out_s = cal.peer_s(hidden_bytes * self.k) if self.devices > 1 else 0.0
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
@@ -379,6 +430,12 @@ class Simulator:
             self.events.emit(StepEvent("router_started", step, p, layer))
             self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
+            # the hidden states leave on the first device's stream, one copy per other device with slots
+            peer_in = [0.0] * self.devices
+            for d in range(1, self.devices):
+                if self.engine.slots_on[d]:
+                    c.compute += peer_in_s
+                    peer_in[d] = c.compute
             c.host += cal.layer_base_s[self.mode]
             routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
             experts = torch.cat([e for e, _ in routed])
@@ -390,7 +447,9 @@ class Simulator:
                 guesses = [self.replay.speculation(r, first, n, layer) for r, first, n in segments]
                 guess = torch.cat(guesses) if all(g is not None for g in guesses) else None
             counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
-            self.layer_step.run(layer, experts, probs, guess, _SimLayer(self, p, counts))
+            device = _SimLayer(self, p, counts, peer_in, peer_out_s)
+            self.layer_step.run(layer, experts, probs, guess, device)
+            device.join()
             self.events.emit(StepEvent("layer_done", step, p, layer))
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
         self.events.emit(StepEvent("step_done", step, p))
