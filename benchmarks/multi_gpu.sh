@@ -2,11 +2,13 @@
 # Issue 16 on the two-GPU machine (kind nvidia-h200-x2): one GPU against two, and a calibration with both links.
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% of the model per GPU, prompt 512, mixtral-like routing.
 #   bash benchmarks/multi_gpu.sh STAGE...   stages: check, calibrate, single, batch   (carry [".whl"])
-# GEN (64), REPEATS (3), POLICIES (on-demand,lru,duoserve), BATCH (64), BGEN (32) override the settings.
+# GEN (64), REPEATS (3), POLICIES (on-demand,lru,duoserve), BATCH (64), BGEN (32), SETUPS ("1,15% 2,15% 1,30%":
+# GPUs,budget per GPU) override the settings.
 # Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-64}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCH=${BATCH:-64}; BGEN=${BGEN:-32}
+SETUPS=${SETUPS:-1,15% 2,15% 1,30%}; TIMELINES=${TIMELINES:-}  # TIMELINES=1: each policy's timeline under $OUT
 TRACE=/tmp/mixtral_like_64.parquet
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --prompt-len 512 --routing-trace $TRACE)
 trace() {
@@ -24,10 +26,10 @@ calibrate)
   tail -4 "$OUT/calibrate.log" ;;
 single)
   trace
-  for setup in "1 15%" "2 15%" "1 30%"; do
-    set -- $setup
+  for setup in $SETUPS; do
+    set -- ${setup/,/ }
     timeout 300 python3 -m duoserve_core.bench "${COMMON[@]}" --gpus "$1" --memory-budget "$2" --gen "$GEN" \
-        --repeats "$REPEATS" --policies "$POLICIES" \
+        --repeats "$REPEATS" --policies "$POLICIES" ${TIMELINES:+--timelines "$OUT"} \
         --out "$OUT/multi_${TAG}_8x7b_mixtral_like_${1}gpu_${2%\%}.json" > "$OUT/single_${1}gpu_${2%\%}.log" 2>&1
     echo "-- $1 GPU(s), $2 each"; grep -v "^wrote" "$OUT/single_${1}gpu_${2%\%}.log" | tail -6
   done ;;
@@ -36,8 +38,8 @@ batch)
   for gpus in 1 2; do
     timeout 240 python3 -m duoserve_core.bench "${COMMON[@]}" --gpus "$gpus" --memory-budget 15% --gen "$BGEN" \
         --repeats 1 --policies duoserve --max-batch "$BATCH" \
-        --out "$OUT/multi_batch_${TAG}_8x7b_mixtral_like_${gpus}gpu.json" > "$OUT/batch_${gpus}gpu.log" 2>&1
-    echo "-- batch $BATCH on $gpus GPU(s)"; grep -v "^wrote" "$OUT/batch_${gpus}gpu.log" | tail -4
+        --out "$OUT/multi_batch_${TAG}_8x7b_mixtral_like_${gpus}gpu.json" > "/tmp/batch_${gpus}gpu.log" 2>&1
+    echo "-- batch $BATCH on $gpus GPU(s)"; grep -v "^wrote" "/tmp/batch_${gpus}gpu.log" | tail -4
   done ;;
 esac
 done

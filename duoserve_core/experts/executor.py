@@ -18,10 +18,10 @@ the result has the same bits. An expert the CPU lane computes writes the same ro
 the host kernel's (the same as the device's when the device is the CPU; on a GPU they differ by
 the two kernels' rounding).
 
-On several devices an expert is computed where its slot is (``TransferEngines``): right after the
-router the layer's hidden states, rows and weights cross to every other device (torch's peer copy,
-NVLink where there is one; it is ordered after both devices' queued work, as torch's cross-device
-copies are), each device's experts write their rows of that device's ``contrib``, and ``join``
+On several devices an expert is computed where its slot is (``TransferEngines``): when a device's
+first expert of the layer is queued, the layer's hidden states, rows and weights cross to it
+(torch's peer copy, NVLink where there is one) on a side stream that waits only for the router
+(``_DeviceShare``), each device's experts write their rows of that device's ``contrib``, and ``join``
 brings those rows back into the first device's before the combine. The same kernels on the same
 inputs give the same bits on every GPU of one model, so the tokens are the one-GPU run's.
 """
@@ -67,6 +67,12 @@ class ExpertExecutor:
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
         self._segments: list[tuple[int, int, int]] = [(0, 0, 0)]  # (request, first position, tokens) per request
         self._phase = None
+        self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
+
+    def side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.engine.engines[0].device)
+        return self._side
 
     def begin_step(self, step: int, phase, segments: list[tuple[int, int, int]]) -> None:
         """Where the next forward's tokens sit, request by request in the forward's token order:
@@ -131,13 +137,27 @@ class ExpertExecutor:
 
 class _DeviceShare:
     """What one other device needs to compute its experts of a layer: the layer's inputs copied to it
-    and the rows its experts write, which ``_TorchLayer.join`` copies back."""
+    and the rows its experts write, which ``_TorchLayer.join`` copies back.
 
-    def __init__(self, device: torch.device, layer: "_TorchLayer"):
+    Made when the device's first expert of the layer is queued, after the layer's expert copies were
+    issued (so making it does not delay them). Its inputs cross on ``side``, a stream of the first
+    device that waits only for the router (``routed``), not for the first device's experts queued
+    meanwhile: torch runs a cross-device copy on the source device's current stream, and on the
+    compute stream it would wait for those experts' copies."""
+
+    def __init__(self, device: torch.device, layer: "_TorchLayer", side, routed):
         self.device = device
-        self.x = layer.x.to(device, non_blocking=True)
-        self.rows = layer.host_rows.to(device, non_blocking=True)
-        self.weights = layer.weights.to(device, non_blocking=True)
+        context = contextlib.nullcontext()
+        if side is not None:
+            side.wait_event(routed)
+            context = torch.cuda.stream(side)
+        with context:
+            self.x = layer.x.to(device, non_blocking=True)
+            self.rows = layer.rows.to(device, non_blocking=True)
+            self.weights = layer.weights.to(device, non_blocking=True)
+        if side is not None:  # read on the side stream: the allocator must not hand their memory out before
+            for tensor in (layer.x, layer.rows, layer.weights):
+                tensor.record_stream(side)
         self.contrib = torch.empty(layer.contrib.shape, dtype=layer.contrib.dtype, device=device)
         self.experts: list[int] = []
         self.guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -163,8 +183,13 @@ class _TorchLayer:
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
         self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
         engines = getattr(self.engine, "engines", None) or [self.engine]
-        # the inputs cross at once, to every other device that has slots (see the module doc)
-        self.shares = [None] + [_DeviceShare(e.device, self) if e.num_slots else None for e in engines[1:]]
+        self.devices = [e.device for e in engines]
+        self.shares: list[_DeviceShare | None] = [None] * len(engines)  # made at each device's first expert
+        self.side, self.routed = None, None
+        if len(engines) > 1 and x.device.type == "cuda":
+            self.side = executor.side_stream()
+            self.routed = torch.cuda.Event()
+            self.routed.record()
 
     def wait_ready(self, slot: int) -> None:
         self.engine.wait_ready(slot)
@@ -172,6 +197,8 @@ class _TorchLayer:
     def compute(self, layer: int, expert: int, slot: int) -> None:
         d = self.engine.device_of_slot[slot]
         share = self.shares[d]
+        if d and share is None:
+            share = self.shares[d] = _DeviceShare(self.devices[d], self, self.side, self.routed)
         x, all_rows, weights, contrib = (self.x, self.rows, self.weights, self.contrib) if share is None else \
             (share.x, share.rows, share.weights, share.contrib)
         self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert, device=d))
@@ -189,13 +216,14 @@ class _TorchLayer:
     def join(self) -> None:
         """Copy each other device's rows into the first device's ``contrib`` (one copy per device)."""
         for share in self.shares[1:]:
-            if share is None or not share.experts:
+            if share is None:
                 continue
-            pick = torch.cat([self.host_rows[self.starts[e]:self.starts[e + 1]] for e in share.experts])
+            # the rows' indices are sliced on each device (a host index would be a pageable copy, which
+            # makes the host wait for the device's queue: no running ahead into the next layer)
+            spans = [(self.starts[e], self.starts[e + 1]) for e in share.experts]
             with share.guard:
-                rows = pick.to(share.device, non_blocking=True)
-                part = share.contrib.index_select(0, rows)
-            self.contrib.index_copy_(0, pick.to(self.x.device, non_blocking=True), part.to(self.x.device))
+                part = share.contrib.index_select(0, torch.cat([share.rows[a:b] for a, b in spans]))
+            self.contrib.index_copy_(0, torch.cat([self.rows[a:b] for a, b in spans]), part.to(self.x.device))
 
     def compute_on_host(self, layer: int, expert: int) -> None:
         rows = self.host_rows[self.starts[expert]:self.starts[expert + 1]]

@@ -165,7 +165,6 @@ class SimTransferEngine:
     def __init__(self, device_slots: list[int], record_bytes: int, clocks: Clocks, calibration: Calibration,
                  events: EventBus, synchronous: bool):
         self.device_of_slot = [d for d, n in enumerate(device_slots) for _ in range(n)]
-        self.slots_on = list(device_slots)
         self.num_slots, self.devices, self.store = len(self.device_of_slot), len(device_slots), _Store(record_bytes)
         self.clocks, self.events, self.synchronous = clocks, events, synchronous
         self.copy_s = calibration.link_copy_s(record_bytes, self.devices)
@@ -192,13 +191,16 @@ class _SimLayer:
     landed, and (like attention) cannot end before the host has finished queueing them; a
     synchronous device (the CPU) runs them inline. An expert in another device's slot runs on that
     device's compute clock once the layer's hidden states crossed to it (``peer_s``, right after the
-    router); ``join`` brings each such device's outputs back before the layer's combine."""
+    router, on a side stream, once the host queues that device's first expert: ``_DeviceShare``);
+    ``join`` brings each such device's outputs back before the layer's combine."""
 
-    def __init__(self, sim: "Simulator", phase: str, counts: list[int], peer_in: list[float], peer_out_s: float):
+    def __init__(self, sim: "Simulator", phase: str, counts: list[int], routed: float, peer_in_s: float,
+                 peer_out_s: float):
         self.sim, self.phase, self.counts = sim, phase, counts
         self.not_before = 0.0
         self.on_host = 0  # experts given to the CPU lane this layer
-        self.peer_in, self.peer_out_s = peer_in, peer_out_s  # when x reached each device; one copy back
+        self.routed, self.peer_in_s, self.peer_out_s = routed, peer_in_s, peer_out_s
+        self.peer_in = [0.0] * sim.devices  # when the layer's inputs reached each device
         self.used: set[int] = set()
 
     def wait_ready(self, slot: int) -> None:
@@ -207,6 +209,9 @@ class _SimLayer:
     def compute(self, layer: int, expert: int, slot: int) -> None:
         cal, c = self.sim.cal, self.sim.clocks
         d = self.sim.engine.device_of_slot[slot]
+        if d and d not in self.used:  # the layer's inputs leave on the side stream once the router is done
+            self.used.add(d)
+            self.peer_in[d] = max(self.routed, c.host) + self.peer_in_s
         device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert])
         if cal.synchronous:
             c.host += cal.per_expert(self.phase)
@@ -216,8 +221,6 @@ class _SimLayer:
         else:
             c.host += cal.per_expert(self.phase)
             c.computes[d] = max(start + device_s, c.host)
-        if d:
-            self.used.add(d)
         self.sim.events.emit(SpanEvent("whole", "compute", "expert", layer, expert, start_s=start,
                                        end_s=c.computes[d], device=d))
 
@@ -430,12 +433,6 @@ class Simulator:
             self.events.emit(StepEvent("router_started", step, p, layer))
             self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
-            # the hidden states leave on the first device's stream, one copy per other device with slots
-            peer_in = [0.0] * self.devices
-            for d in range(1, self.devices):
-                if self.engine.slots_on[d]:
-                    c.compute += peer_in_s
-                    peer_in[d] = c.compute
             c.host += cal.layer_base_s[self.mode]
             routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
             experts = torch.cat([e for e, _ in routed])
@@ -447,7 +444,7 @@ class Simulator:
                 guesses = [self.replay.speculation(r, first, n, layer) for r, first, n in segments]
                 guess = torch.cat(guesses) if all(g is not None for g in guesses) else None
             counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
-            device = _SimLayer(self, p, counts, peer_in, peer_out_s)
+            device = _SimLayer(self, p, counts, c.compute, peer_in_s, peer_out_s)
             self.layer_step.run(layer, experts, probs, guess, device)
             device.join()
             self.events.emit(StepEvent("layer_done", step, p, layer))
