@@ -2,7 +2,8 @@
 # Issue 14 on the GPU machine: continuous batching, throughput by batch size and latency under arrivals.
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% at batch 1 (+ the batch's KV caches), prompt 512,
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
-#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals   (carry [".whl"])
+#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, serve   (carry [".whl"]; serve also
+#   ".whl-serve": the FastAPI, Starlette, uvicorn and pydantic wheels the GPU image lacks)
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
@@ -34,5 +35,10 @@ arrivals)
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log" ;;
+serve)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-serve/*.whl \
+    || exit 1
+  timeout 300 python3 benchmarks/serve_smoke.py --device cuda --requests 6 --max-tokens 32 \
+      --out "$OUT/serve_smoke_$TAG.json" > "$OUT/serve.log" 2>&1; tail -9 "$OUT/serve.log" ;;
 esac
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16 on the two-GPU machine (kind nvidia-h200-x2): one GPU against two, and a calibration with both links.
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% of the model per GPU, prompt 512, mixtral-like routing.
-#   bash benchmarks/multi_gpu.sh STAGE...   stages: check, calibrate, single, batch   (carry [".whl"])
+#   bash benchmarks/multi_gpu.sh STAGE...   stages: check, calibrate, single, batch, big   (carry [".whl"])
+# big: synthesized Mixtral-8x22B (its own router: random routing), duoserve, one GPU against two.
 # GEN (64), REPEATS (3), POLICIES (on-demand,lru,duoserve), BATCH (64), BGEN (32), SETUPS ("1,15% 2,15% 1,30%":
 # GPUs,budget per GPU) override the settings.
 # Each stage has its own timeout and log under $OUT; a table last.
@@ -40,6 +41,13 @@ batch)
         --repeats 1 --policies duoserve --max-batch "$BATCH" \
         --out "$OUT/multi_batch_${TAG}_8x7b_mixtral_like_${gpus}gpu.json" > "/tmp/batch_${gpus}gpu.log" 2>&1
     echo "-- batch $BATCH on $gpus GPU(s)"; grep -v "^wrote" "/tmp/batch_${gpus}gpu.log" | tail -4
+  done ;;
+big)
+  for gpus in 1 2; do
+    timeout 200 python3 -m duoserve_core.bench --model synthetic:mixtral-8x22b --quant nf4 --quant-attention nf4 \
+        --prompt-len 512 --gpus "$gpus" --memory-budget 15% --gen 16 --repeats 1 --policies duoserve \
+        --out "$OUT/multi_${TAG}_8x22b_synth_${gpus}gpu.json" > "/tmp/big_${gpus}gpu.log" 2>&1
+    echo "-- 8x22B on $gpus GPU(s)"; grep -v "^wrote" "/tmp/big_${gpus}gpu.log" | tail -3
   done ;;
 esac
 done

@@ -53,7 +53,8 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                              "--routing-trace (or --record-trace, and pass it here with --trace)")
         out.append({"file": path.name, "policy": policy, "model": args.model, "num_layers": args.num_layers,
                     "quant": args.quant, "attention_quant": args.quant_attention, "trace": trace,
-                    "slots": rt["memory_plan"]["num_slots"], "max_context": rt["max_context"],
+                    "slots": rt["memory_plan"]["num_slots"], "device_slots": rt["memory_plan"].get("device_slots"),
+                    "max_context": rt["max_context"],
                     "prompt_len": r["prompt_tokens"], "gen": len(r["tokens"]), "predictor": args.predictor,
                     "prefetch_depth": rt.get("prefetch_depth") or args.prefetch_depth,
                     "predictor_threshold": rt.get("predictor_threshold") or args.predictor_threshold,
@@ -126,7 +127,8 @@ def compare(config: dict, calibration) -> dict:
     model = build_model(config["model"], quant=config["quant"], attention_quant=config["attention_quant"],
                         memory_budget="all", max_context=config["max_context"],
                         device_type=calibration.raw["device_type"], num_layers=config["num_layers"],
-                        num_slots=config["slots"])
+                        **({"devices": len(config["device_slots"]), "device_slots": config["device_slots"]}
+                           if config.get("device_slots") else {"num_slots": config["slots"]}))
     c = model.config
     replay = RoutingReplay(read_trace(config["trace"]), c.num_hidden_layers, c.num_local_experts,
                            c.num_experts_per_tok)

@@ -241,8 +241,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     (stated in the row), so every batch size keeps the same expert slots.
 
     ``copy_floor_tokens_per_s``: B tokens a step over the time to copy the step's distinct experts
-    (experts computed per decode step x the run's mean copy time): what the link allows if every
-    expert a step uses had to cross it once. ``schedules``: prefill-first by default, so that every decode
+    (experts computed per decode step x the run's mean copy time, over the links that copied: one
+    per GPU): what the links allow if every expert a step uses had to cross once. ``schedules``: prefill-first by default, so that every decode
     step holds all B requests (the mixed schedule staggers them: the first ones finish earlier)."""
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     base = runtime.plan.budget_bytes
@@ -334,7 +334,8 @@ def batch_summary(run, rows: list[dict]) -> dict:
     experts = sum(1 for r in decode if r["kind"] == "expert")  # computed on the GPU or the CPU lane
     per_step = experts / run.decode_steps if run.decode_steps else 0.0
     copy_s = sum(copies) / len(copies) / 1e3 if copies else None
-    floor = run.mean_batch / (per_step * copy_s) if copy_s and per_step else None
+    links = len({r.get("device", 0) for r in decode if r["kind"] == "h2d"}) or 1  # one link per GPU, copying at once
+    floor = run.mean_batch * links / (per_step * copy_s) if copy_s and per_step else None
     out = {k: v for k, v in run.as_dict().items() if k not in ("requests", "policy")}
     return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s,
             "copy_floor_tokens_per_s": floor,

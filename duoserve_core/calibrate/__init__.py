@@ -237,18 +237,26 @@ def measure_links(devices: list[torch.device], sizes: list[int], repeats: int) -
 
 
 def measure_peer(source: torch.device, target: torch.device, sizes: list[int], repeats: int) -> list[list[float]]:
-    """Seconds per device-to-device copy (``target`` from ``source``, as the executor sends a layer's hidden
-    states to another GPU and its outputs back): NVLink where the GPUs have it, else PCIe peer copies."""
+    """Seconds per device-to-device hand-over (``target`` from ``source``), as the executor makes one: a
+    kernel on the source, torch's cross-device copy (NVLink where the GPUs have it, else PCIe peer copies),
+    which waits for both devices' queues and makes the target wait for it, and a kernel on the target
+    reading the result. Back to back, each hand-over waits for the previous one's last kernel, so the
+    figure holds the copy and the two devices' event waits (on an H200 pair the waits, not the bytes,
+    dominate up to a few hundred KiB: a layer's hidden states at decode)."""
     points = []
     for nbytes in sizes:
-        src = torch.ones(nbytes, dtype=torch.uint8, device=source)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=target)
+        src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=source)
+        dst = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=target)
         inner = max(2, min(16, (256 * MIB) // nbytes))
 
-        def copy() -> None:
-            dst.copy_(src, non_blocking=True)
+        def hand_over() -> None:
+            src.mul_(1)                        # the source's producer (an expert, the router)
+            dst.copy_(src, non_blocking=True)  # both queues, the copy, the target waits
+            with torch.cuda.device(target):
+                dst.mul_(1)                    # the target's consumer
 
-        points.append([nbytes, _time_per_call(copy, source, repeats, inner)])
+        with torch.cuda.device(source):  # the timing events go on the source's stream
+            points.append([nbytes, _time_per_call(hand_over, source, repeats, inner)])
     return points
 
 
