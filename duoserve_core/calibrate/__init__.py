@@ -410,6 +410,18 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
         finally:
             probe.remove()
         per_mode[mode], timelines[mode] = (layers, steps), runs
+    if args.gpus > 1:  # the on-demand run again with top-k slots on every GPU: what another GPU's experts add
+        several = load(args.model, gpus=args.gpus, quant=args.quant, attention_quant=args.quant_attention,
+                       policy="on-demand", num_layers=args.num_layers, max_context=max(contexts) + gen + 1,
+                       routing_trace=routing_trace(args))
+        several.configure(memory_budget=several.plan.fixed_bytes + k * several.format.nbytes)
+        runs = []
+        for c in [contexts[0], *contexts]:  # the first run warms up
+            several.empty_expert_cache()
+            several.generate(prompt_ids=prompts[c], max_new_tokens=gen, stop_at_eos=False)
+            runs.append((c, [r for r in several.timeline.rows() if r["step"] != 1]))
+        timelines["several"] = runs[1:]
+        del several
     return {"runtime": runtime, "per_mode": per_mode, "timelines": timelines}
 
 
@@ -437,15 +449,29 @@ def _curve(records: list[dict], key: str, phase: str) -> list[list[float]]:
             for _, rs in sorted(groups.items())]
 
 
-def host_terms(per_mode: dict) -> dict:
-    """Fit the host's post-sync bookkeeping per layer as base(mode) + a per expert + b per copy."""
+def host_terms(per_mode: dict, pre_copy_s: float | None = None) -> dict:
+    """Fit the host's post-sync bookkeeping per layer as base(mode) + a per expert + b per copy.
+
+    ``pre_copy_s`` (``pre_copy_host_s``): the offloaded base measured directly, the host's time from a
+    decode layer's sync to its first copy. That stretch is on the critical path of a copy-bound decode
+    (the copy cannot start before it), and a least-squares fit over every layer spreads it over the
+    per-expert and per-copy terms instead (it fitted 0 on the H200); with it given, the fit is over
+    the rest of each offloaded layer's bookkeeping."""
     rows, target = [], []
     for mode_index, (_, (layers, _)) in enumerate(sorted(per_mode.items(), key=lambda kv: kv[0] != "resident")):
         for r in layers:
-            rows.append([mode_index == 0, mode_index == 1, r["experts"], r["copies"]])
-            target.append(r["post_s"])
+            offloaded = mode_index == 1
+            if pre_copy_s is not None:
+                rows.append([not offloaded, r["experts"], r["copies"]])
+                target.append(r["post_s"] - (pre_copy_s if offloaded else 0.0))
+            else:
+                rows.append([not offloaded, offloaded, r["experts"], r["copies"]])
+                target.append(r["post_s"])
     coef, *_ = np.linalg.lstsq(np.asarray(rows, dtype=float), np.asarray(target), rcond=None)
-    base_res, base_off, per_expert, per_copy = (max(float(c), 0.0) for c in coef)
+    coef = [max(float(c), 0.0) for c in coef]
+    if pre_copy_s is not None:
+        coef.insert(1, pre_copy_s)
+    base_res, base_off, per_expert, per_copy = coef
     steps = per_mode["resident"][1] + per_mode["offloaded"][1]
 
     def median_of(key: str, phase: str) -> float:
@@ -484,6 +510,45 @@ def _waits_on_copy(layer: dict[str, list[dict]]) -> bool:
     """Did a copy of this layer land after its router ended (the stream then waited on it)?"""
     router = layer["router"][0]["end_ms"] if layer.get("router") else None
     return router is not None and any(c["end_ms"] > router for c in layer.get("h2d", []))
+
+
+def pre_copy_host_s(runs: list[tuple[int, list[dict]]]) -> float | None:
+    """The host's time from a decode layer's router sync to its first copy (the copy stream is idle then,
+    so a copy starts when it is issued), median over the on-demand run's decode layers (steps >= 2)."""
+    gaps = []
+    for _, rows in runs:
+        for (step, _), spans in _by_layer([r for r in rows if r["phase"] == "decode" and int(r["step"]) >= 2]).items():
+            if spans.get("router") and spans.get("h2d"):
+                gaps.append(min(c["start_ms"] for c in spans["h2d"]) - spans["router"][0]["end_ms"])
+    return max(statistics.median(gaps), 0.0) / 1e3 if gaps else None
+
+
+def _decode_gaps(rows: list[dict]) -> dict[str, list[float]]:
+    """Per decode layer (steps >= 2) of a timeline: each device's expert start after its own copy landed,
+    and the next layer's attention start after the layer's last expert (ms)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    layers = _by_layer([r for r in rows if r["phase"] == "decode" and int(r["step"]) >= 2])
+    for (step, layer), spans in layers.items():
+        copies = {(int(c["expert"]), int(c.get("device", 0))): c for c in spans.get("h2d", [])}
+        for e in spans.get("expert", []):
+            copy = copies.get((int(e["expert"]), int(e.get("device", 0))))
+            if copy is not None:
+                out[f"after_copy_{int(e.get('device', 0))}"].append(e["start_ms"] - copy["end_ms"])
+        nxt = layers.get((step, layer + 1), {}).get("attention")
+        if nxt and spans.get("expert"):
+            out["to_next_layer"].append(nxt[0]["start_ms"] - max(e["end_ms"] for e in spans["expert"]))
+    return out
+
+
+def peer_overheads(one: list[tuple[int, list[dict]]], several: list[tuple[int, list[dict]]]) -> dict:
+    """What experts on another GPU add in the runtime, beyond the hand-over ``measure_peer`` times: the
+    delay of that GPU's expert after its copy landed, over the first GPU's (``in_s``), and the stretch from
+    a layer's last expert to the next layer's attention, over the one-GPU run's (``out_s``: the outputs'
+    way back, the two devices' event waits), medians of decode layers of two on-demand runs at top-k
+    slots (every layer copies; the second run's two misses of a layer cross two links)."""
+    med = lambda runs, key: statistics.median([g for _, rows in runs for g in _decode_gaps(rows)[key]] or [0.0])  # noqa: E731
+    return {"in_s": max(med(several, "after_copy_1") - med(several, "after_copy_0"), 0.0) / 1e3,
+            "out_s": max(med(several, "to_next_layer") - med(one, "to_next_layer"), 0.0) / 1e3}
 
 
 def device_terms(runs: list[tuple[int, list[dict]]], fmt: str) -> tuple[dict, float | None]:
@@ -616,7 +681,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         device_time["source"] = ("attention, router: layers >= 1 of the on-demand run at top-k slots "
                                  "(calibrate.device_terms); expert: one expert per token count and format, "
                                  "queued behind a device sleep (calibrate.measure_experts)")
-    host = host_terms(per_mode)
+    host = host_terms(per_mode, pre_copy_host_s(measured["timelines"]["offloaded"]))
     if per_expert_decode is not None:
         host["per_expert_s"] = {"prefill": host["per_expert_s"], "decode": per_expert_decode}
     out = {
@@ -642,6 +707,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         out["host_lane"] = host_lane
     if peer is not None:
         out["peer"] = peer
+        out["peer_overhead_s"] = peer_overheads(measured["timelines"]["offloaded"], measured["timelines"]["several"])
         out["gpus"] = args.gpus
     Calibration(out, "the new calibration")  # never write a file the simulator would refuse
     return out

@@ -18,7 +18,9 @@ Format ``duoserve-calibration/1``::
          runtime (optional): [[record bytes, s]]          mean of the runtime's own copies of a record
          links (optional): {count: n, pinned: [[bytes, s]...]}   per copy on each of n GPUs' links when
                                                            all n copy at once (a machine with n GPUs)
-    peer (optional): [[bytes, s]...]    one device-to-device copy (hidden states to another GPU and back)
+    peer (optional): [[bytes, s]...]    one device-to-device hand-over (hidden states to another GPU and back)
+    peer_overhead_s (optional): {in_s, out_s}   what another GPU's experts add in the runtime beyond the
+         hand-over: its expert's delay after its copy landed, and the outputs' way back to the next layer
     expert_compute: {format: [[tokens, s]...]}                      one expert, incl. gather/scatter
     attention: {prefill: [[tokens, s]...], decode: [[context, s]...]}        compute-stream span
     attention_launch: {prefill: [[tokens, s]...], decode: [[context, s]...]} host time to queue it
@@ -131,6 +133,8 @@ class Calibration:
             self.links = (int(links["count"]), Curve(_points(links["pinned"], f"{where}: h2d.links.pinned"))) \
                 if links else None
             self.peer = Curve(_points(raw["peer"], f"{where}: peer")) if raw.get("peer") else None
+            overhead = raw.get("peer_overhead_s") or {}
+            self.peer_in_s, self.peer_out_s = float(overhead.get("in_s", 0.0)), float(overhead.get("out_s", 0.0))
             self.expert = {k: Curve(_points(v, f"{where}: expert_compute.{k}"))
                            for k, v in raw["expert_compute"].items()}
             self.attention = self._phased(raw, "attention")

@@ -215,7 +215,7 @@ class _SimLayer:
         device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert])
         if cal.synchronous:
             c.host += cal.per_expert(self.phase)
-        start = max(c.computes[d], c.host, self.not_before, self.peer_in[d])
+        start = max(c.computes[d], c.host, self.not_before + (cal.peer_in_s if d else 0.0), self.peer_in[d])
         if cal.synchronous:
             c.computes[d] = c.host = start + device_s
         else:
@@ -421,7 +421,7 @@ class Simulator:
         # one's outputs (k rows per token) come back before the combine (``ExpertExecutor``)
         hidden_bytes = n_tokens * self.model.config.hidden_size * torch.empty((), dtype=self.model.dtype).element_size()
         peer_in_s = cal.peer_s(hidden_bytes) if self.devices > 1 else 0.0
-        peer_out_s = cal.peer_s(hidden_bytes * self.k) if self.devices > 1 else 0.0
+        peer_out_s = cal.peer_s(hidden_bytes * self.k) + cal.peer_out_s if self.devices > 1 else 0.0
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
