@@ -85,6 +85,14 @@ def budget_of(record: dict) -> str:
     return found.group(1)
 
 
+def model_label(model: str) -> str:
+    """``synthetic:mixtral-8x7b`` -> ``Mixtral-8x7B (synthesized)``: the model a file ran, as the tables name it."""
+    kind, _, name = model.rpartition(":")
+    if kind != "synthetic":
+        return model
+    return re.sub(r"(\d)b\b", r"\1B", name[:1].upper() + name[1:]) + " (synthesized)"
+
+
 def setup_label(gpus: int, budget: str) -> str:
     """``1 GPU, 15%``, ``2 GPUs, 15% each``: a setup as the figures name it."""
     return f"1 GPU, {budget}" if gpus == 1 else f"{gpus} GPUs, {budget} each"
@@ -99,7 +107,8 @@ def measured_table(files: tuple[str, ...] = MEASURED, results_dir: str | Path = 
     """One row per (setup, policy) of the committed runs, the files' own numbers (seconds, bytes):
     ``setup``, ``gpus``, ``budget`` (per GPU), ``policy``, ``ttft_s``, ``tpot_s``, ``e2e_s``, the slots in all
     and per device (``runtime.memory_plan_by_device``), the largest per-device peak and budget, the run's
-    transfer floor and oracle TPOT, and ``device``, ``date``, ``file``."""
+    transfer floor and oracle TPOT, the generated tokens and measured repeats (the figures are their
+    median), and ``model``, ``device``, ``date``, ``file``."""
     rows = []
     for file in files:
         record = _read(file, results_dir)
@@ -115,7 +124,8 @@ def measured_table(files: tuple[str, ...] = MEASURED, results_dir: str | Path = 
                 "device_slots": " + ".join(str(d.get("slots", d.get("num_slots"))) for d in by_device),
                 "peak_gpu_bytes": max(peaks), "budget_bytes": min(d["budget_bytes"] for d in by_device),
                 "transfer_floor_s": r["bounds"]["transfer_floor_s"], "oracle_tpot_s": r["bounds"]["oracle_tpot_s"],
-                "new_tokens": len(r["tokens"]) if "tokens" in r else None,
+                "new_tokens": len(r["tokens"]) if "tokens" in r else None, "repeats": len(r.get("repeats_e2e_s") or [0]),
+                "model": model_label(r["runtime"].get("model", "?")),
                 "device": device_label(record), "date": record["date"], "file": file})
     return pd.DataFrame(rows)
 
@@ -155,8 +165,12 @@ def measured_figure(table: pd.DataFrame | None = None) -> go.Figure:
     devices = " / ".join(dict.fromkeys(table["device"]))
     dates = ", ".join(sorted(set(table["date"])))
     return _bars(table, notes, hovers,
-                 f"Mixtral-8x7B (synthesized, NF4), prompt {PROMPT}, {int(table['new_tokens'].max())} tokens, median "
-                 f"of 3: measured on {devices}, {dates}")
+                 f"{', '.join(dict.fromkeys(table['model']))}, NF4, prompt {PROMPT}, {int(table['new_tokens'].max())} "
+                 f"tokens, {_runs(int(table['repeats'].min()))}: measured on {devices}, {dates}")
+
+
+def _runs(repeats: int) -> str:
+    return "1 run" if repeats == 1 else f"median of {repeats}"
 
 
 def _pick(table: pd.DataFrame, gpus: int, budget: str) -> pd.DataFrame:
@@ -172,7 +186,7 @@ def ratio_table(table: pd.DataFrame | None = None, big: pd.DataFrame | None = No
     one, two, wide = _pick(table, 1, "15%"), _pick(table, 2, "15%"), _pick(table, 1, "30%")
     rows = []
 
-    def row(model, policy, a, b, c=None):
+    def row(model: str, policy: str, a: pd.Series, b: pd.Series, c: pd.Series | None = None) -> None:
         out = {"model": model, "policy": policy,
                "slots (1 GPU / 2 GPUs / 1 GPU 30%)": f"{a['slots']} / {b['device_slots']}" +
                (f" / {c['slots']}" if c is not None else ""),
@@ -185,12 +199,12 @@ def ratio_table(table: pd.DataFrame | None = None, big: pd.DataFrame | None = No
         rows.append(out)
 
     for policy in [p for p in POLICIES if p in one.index and p in two.index]:
-        row("Mixtral-8x7B", policy, one.loc[policy], two.loc[policy], wide.loc[policy] if policy in wide.index else None)
+        row(one.loc[policy, "model"], policy, one.loc[policy], two.loc[policy], wide.loc[policy] if policy in wide.index else None)
     if len(big):
         b1, b2 = _pick(big, 1, "15%"), _pick(big, 2, "15%")
         for policy in [p for p in b1.index if p in b2.index]:
-            row(f"Mixtral-8x22B ({int(b1.loc[policy, 'new_tokens'])} tokens, 1 run)", policy, b1.loc[policy],
-                b2.loc[policy])
+            a = b1.loc[policy]
+            row(f"{a['model']}, {int(a['new_tokens'])} tokens, {_runs(int(a['repeats']))}", policy, a, b2.loc[policy])
     return pd.DataFrame(rows).set_index(["model", "policy"]).round(3)
 
 
@@ -256,7 +270,7 @@ def batch_figure(table: pd.DataFrame | None = None) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(go.Bar(x=ticks, y=table["decode tokens/s"], name=", ".join(dict.fromkeys(table["policy"])),
                          marker_color=[COLOURS.get(p, "#888") for p in table["policy"]],
-                         text=[f"{v:.0f}" for v in table["decode tokens/s"]], textposition="outside",
+                         text=[f"{v:.0f}" for v in table["decode tokens/s"]], textposition="inside",
                          customdata=table["file"], hovertemplate="%{x}: %{y:.1f} tokens/s<br>%{customdata}<extra></extra>"))
     fig.add_trace(go.Scatter(x=ticks, y=table["copy floor, every link (tokens/s)"], mode="markers",
                              name="copy floor over its links", marker=dict(symbol="line-ew-open", size=60, color="black",
@@ -320,7 +334,7 @@ def _simulated(policy: str, gpus: int, budget_pct: float, depth: int, threshold:
             "slots": plan.num_slots, "device_slots": " + ".join(map(str, plan.device_slots or [plan.num_slots])),
             "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "transfer_floor_s": r["bounds"]["transfer_floor_s"],
             "oracle_tpot_s": r["bounds"]["oracle_tpot_s"], "prefill_experts": prefill["hits"] + prefill["misses"],
-            "assumptions": tuple(r["assumptions"])}
+            "assumptions": tuple(a.replace(str(CALIBRATION), CALIBRATION.name) for a in r["assumptions"])}
 
 
 def counts_up_to(most: int) -> tuple[int, ...]:
@@ -335,30 +349,35 @@ def simulated_table(budget_pct: float = 15, depth: int = 2, threshold: float = 0
     default policy knobs but prefetch depth and threshold; no policy decision time charged, so the
     table is deterministic): TTFT, TPOT, the slots, the run's transfer floor and oracle, and what the
     simulator assumed for that many GPUs. A count the budget cannot plan is left out."""
-    rows = []
+    rows, skipped = [], []
     for n in gpus:
         for policy in policies:
             try:
                 rows.append(_simulated(policy, int(n), float(budget_pct), int(depth), float(threshold), int(gen)))
-            except BudgetError:
-                continue
+            except BudgetError as exc:
+                skipped.append(f"{policy} on {n} GPU(s): {exc}")
     if not rows:
-        raise BudgetError(f"{budget_pct:g}% per GPU plans no run")
+        raise BudgetError(f"{budget_pct:g}% per GPU plans no run: " + "; ".join(dict.fromkeys(skipped)))
     return pd.DataFrame(rows)
 
 
 def simulated_figure(table: pd.DataFrame) -> go.Figure:
     """The simulated table as the measured figure draws it (setups by GPU count), titled with the calibration."""
-    notes = {s: f"{rows['device_slots'].iloc[0]} slots" for s, rows in table.groupby("setup", sort=False)}
-    hovers = {s: "; ".join(rows["assumptions"].iloc[0]) or "as calibrated" for s, rows in table.groupby("setup", sort=False)}
+    notes, hovers = {}, {}
+    for setup, rows in table.groupby("setup", sort=False):
+        assumed = rows["assumptions"].iloc[0]
+        notes[setup] = f"{rows['device_slots'].iloc[0]} slots" + (", assumed beyond the calibration" if assumed else "")
+        hovers[setup] = "; ".join(assumed) or "as calibrated"
+    cal = calibration().raw
     return _bars(table, notes, hovers, f"Mixtral-8x7B (NF4), prompt {PROMPT}, {SIM_GEN} tokens: simulated "
-                 f"({calibration_label(calibration().raw)}, {calibration().raw.get('gpus', 1)} GPUs)")
+                 f"({cal.get('gpus', 1)} x {calibration_label(cal)})")
 
 
-def simulated_sentence(table: pd.DataFrame) -> str:
-    """One sentence on the simulated figure, its numbers read from ``table`` and the calibration: TPOT and
-    TTFT by GPU count, and the two things TTFT cannot go under, the copies over the links (transfer floor)
-    and the host queueing the prompt's expert calls one after another."""
+def simulated_sentence(table: pd.DataFrame, measured: pd.DataFrame | None = None) -> str:
+    """One sentence on the simulated figure, its numbers read from ``table``, the model and the calibration:
+    TPOT and TTFT by GPU count; the two things a prefill cannot beat, the copies over the links (the
+    transfer floor) and the host queueing the prompt's expert calls one after another (the calibration's
+    host term, which the measured two-GPU prefills in ``measured`` show to be pessimistic there)."""
     counts = sorted(set(table["gpus"]))
     t = table.set_index(["policy", "gpus"])
     policies = [p for p in POLICIES if p in set(table["policy"])]
@@ -371,10 +390,24 @@ def simulated_sentence(table: pd.DataFrame) -> str:
     floors = " -> ".join(f"{table[table['gpus'] == n]['transfer_floor_s'].iloc[0] * 1e3:.0f}" for n in counts)
     per_expert = calibration().per_expert("prefill")
     experts = int(table["prefill_experts"].max())
-    return (f"What to see: from {' to '.join(map(str, counts))} GPU(s) TPOT goes (ms) {tpot}, and TTFT {ttft}; the "
-            f"prompt's transfer floor goes {floors} ms with the links, while the host queues the prompt's {experts} "
-            f"expert calls one after another at {per_expert * 1e3:.2f} ms each ({experts * per_expert * 1e3:.0f} ms, the "
-            "calibration's host term): once the copies are spread over the links, that is what the prefill waits for.")
+    top_k = sim_model(counts[0], 100.0).config.num_experts_per_tok
+    sim_two = table[table["gpus"] == 2]["ttft_s"]
+    measured_note = ""
+    if measured is not None and len(two := measured[measured["gpus"] == 2]) and len(sim_two):
+        measured_note = (f"; the measured two-GPU prefills ({two['budget'].iloc[0]} each) took "
+                         f"{two['ttft_s'].min() * 1e3:.0f}-{two['ttft_s'].max() * 1e3:.0f} ms against the simulated "
+                         f"{sim_two.min() * 1e3:.0f}-{sim_two.max() * 1e3:.0f} ms, so that term is pessimistic there "
+                         "(`docs/multi_gpu.md`)")
+    if len(counts) == 1:
+        return (f"What to see: on {counts[0]} GPU TPOT is (ms) {tpot}, and TTFT {ttft}, over a transfer floor of "
+                f"{floors} ms; choose more GPUs to compare.")
+    return (f"What to see: from {' to '.join(map(str, counts))} GPUs TPOT goes (ms) {tpot}, and TTFT {ttft}. The "
+            f"prompt's transfer floor falls with the links ({floors} ms), but the simulator's host queues the "
+            f"prompt's {experts} expert calls one after another at {per_expert * 1e3:.2f} ms each ("
+            f"{experts * per_expert * 1e3:.0f} ms, the calibration's host term), so once the copies are spread TTFT "
+            f"stays near that{measured_note}. A decode token needs {top_k} experts a layer, so on-demand, which "
+            f"copies only what the router asks, uses at most {top_k} links at once: past {top_k} GPUs only the "
+            "policies that keep experts in the added slots gain.")
 
 
 def assumptions_note(table: pd.DataFrame) -> str:
