@@ -123,7 +123,7 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
                 devices: int = 1) -> MemoryPlan:
     """What fits in ``budget``: the fixed costs (``max_batch`` requests' KV caches at ``max_context``
     among them), then as many expert slots as the rest holds; on ``devices`` devices ``budget`` on each
-    (see the module doc), the slots taken device by device until every expert has one."""
+    (see the module doc), shared evenly where the devices could hold more than every expert (``share_slots``)."""
     total = config.num_hidden_layers * config.num_local_experts
     plan = MemoryPlan(
         budget_bytes=budget, dense_bytes=dense_bytes, max_batch=max_batch,
@@ -152,13 +152,30 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
         )
     plan.num_slots = min(total, (budget - plan.fixed_bytes) // fmt.nbytes)
     if devices > 1:
-        left, plan.device_slots = total - plan.num_slots, [plan.num_slots]
-        for _ in range(1, devices):
-            n = min(left, max(0, (budget - plan.peer_fixed_bytes) // fmt.nbytes))
-            plan.device_slots.append(n)
-            left -= n
+        room = [(budget - plan.fixed_bytes) // fmt.nbytes] + \
+               [max(0, (budget - plan.peer_fixed_bytes) // fmt.nbytes)] * (devices - 1)
+        plan.device_slots = share_slots(room, total)
         plan.num_slots = sum(plan.device_slots)
     return plan
+
+
+def share_slots(room: list[int], total: int) -> list[int]:
+    """Slots per device: each device's ``room`` where they hold no more than ``total`` experts together;
+    else ``total`` shared as evenly as the rooms allow (smallest room first, each taking at most an even
+    share of what is left). Filling one device first would leave another's link idle: an expert is
+    computed, and copied, on the device whose slot holds it."""
+    if sum(room) <= total:
+        return list(room)
+    out, left = [0] * len(room), total
+    order = sorted(range(len(room)), key=lambda d: (room[d], d))
+    for i, d in enumerate(order):
+        out[d] = min(room[d], left // (len(room) - i))
+        left -= out[d]
+    for d in range(len(room)):  # the remainder of the division, to devices with room left, first device first
+        extra = min(left, room[d] - out[d])
+        out[d] += extra
+        left -= extra
+    return out
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -436,14 +436,15 @@ def test_the_other_devices_hold_more_slots(tiny):
     assert margin.margin_bytes > 0 and margin.peer_fixed_bytes == two.peer_fixed_bytes + margin.margin_bytes
 
 
-def test_the_slots_stop_when_every_expert_has_one(tiny):
+def test_the_slots_stop_when_every_expert_has_one_and_are_shared_evenly(tiny):
     big = _plan(tiny, tiny.fixed + 15 * tiny.nb, 2)
-    assert big.device_slots == [15, TOTAL - 15] and big.num_slots == TOTAL
+    assert big.device_slots == [9, 9] and big.num_slots == TOTAL  # every link serves its share
     three = _plan(tiny, tiny.fixed + 10 * tiny.nb, 3)
-    assert three.device_slots[0] == 10 and three.num_slots == TOTAL and three.device_slots[2] >= 0
-    assert sum(three.device_slots) == TOTAL
+    assert three.device_slots == [6, 6, 6] and three.num_slots == TOTAL
     everything = _plan(tiny, tiny.fixed + TOTAL * tiny.nb, 2)
-    assert everything.device_slots == [TOTAL, 0]
+    assert everything.device_slots == [9, 9]
+    tight = _plan(tiny, tiny.fixed + 4 * tiny.nb, 2)  # below every expert: each device holds what fits
+    assert tight.device_slots[0] == 4 and tight.device_slots[1] > 4 and tight.num_slots < TOTAL
     unbounded = _plan(tiny, None, 2)
     assert unbounded.device_slots == [9, 9] and unbounded.num_slots == TOTAL
 
