@@ -369,7 +369,7 @@ class Runtime:
             return HostLane("off")
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
-        costs = measure_costs(worker, self.store, self.engine.engines[0], self.dtype, self._decode_layer_host_s()) \
+        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s()) \
             if mode == "auto" else None
         return HostLane(mode, costs)
 

@@ -28,7 +28,7 @@ import torch
 from ..policy.host_lane import LaneCosts
 from .formats import ExpertFormat
 from .host_store import HostExpertStore
-from .transfer import TransferEngine
+from .transfer import TransferEngine, TransferEngines
 
 COST_TOKENS = (1, 4, 16)
 
@@ -77,9 +77,9 @@ class HostLaneWorker:
         self._pool.shutdown(wait=True)
 
 
-def measure_copy_s(engine: TransferEngine, repeats: int = 3) -> float:
-    """Median seconds of one record's copy into slot 0, relayout included (call before the slot holds
-    anything)."""
+def measure_copy_s(engine: TransferEngine | TransferEngines, repeats: int = 3) -> float:
+    """Median seconds of one record's copy into slot 0 (the first device's), relayout included (call
+    before the slot holds anything)."""
     store = engine.store
     src, dst = store.record(0, 0), engine.slot(0)
     times = []
@@ -121,7 +121,7 @@ def time_device_expert(fmt: ExpertFormat, slot: torch.Tensor, tokens: int, dtype
     return statistics.median(times[1:])
 
 
-def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine, dtype: torch.dtype,
+def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine | TransferEngines, dtype: torch.dtype,
                   blocked_s: float) -> LaneCosts:
     """The lane's costs on this machine (see the module doc); slot 0 is used and left holding nothing."""
     record = store.record(0, 0)

@@ -111,6 +111,8 @@ class TransferEngines:
         self.device_of_slot = [d for d, engine in enumerate(engines) for _ in range(engine.num_slots)]
         self._local = [i for engine in engines for i in range(engine.num_slots)]
         self.num_slots = len(self.device_of_slot)
+        first = engines[0]  # the first device's, for what measures one copy (``experts.host_lane``)
+        self.device, self.cuda, self.arrive = first.device, first.cuda, first.arrive
 
     def _engine(self, index: int) -> tuple[TransferEngine, int]:
         return self.engines[self.device_of_slot[index]], self._local[index]
