@@ -125,3 +125,33 @@ def test_measure_experts_on_the_cpu_has_no_device_curve():
     span, sizes, dev = measure_experts(config, ["nf4"], [1, 2], torch.device("cpu"), torch.float32, torch.float32,
                                        repeats=1, quiet=True)
     assert dev == {} and [n for n, _ in span["nf4"]] == [1, 2] and sizes["nf4"] > 0
+
+
+def test_host_terms_take_measured_terms_out_of_the_fit():
+    """The host's time before a layer's first copy and its time per expert, where measured, are the
+    calibration's terms as measured, and the fit explains only the rest (base per mode, per copy)."""
+    import random
+
+    from duoserve_core.calibrate import host_terms
+
+    rng = random.Random(0)
+    per_expert = {"prefill": 4e-4, "decode": 2e-4}
+
+    def layers(mode: str) -> list[dict]:
+        out = []
+        for i in range(40):
+            phase, experts, copies = ("prefill" if i % 4 == 0 else "decode"), rng.randint(1, 8), 0
+            if mode == "offloaded":
+                copies = rng.randint(1, experts)
+            post = (5e-5 if mode == "resident" else 1.5e-4) + per_expert[phase] * experts + 3e-5 * copies
+            out.append({"phase": phase, "experts": experts, "copies": copies, "post_s": post})
+        return out
+
+    steps = [{"phase": p, "pre_s": 1e-4, "post_s": 2e-4} for p in ("prefill", "decode")]
+    per_mode = {"resident": (layers("resident"), steps), "offloaded": (layers("offloaded"), steps)}
+    measured = host_terms(per_mode, pre_copy_s=1.5e-4, per_expert_s=per_expert)
+    assert measured["per_expert_s"] == per_expert and measured["layer_base_s"]["offloaded"] == 1.5e-4
+    assert measured["layer_base_s"]["resident"] == pytest.approx(5e-5, abs=1e-9)
+    assert measured["per_copy_s"] == pytest.approx(3e-5, abs=1e-9)
+    fitted = host_terms(per_mode)  # one per-expert figure over both phases: between the two
+    assert 2e-4 < fitted["per_expert_s"] < 4e-4

@@ -58,7 +58,7 @@ import torch
 
 from ..checkpoint import ExpertTensors, expert_shapes, open_source
 from ..runtime import device_name, load, resolve_device
-from ..events import StepEvent
+from ..events import SpanEvent, StepEvent
 from ..experts.formats import make_format
 from ..progress import progress
 from .host_lane import measure_host_lane
@@ -316,14 +316,26 @@ class _Probe:
         self.marks: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
         self.forward_enter: dict[int, float] = {}
         self.origin = 0.0
+        self.phase = "prefill"
+        self.expert_host: dict[str, list[float]] = defaultdict(list)  # host time to queue one expert, by phase
+        self._expert_begin = 0.0
         self._unsubscribe = runtime.events.subscribe(self._on_event)
 
     _MARKS = {"layer_started": "start", "router_started": "router", "routed": "synced", "layer_done": "moe_exit"}
 
     def _on_event(self, event) -> None:
+        now = time.perf_counter()
+        if isinstance(event, SpanEvent):  # the executor's expert call: begin before, end after its kernels are queued
+            if event.kind == "expert" and event.stream == "compute":
+                if event.edge == "begin":
+                    self._expert_begin = now
+                elif event.edge == "end":
+                    self.expert_host[self.phase].append(now - self._expert_begin)
+            return
         if not isinstance(event, StepEvent):
             return
-        now = time.perf_counter()
+        if event.kind == "step_started":
+            self.phase = event.phase
         if event.kind == "request_started":
             self.origin = now  # generate() synchronised just before: the timeline's origin fires now
         elif event.kind == "step_started":
@@ -390,14 +402,14 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
     vocab = runtime.config.vocab_size
     prompts = {c: torch.randint(3, vocab, (c,), generator=torch.Generator().manual_seed(c)).tolist()
                for c in contexts}
-    per_mode, timelines = {}, {}
+    per_mode, timelines, probe_of = {}, {}, {}
     # On-demand at top-k slots: every layer copies, so the host runs ahead of the compute stream in
     # layers >= 1 and their spans are device time (``device_terms``); resident: every span host-bound.
     k = runtime.config.num_experts_per_tok
     for mode, policy in (("resident", "resident"), ("offloaded", "on-demand")):
         budget = None if mode == "resident" else runtime.plan.fixed_bytes + k * runtime.format.nbytes
         runtime.configure(policy=policy, memory_budget=budget)
-        probe = _Probe(runtime)
+        probe = probe_of[mode] = _Probe(runtime)
         layers, steps, runs = [], [], []
         try:
             probe.run(prompts[contexts[0]], gen)  # warm-up (and, resident, the one load of every expert)
@@ -422,7 +434,8 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
             runs.append((c, [r for r in several.timeline.rows() if r["step"] != 1]))
         timelines["several"] = runs[1:]
         del several
-    return {"runtime": runtime, "per_mode": per_mode, "timelines": timelines}
+    expert_host = {phase: [t for probe in probe_of.values() for t in probe.expert_host[phase]] for phase in PHASES}
+    return {"runtime": runtime, "per_mode": per_mode, "timelines": timelines, "expert_host": expert_host}
 
 
 def routing_trace(args: CalibrationSpec) -> str | None:
@@ -449,29 +462,33 @@ def _curve(records: list[dict], key: str, phase: str) -> list[list[float]]:
             for _, rs in sorted(groups.items())]
 
 
-def host_terms(per_mode: dict, pre_copy_s: float | None = None) -> dict:
+def host_terms(per_mode: dict, pre_copy_s: float | None = None, per_expert_s: dict | None = None) -> dict:
     """Fit the host's post-sync bookkeeping per layer as base(mode) + a per expert + b per copy.
 
     ``pre_copy_s`` (``pre_copy_host_s``): the offloaded base measured directly, the host's time from a
     decode layer's sync to its first copy. That stretch is on the critical path of a copy-bound decode
     (the copy cannot start before it), and a least-squares fit over every layer spreads it over the
     per-expert and per-copy terms instead (it fitted 0 on the H200); with it given, the fit is over
-    the rest of each offloaded layer's bookkeeping."""
+    the rest of each offloaded layer's bookkeeping. ``per_expert_s`` ({phase: seconds}, on CUDA: the
+    host's own time to queue one expert, timed around the executor's call, ``_Probe.expert_host``)
+    likewise takes the per-expert term out of the fit: over a layer's bookkeeping the fit cannot tell
+    it from waits that scale with the experts' device time (it gave 0.9-1.0 ms per prefill expert on
+    the H200, where the measured two-GPU prefill queued each in well under 0.9 ms)."""
     rows, target = [], []
     for mode_index, (_, (layers, _)) in enumerate(sorted(per_mode.items(), key=lambda kv: kv[0] != "resident")):
         for r in layers:
             offloaded = mode_index == 1
-            if pre_copy_s is not None:
-                rows.append([not offloaded, r["experts"], r["copies"]])
-                target.append(r["post_s"] - (pre_copy_s if offloaded else 0.0))
-            else:
-                rows.append([not offloaded, offloaded, r["experts"], r["copies"]])
-                target.append(r["post_s"])
-    coef, *_ = np.linalg.lstsq(np.asarray(rows, dtype=float), np.asarray(target), rcond=None)
-    coef = [max(float(c), 0.0) for c in coef]
-    if pre_copy_s is not None:
-        coef.insert(1, pre_copy_s)
-    base_res, base_off, per_expert, per_copy = coef
+            known = (pre_copy_s if offloaded and pre_copy_s is not None else 0.0) \
+                + (per_expert_s[r["phase"]] * r["experts"] if per_expert_s else 0.0)
+            rows.append([not offloaded] + ([offloaded] if pre_copy_s is None else [])
+                        + ([r["experts"]] if not per_expert_s else []) + [r["copies"]])
+            target.append(r["post_s"] - known)
+    coef = [max(float(c), 0.0) for c in
+            np.linalg.lstsq(np.asarray(rows, dtype=float), np.asarray(target), rcond=None)[0]]
+    base_res = coef.pop(0)
+    base_off = pre_copy_s if pre_copy_s is not None else coef.pop(0)
+    per_expert = dict(per_expert_s) if per_expert_s else coef.pop(0)
+    per_copy = coef.pop(0)
     steps = per_mode["resident"][1] + per_mode["offloaded"][1]
 
     def median_of(key: str, phase: str) -> float:
@@ -666,10 +683,15 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     if args.cpu_threads:
         log(f"CPU lane: one {quant_format} expert at {', '.join(map(str, args.cpu_threads))} threads")
         host_lane = measure_lane(config, args.quant, checkpoint_dtype, list(args.cpu_threads), device, dtype)
-    device_time, per_expert_decode = {}, None
+    device_time, per_expert_host = {}, None
     if device.type == "cuda":  # on the CPU every op runs inline: spans are device time already
         device_time, _ = device_terms(measured["timelines"]["offloaded"], quant_format)
-        _, per_expert_decode = device_terms(measured["timelines"]["resident"], quant_format)
+        _, from_spans = device_terms(measured["timelines"]["resident"], quant_format)
+        if all(measured["expert_host"][p] for p in PHASES):
+            per_expert_host = {p: statistics.median(measured["expert_host"][p]) for p in PHASES}
+            log(f"host time per expert: prefill {per_expert_host['prefill'] * 1e3:.3f} ms, decode "
+                f"{per_expert_host['decode'] * 1e3:.3f} ms (decode, from the resident run's spans: "
+                f"{(from_spans or 0.0) * 1e3:.3f} ms)")
         # the expert: the per-token-count curve held behind a sleep, in both phases, instead of the
         # timeline's one 1-token point (constant as a curve); that point is logged as a cross-check
         timeline_point = device_time.pop("expert", {}).get("decode", {}).get(quant_format)
@@ -681,9 +703,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         device_time["source"] = ("attention, router: layers >= 1 of the on-demand run at top-k slots "
                                  "(calibrate.device_terms); expert: one expert per token count and format, "
                                  "queued behind a device sleep (calibrate.measure_experts)")
-    host = host_terms(per_mode, pre_copy_host_s(measured["timelines"]["offloaded"]))
-    if per_expert_decode is not None:
-        host["per_expert_s"] = {"prefill": host["per_expert_s"], "decode": per_expert_decode}
+    host = host_terms(per_mode, pre_copy_host_s(measured["timelines"]["offloaded"]), per_expert_host)
     out = {
         "format": FORMAT, "device": device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
