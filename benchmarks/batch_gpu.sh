@@ -3,7 +3,9 @@
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% at batch 1 (+ the batch's KV caches), prompt 512,
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
 #   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, serve   (carry [".whl"]; serve also
-#   ".whl-serve": the FastAPI, Starlette, uvicorn and pydantic wheels the GPU image lacks)
+#   ".whl-serve": the FastAPI, Starlette, uvicorn, pydantic and opentelemetry-api wheels the GPU image lacks);
+#   notebook: notebook 07 on the GPU without Jupyter (benchmarks/notebook_cells.py), carrying ".whl-cells": IPython,
+#   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell)
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
@@ -35,6 +37,11 @@ arrivals)
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log" ;;
+notebook)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
+    || exit 1
+  timeout 560 python3 benchmarks/notebook_cells.py notebooks/07_serving_qos.ipynb ${NB_THEN:+--then "$NB_THEN"} \
+      --out "$OUT/notebook07_cells_$TAG.json" > "$OUT/notebook07.log" 2>&1; tail -14 "$OUT/notebook07.log" ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-serve/*.whl \
     || exit 1
