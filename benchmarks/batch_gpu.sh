@@ -5,7 +5,11 @@
 #   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, serve   (carry [".whl"]; serve also
 #   ".whl-serve": the FastAPI, Starlette, uvicorn, pydantic and opentelemetry-api wheels the GPU image lacks);
 #   notebook: notebook 07 on the GPU without Jupyter (benchmarks/notebook_cells.py), carrying ".whl-cells": IPython,
-#   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell)
+#   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell). Fetch them with
+#   ../shared/tools/device-wheels.sh's pip line into .whl-cells (or .whl-serve) instead of .whl:
+#   cells: asttokens comm executing ipython ipython_pygments_lexers ipywidgets matplotlib-inline pexpect plotly
+#          prompt_toolkit ptyprocess pure_eval stack-data traitlets wcwidth (the versions of .venv)
+#   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
