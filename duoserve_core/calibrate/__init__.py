@@ -216,12 +216,9 @@ def measure_links(devices: list[torch.device], sizes: list[int], repeats: int) -
         for r in range(repeats + 1):  # the first round warms up
             for d in devices:
                 torch.cuda.synchronize(d)
-            marks = []
-            for i, stream in enumerate(streams):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                with torch.cuda.stream(stream):
-                    start.record(stream)
-                    marks.append((start, end))
+            marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in streams]
+            for (start, _), stream in zip(marks, streams):
+                start.record(stream)
             for _ in range(inner):  # interleaved, so the links run at once
                 for i, stream in enumerate(streams):
                     with torch.cuda.stream(stream):

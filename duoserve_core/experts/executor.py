@@ -67,11 +67,12 @@ class ExpertExecutor:
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
         self._segments: list[tuple[int, int, int]] = [(0, 0, 0)]  # (request, first position, tokens) per request
         self._phase = None
+        self.devices = [e.device for e in engine.engines]  # slot devices, the first runs the dense part
         self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
 
     def side_stream(self):
         if self._side is None:
-            self._side = torch.cuda.Stream(self.engine.engines[0].device)
+            self._side = torch.cuda.Stream(self.devices[0])
         return self._side
 
     def begin_step(self, step: int, phase, segments: list[tuple[int, int, int]]) -> None:
@@ -182,11 +183,10 @@ class _TorchLayer:
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
         self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
-        engines = getattr(self.engine, "engines", None) or [self.engine]
-        self.devices = [e.device for e in engines]
-        self.shares: list[_DeviceShare | None] = [None] * len(engines)  # made at each device's first expert
+        self.devices = executor.devices
+        self.shares: list[_DeviceShare | None] = [None] * len(self.devices)  # made at each device's first expert
         self.side, self.routed = None, None
-        if len(engines) > 1 and x.device.type == "cuda":
+        if len(self.devices) > 1 and x.device.type == "cuda":
             self.side = executor.side_stream()
             self.routed = torch.cuda.Event()
             self.routed.record()

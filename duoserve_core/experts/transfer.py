@@ -137,7 +137,3 @@ class TransferEngines:
         """Drop every device's slot buffer (before a new plan allocates its own)."""
         for engine in self.engines:
             engine.buffer = None
-
-    @property
-    def slot_bytes(self) -> int:
-        return sum(engine.buffer.numel() for engine in self.engines if engine.buffer is not None)

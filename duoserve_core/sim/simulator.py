@@ -60,8 +60,8 @@ from .sim_model import SimModel
 
 @dataclass
 class Clocks:
-    """The host thread, the CPU lane, and each device's compute and copy streams (``compute`` and
-    ``copy`` are the first device's, where the dense part runs)."""
+    """The host thread, the CPU lane, and each device's compute and copy streams (``compute`` is the
+    first device's, where the dense part runs)."""
 
     host: float = 0.0
     cpu: float = 0.0
@@ -75,14 +75,6 @@ class Clocks:
     @compute.setter
     def compute(self, value: float) -> None:
         self.computes[0] = value
-
-    @property
-    def copy(self) -> float:
-        return self.copies[0]
-
-    @copy.setter
-    def copy(self, value: float) -> None:
-        self.copies[0] = value
 
     def reset(self, devices: int = 1) -> None:
         self.host = self.cpu = 0.0
@@ -419,9 +411,10 @@ class Simulator:
         router_s = cal.router_device_s(p, n_tokens if phase is Phase.PREFILL else width)
         # several devices: the layer's hidden states cross to each other device after the router, and each
         # one's outputs (k rows per token) come back before the combine (``ExpertExecutor``)
-        hidden_bytes = n_tokens * self.model.config.hidden_size * torch.empty((), dtype=self.model.dtype).element_size()
-        peer_in_s = cal.peer_s(hidden_bytes) if self.devices > 1 else 0.0
-        peer_out_s = cal.peer_s(hidden_bytes * self.k) + cal.peer_out_s if self.devices > 1 else 0.0
+        peer_in_s = peer_out_s = 0.0
+        if self.devices > 1:
+            hidden_bytes = n_tokens * self.model.config.hidden_size * self.model.dtype.itemsize
+            peer_in_s, peer_out_s = cal.peer_s(hidden_bytes), cal.peer_s(hidden_bytes * self.k) + cal.peer_out_s
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
