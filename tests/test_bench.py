@@ -122,3 +122,27 @@ def test_bench_gpus_beyond_the_machine_exit_2(tmp_path, capsys):
     assert main(["--model", str(DATA / "small-moe"), "--gpus", "2", "--out", str(tmp_path / "b.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpus 2" in err[0] and not (tmp_path / "b.json").exists()
+
+
+def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy():
+    """Rounds of every policy (so a drifting machine slows each policy's median alike), a warm-up
+    round first, and no policy object survives into another run (no learning from a replayed twin)."""
+    from duoserve_core import load
+    from duoserve_core.bench import compare_policies
+    from duoserve_core.policy import PolicyKnobs
+
+    runtime = load(str(DATA / "small-moe"), device="cpu", memory_budget="15.5MiB", max_context=64)
+    seen: list[tuple[str, int]] = []
+    generate = runtime.generate
+
+    def spy(**kwargs):
+        seen.append((runtime.policy.name, id(runtime.policy)))
+        return generate(**kwargs)
+
+    runtime.generate = spy
+    results, skipped = compare_policies(runtime, PolicyKnobs(), ["duoserve", "on-demand", "resident"],
+                                        list(range(3, 15)), 3, repeats=2, quiet=True)
+    assert "resident" in skipped and set(results) == {"duoserve", "on-demand"}
+    assert [name for name, _ in seen] == ["duoserve", "on-demand"] * 3
+    assert len({policy for _, policy in seen}) == len(seen)
+    assert all(len(r["repeats_e2e_s"]) == 2 for r in results.values())

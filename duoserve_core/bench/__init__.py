@@ -52,7 +52,7 @@ from ..memory import MemoryPlan, kv_cache_bytes
 from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
 from ..progress import progress_bar
-from ..runtime import Runtime, device_name, load, resolve_devices
+from ..runtime import GenerationResult, Runtime, device_name, load, resolve_devices
 from ..units import format_bytes
 
 REPEATS = 3
@@ -136,50 +136,83 @@ def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context
                 max_context=max_context, routing_trace=setup.routing_trace)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One measured generation and what the runtime was configured with when it ran."""
+
+    result: GenerationResult
+    rows: list[dict]        # its timeline
+    runtime: dict           # Runtime.describe() for its configuration
+    plan: MemoryPlan
+
+
+def _run_once(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: int,
+              memory_budget: str | int | None, recorder=None) -> _Run:
+    """Configure ``runtime`` for ``knobs`` (a fresh policy: nothing it learned in an earlier run of the
+    same replayed routing carries over) and generate once, starting cold."""
+    runtime.configure(memory_budget=memory_budget, knobs=knobs.effective())
+    prompt_ids = [t % runtime.config.vocab_size for t in prompt_ids]
+    if not runtime.policy.holds_every_expert:  # start cold, as the transfer floor assumes
+        runtime.empty_expert_cache()
+    result = runtime.generate(prompt_ids=prompt_ids, max_new_tokens=gen, stop_at_eos=False, recorder=recorder)
+    return _Run(result, runtime.timeline.rows(), runtime.describe(), runtime.plan)
+
+
+def _median_run(runs: list[_Run]) -> dict:
+    """The figures of the run with the median E2E, with every run's E2E beside them."""
+    runs = sorted(runs, key=lambda r: r.result.e2e_s)
+    run = runs[len(runs) // 2]
+    result = run.result
+    phases = {**result.phases, "total": {k: result.phases["prefill"][k] + result.phases["decode"][k]
+                                         for k in result.phases["prefill"]}}
+    return {**result.as_dict(), "runtime": run.runtime,
+            **derived(ttft_s=result.ttft_s, tpot_s=result.tpot_s, decode_tokens=len(result.tokens) - 1,
+                      phases=phases, rows=run.rows, plan=run.plan, peak_gpu_bytes=result.peak_gpu_bytes,
+                      peak_gpu_bytes_by_device=result.peak_gpu_bytes_by_device),
+            "repeats_e2e_s": [r.result.e2e_s for r in runs], "timeline": run.rows}
+
+
 def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: int, *,
                memory_budget: str | int | None = None, repeats: int = REPEATS, recorder=None,
                on_run=None) -> dict:
-    """Configure ``runtime`` for ``knobs`` (the knobs its policy does not use are ignored) and measure
-    it: one warm-up, then the median of ``repeats`` runs by E2E. ``on_run()`` hears the end of each
-    run, the warm-up's included (a progress bar's tick)."""
-    runtime.configure(memory_budget=memory_budget, knobs=knobs.effective())
-    prompt_ids = [t % runtime.config.vocab_size for t in prompt_ids]
+    """Measure ``knobs`` (the knobs its policy does not use are ignored): one warm-up, then the median
+    of ``repeats`` runs by E2E. ``on_run()`` hears the end of each run, the warm-up's included (a
+    progress bar's tick)."""
     runs = []
     for attempt in range(repeats + 1):  # the first run warms kernels, the allocator and the clocks
-        if not runtime.policy.holds_every_expert:  # start cold, as the transfer floor assumes
-            runtime.empty_expert_cache()
-        result = runtime.generate(prompt_ids=prompt_ids, max_new_tokens=gen, stop_at_eos=False,
-                                  recorder=recorder if attempt == 0 else None)
-        runs.append((result, runtime.timeline.rows()))
+        runs.append(_run_once(runtime, knobs, prompt_ids, gen, memory_budget, recorder if attempt == 0 else None))
         if on_run is not None:
             on_run()
-    runs = sorted(runs[1:], key=lambda r: r[0].e2e_s)
-    result, rows = runs[len(runs) // 2]
-    phases = {**result.phases, "total": {k: result.phases["prefill"][k] + result.phases["decode"][k]
-                                         for k in result.phases["prefill"]}}
-    return {**result.as_dict(), "runtime": runtime.describe(),
-            **derived(ttft_s=result.ttft_s, tpot_s=result.tpot_s, decode_tokens=len(result.tokens) - 1,
-                      phases=phases, rows=rows, plan=runtime.plan, peak_gpu_bytes=result.peak_gpu_bytes,
-                      peak_gpu_bytes_by_device=result.peak_gpu_bytes_by_device),
-            "repeats_e2e_s": [r.e2e_s for r, _ in runs], "timeline": rows}
+    return _median_run(runs[1:])
 
 
 def compare_policies(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], prompt_ids: list[int], gen: int, *,
                      memory_budget: str | int | None = None, repeats: int = REPEATS,
                      recorder=None, quiet: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
     """Every policy at one budget and prompt: (results by policy, skipped policies with the reason).
-    ``recorder`` (a ``TraceRecorder``) hears the first policy's warm-up run. A bar counts the runs
-    (policies x (1 + repeats)) on a terminal unless ``quiet``."""
-    results, skipped = {}, {}
+
+    The runs are interleaved: a warm-up round, then ``repeats`` rounds that each run every policy
+    once. A lent GPU drifts over minutes (the same command's on-demand TPOT moved 138 -> 147 ms
+    between two H200 machines, and 18.0 -> 20.3 s over three back-to-back runs on one), so each
+    policy's median is taken over the same stretch of time instead of its own. ``recorder`` (a
+    ``TraceRecorder``) hears the first policy's warm-up run. A bar counts the runs (policies x
+    (1 + repeats)) on a terminal unless ``quiet``."""
+    runs: dict[str, list[_Run]] = {policy: [] for policy in policies}
+    skipped: dict[str, str] = {}
     with progress_bar(desc="bench", total=len(policies) * (repeats + 1), unit="run", quiet=quiet) as tick:
-        for policy in policies:
-            try:
-                results[policy] = run_policy(runtime, knobs.changed(policy=policy), prompt_ids, gen,
-                                             memory_budget=memory_budget, repeats=repeats,
-                                             recorder=recorder if not results else None, on_run=tick)
-            except BudgetError as exc:
-                skipped[policy] = str(exc)
-                tick(repeats + 1)
+        for attempt in range(repeats + 1):
+            for policy in policies:
+                if policy in skipped:
+                    continue
+                first = attempt == 0 and not any(runs.values())
+                try:
+                    runs[policy].append(_run_once(runtime, knobs.changed(policy=policy), prompt_ids, gen,
+                                                  memory_budget, recorder if first else None))
+                    tick()
+                except BudgetError as exc:
+                    skipped[policy] = str(exc)
+                    tick(repeats + 1 - attempt)
+    results = {policy: _median_run(r[1:]) for policy, r in runs.items() if policy not in skipped}
     if "duoserve" in results:
         mine = results["duoserve"]["e2e_s"]
         for r in results.values():
