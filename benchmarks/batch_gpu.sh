@@ -11,12 +11,15 @@
 #          prompt_toolkit ptyprocess pure_eval stack-data traitlets wcwidth (the versions of .venv)
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
-# MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+# BATCH_TIMEOUT (400 s per policy), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
 RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-mixed}
 SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
+# per policy in the batch stage: batches 1,4,16,64 at 32 tokens take about 4 minutes; at GEN=128 about 8 (batch 64 alone:
+# two runs of 64 prefills and 128 steps of about 0.5 s), so give BATCH_TIMEOUT=560 and one policy per device call there
+BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
         --routing-trace /tmp/mixtral_like_64.parquet)
 trace() {
@@ -31,7 +34,7 @@ check)
 batch)
   trace
   for policy in ${POLICIES//,/ }; do
-    timeout 400 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
+    timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
   done ;;
