@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_vs_measured import _command_args  # noqa: E402
 
-from duoserve_core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.knob_args import knobs_from_args  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
@@ -239,7 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", required=True)
     p.add_argument("--trace", default=None, help="routing trace to use instead of the one the bench command names")
     p.add_argument("--out", default="benchmarks/results/sim_vs_batch", help="path stem: .json and .md are written")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = p.parse_args(argv)
+    try:
+        for suffix in (".json", ".md"):  # before minutes of simulating, not after
+            check_writable(f"{args.out}{suffix}", args.force, "--out")
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         calibration = load_calibration(args.calibration)
         rows = [compare(c, calibration) for path in args.bench for c in configurations(Path(path), args.trace)]

@@ -26,7 +26,7 @@ from duoserve_core.bench.__main__ import parse_args as bench_args  # noqa: E402
 from duoserve_core.calibrate import device_terms  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.policy import policy_class  # noqa: E402
-from duoserve_core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.sim.runner import simulate  # noqa: E402
 from duoserve_core.sim.calibration import format_name, load_calibration  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", required=True)
     p.add_argument("--trace", default=None, help="routing trace to use where a bench file names none")
     p.add_argument("--out", default="benchmarks/results/sim_vs_measured", help="path stem: .json and .md are written")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--device-times-from", default=None, metavar="BENCH.json",
                    help="derive the device times and the decode host time per expert from the timelines of this "
                         "bench run (calibrate.device_terms), for a calibration measured without them; use a run "
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-for", action="append", default=[], metavar="FILE=TRACE",
                    help="routing trace for one bench/sweep file (repeatable); --trace applies to the rest")
     args = p.parse_args(argv)
+    try:
+        for suffix in (".json", ".md"):  # before minutes of simulating, not after
+            check_writable(f"{args.out}{suffix}", args.force, "--out")
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     per_file = dict(item.split("=", 1) for item in args.trace_for)
     try:
         calibration = load_calibration(args.calibration)

@@ -62,3 +62,12 @@ def test_a_bench_without_routing_trace_is_refused(measured, tmp_path, capsys):
     assert _script().main([str(tmp_path / "b.json"), "--calibration", str(measured / "cal.json"),
                            "--out", str(tmp_path / "t")]) == 2
     assert "--routing-trace" in capsys.readouterr().err
+
+
+def test_an_existing_table_needs_force(measured, tmp_path, capsys):
+    out = tmp_path / "table"
+    Path(f"{out}.md").write_text("an earlier table")
+    args = [str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json"), "--out", str(out)]
+    assert _script().main(args) == 2
+    assert "--force" in capsys.readouterr().err and Path(f"{out}.md").read_text() == "an earlier table"
+    assert _script().main(args + ["--force"]) == 0 and "TPOT err" in Path(f"{out}.md").read_text()
