@@ -156,7 +156,7 @@ def test_routing_replay_relabels_blocks_and_checks_shape(tmp_path):
 
 def test_expanded_trace_is_what_the_replay_feeds_a_deeper_model(tmp_path):
     """``traces expand`` writes the routing RoutingReplay gives a deeper model, gate guesses included."""
-    from duoserve_core.traces import RoutingReplay, expand_trace
+    from duoserve_core.traces import RoutingReplay
 
     df, meta = _synthetic(num_experts=8, top_k=2, layers=2, requests=2, tokens=3)
     nxt = df["experts"].tolist()[1:] + [None]  # rows run (request, token, layer): the next row is layer 1
