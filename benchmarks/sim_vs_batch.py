@@ -244,10 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for suffix in (".json", ".md"):  # before minutes of simulating, not after
             check_writable(f"{args.out}{suffix}", args.force, "--out")
-    except DuoServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         calibration = load_calibration(args.calibration)
         rows = [compare(c, calibration) for path in args.bench for c in configurations(Path(path), args.trace)]
     except DuoServeError as exc:

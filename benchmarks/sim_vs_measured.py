@@ -192,14 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-for", action="append", default=[], metavar="FILE=TRACE",
                    help="routing trace for one bench/sweep file (repeatable); --trace applies to the rest")
     args = p.parse_args(argv)
+    per_file = dict(item.split("=", 1) for item in args.trace_for)
     try:
         for suffix in (".json", ".md"):  # before minutes of simulating, not after
             check_writable(f"{args.out}{suffix}", args.force, "--out")
-    except DuoServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    per_file = dict(item.split("=", 1) for item in args.trace_for)
-    try:
         calibration = load_calibration(args.calibration)
         derived = None
         if args.device_times_from:
