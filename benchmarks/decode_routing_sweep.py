@@ -54,8 +54,8 @@ def tpot(model, cal, replay, knobs: PolicyKnobs, prompt_len: int, gen: int) -> f
 
 
 def sweep(folder: Path, budgets: list[int], prompt_len: int, gen: int, threshold: float, hidden: int, epochs: int,
-          train_tokens: int, progress=print) -> list[dict]:
-    cal = load_calibration(CALIBRATION)
+          train_tokens: int, calibration: Path = CALIBRATION, progress=print) -> list[dict]:
+    cal = load_calibration(calibration)
     evaluation = {p: make_trace(folder, p, 1, 2, gen, prompt_len) for p in PRESETS}
     evaluation["bundled trace"] = BUNDLED_TRACE
     training = {p: make_trace(folder, p, 11, max(1, train_tokens // 128), 128, 0) for p in PRESETS[1:]}
@@ -88,6 +88,11 @@ def sweep(folder: Path, budgets: list[int], prompt_len: int, gen: int, threshold
     return rows
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (results name committed files portably)."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -98,16 +103,17 @@ def main() -> int:
     p.add_argument("--train-tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--calibration", type=Path, default=CALIBRATION, help="timing model (default: %(default)s)")
     p.add_argument("--keep", default=None, help="folder for the traces and predictors (default: a scratch folder)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
         folder.mkdir(parents=True, exist_ok=True)
         rows = sweep(folder, [int(b) for b in args.budgets.split(",")], args.prompt_len, args.gen, args.threshold,
-                     args.hidden, args.epochs, args.train_tokens)
+                     args.hidden, args.epochs, args.train_tokens, args.calibration)
     worst = max(rows, key=lambda r: r["over_best_baseline"])
     atomic_write_json(args.out, {
-        "device": "simulated NVIDIA H200 (data/calibration/h200_mixtral-8x7b_nf4.json)",
+        "device": f"simulated NVIDIA H200 ({_shown(args.calibration)})",
         "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
         "model": "synthetic:mixtral-8x7b, NF4 experts and attention", "prompt_len": args.prompt_len,
         "gen": args.gen, "predictor_threshold": args.threshold, "rows": rows, "worst": worst})
