@@ -19,7 +19,9 @@ the last positions wrap round to its start, replayed at 32 layers).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -32,6 +34,7 @@ from duoserve_core.traces import RoutingReplay, Trace, read_trace
 from duoserve_core.traces.synth import PRESETS, measure
 
 from .decode_view import ORACLE_COLOUR
+from .gpu_results import RESULTS
 
 BUNDLED = "bundled trace"
 SOURCES = (*PRESETS, BUNDLED)
@@ -39,6 +42,12 @@ BUDGETS = (8, 16, 21, 32, 64, 128)
 POLICIES = ("duoserve", "lru", "on-demand")
 COLOURS = {"duoserve": "#e45756", "lru": "#4c78a8", "on-demand": "#9d755d"}
 PROMPT, GEN, SEED = 64, 32, 1
+# The H200 runs of two routing sources (Mixtral-8x7B synthesized, NF4, 15% = 21 slots, prompt 512, 128
+# tokens, median of 3; duoserve with the recorded gate on the bundled trace), simulated at the same
+# setting by benchmarks/sim_vs_measured.py with the calibration it names.
+MEASURED_VS_SIMULATED = RESULTS / "sim_vs_decode128_h200.json"
+MEASURED_FILES = {"mixtral-like": "bench_h200_8x7b_mixtral_like_decode128.json",
+                  BUNDLED: "bench_h200_8x7b_trace_gate_decode128.json"}
 # duoserve's decode TPOT over the better of lru and on-demand, as tests/test_decode_routing.py holds it
 LIMIT = 1.02
 
@@ -163,6 +172,30 @@ def at_budget(df: pd.DataFrame, slots: int) -> pd.DataFrame:
     """The sweep's rows at one budget, by policy."""
     columns = ["TPOT (ms)", "TPOT / Belady", "copies per token", "Belady's loads per token", "Belady TPOT (ms)"]
     return df[df["slots"] == slots].set_index("policy")[columns].round(2)
+
+
+def measured(source: str, path=MEASURED_VS_SIMULATED) -> pd.DataFrame | None:
+    """The GPU's decode on this routing source beside the simulator's at the same setting, one row per
+    policy (``None`` where no GPU run replayed it). Read from the committed comparison, whose bench
+    files carry the device and date; the columns say both."""
+    name = MEASURED_FILES.get(source)
+    if name is None:
+        return None
+    record = json.loads(Path(path).read_text())
+    bench = json.loads((Path(path).parent / name).read_text())
+    rows = {r["policy"]: r for r in record["rows"] if r["file"] == name}
+    r0 = next(iter(rows.values()))
+    table = pd.DataFrame({
+        "measured TPOT (ms)": {p: rows[p]["tpot_measured_s"] * 1e3 for p in POLICIES},
+        "simulated TPOT (ms)": {p: rows[p]["tpot_sim_s"] * 1e3 for p in POLICIES},
+        "copies measured / simulated": {p: f"{rows[p]['h2d_copies_measured']} / {rows[p]['h2d_copies_sim']}"
+                                        for p in POLICIES},
+    }).rename_axis("policy").round(1)
+    r0 = rows[POLICIES[0]]
+    table.attrs["caption"] = (f"Measured on {bench['device']}, {bench['date']} (`{name}`): Mixtral-8x7B synthesized, NF4, "
+                              f"{r0['slots']} slots, a {r0['prompt_len']}-token prompt, {r0['gen']} tokens, median of 3; "
+                              f"simulated with `{record['calibration']}`.")
+    return table
 
 
 def statistics(source: str) -> pd.DataFrame:

@@ -89,3 +89,16 @@ def test_bundled_statistics_are_those_of_the_32_layer_replay():
             assert getattr(pd.Series(eight[key]), summary)() == pytest.approx(getattr(pd.Series(deep[key]), summary)())
     for key in ("previous_token_recall_at_k", "popularity_recall_at_k"):
         assert eight[key] == pytest.approx(deep[key])
+
+
+def test_measured_sources_show_the_gpu_beside_the_simulator():
+    """The committed H200 runs of two routing sources, read with their device, date and calibration."""
+    for source in rv.MEASURED_FILES:
+        table = rv.measured(source)
+        assert list(table.index) == list(rv.POLICIES)
+        assert (table["measured TPOT (ms)"] > 0).all() and (table["simulated TPOT (ms)"] > 0).all()
+        assert "H200, 2026-12-01" in table.attrs["caption"] and "calibration" in table.attrs["caption"]
+        # the policies' committed copies match the simulator's: the comparison is of the same decisions
+        measured, simulated = zip(*(c.split(" / ") for c in table["copies measured / simulated"]))
+        assert all(abs(int(m) - int(s)) <= 0.01 * int(m) for m, s in zip(measured, simulated))
+    assert rv.measured("random") is None
