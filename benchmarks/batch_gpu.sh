@@ -17,8 +17,8 @@ source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
 RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-mixed}
 SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
-# per policy in the batch stage: batches 1,4,16,64 at 32 tokens take about 4 minutes; at GEN=128 about 8 (batch 64 alone:
-# two runs of 64 prefills and 128 steps of about 0.5 s), so give BATCH_TIMEOUT=560 and one policy per device call there
+# per policy in the batch stage (one short warm-up and one full run per batch size): batches 1,4,16,64 at GEN=128 take
+# about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
 BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
         --routing-trace /tmp/mixtral_like_64.parquet)

@@ -232,6 +232,23 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
         assert 0 < r["decode_s"] < r["e2e_s"] and r["decode_tokens_per_s"] > r["tokens_per_s"] * 0.5
 
 
+def test_batch_rows_warm_up_briefly_and_measure_full_length(bundled, monkeypatch):
+    from duoserve_core import bench
+
+    lengths = []
+    generate_many = bundled.generate_many
+
+    def spy(prompts, **kwargs):
+        lengths.append((len(prompts), kwargs["max_new_tokens"]))
+        return generate_many(prompts, **kwargs)
+
+    monkeypatch.setattr(bundled, "generate_many", spy)
+    rows = bench.batch_rows(bundled, bundled.knobs.changed(policy="on-demand"), ["on-demand"], [2], 8, 9,
+                            memory_budget="8slots", repeats=2, quiet=True)
+    assert lengths == [(2, bench.WARMUP_TOKENS), (2, 9), (2, 9)]
+    assert len(rows[0]["repeats_e2e_s"]) == 2 and rows[0]["decode_steps"] == 9 - 1  # the measured run is full length
+
+
 def test_requests_join_when_they_arrive(bundled):
     """Arrivals replayed in real time: requests join in arrival order, results stay in input order, and a
     request's latencies count from its arrival (a late one does not wait for the run's start)."""

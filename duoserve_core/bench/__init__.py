@@ -56,6 +56,10 @@ from ..runtime import GenerationResult, Runtime, device_name, load, resolve_devi
 from ..units import format_bytes
 
 REPEATS = 3
+# A batch sweep's warm-up generates this many tokens: its prefills and first decode steps load every
+# kernel and grow the allocator to the batch's size, and the rest of a full-length warm-up (at batch 64
+# and 128 tokens, a minute per policy) would only repeat them.
+WARMUP_TOKENS = 4
 
 
 def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: int, devices: int = 1) -> dict:
@@ -269,9 +273,9 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
                schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None) -> list[dict]:
     """Throughput and latency by batch size: for each batch size B and policy, B requests (distinct
     prompts of ``prompt_len`` tokens, ``gen`` tokens each) submitted at once and decoded together
-    (``Runtime.generate_many``), one warm-up then the median of ``repeats`` runs by E2E. The budget of
-    a row is what ``memory_budget`` buys at batch 1 plus the KV caches of the B - 1 other requests
-    (stated in the row), so every batch size keeps the same expert slots.
+    (``Runtime.generate_many``), a short warm-up (``WARMUP_TOKENS``) then the median of ``repeats`` runs
+    by E2E. The budget of a row is what ``memory_budget`` buys at batch 1 plus the KV caches of the
+    B - 1 other requests (stated in the row), so every batch size keeps the same expert slots.
 
     ``copy_floor_tokens_per_s``: B tokens a step over the time to copy the step's distinct experts
     (experts computed per decode step x the run's mean copy time, over the links that copied: one
@@ -289,10 +293,11 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
             runs = []
             try:
                 runtime.configure(memory_budget=budget, max_batch=b, knobs=knobs.changed(policy=policy).effective())
-                for _ in range(repeats + 1):
+                for attempt in range(repeats + 1):
                     if not runtime.policy.holds_every_expert:
                         runtime.empty_expert_cache()
-                    runs.append((runtime.generate_many(prompts, max_batch=b, max_new_tokens=gen, stop_at_eos=False,
+                    runs.append((runtime.generate_many(prompts, max_batch=b, stop_at_eos=False,
+                                                       max_new_tokens=gen if attempt else min(gen, WARMUP_TOKENS),
                                                        prefill_schedule=schedule, prefill_chunk=prefill_chunk),
                                  runtime.timeline.rows()))
                     tick()
