@@ -146,3 +146,18 @@ def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy()
     assert [name for name, _ in seen] == ["duoserve", "on-demand"] * 3
     assert len({policy for _, policy in seen}) == len(seen)
     assert all(len(r["repeats_e2e_s"]) == 2 for r in results.values())
+
+
+def test_resident_is_measured_loaded_and_the_others_cold():
+    """A fresh configuration per run must not turn 'resident' into a cold start: its measured runs copy
+    nothing (every expert was loaded before, untimed), while a caching policy's prefill copies."""
+    from duoserve_core import load
+    from duoserve_core.bench import compare_policies
+    from duoserve_core.policy import PolicyKnobs
+
+    runtime = load(str(DATA / "small-moe"), device="cpu", memory_budget=None, max_context=64)
+    results, skipped = compare_policies(runtime, PolicyKnobs(), ["resident", "lru"], list(range(3, 15)), 3,
+                                        repeats=1, quiet=True)
+    assert not skipped
+    assert results["resident"]["phases"]["prefill"]["h2d_copies"] == 0 == results["resident"]["phases"]["decode"]["h2d_copies"]
+    assert results["lru"]["phases"]["prefill"]["h2d_copies"] > 0

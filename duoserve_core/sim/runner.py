@@ -1,7 +1,8 @@
 """The real benchmark's figures from a simulated run, measured the way ``bench.run_policy`` measures.
 
-Same habits as the bench: warm-up runs first (the policy's state carries over, as it does on the
-GPU), the expert cache emptied before every run but a policy's that holds every expert, and the
+Same habits as the bench: warm-up runs first (discarded: they warm Python for the policy's timed
+decisions), then the measured run with a fresh policy and an empty cache, as each bench run starts,
+but for a policy that holds every expert, measured loaded; and the
 record's derived figures (bounds, hit rate, ratios) computed by the bench's own ``bench.derived``
 from the (simulated) timeline, so sim and GPU results read the same and compare field by field.
 """
@@ -23,14 +24,13 @@ def simulate(model: SimModel, calibration: Calibration, replay: RoutingReplay, k
     """One policy at one budget, as a ``bench.run_policy`` result (plus ``timeline`` rows). ``knobs``:
     a ``PolicyKnobs`` or a policy name, ``knob_values`` changes to it (``PolicyKnobs.changed``); knobs
     its policy does not use are ignored."""
-    knobs = (knobs if isinstance(knobs, PolicyKnobs) else PolicyKnobs(policy=knobs)).changed(**knob_values)
-    sim = Simulator(model, calibration, replay, knobs.effective(), policy_time=policy_time)
-    run = None
-    for _ in range(warmup + 1):
-        if not sim.policy.holds_every_expert:
-            sim.empty_cache()
-        run = sim.generate(prompt_len, gen, request_id)
-    return result(sim, run, routing_trace)
+    knobs = (knobs if isinstance(knobs, PolicyKnobs) else PolicyKnobs(policy=knobs)).changed(**knob_values).effective()
+    for _ in range(warmup):  # discarded runs: the policy's decisions are timed, and Python's first calls are slow
+        Simulator(model, calibration, replay, knobs, policy_time=policy_time).generate(prompt_len, gen, request_id)
+    sim = Simulator(model, calibration, replay, knobs, policy_time=policy_time)  # a fresh policy, as each bench run's
+    if sim.policy.holds_every_expert:  # measured loaded, as the bench measures it (bench._run_once)
+        sim.generate(1, 1, request_id)
+    return result(sim, sim.generate(prompt_len, gen, request_id), routing_trace)
 
 
 def result(sim: Simulator, run: SimRun, routing_trace: str | None = None) -> dict:
