@@ -122,6 +122,20 @@ def derived_device_terms(bench: Path, calibration):
     return calibration.with_device_time(device_time, per_expert, f"{calibration.where} + device terms of {bench.name}"), note
 
 
+def borrowed_host_terms(calibration, donor: Path):
+    """The calibration with the host's time per expert and per copy taken from ``donor``, another
+    calibration (and a note of it): a what-if for a calibration measured before ``calibrate`` timed the
+    host's own call per expert, whose fitted figure held device waits. A diagnosis, not a calibration:
+    the donor was measured on another machine."""
+    from duoserve_core.sim.calibration import Calibration
+
+    host = load_calibration(donor).raw["host"]
+    raw = json.loads(json.dumps(calibration.raw))
+    raw["host"] = {**raw["host"], "per_expert_s": host["per_expert_s"], "per_copy_s": host["per_copy_s"]}
+    note = {"from": str(donor), "per_expert_s": host["per_expert_s"], "per_copy_s": host["per_copy_s"]}
+    return Calibration(raw, f"{calibration.where} + host per expert and per copy of {donor}"), note
+
+
 def compare(config: dict, calibration) -> dict:
     """Simulate one configuration; the row of the table."""
     model = build_model(config["model"], quant=config["quant"], attention_quant=config["attention_quant"],
@@ -189,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="derive the device times and the decode host time per expert from the timelines of this "
                         "bench run (calibrate.device_terms), for a calibration measured without them; use a run "
                         "that is not among the ones compared")
+    p.add_argument("--host-terms-from", default=None, metavar="CALIBRATION.json",
+                   help="take the host's time per expert and per copy from this calibration (a what-if for one "
+                        "measured before calibrate timed them; the table names both)")
     p.add_argument("--trace-for", action="append", default=[], metavar="FILE=TRACE",
                    help="routing trace for one bench/sweep file (repeatable); --trace applies to the rest")
     args = p.parse_args(argv)
@@ -200,15 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         derived = None
         if args.device_times_from:
             calibration, derived = derived_device_terms(Path(args.device_times_from), calibration)
+        borrowed = None
+        if args.host_terms_from:
+            calibration, borrowed = borrowed_host_terms(calibration, Path(args.host_terms_from))
         rows = [compare(c, calibration) for path in args.bench
                 for c in configurations(Path(path), per_file.get(path, args.trace))]
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "derived_terms": derived,
-                                           "bench_files": args.bench, "rows": rows})
+                                           "host_terms_from": borrowed, "bench_files": args.bench, "rows": rows})
     table = markdown(rows, args.calibration + (f" + device terms derived from `{args.device_times_from}`"
-                                               if args.device_times_from else ""))
+                                               if args.device_times_from else "")
+                     + (f" + host time per expert and per copy from `{args.host_terms_from}`"
+                        if args.host_terms_from else ""))
     atomic_write_text(f"{args.out}.md", table)
     print(table, end="")
     return 0

@@ -71,3 +71,19 @@ def test_an_existing_table_needs_force(measured, tmp_path, capsys):
     assert _script().main(args) == 2
     assert "--force" in capsys.readouterr().err and Path(f"{out}.md").read_text() == "an earlier table"
     assert _script().main(args + ["--force"]) == 0 and "TPOT err" in Path(f"{out}.md").read_text()
+
+
+def test_host_terms_borrowed_from_another_calibration_are_used_and_named(measured, tmp_path):
+    cal = json.loads((measured / "cal.json").read_text())
+    cal["host"]["per_expert_s"], cal["host"]["per_copy_s"] = {"prefill": 0.05, "decode": 0.05}, 0.0
+    (tmp_path / "slow_host.json").write_text(json.dumps(cal))
+    args = [str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json")]
+    assert _script().main(args + ["--out", str(tmp_path / "own")]) == 0
+    assert _script().main(args + ["--host-terms-from", str(tmp_path / "slow_host.json"),
+                                  "--out", str(tmp_path / "borrowed")]) == 0
+    own = json.loads((tmp_path / "own.json").read_text())["rows"]
+    borrowed = json.loads((tmp_path / "borrowed.json").read_text())
+    assert borrowed["host_terms_from"]["per_expert_s"] == {"prefill": 0.05, "decode": 0.05}
+    # 50 ms of host time per expert: every simulated prefill is slower than with the calibration's own terms
+    assert all(b["ttft_sim_s"] > o["ttft_sim_s"] for b, o in zip(borrowed["rows"], own))
+    assert "host time per expert and per copy from" in (tmp_path / "borrowed.md").read_text()
