@@ -11,7 +11,7 @@ Three sources, never mixed in one figure, each named in the figure's title:
 - **live**: the same benchmark logic run now (``bench.open_runtime`` / ``bench.run_policy``), a
   shortened run, only where there is a CUDA GPU;
 - **simulated (<device> calibration)**: ``duoserve_core.sim`` replaying the bundled trace through the
-  real policies on the committed calibration (``CALIBRATION``, the H200's of 2026-11-29; ``SIMULATED``
+  real policies on the committed calibration (``CALIBRATION``, the H200's of 2026-12-01, host terms measured; ``SIMULATED``
   names its device as the file records it); Mixtral-8x22B from the same file with its kernel times
   scaled by the bytes they read (an extrapolation, and labelled as one).
 
@@ -47,7 +47,7 @@ from duoserve_core.units import format_bytes
 from .gpu_results import RESULTS
 from .paths import DATA
 
-CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4.json"
+CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4_2026-12-01.json"
 TRACE = DATA / "traces" / "small-moe-heldout.parquet"
 POLICIES = ("duoserve", "uniform", "on-demand", "lru-speculative", "resident")
 # The knobs of the committed trace-gate GPU runs these figures stand beside (not the knobs' defaults,
@@ -66,7 +66,7 @@ def device_short(device: str) -> str:
 
 
 def calibration_label(raw: dict) -> str:
-    """``H200 calibration, 2026-11-29``: the device and date a calibration file records."""
+    """``H200 calibration, 2026-12-01``: the device and date a calibration file records."""
     return f"{device_short(raw.get('device', '?'))} calibration, {raw.get('date', '?')}"
 
 

@@ -6,7 +6,7 @@ simulator (``duoserve_core.sim.decode_routing``: Mixtral-8x7B, NF4, the committe
 on one routing source at several budgets, and draws them against Belady's bound: the oracle's
 decode loads at that many slots (``sim.reference``, from the routing alone) with every copy hidden
 behind a decode step's compute, max(loads x copy time / tokens, compute) per token. Its compute term
-is the calibration's whole decode step, host work included (about 56 ms here, what the simulator
+is the calibration's whole decode step, host work included (about 57 ms here, what the simulator
 gives with every expert resident); a run's own ``bounds["oracle_tpot_s"]`` counts only the compute
 stream's busy time, which in an offloaded run is a quarter to a half of that, far below what any
 policy pays per token. The figures are deterministic (no policy decision time is charged).

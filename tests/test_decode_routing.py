@@ -21,7 +21,7 @@ from duoserve_core.traces import RoutingReplay, read_trace, write_trace
 from duoserve_core.traces.synth import preset_arguments, synthesize
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4.json"
+CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4_2026-12-01.json"
 PREDICTOR = str(DATA / "predictors" / "small-moe-x32-depth2.safetensors")  # trained on the bundled routing
 PROMPT, GEN = 64, 40
 

@@ -30,11 +30,11 @@ def test_measured_files_are_labelled_with_their_own_device_and_date():
 
 def test_simulated_label_names_the_calibrations_device():
     cal = json.loads(pf.CALIBRATION.read_text())
-    assert pf.CALIBRATION.name == "h200_mixtral-8x7b_nf4.json" and cal["device"] == "NVIDIA H200"
+    assert pf.CALIBRATION.name == "h200_mixtral-8x7b_nf4_2026-12-01.json" and cal["device"] == "NVIDIA H200"
     assert pf.SIMULATED == "simulated (H200 calibration)"
     assert "H100" not in pf.source_note("cpu") and pf.SIMULATED in pf.source_note("cpu")
     assert pf.CALIBRATION.name in pf.source_note("cpu") and pf.MEASURED_DEFAULT in pf.source_note("cpu")
-    assert "the H200 calibration, 2026-11-29, measured at this shape" in pf.knob_note("mixtral-8x7b", 15, 64, 8)
+    assert "the H200 calibration, 2026-12-01, measured at this shape" in pf.knob_note("mixtral-8x7b", 15, 64, 8)
 
 
 def test_measured_figures_come_from_the_committed_file():
@@ -110,7 +110,7 @@ def test_simulated_is_labelled_and_close_to_the_measured_run():
 
 def test_8x22b_runs_on_a_scaled_calibration_and_says_so():
     model, cal, _, note = pf.sim_setup("mixtral-8x22b", 15, 96)
-    assert "extrapolation" in note and "the H200 calibration, 2026-11-29, of Mixtral-8x7B" in note
+    assert "extrapolation" in note and "the H200 calibration, 2026-12-01, of Mixtral-8x7B" in note
     cal.check(model.config, "nf4", "nf4")
     base = pf.load_calibration(pf.CALIBRATION)
     assert cal.expert_s("nf4", 1) == pytest.approx(base.expert_s("nf4", 1) * 6144 * 16384 / (4096 * 14336))

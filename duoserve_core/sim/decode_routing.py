@@ -24,7 +24,7 @@ from .runner import simulate
 from .sim_model import SimModel, build_model
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4.json"
+CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_nf4_2026-12-01.json"
 BUNDLED_TRACE = DATA / "traces" / "small-moe-heldout.parquet"
 MODEL = "mixtral-8x7b"
 LAYERS, EXPERTS, TOP_K = 32, 8, 2   # Mixtral-8x7B's routing; every preset is drawn at its depth (bundled-like's own is 8)
