@@ -11,8 +11,8 @@ Three sources, never mixed in one figure, each named in the figure's title:
 - **live**: the same benchmark logic run now (``bench.open_runtime`` / ``bench.run_policy``), a
   shortened run, only where there is a CUDA GPU;
 - **simulated (<device> calibration)**: ``duoserve_core.sim`` replaying the bundled trace through the
-  real policies on the committed calibration (``CALIBRATION``, the H200's of 2026-12-01, host terms measured; ``SIMULATED``
-  names its device as the file records it); Mixtral-8x22B from the same file with its kernel times
+  real policies on the committed calibration (``CALIBRATION``, the H200's of 2026-12-01, its host terms
+  measured; ``SIMULATED`` names its device as the file records it); Mixtral-8x22B from the same file with its kernel times
   scaled by the bytes they read (an extrapolation, and labelled as one).
 
 Every source becomes the same ``Comparison`` (one row per policy, bench's field names), so one set

@@ -1,10 +1,10 @@
 """The real benchmark's figures from a simulated run, measured the way ``bench.run_policy`` measures.
 
 Same habits as the bench: warm-up runs first (discarded: they warm Python for the policy's timed
-decisions), then the measured run with a fresh policy and an empty cache, as each bench run starts,
-but for a policy that holds every expert, measured loaded; and the
-record's derived figures (bounds, hit rate, ratios) computed by the bench's own ``bench.derived``
-from the (simulated) timeline, so sim and GPU results read the same and compare field by field.
+decisions), then the measured run with a fresh policy and an empty cache, as each bench run starts
+(a policy that holds every expert is measured loaded); and the record's derived figures (bounds,
+hit rate, ratios) computed by the bench's own ``bench.derived`` from the (simulated) timeline, so
+sim and GPU results read the same and compare field by field.
 """
 
 from __future__ import annotations
