@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from duoserve_core.atomic import atomic_write_json  # noqa: E402
+from duoserve_core.atomic import atomic_write_json, check_writable  # noqa: E402
+from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.policy import PolicyKnobs  # noqa: E402
 from duoserve_core.predict import train_predictor  # noqa: E402
 from duoserve_core.sim import load_calibration  # noqa: E402
@@ -104,8 +105,14 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--calibration", type=Path, default=CALIBRATION, help="timing model (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--keep", default=None, help="folder for the traces and predictors (default: a scratch folder)")
     args = p.parse_args()
+    try:
+        check_writable(args.out, args.force, "--out")  # before minutes of simulating, not after
+    except DuoServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
         folder.mkdir(parents=True, exist_ok=True)
