@@ -51,7 +51,7 @@ ARRIVAL_SEED = 0  # bench.arrival_rows' default, which the bench command line do
 FIGURES = {"batch": ("decode_tokens_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
                      "decode_step_s", "h2d_copies"),
            "arrivals": ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "latency_p50_s",
-                        "queued_p50_s", "mean_batch", "h2d_copies")}
+                        "queued_p50_s", "mean_batch", "decode_step_s", "prompt_step_s", "h2d_copies")}
 P50 = ("ttft_p50_s", "tpot_p50_s")
 
 
@@ -90,9 +90,19 @@ def measured_figures(row: dict) -> dict:
                 "ttft_p99_s": row["ttft_s"]["p99"], "tpot_p50_s": row["tpot_s"]["p50"],
                 "tpot_p99_s": row["tpot_s"]["p99"], "latency_p50_s": row["latency_s"]["p50"],
                 "queued_p50_s": row["queued_s"]["p50"], "mean_batch": row["mean_batch"],
-                "h2d_copies": row["h2d_copies"]}
+                "h2d_copies": row["h2d_copies"], **step_times(row)}
     return {**{k: row[k] for k in FIGURES["batch"] if k in row},
             "decode_step_s": row["decode_s"] / row["decode_steps"] if row["decode_steps"] else None}
+
+
+def step_times(run) -> dict:
+    """Mean time of a decode step and of a prompt step (``None`` where a run has none, or where an arrival
+    file predates recording them): where a run's time went, which the p50 latencies alone do not say."""
+    get = run.get if isinstance(run, dict) else lambda k: getattr(run, k, None)
+
+    def mean(seconds, steps):
+        return get(seconds) / get(steps) if get(steps) else None
+    return {"decode_step_s": mean("decode_s", "decode_steps"), "prompt_step_s": mean("prompt_s", "prompt_steps")}
 
 
 def bench_arrivals(config: dict) -> list[float]:
@@ -142,7 +152,7 @@ def simulate(config: dict, calibration) -> dict:
                    "ttft_p99_s": q["ttft_s"]["p99"], "tpot_p50_s": q["tpot_s"]["p50"],
                    "tpot_p99_s": q["tpot_s"]["p99"], "latency_p50_s": q["latency_s"]["p50"],
                    "queued_p50_s": q["queued_s"]["p50"], "mean_batch": run.mean_batch,
-                   "h2d_copies": run.counts["h2d_copies"]}
+                   "h2d_copies": run.counts["h2d_copies"], **step_times(run)}
     return {"figures": figures, "detail": detail}
 
 
@@ -217,14 +227,15 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
     if arrivals:
         lines += ["", "Arrival rows (Poisson arrivals, `bench --arrival-rate`):", "",
                   "| policy | rate /s | requests | max batch | tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms "
-                  "| TPOT p99 ms | latency p50 s | queued p50 s | mean batch | copies |",
-                  "|---|---:|---:|---:|---|---|---|---|---|---|---|---|---|"]
+                  "| TPOT p99 ms | latency p50 s | queued p50 s | mean batch | decode step ms | prompt step ms | copies |",
+                  "|---|---:|---:|---:|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in arrivals:
             f = r["figures"]
             lines.append(f"| {r['policy']} | {r['arrival_rate']:g} | {r['requests']} | {r['max_batch']} "
                          f"| {cell(f['tokens_per_s'], spec='.1f')} | {cell(f['ttft_p50_s'])} | {cell(f['ttft_p99_s'])} "
                          f"| {cell(f['tpot_p50_s'], 1e3, '.1f')} | {cell(f['tpot_p99_s'], 1e3, '.1f')} "
                          f"| {cell(f['latency_p50_s'])} | {cell(f['queued_p50_s'])} | {cell(f['mean_batch'])} "
+                         f"| {cell(f['decode_step_s'], 1e3, '.1f')} | {cell(f['prompt_step_s'], 1e3, '.1f')} "
                          f"| {cell(f['h2d_copies'], spec='.0f')} |")
     lines += ["", f"Target: within {100 * summ['target']:.0f}% of the measured throughput and p50 latencies: "
               + ("met." if summ["met"] else "not met."),

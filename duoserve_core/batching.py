@@ -140,9 +140,10 @@ class Batcher:
         for row in self.free_rows:  # a run cut short (an interrupt) may have left rows filled
             forward.release(row)
         # decode steps (decode tokens only): their count, tokens and time, the batch's decode throughput;
-        # a prompt step's riding decode tokens (the mixed schedule) count with the prompt's step
-        self.steps = self.decode_steps = self.decoded = 0
-        self.decode_s = 0.0
+        # a prompt step's riding decode tokens (the mixed schedule) count with the prompt's step, whose
+        # count and time are kept apart (where a run's time went: decode, or prompts)
+        self.steps = self.decode_steps = self.decoded = self.prompt_steps = 0
+        self.decode_s = self.prompt_s = 0.0
 
     @property
     def busy(self) -> bool:
@@ -223,11 +224,14 @@ class Batcher:
         ids, start = fill.request.ids, fill.prompt_done
         chunk = ids[start:] if self.prefill_chunk is None else ids[start:start + self.prefill_chunk]
         riding = list(self.active) if self.schedule == "mixed" else []
+        began = self.clock()
         logits, last = self.forward(self.steps, Phase.PREFILL,
                                     _decode_segments(riding) + [(fill.index, start, len(chunk))],
                                     _decode_inputs(riding) if riding else None, (chunk, fill.kv_row))
         self.steps += 1
+        self.prompt_steps += 1
         now = self.clock()
+        self.prompt_s += now - began
         finished = _take_all(riding, logits, self.eos, self.keep_logits, now)
         fill.prompt_done += len(chunk)
         if fill.prompt_done == len(ids):

@@ -107,6 +107,8 @@ class BatchRun:
     device: str
     policy: dict
     peak_gpu_bytes_by_device: list[int] | None = None
+    prompt_steps: int = 0           # steps that ran a prompt (or a chunk of one), riding decode tokens included
+    prompt_s: float = 0.0           # their time
 
     def as_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "requests"},
@@ -596,6 +598,7 @@ class Runtime:
             requests=results, max_batch=max_batch, e2e_s=e2e,
             tokens_per_s=sum(len(r.tokens) for r in results) / e2e if e2e > 0 else 0.0,
             decode_steps=batcher.decode_steps, mean_batch=batcher.mean_batch, decode_s=batcher.decode_s,
+            prompt_steps=batcher.prompt_steps, prompt_s=batcher.prompt_s,
             decode_tokens_per_s=batcher.decode_tokens_per_s,
             prefill_schedule=prefill_schedule if prefill_chunk is None else f"{prefill_schedule}, chunks of {prefill_chunk}",
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,

@@ -197,8 +197,8 @@ def test_runtime_and_simulator_make_the_same_decisions_in_batches(tmp_path, poli
     rt = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", memory_budget="10slots", max_context=context,
                             routing_trace=trace, policy=policy, max_batch=3)
     prompts = [[5 + t for t in range(n)] for n in lengths]
-    real, _ = decisions(rt, lambda: rt.generate_many(prompts, max_new_tokens=gen, stop_at_eos=False,
-                                                     prefill_schedule=schedule, prefill_chunk=chunk).decode_steps)
+    real, runs = decisions(rt, lambda: rt.generate_many(prompts, max_new_tokens=gen, stop_at_eos=False,
+                                                        prefill_schedule=schedule, prefill_chunk=chunk))
     cal = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2, shape=dict(
         hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)))
     model = build_model(DATA / "small-moe", quant="nf4", memory_budget="10slots", max_context=context, device_type="cpu")
@@ -208,6 +208,12 @@ def test_runtime_and_simulator_make_the_same_decisions_in_batches(tmp_path, poli
     assert len(real) > 0 and simulated == real
     batch = sim.generate_many([(n, gen) for n in lengths], 3, None, schedule, chunk)
     assert batch.mean_batch > 1 and batch.decode_steps == steps[0] and 0 < batch.decode_s < batch.e2e_s
+    # the steps that ran prompts: one per prompt, or per chunk of one, on both; their time and the decode
+    # steps' add up to no more than the run
+    prompt_steps = sum(-(-n // chunk) if chunk else 1 for n in lengths)
+    assert batch.prompt_steps == runs[0].prompt_steps == prompt_steps and batch.decode_steps == runs[0].decode_steps
+    for run in (batch, runs[0]):
+        assert 0 < run.prompt_s and run.prompt_s + run.decode_s <= run.e2e_s + 1e-9
     assert all(0 <= r["queue_s"] <= r["ttft_s"] <= r["e2e_s"] <= batch.e2e_s for r in batch.requests)
 
 
@@ -298,6 +304,7 @@ def test_bench_arrival_rate_reports_percentiles_and_slo_per_rate(tmp_path):
         (4.0, "prefill-first"), (4.0, "mixed"), (40.0, "prefill-first"), (40.0, "mixed")]
     for r in rows:
         assert r["requests"] == 3 and r["max_batch"] == 2 and r["slots"] == 8
+        assert r["prompt_steps"] == 3 and r["prompt_s"] > 0 and r["decode_steps"] > 0 and r["decode_s"] > 0
         assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["slo_attainment"] == 0.0  # nobody meets 1 us
     assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--arrival-rate", "4", "--max-batch", "1,2",
                  "--out", str(tmp_path / "x.json")]) == 2

@@ -362,7 +362,8 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                 rows.append({"arrival_rate": rate, "policy": policy, "prefill_schedule": run.prefill_schedule,
                              "max_batch": max_batch, "budget_bytes": budget,
                              "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
-                             "mean_batch": run.mean_batch,
+                             "mean_batch": run.mean_batch, "decode_steps": run.decode_steps, "decode_s": run.decode_s,
+                             "prompt_steps": run.prompt_steps, "prompt_s": run.prompt_s,
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
                              **({"records": records} if keep_records else {})})
                 tick()

@@ -273,6 +273,8 @@ class SimBatch:
     decode_tokens_per_s: float
     counts: dict
     rows: list[dict] = field(repr=False)
+    prompt_steps: int = 0       # steps that ran a prompt (or a chunk), as ``BatchRun``'s
+    prompt_s: float = 0.0
 
 
 class Simulator:
@@ -379,7 +381,8 @@ class Simulator:
                        for i, (n, new) in enumerate(requests)]
         return SimBatch(per_request, max_batch, e2e, sum(n for _, n in requests) / e2e if e2e > 0 else 0.0,
                         batcher.decode_steps, batcher.mean_batch, batcher.decode_s, batcher.decode_tokens_per_s,
-                        stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows())
+                        stats_delta(start, self.cache.stats.as_dict()), self.timeline.rows(),
+                        batcher.prompt_steps, batcher.prompt_s)
 
     def _compute(self, kind: str, layer: int, seconds: float) -> None:
         c = self.clocks
