@@ -200,9 +200,9 @@ def compare_policies(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], 
     """Every policy at one budget and prompt: (results by policy, skipped policies with the reason).
 
     The runs are interleaved: a warm-up round, then ``repeats`` rounds that each run every policy
-    once. A lent GPU drifts over minutes (the same command's on-demand TPOT moved 138 -> 147 ms
-    between two H200 machines, and 18.0 -> 20.3 s over three back-to-back runs on one), so each
-    policy's median is taken over the same stretch of time instead of its own. ``recorder`` (a
+    once. A lent GPU varies over minutes (the same command's on-demand TPOT moved 138 -> 147 ms
+    between two H200 machines, and its three runs on one spread over 18.0-20.3 s E2E), so each
+    policy's median is taken over the same stretch of time instead of a block of its own. ``recorder`` (a
     ``TraceRecorder``) hears the first policy's warm-up run. A bar counts the runs (policies x
     (1 + repeats)) on a terminal unless ``quiet``."""
     runs: dict[str, list[_Run]] = {policy: [] for policy in policies}
