@@ -91,8 +91,7 @@ def measured_figures(row: dict) -> dict:
                 "tpot_p99_s": row["tpot_s"]["p99"], "latency_p50_s": row["latency_s"]["p50"],
                 "queued_p50_s": row["queued_s"]["p50"], "mean_batch": row["mean_batch"],
                 "h2d_copies": row["h2d_copies"], **step_times(row)}
-    return {**{k: row[k] for k in FIGURES["batch"] if k in row},
-            "decode_step_s": row["decode_s"] / row["decode_steps"] if row["decode_steps"] else None}
+    return {**{k: row[k] for k in FIGURES["batch"] if k in row}, "decode_step_s": step_times(row)["decode_step_s"]}
 
 
 def step_times(run) -> dict:
@@ -141,7 +140,7 @@ def simulate(config: dict, calibration) -> dict:
         # the bench's percentiles (BatchRun.percentiles) over the simulated requests
         pct = BatchRun.percentiles(SimpleNamespace(requests=[SimpleNamespace(**r) for r in run.requests]))
         figures = {"decode_tokens_per_s": run.decode_tokens_per_s, "tokens_per_s": run.tokens_per_s, **pct,
-                   "decode_step_s": run.decode_s / run.decode_steps if run.decode_steps else None,
+                   "decode_step_s": step_times(run)["decode_step_s"],
                    "h2d_copies": run.counts["h2d_copies"]}
     else:
         # the records bench.arrival_rows gives sim.qos.summarize

@@ -184,7 +184,6 @@ def measured(source: str, path=MEASURED_VS_SIMULATED) -> pd.DataFrame | None:
     record = json.loads(Path(path).read_text())
     bench = json.loads((Path(path).parent / name).read_text())
     rows = {r["policy"]: r for r in record["rows"] if r["file"] == name}
-    r0 = next(iter(rows.values()))
     table = pd.DataFrame({
         "measured TPOT (ms)": {p: rows[p]["tpot_measured_s"] * 1e3 for p in POLICIES},
         "simulated TPOT (ms)": {p: rows[p]["tpot_sim_s"] * 1e3 for p in POLICIES},
