@@ -12,6 +12,8 @@
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+# A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
+# measures the row that matters most first).
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
@@ -37,13 +39,15 @@ batch)
     timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
+    ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /'
   done ;;
 arrivals)
   trace
   timeout 560 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
-      > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log" ;;
+      > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
+  ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed 's/^/cut by the timeout, rows kept: /' ;;
 notebook)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
     || exit 1

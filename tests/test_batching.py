@@ -238,6 +238,42 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
         assert 0 < r["decode_s"] < r["e2e_s"] and r["decode_tokens_per_s"] > r["tokens_per_s"] * 0.5
 
 
+def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatch):
+    """A killed run (a GPU stage's timeout) keeps the rows it finished in NAME.partial.json; a finished
+    run leaves only its result, and Ctrl-C (exit 130) leaves nothing."""
+    import json
+
+    from duoserve_core import bench
+    from duoserve_core.bench import __main__ as cli
+
+    out = tmp_path / "batch.json"
+    partial = tmp_path / "batch.partial.json"
+    seen = []
+    real_rows = bench.batch_rows
+
+    def watched(*args, on_row, **kwargs):
+        def spy(rows):
+            on_row(rows)
+            seen.append([r["max_batch"] for r in json.loads(partial.read_text())["rows"]])
+            assert json.loads(partial.read_text())["partial"] is True and not out.exists()
+        return real_rows(*args, on_row=spy, **kwargs)
+
+    monkeypatch.setattr(cli, "batch_rows", watched)
+    argv = ["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len", "8",
+            "--gen", "2", "--repeats", "1", "--policies", "lru", "--max-batch", "1,2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert seen == [[1], [1, 2]] and not partial.exists() and len(json.loads(out.read_text())["rows"]) == 2
+
+    def interrupted(*args, on_row, **kwargs):
+        on_row([{"max_batch": 1}])
+        assert partial.exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "batch_rows", interrupted)
+    out.unlink()
+    assert cli.main(argv) == 130 and not out.exists() and not partial.exists()
+
+
 def test_batch_rows_warm_up_briefly_and_measure_full_length(bundled, monkeypatch):
     from duoserve_core import bench
 

@@ -43,6 +43,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -274,7 +275,8 @@ def make_prompt(length: int, seed: int = 0) -> list[int]:
 
 def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batches: list[int], prompt_len: int,
                gen: int, *, memory_budget: str | int | None, repeats: int = REPEATS, quiet: bool = False,
-               schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None) -> list[dict]:
+               schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None,
+               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Throughput and latency by batch size: for each batch size B and policy, B requests (distinct
     prompts of ``prompt_len`` tokens, ``gen`` tokens each) submitted at once and decoded together
     (``Runtime.generate_many``), a short warm-up (``WARMUP_TOKENS``) then the median of ``repeats`` runs
@@ -284,7 +286,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     ``copy_floor_tokens_per_s``: B tokens a step over the time to copy the step's distinct experts
     (experts computed per decode step x the run's mean copy time, over the links that copied: one
     per GPU): what the links allow if every expert a step uses had to cross once. ``schedules``: prefill-first by default, so that every decode
-    step holds all B requests (the mixed schedule staggers them: the first ones finish earlier)."""
+    step holds all B requests (the mixed schedule staggers them: the first ones finish earlier).
+    ``on_row``: called with the rows so far after each one (the CLI keeps them on disk as it goes)."""
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     base = runtime.plan.budget_bytes
     rows: list[dict] = []
@@ -308,13 +311,20 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
             except (BudgetError, KnobError) as exc:
                 rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
                 tick(repeats + 1 - len(runs))
+                _report(on_row, rows)
                 continue
             run, timeline = sorted(runs[1:], key=lambda r: r[0].e2e_s)[len(runs[1:]) // 2]
             rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
                          "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
                          **batch_summary(run, timeline),
                          "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
+            _report(on_row, rows)
     return rows
+
+
+def _report(on_row: Callable[[list[dict]], None] | None, rows: list[dict]) -> None:
+    if on_row is not None:
+        on_row(rows)
 
 
 def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rates: list[float], requests: int | None,
@@ -322,13 +332,14 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                  duration_s: float | None = None,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
                  schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None,
-                 keep_records: bool = False) -> list[dict]:
+                 keep_records: bool = False, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Latency under load: for each arrival rate and policy, ``requests`` requests (or, with ``duration_s``, those
     arriving within that many seconds) arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
     the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike. ``keep_records``: each
-    row also holds its requests' records (``records``, what ``summarize`` read), so other SLOs can re-count."""
+    row also holds its requests' records (``records``, what ``summarize`` read), so other SLOs can re-count.
+    ``on_row``: as in ``batch_rows``."""
     from ..sim.qos import poisson_arrivals, poisson_arrivals_within, summarize
 
     runtime.configure(memory_budget=memory_budget, max_batch=1)
@@ -356,6 +367,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                 except (BudgetError, KnobError) as exc:
                     rows.append({"arrival_rate": rate, "policy": policy, "skipped": str(exc)})
                     tick()
+                    _report(on_row, rows)
                     continue
                 records = [{"arrival_s": r.arrival_s, "queued_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
                             "latency_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
@@ -367,6 +379,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
                              **({"records": records} if keep_records else {})})
                 tick()
+                _report(on_row, rows)
     return rows
 
 

@@ -179,14 +179,15 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     out = check_writable(output_path(args, "batch"), args.force, "--out")  # before the model loads
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
-    rows = batch_rows(runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")],
-                      args.prompt_len, args.gen, memory_budget=args.memory_budget, repeats=args.repeats,
-                      quiet=args.json, schedules=tuple((args.prefill_schedule or "prefill-first").split(",")),
-                      prefill_chunk=args.prefill_chunk)
-    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
-    record.pop("results")
-    record["rows"] = rows
-    atomic_write_json(out, record)
+    record = rows_record(args, argv)
+    with partial_rows(out, record) as on_row:
+        record["rows"] = batch_rows(
+            runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")], args.prompt_len,
+            args.gen, memory_budget=args.memory_budget, repeats=args.repeats, quiet=args.json,
+            schedules=tuple((args.prefill_schedule or "prefill-first").split(",")), prefill_chunk=args.prefill_chunk,
+            on_row=on_row)
+        atomic_write_json(out, record)
+    rows = record["rows"]
     print(format_batch_table(rows))
     if args.json:
         print(json.dumps(record), file=stdout)
@@ -205,17 +206,18 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
     out = check_writable(output_path(args, "load"), args.force, "--out")  # before the model loads
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
-    rows = arrival_rows(runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
-                        None if args.duration else args.requests or 16, args.prompt_len, args.gen,
-                        max_batch=sizes[0], memory_budget=args.memory_budget, duration_s=args.duration,
-                        slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
-                        slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
-                        schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")),
-                        prefill_chunk=args.prefill_chunk)
-    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
-    record.pop("results")
-    record["rows"] = rows
-    atomic_write_json(out, record)
+    record = rows_record(args, argv)
+    with partial_rows(out, record) as on_row:
+        record["rows"] = arrival_rows(
+            runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
+            None if args.duration else args.requests or 16, args.prompt_len, args.gen, max_batch=sizes[0],
+            memory_budget=args.memory_budget, duration_s=args.duration,
+            slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+            slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
+            schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")), prefill_chunk=args.prefill_chunk,
+            on_row=on_row)
+        atomic_write_json(out, record)
+    rows = record["rows"]
     for r in rows:
         if "skipped" in r:
             print(f"rate {r['arrival_rate']:g}/s {r['policy']:<16} skipped: {r['skipped']}")
@@ -229,6 +231,31 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
         print(json.dumps(record), file=stdout)
     print(f"wrote {out}")
     return 0
+
+
+def rows_record(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The record of a batch or arrivals run (device, date, command), its ``rows`` still to come."""
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
+    record.pop("results")
+    return record
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
+@contextlib.contextmanager
+def partial_rows(out: Path, record: dict):
+    """Yield ``on_row``, which writes the rows measured so far beside ``out`` (``NAME.partial.json``,
+    ``"partial": true``, atomically) after each one. Why: a batch sweep or an arrivals run takes minutes
+    per row, and the GPU runs live under a wall-clock limit; a run killed by it keeps the rows it finished.
+    The file goes once the block ends, whether ``out`` was written or the run failed or was interrupted
+    (Ctrl-C writes nothing); only a killed process leaves it."""
+    path = partial_path(out)
+    try:
+        yield lambda rows: atomic_write_json(path, {**record, "partial": True, "rows": rows})
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def format_batch_table(rows: list[dict]) -> str:
