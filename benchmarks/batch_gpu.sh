@@ -11,7 +11,7 @@
 #          prompt_toolkit ptyprocess pure_eval stack-data traitlets wcwidth (the versions of .venv)
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
-# BATCH_TIMEOUT (400 s per policy), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+# BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
 set -uo pipefail
@@ -21,7 +21,7 @@ RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=$
 SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
 # per policy in the batch stage (one short warm-up and one full run per batch size): batches 1,4,16,64 at GEN=128 take
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
-BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}
+BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}; ARRIVALS_TIMEOUT=${ARRIVALS_TIMEOUT:-560}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
         --routing-trace /tmp/mixtral_like_64.parquet)
 trace() {
@@ -43,7 +43,7 @@ batch)
   done ;;
 arrivals)
   trace
-  timeout 560 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
+  timeout "$ARRIVALS_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
