@@ -96,7 +96,8 @@ def interruptible(work: Callable[[], int], written: Callable[[], str] = lambda: 
     except KeyboardInterrupt as exc:
         if sys.stderr.isatty():  # erase the line: a bar interrupted before it could clear itself would take the message
             sys.stderr.write("\r\x1b[K")
-        print(f"interrupted; {written()}", file=sys.stderr, flush=True)
+        # an exception may say what was kept after all (``bench``'s finished rows, after a timeout's SIGTERM)
+        print(f"interrupted; {getattr(exc, 'written', None) or written()}", file=sys.stderr, flush=True)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         if main_thread:

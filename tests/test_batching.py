@@ -238,10 +238,12 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
         assert 0 < r["decode_s"] < r["e2e_s"] and r["decode_tokens_per_s"] > r["tokens_per_s"] * 0.5
 
 
-def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatch):
-    """A killed run (a GPU stage's timeout) keeps the rows it finished in NAME.partial.json; a finished
-    run leaves only its result, and Ctrl-C (exit 130) leaves nothing."""
+def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatch, capsys):
+    """A run stopped by SIGTERM (a GPU stage's timeout) keeps the rows it finished in NAME.partial.json and
+    says so; a finished run leaves only its result, and Ctrl-C (exit 130) leaves nothing."""
     import json
+
+    from duoserve_core.progress import Terminated
 
     from duoserve_core import bench
     from duoserve_core.bench import __main__ as cli
@@ -272,6 +274,15 @@ def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "batch_rows", interrupted)
     out.unlink()
     assert cli.main(argv) == 130 and not out.exists() and not partial.exists()
+
+    def terminated(*args, on_row, **kwargs):  # ``timeout``'s SIGTERM after one finished row
+        on_row([{"max_batch": 1}])
+        raise Terminated
+
+    monkeypatch.setattr(cli, "batch_rows", terminated)
+    assert cli.main(argv) == 143 and not out.exists()
+    assert json.loads(partial.read_text())["rows"] == [{"max_batch": 1}]
+    assert f"interrupted; the 1 finished rows kept in {partial}" in capsys.readouterr().err
 
 
 def test_batch_rows_warm_up_briefly_and_measure_full_length(bundled, monkeypatch):

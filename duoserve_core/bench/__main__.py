@@ -15,7 +15,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
-from ..progress import interruptible, print_line
+from ..progress import Terminated, interruptible, print_line
 from ..batching import DEFAULT_SCHEDULE
 from ..knob_args import (Parser, add_device_arguments, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
                          knobs_from_args, listed, number, whole)
@@ -248,14 +248,25 @@ def partial_path(out: Path) -> Path:
 def partial_rows(out: Path, record: dict):
     """Yield ``on_row``, which writes the rows measured so far beside ``out`` (``NAME.partial.json``,
     ``"partial": true``, atomically) after each one. Why: a batch sweep or an arrivals run takes minutes
-    per row, and the GPU runs live under a wall-clock limit; a run killed by it keeps the rows it finished.
-    The file goes once the block ends, whether ``out`` was written or the run failed or was interrupted
-    (Ctrl-C writes nothing); only a killed process leaves it."""
+    per row, and the GPU runs live under a wall-clock limit (``timeout``'s SIGTERM); a run stopped by it
+    keeps the rows it finished, and says so. The file goes once ``out`` is written, on an error and on
+    Ctrl-C (which writes nothing)."""
     path = partial_path(out)
+    done: list[int] = []
+
+    def on_row(rows: list[dict]) -> None:
+        atomic_write_json(path, {**record, "partial": True, "rows": rows})
+        done[:] = [len(rows)]
+
     try:
-        yield lambda rows: atomic_write_json(path, {**record, "partial": True, "rows": rows})
-    finally:
-        path.unlink(missing_ok=True)
+        yield on_row
+    except BaseException as exc:
+        if isinstance(exc, Terminated) and done:
+            exc.written = f"the {done[0]} finished rows kept in {path}"
+        else:
+            path.unlink(missing_ok=True)
+        raise
+    path.unlink(missing_ok=True)
 
 
 def format_batch_table(rows: list[dict]) -> str:
