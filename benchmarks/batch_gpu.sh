@@ -39,7 +39,7 @@ batch)
     timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
-    ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /'
+    ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /' || true
   done ;;
 arrivals)
   trace
@@ -47,7 +47,7 @@ arrivals)
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
-  ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed 's/^/cut by the timeout, rows kept: /' ;;
+  ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed "s/^/cut by the timeout, rows kept: /" || true ;;
 notebook)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
     || exit 1

@@ -302,6 +302,24 @@ def test_batch_rows_warm_up_briefly_and_measure_full_length(bundled, monkeypatch
     assert len(rows[0]["repeats_e2e_s"]) == 2 and rows[0]["decode_steps"] == 9 - 1  # the measured run is full length
 
 
+def test_arrival_rows_warm_each_policy_up_on_a_full_batch_first(bundled, monkeypatch):
+    from duoserve_core import bench
+
+    calls = []
+    generate_many = bundled.generate_many
+
+    def spy(prompts, **kwargs):
+        calls.append((len(prompts), kwargs["max_new_tokens"], kwargs.get("arrivals") is not None))
+        return generate_many(prompts, **kwargs)
+
+    monkeypatch.setattr(bundled, "generate_many", spy)
+    rows = bench.arrival_rows(bundled, bundled.knobs, ["on-demand", "lru"], [50.0, 100.0], 3, 6, 3, max_batch=2,
+                              memory_budget="8slots", quiet=True)
+    warm = (2, min(3, bench.WARMUP_TOKENS), False)  # never longer than the measured runs
+    assert calls == [warm, (3, 3, True), warm, (3, 3, True), (3, 3, True), (3, 3, True)]
+    assert [r["decode_steps"] > 0 for r in rows] == [True] * 4
+
+
 def test_requests_join_when_they_arrive(bundled):
     """Arrivals replayed in real time: requests join in arrival order, results stay in input order, and a
     request's latencies count from its arrival (a late one does not wait for the run's start)."""
