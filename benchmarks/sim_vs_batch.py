@@ -14,7 +14,8 @@ and knobs, the row's own slot count, the KV context the runtime was opened with 
 B distinct requests of ``--prompt-len`` tokens generating ``--gen`` each, submitted at once or
 arriving as the bench's seeded Poisson process (``sim.qos.poisson_arrivals(rate, requests, 0)``);
 the bench's habits too: a fresh policy per row, the expert cache emptied before each run, and for
-batch rows one warm-up run before the reported one (arrival rows have none, as in the bench).
+batch rows one warm-up run before the reported one (arrival rows none: the bench warms each policy up
+on a full batch and then starts it afresh, so nothing of the warm-up carries into its runs).
 
 Per row the table gives simulated against measured decode throughput (batch rows), throughput,
 TTFT and TPOT p50 and p99 (percentiles computed as the bench computes them: ``BatchRun.percentiles``

@@ -348,7 +348,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
     extra = kv_cache_bytes(runtime.config, runtime.max_context, runtime.dtype, max_batch - 1)
     budget = None if base is None else base + extra
     rows: list[dict] = []
-    # Each policy and schedule first decodes a full batch briefly, untimed (as ``batch_rows`` does): the
+    # Each policy and schedule first decodes a full batch briefly, untimed, then starts afresh: the
     # one-request warm-up above leaves the batched shapes' kernels cold, and on the H200 (2026-12-01) the
     # first measured row paid for them: duoserve's TPOT p50 at 0.5/s 621 ms against on-demand's 439.
     warmed: set[tuple[str, str]] = set()
@@ -361,13 +361,14 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                        for i in range(len(arrivals))]
             for schedule, policy in itertools.product(schedules, policies):
                 try:
-                    runtime.configure(memory_budget=budget, max_batch=max_batch,
-                                      knobs=knobs.changed(policy=policy).effective())
-                    if (schedule, policy) not in warmed:  # see below
+                    knobs_now = knobs.changed(policy=policy).effective()
+                    runtime.configure(memory_budget=budget, max_batch=max_batch, knobs=knobs_now)
+                    if (schedule, policy) not in warmed:  # see above
                         runtime.generate_many(prompts[:max_batch], max_batch=max_batch, stop_at_eos=False,
                                               max_new_tokens=min(gen, WARMUP_TOKENS), prefill_schedule=schedule,
                                               prefill_chunk=prefill_chunk)
                         warmed.add((schedule, policy))
+                        runtime.configure(memory_budget=budget, max_batch=max_batch, knobs=knobs_now)  # afresh
                     if not runtime.policy.holds_every_expert:
                         runtime.empty_expert_cache()
                     run = runtime.generate_many(prompts, max_batch=max_batch, max_new_tokens=gen, stop_at_eos=False,
