@@ -44,6 +44,7 @@ from duoserve_core.sim.calibration import load_calibration  # noqa: E402
 from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.sim.simulator import Simulator  # noqa: E402
+from duoserve_core.timeline import step_split  # noqa: E402
 from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
 
 TARGET = 0.10  # the issue's: within 10% of the measured throughput and p50 latencies
@@ -78,6 +79,7 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "requests": row["requests"] if arrivals else row["max_batch"],
                     "duration_s": args.duration,
                     "arrival_rate": row.get("arrival_rate"), "measured": measured_figures(row),
+                    "measured_split": row.get("decode_split"),  # rows from before 2026-12-01 lack it
                     # rows before the schedule knob ran prefill-first; "mixed, chunks of N" names a chunk
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
                     "prefill_chunk": args.prefill_chunk})
@@ -136,7 +138,8 @@ def simulate(config: dict, calibration) -> dict:
     steps = run.decode_steps or 1
     detail = {"decode_copies_per_step": sum(r["kind"] == "h2d" for r in decode) / steps,
               "decode_experts_per_step": sum(r["kind"] == "expert" for r in decode) / steps,
-              "attention_s_per_step": sum(r["duration_ms"] for r in decode if r["kind"] == "attention") / 1e3 / steps}
+              "attention_s_per_step": sum(r["duration_ms"] for r in decode if r["kind"] == "attention") / 1e3 / steps,
+              "decode_split": step_split(run.rows, "decode", run.decode_steps)}
     if config["kind"] == "batch":
         # the bench's percentiles (BatchRun.percentiles) over the simulated requests
         pct = BatchRun.percentiles(SimpleNamespace(requests=[SimpleNamespace(**r) for r in run.requests]))
@@ -171,7 +174,8 @@ def compare(config: dict, calibration) -> dict:
     return {"file": config["file"], "kind": config["kind"], "policy": policy, "prefill_schedule": schedule,
             "max_batch": config["max_batch"], "requests": config["requests"], "arrival_rate": config["arrival_rate"],
             "prompt_len": config["prompt_len"], "gen": config["gen"], "slots": config["slots"],
-            "figures": figures, "sim_detail": sim["detail"]}
+            "figures": figures, "sim_detail": sim["detail"],
+            "decode_split": {"measured": config.get("measured_split"), "sim": sim["detail"]["decode_split"]}}
 
 
 def summary(rows: list[dict], target: float = TARGET) -> dict:
@@ -237,6 +241,19 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
                          f"| {cell(f['latency_p50_s'])} | {cell(f['queued_p50_s'])} | {cell(f['mean_batch'])} "
                          f"| {cell(f['decode_step_s'], 1e3, '.1f')} | {cell(f['prompt_step_s'], 1e3, '.1f')} "
                          f"| {cell(f['h2d_copies'], spec='.0f')} |")
+    split = [r for r in rows if r["decode_split"]["measured"]]
+    if split:
+        lines += ["", "Where a decode step's time went, per step, measured / simulated: the copy streams' and "
+                  "compute streams' busy time; the rest of the step they idled (host work, syncs):", "",
+                  "| policy | B or rate | step ms | copies | copy busy ms | compute busy ms |", "|---|---|---|---|---|---|"]
+        for r in split:
+            m, sm = r["decode_split"]["measured"], r["decode_split"]["sim"]
+            where = f"B {r['max_batch']}" if r["arrival_rate"] is None else f"{r['arrival_rate']:g}/s"
+            both = ({"measured": m[k], "sim": sm[k], "rel_error": rel(sm[k], m[k])} for k in
+                    ("copies_per_step", "copy_busy_s", "compute_busy_s"))
+            copies, copy, compute = both
+            lines.append(f"| {r['policy']} | {where} | {cell(r['figures']['decode_step_s'], 1e3, '.1f')} "
+                         f"| {cell(copies, spec='.1f')} | {cell(copy, 1e3, '.1f')} | {cell(compute, 1e3, '.1f')} |")
     lines += ["", f"Target: within {100 * summ['target']:.0f}% of the measured throughput and p50 latencies: "
               + ("met." if summ["met"] else "not met."),
               worst("decode_tokens_per_s", "decode throughput (batch rows)"),

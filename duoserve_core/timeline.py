@@ -150,3 +150,19 @@ class Timeline:
         from .atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_chrome_trace()))
+
+
+def step_split(rows: list[dict], phase: str, steps: int) -> dict:
+    """Where the steps of ``phase`` spent their time, per step (means over ``steps``): the copies and the
+    copy streams' busy time, the compute streams' busy time (attention, router, experts) and the CPU
+    lane's, in seconds; with several GPUs the streams of all of them add up. Beside a step's own time it
+    says what a latency alone does not: whether a step was long because it copied more, computed more,
+    or because the streams idled (host work, syncs) for the rest. The runtime's timeline and the
+    simulator's rows have the same columns, so measured and simulated steps split alike."""
+    mine = [r for r in rows if r["phase"] == phase]
+    n = steps or 1
+
+    def busy(stream: str) -> float:
+        return sum(r["duration_ms"] for r in mine if r["stream"] == stream) / 1e3 / n
+    return {"copies_per_step": sum(r["kind"] == "h2d" for r in mine) / n, "copy_busy_s": busy("copy"),
+            "compute_busy_s": busy("compute"), "cpu_busy_s": busy("cpu")}

@@ -236,6 +236,9 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
     for r in (one, three):
         assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["tokens_per_s"] > 0 and r["experts_per_decode_step"] > 0
         assert 0 < r["decode_s"] < r["e2e_s"] and r["decode_tokens_per_s"] > r["tokens_per_s"] * 0.5
+        split = r["decode_split"]  # one stream on the CPU: its busy time fits in the step
+        assert split["copies_per_step"] > 0 and split["copy_busy_s"] > 0
+        assert 0 < split["compute_busy_s"] <= r["decode_s"] / r["decode_steps"] and split["cpu_busy_s"] == 0
 
 
 def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatch, capsys):
@@ -370,6 +373,7 @@ def test_bench_arrival_rate_reports_percentiles_and_slo_per_rate(tmp_path):
     for r in rows:
         assert r["requests"] == 3 and r["max_batch"] == 2 and r["slots"] == 8
         assert r["prompt_steps"] == 3 and r["prompt_s"] > 0 and r["decode_steps"] > 0 and r["decode_s"] > 0
+        assert 0 < r["decode_split"]["compute_busy_s"] <= r["decode_s"] / r["decode_steps"]
         assert r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["slo_attainment"] == 0.0  # nobody meets 1 us
     assert main(["--model", str(DATA / "small-moe"), "--device", "cpu", "--arrival-rate", "4", "--max-batch", "1,2",
                  "--out", str(tmp_path / "x.json")]) == 2

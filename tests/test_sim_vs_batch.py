@@ -36,7 +36,9 @@ def files(tmp_path):
              "decode_s": 1.0, "decode_steps": 3}
     pct = {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0}
     (tmp_path / "batch.json").write_text(json.dumps({"command": COMMAND + " --max-batch 1,3", "rows": [
-        {**batch, "max_batch": 1, "policy": "on-demand"}, {**batch, "max_batch": 3, "policy": "lru"},
+        {**batch, "max_batch": 1, "policy": "on-demand",
+         "decode_split": {"copies_per_step": 2.0, "copy_busy_s": 0.004, "compute_busy_s": 0.001, "cpu_busy_s": 0.0}},
+        {**batch, "max_batch": 3, "policy": "lru"},
         {"max_batch": 3, "policy": "resident", "skipped": "does not fit"}]}))
     (tmp_path / "arrivals.json").write_text(json.dumps({"command": COMMAND + " --arrival-rate 50 --requests 4 "
                                                         "--max-batch 3", "rows": [
@@ -86,4 +88,9 @@ def test_main_writes_the_table_and_the_summary(files, capsys):
     assert record["summary"]["target"] == 0.10 and record["summary"]["met"] is False  # placeholders: far off
     table = Path(f"{out}.md").read_text()
     assert "| on-demand | 1 | 10 |" in table and "| lru | 50 | 4 | 3 |" in table and "not met" in table
+    # the step split: only the row that measured one, its measured figures beside the simulator's
+    split = record["rows"][0]["decode_split"]
+    assert split["measured"]["copy_busy_s"] == 0.004 and split["sim"]["copies_per_step"] > 0
+    assert record["rows"][1]["decode_split"]["measured"] is None
+    assert "| on-demand | B 1 |" in table and "| 2.0 / " in table and "| lru | B 3 |" not in table
     assert "decode throughput" in capsys.readouterr().out

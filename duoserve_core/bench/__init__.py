@@ -54,6 +54,7 @@ from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
 from ..progress import progress_bar
 from ..runtime import GenerationResult, Runtime, device_name, load, resolve_devices
+from ..timeline import step_split
 from ..units import format_bytes
 
 REPEATS = 3
@@ -386,6 +387,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                              "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
                              "mean_batch": run.mean_batch, "decode_steps": run.decode_steps, "decode_s": run.decode_s,
                              "prompt_steps": run.prompt_steps, "prompt_s": run.prompt_s,
+                             "decode_split": step_split(runtime.timeline.rows(), "decode", run.decode_steps),
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
                              **({"records": records} if keep_records else {})})
                 tick()
@@ -404,6 +406,7 @@ def batch_summary(run, rows: list[dict]) -> dict:
     floor = run.mean_batch * links / (per_step * copy_s) if copy_s and per_step else None
     out = {k: v for k, v in run.as_dict().items() if k not in ("requests", "policy")}
     return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s,
+            "decode_split": step_split(rows, "decode", run.decode_steps),
             "copy_floor_tokens_per_s": floor,
             "decode_tokens_per_s_over_copy_floor": run.decode_tokens_per_s / floor if floor else None}
 
