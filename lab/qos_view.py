@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tempfile
 import time
 from collections.abc import Iterable
@@ -253,12 +254,22 @@ def source_label(device: str) -> str:
 
 # -- the committed H200 measurements -----------------------------------------------------------------
 def _measured_label(record: dict) -> str:
-    return f"measured {device_short(record['device'])}, {record['date']}"
+    """``measured H200, 2026-11-30, 32 tokens``: runs of different lengths are different curves (the KV
+    context, and with it each step's attention, grows with the tokens generated)."""
+    found = re.search(r"--gen[ =](\d+)", record.get("command", ""))
+    gen = int(found.group(1)) if found else bench_default_gen()
+    return f"measured {device_short(record['device'])}, {record['date']}, {gen} tokens"
+
+
+def bench_default_gen() -> int:
+    """The bench's ``--gen`` default, for a command that did not give one."""
+    from duoserve_core.bench.__main__ import parse_args
+    return parse_args([]).gen
 
 
 def measured_batches(results_dir: str | Path = RESULTS) -> pd.DataFrame:
     """Every committed ``batch_*_8x7b_mixtral_like_<policy>.json`` row (the bench's ``--max-batch`` runs),
-    with ``label`` (``measured H200, 2026-11-30``) and ``file``."""
+    with ``label`` (``measured H200, 2026-11-30, 32 tokens``) and ``file``."""
     rows = []
     for path in sorted(Path(results_dir).glob(MEASURED_BATCH_GLOB)):
         record = json.loads(path.read_text())
@@ -317,17 +328,16 @@ def percentile_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def batch_table(rows: pd.DataFrame, measured: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Decode tokens/s against the copy floor per policy and batch size, beside the committed
-    measurement at the same batch size where there is one."""
+    """Decode tokens/s against the copy floor per policy and batch size, beside each committed
+    measurement (a column per run: device, date, tokens) at the same batch size where there is one."""
     ran = rows[rows["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in rows else rows.iloc[0:0]
     out = pd.DataFrame({"policy": ran["policy"], "max batch": ran["max_batch"], "slots": ran["slots"],
                         "decode tokens/s": ran["decode_tokens_per_s"], "copy floor (tokens/s)":
                         ran["copy_floor_tokens_per_s"], "of the floor": ran["decode_tokens_per_s"] /
                         ran["copy_floor_tokens_per_s"], "TPOT p50 (ms)": ran["tpot_p50_s"] * 1e3})
-    if measured is not None and not measured.empty:
-        m = measured.set_index(["policy", "max_batch"])["decode_tokens_per_s"]
-        out[f"{measured['label'].iloc[0]}: decode tokens/s"] = [m.get((p, b)) for p, b in
-                                                                zip(out["policy"], out["max batch"])]
+    for label, runs in ([] if measured is None or measured.empty else measured.groupby("label", sort=True)):
+        m = runs.set_index(["policy", "max_batch"])["decode_tokens_per_s"]  # one column per measured run
+        out[f"{label}: decode tokens/s"] = [m.get((p, b)) for p, b in zip(out["policy"], out["max batch"])]
     return out.round(2).set_index(["policy", "max batch"])
 
 
@@ -342,8 +352,8 @@ def skipped(rows: pd.DataFrame) -> str:
 # -- figures -----------------------------------------------------------------------------------------
 def throughput_figure(rows: pd.DataFrame, source: str, measured: pd.DataFrame | None = None) -> go.Figure:
     """Decode tokens/s (solid) and the copy floor (dotted) against batch size per policy, both axes
-    logarithmic; the committed measurements of the same policies as markers (filled: decode tokens/s,
-    open: their copy floor)."""
+    logarithmic; the committed measurements of the same policies as markers, a shape per run (filled:
+    decode tokens/s, open: their copy floor)."""
     fig = go.Figure()
     ran = rows[rows["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in rows else rows.iloc[0:0]
     for policy, part in ran.groupby("policy", sort=False):
@@ -355,22 +365,21 @@ def throughput_figure(rows: pd.DataFrame, source: str, measured: pd.DataFrame | 
                                  name=f"{policy} copy floor", line=dict(color=colour, dash="dot"), legendgroup=policy,
                                  hovertemplate=policy + " copy floor: %{y:.1f} tokens/s at batch %{x}<extra></extra>"))
         if measured is not None and not measured.empty:
-            m = measured[measured["policy"] == policy]
-            if not m.empty:
-                label = m["label"].iloc[0]
+            runs = measured[measured["policy"] == policy].groupby("label", sort=True)
+            for symbol, (label, m) in zip(("diamond", "square", "triangle-up", "star"), runs):  # a shape per run
                 fig.add_trace(go.Scatter(x=m["max_batch"], y=m["decode_tokens_per_s"], mode="markers",
                                          name=f"{policy}, {label}", legendgroup=policy,
-                                         marker=dict(color=colour, symbol="diamond", size=11,
+                                         marker=dict(color=colour, symbol=symbol, size=11,
                                                      line=dict(color="black", width=1)),
                                          hovertemplate=f"{policy}, {label}: " + "%{y:.1f} tokens/s at batch %{x}"
                                          "<extra></extra>"))
                 fig.add_trace(go.Scatter(x=m["max_batch"], y=m["copy_floor_tokens_per_s"], mode="markers",
                                          name=f"{policy} copy floor, {label}", legendgroup=policy,
-                                         marker=dict(color=colour, symbol="diamond-open", size=11),
+                                         marker=dict(color=colour, symbol=f"{symbol}-open", size=11),
                                          hovertemplate=f"{policy} copy floor, {label}: " + "%{y:.1f} tokens/s at "
                                          "batch %{x}<extra></extra>"))
     fig.update_layout(title=f"Decode throughput against batch size ({source}); dotted: copy floor; "
-                      "diamonds: committed measurements", xaxis=dict(title="max batch (requests decoding together)",
+                      "markers: committed measurements", xaxis=dict(title="max batch (requests decoding together)",
                                                                      type="log", dtick=0.30103),
                       yaxis=dict(title="decode tokens/s", type="log"), legend_title="policy", height=440)
     return fig

@@ -19,11 +19,12 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     batches = qv.measured_batches()
     assert set(batches["policy"]) == {"on-demand", "lru", "duoserve"}
     assert sorted(set(batches["max_batch"])) == [1, 4, 16, 64]
-    assert (batches["label"] == "measured H200, 2026-11-30").all()
+    assert set(batches["label"]) == {"measured H200, 2026-11-30, 32 tokens", "measured H200, 2026-12-01, 128 tokens"}
+    assert set(batches.loc[batches["label"].str.endswith("128 tokens"), "policy"]) == {"duoserve"}
     assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
     arrivals = qv.measured_arrivals()
     assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
-    assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30 (max batch 16, 16 requests, prefill-first)"
+    assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30, 32 tokens (max batch 16, 16 requests, prefill-first)"
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
 
 
@@ -82,11 +83,14 @@ def test_figures_tables_and_labels():
     measured = qv.measured_batches()
     fig = qv.throughput_figure(rows, qv.SIMULATED, measured)
     names = [t.name for t in fig.data]
-    assert "duoserve, measured H200, 2026-11-30" in names and "duoserve copy floor" in names
+    assert "duoserve, measured H200, 2026-11-30, 32 tokens" in names and "duoserve copy floor" in names
+    long = next(t for t in fig.data if t.name == "duoserve, measured H200, 2026-12-01, 128 tokens")
+    assert list(long.x) == [64, 16, 4, 1] and long.marker.symbol == "square"  # its own run, its own shape
     assert qv.SIMULATED in fig.layout.title.text and fig.layout.xaxis.type == "log"
     table = qv.batch_table(rows, measured)
-    assert table.loc[("duoserve", 1), "measured H200, 2026-11-30: decode tokens/s"] == pytest.approx(
-        measured.set_index(["policy", "max_batch"]).loc[("duoserve", 1), "decode_tokens_per_s"], abs=0.01)
+    first = measured[measured["label"].str.endswith("32 tokens")]
+    assert table.loc[("duoserve", 1), "measured H200, 2026-11-30, 32 tokens: decode tokens/s"] == pytest.approx(
+        first.set_index(["policy", "max_batch"]).loc[("duoserve", 1), "decode_tokens_per_s"], abs=0.01)
     runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 1.0), 4, 4, 2)
     arrivals = qv.arrival_table(runs, 2.0, 0.5)
     fig = qv.latency_figure(arrivals, "measured on X", 2, qv.measured_arrivals())
