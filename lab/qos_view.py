@@ -256,9 +256,13 @@ def source_label(device: str) -> str:
 def _measured_label(record: dict) -> str:
     """``measured H200, 2026-11-30, 32 tokens``: runs of different lengths are different curves (the KV
     context, and with it each step's attention, grows with the tokens generated)."""
+    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens"
+
+
+def _gen(record: dict) -> int:
+    """The tokens per request of a bench run, from its command."""
     found = re.search(r"--gen[ =](\d+)", record.get("command", ""))
-    gen = int(found.group(1)) if found else bench_default_gen()
-    return f"measured {device_short(record['device'])}, {record['date']}, {gen} tokens"
+    return int(found.group(1)) if found else bench_default_gen()
 
 
 def bench_default_gen() -> int:
@@ -269,11 +273,12 @@ def bench_default_gen() -> int:
 
 def measured_batches(results_dir: str | Path = RESULTS) -> pd.DataFrame:
     """Every committed ``batch_*_8x7b_mixtral_like_<policy>.json`` row (the bench's ``--max-batch`` runs),
-    with ``label`` (``measured H200, 2026-11-30, 32 tokens``) and ``file``."""
+    with ``gen`` (tokens per request), ``label`` (``measured H200, 2026-11-30, 32 tokens``) and ``file``."""
     rows = []
     for path in sorted(Path(results_dir).glob(MEASURED_BATCH_GLOB)):
         record = json.loads(path.read_text())
-        rows += [{**r, "label": _measured_label(record), "file": path.name} for r in record["rows"] if "skipped" not in r]
+        rows += [{**r, "gen": _gen(record), "label": _measured_label(record), "file": path.name}
+                 for r in record["rows"] if "skipped" not in r]
     return pd.DataFrame(rows)
 
 
