@@ -287,6 +287,46 @@ def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatc
     assert json.loads(partial.read_text())["rows"] == [{"max_batch": 1}]
     assert f"interrupted; the 1 finished rows kept in {partial}" in capsys.readouterr().err
 
+    # a row's timeline is written as the row finishes, and goes or stays with the rows
+    timeline = tmp_path / "tl" / "batch_lru_b1_prefill-first.parquet"
+    for stop, code in ((KeyboardInterrupt, 130), (Terminated, 143)):
+        def stopped(*args, on_row, stop=stop, **kwargs):
+            on_row([{"max_batch": 1, "policy": "lru", "prefill_schedule": "prefill-first", "timeline": []}])
+            assert timeline.exists()
+            raise stop
+
+        monkeypatch.setattr(cli, "batch_rows", stopped)
+        assert cli.main(argv + ["--timelines", str(tmp_path / "tl"), "--force"]) == code
+        assert timeline.exists() == (stop is Terminated) == partial.exists()
+
+
+def test_bench_rows_write_their_timelines(tmp_path):
+    """--timelines with --max-batch and --arrival-rate: one Parquet timeline per row, named by policy, batch
+    size or rate and schedule, checked before the model loads (an existing one needs --force)."""
+    import json
+
+    import pandas as pd
+
+    from duoserve_core.bench.__main__ import main
+
+    common = ["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len", "6",
+              "--gen", "3", "--repeats", "1", "--policies", "lru", "--timelines", str(tmp_path / "tl")]
+    assert main(common + ["--max-batch", "1,2", "--out", str(tmp_path / "batch.json")]) == 0
+    assert main(common + ["--arrival-rate", "40", "--requests", "2", "--max-batch", "2",
+                          "--out", str(tmp_path / "load.json")]) == 0
+    names = sorted(p.name for p in (tmp_path / "tl").iterdir())
+    assert names == ["batch_lru_b1_prefill-first.parquet", "batch_lru_b2_prefill-first.parquet",
+                     "load_lru_r40_mixed.parquet"]
+    for name, out in (("batch_lru_b2_prefill-first", "batch"), ("load_lru_r40_mixed", "load")):
+        timeline = pd.read_parquet(tmp_path / "tl" / f"{name}.parquet")
+        row = json.loads((tmp_path / f"{out}.json").read_text())["rows"][-1]
+        decode = timeline[timeline["phase"] == "decode"]
+        assert "timeline" not in row and (decode["kind"] == "h2d").sum() == pytest.approx(
+            row["decode_split"]["copies_per_step"] * row["decode_steps"])
+    assert main(common + ["--max-batch", "1", "--out", str(tmp_path / "again.json")]) == 0  # other names
+    (tmp_path / "batch.json").unlink()
+    assert main(common + ["--max-batch", "1", "--out", str(tmp_path / "batch.json")]) == 2  # its timeline exists
+
 
 def test_batch_rows_warm_up_briefly_and_measure_full_length(bundled, monkeypatch):
     from duoserve_core import bench

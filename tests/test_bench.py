@@ -40,6 +40,9 @@ def test_bench_runs_policies_and_skips_what_does_not_fit(tmp_path, capsys):
     d, decode_tokens = t["decode_time"], len(duo["tokens"]) - 1
     assert d["copies_per_token"] * decode_tokens == pytest.approx(duo["phases"]["decode"]["h2d_copies"])
     assert d["oracle_copies_per_token"] * decode_tokens == pytest.approx(duo["bounds"]["oracle_decode_loads"])
+    split = duo["decode_split"]  # where a decode step's time went, from the same timeline
+    assert split["copies_per_step"] * decode_tokens == pytest.approx(duo["phases"]["decode"]["h2d_copies"])
+    assert 0 < split["compute_busy_s"] <= duo["tpot_s"] * (1 + 1e-9) and split["copy_busy_s"] > 0
     on_demand = results["on-demand"]["phases"]["decode"]  # keeps nothing: every decode use is a copy
     assert on_demand["hits"] == 0 and on_demand["h2d_copies"] == on_demand["misses"] > 0
     assert "TTFT ms" in capsys.readouterr().out

@@ -22,7 +22,8 @@ TTFT is compared with max(transfer floor, prefill compute floor), TPOT with the 
 A policy that does not fit the budget (``resident``, usually) is reported as skipped. Results go
 to ``benchmarks/results/bench_<device>_<date>.json`` with the device, date and command;
 ``--peer`` adds the accelerate peer's figures (``benchmarks/accelerate_peer.py``) and duoserve's
-speed-up over it, ``--timelines DIR`` each policy's timeline, ``--record-trace`` the routing taken.
+speed-up over it, ``--timelines DIR`` each policy's timeline (with ``--max-batch`` or ``--arrival-rate``,
+each row's), ``--record-trace`` the routing taken.
 
 The model is loaded once; each policy, budget and knob setting is applied with
 ``Runtime.configure``. This module holds the measurement as functions with typed arguments
@@ -101,7 +102,8 @@ def bounds(rows: list[dict], num_slots: int, expert_bytes: int, decode_tokens: i
 def derived(*, ttft_s: float, tpot_s: float | None, decode_tokens: int, phases: dict, rows: list[dict],
             plan: MemoryPlan, peak_gpu_bytes: int | None, peak_gpu_bytes_by_device: list[int] | None = None) -> dict:
     """What a run's record adds to its raw figures, the same for a measured and a simulated run:
-    the bounds, hit rate, prefetch precision and recall, the budget check and the two ratios. On
+    the bounds, hit rate, prefetch precision and recall, the budget check, the two ratios and where a
+    decode step's time went (``timeline.step_split``). On
     several devices the budget applies to each: every device's peak (``peak_gpu_bytes_by_device``) is checked."""
     total = phases["total"]
     b = bounds(rows, plan.num_slots, plan.expert_bytes, decode_tokens, plan.devices)
@@ -113,7 +115,8 @@ def derived(*, ttft_s: float, tpot_s: float | None, decode_tokens: int, phases: 
            "prefetch_precision": decode["prefetch_hits"] / decode["prefetches"] if decode["prefetches"] else None,
            "prefetch_recall": decode["prefetch_hits"] / decode_uses if decode_uses else None,
            "within_budget": None if not peaks
-           else plan.budget_bytes is None or max(peaks) <= plan.budget_bytes}
+           else plan.budget_bytes is None or max(peaks) <= plan.budget_bytes,
+           "decode_split": step_split(rows, "decode", decode_tokens)}
     if "ttft_floor_s" in b:
         out["ttft_over_floor"] = ttft_s / b["ttft_floor_s"]
     if "oracle_tpot_s" in b and tpot_s:
@@ -277,7 +280,7 @@ def make_prompt(length: int, seed: int = 0) -> list[int]:
 def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batches: list[int], prompt_len: int,
                gen: int, *, memory_budget: str | int | None, repeats: int = REPEATS, quiet: bool = False,
                schedules: tuple[str, ...] = ("prefill-first",), prefill_chunk: int | None = None,
-               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+               keep_timelines: bool = False, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Throughput and latency by batch size: for each batch size B and policy, B requests (distinct
     prompts of ``prompt_len`` tokens, ``gen`` tokens each) submitted at once and decoded together
     (``Runtime.generate_many``), a short warm-up (``WARMUP_TOKENS``) then the median of ``repeats`` runs
@@ -288,7 +291,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
     (experts computed per decode step x the run's mean copy time, over the links that copied: one
     per GPU): what the links allow if every expert a step uses had to cross once. ``schedules``: prefill-first by default, so that every decode
     step holds all B requests (the mixed schedule staggers them: the first ones finish earlier).
-    ``on_row``: called with the rows so far after each one (the CLI keeps them on disk as it goes)."""
+    ``on_row``: called with the rows so far after each one (the CLI keeps them on disk as it goes).
+    ``keep_timelines``: each row also holds its reported run's timeline rows (``timeline``)."""
     runtime.configure(memory_budget=memory_budget, max_batch=1)
     base = runtime.plan.budget_bytes
     rows: list[dict] = []
@@ -318,7 +322,8 @@ def batch_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], batche
             rows.append({"max_batch": b, "policy": policy, "budget_bytes": budget, "kv_bytes_added": extra,
                          "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
                          **batch_summary(run, timeline),
-                         "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:])})
+                         "repeats_e2e_s": sorted(r.e2e_s for r, _ in runs[1:]),
+                         **({"timeline": timeline} if keep_timelines else {})})
             _report(on_row, rows)
     return rows
 
@@ -333,14 +338,15 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                  duration_s: float | None = None,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, quiet: bool = False,
                  schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,), prefill_chunk: int | None = None,
-                 keep_records: bool = False, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+                 keep_records: bool = False, keep_timelines: bool = False,
+                 on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Latency under load: for each arrival rate and policy, ``requests`` requests (or, with ``duration_s``, those
     arriving within that many seconds) arriving as a seeded
     Poisson process (``sim.qos.poisson_arrivals``, the simulator's QoS view's arrivals) replayed in real
     time, at most ``max_batch`` decoding together; TTFT/TPOT/latency percentiles and SLO attainment by
     the simulator's ``sim.qos.summarize``, so measured and simulated QoS read alike. ``keep_records``: each
     row also holds its requests' records (``records``, what ``summarize`` read), so other SLOs can re-count.
-    ``on_row``: as in ``batch_rows``."""
+    ``on_row`` and ``keep_timelines``: as in ``batch_rows``."""
     from ..sim.qos import poisson_arrivals, poisson_arrivals_within, summarize
 
     runtime.configure(memory_budget=memory_budget, max_batch=1)
@@ -380,6 +386,7 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                     tick()
                     _report(on_row, rows)
                     continue
+                timeline = runtime.timeline.rows()
                 records = [{"arrival_s": r.arrival_s, "queued_s": r.queue_s, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
                             "latency_s": r.e2e_s, "new_tokens": len(r.tokens)} for r in run.requests]
                 rows.append({"arrival_rate": rate, "policy": policy, "prefill_schedule": run.prefill_schedule,
@@ -387,9 +394,10 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
                              "slots": runtime.plan.num_slots, "device_slots": runtime.plan.device_slots,
                              "mean_batch": run.mean_batch, "decode_steps": run.decode_steps, "decode_s": run.decode_s,
                              "prompt_steps": run.prompt_steps, "prompt_s": run.prompt_s,
-                             "decode_split": step_split(runtime.timeline.rows(), "decode", run.decode_steps),
+                             "decode_split": step_split(timeline, "decode", run.decode_steps),
                              "h2d_copies": run.h2d_copies, **summarize(records, slo_ttft_s, slo_tpot_s),
-                             **({"records": records} if keep_records else {})})
+                             **({"records": records} if keep_records else {}),
+                             **({"timeline": timeline} if keep_timelines else {})})
                 tick()
                 _report(on_row, rows)
     return rows

@@ -9,6 +9,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .. import bench  # noqa: F401  (its docstring is the --help text)
 from ..atomic import atomic_write_bytes, atomic_write_json, check_writable
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_arguments(p)
     p.add_argument("--repeats", type=whole(1), default=REPEATS)
     p.add_argument("--peer", default=None, help="a benchmarks/accelerate_peer.py result: duoserve's speed-up over it")
-    p.add_argument("--timelines", default=None, help="folder for each policy's timeline (Parquet)")
+    p.add_argument("--timelines", default=None,
+                   help="folder for each policy's timeline (Parquet); with --max-batch or --arrival-rate, each row's")
     p.add_argument("--record-trace", default=None, help="write the routing the runs took (a trace) here")
     p.add_argument("--max-batch", type=listed(whole(1)), default=None,
                    help="batch sizes, e.g. 1,4,16,64: throughput and latency percentiles per policy, B requests "
@@ -177,15 +179,16 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
 def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -> int:
     """Throughput against batch size, per policy (``bench.batch_rows``)."""
     out = check_writable(output_path(args, "batch"), args.force, "--out")  # before the model loads
+    sizes, schedules = [int(b) for b in args.max_batch.split(",")], (args.prefill_schedule or "prefill-first").split(",")
+    timelines = row_timelines(args, out, [f"b{b}_{s}" for b in sizes for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     record = rows_record(args, argv)
-    with partial_rows(out, record) as on_row:
+    with partial_rows(out, record, timelines) as on_row:
         record["rows"] = batch_rows(
-            runtime, knobs, args.policies.split(","), [int(b) for b in args.max_batch.split(",")], args.prompt_len,
-            args.gen, memory_budget=args.memory_budget, repeats=args.repeats, quiet=args.json,
-            schedules=tuple((args.prefill_schedule or "prefill-first").split(",")), prefill_chunk=args.prefill_chunk,
-            on_row=on_row)
+            runtime, knobs, args.policies.split(","), sizes, args.prompt_len, args.gen,
+            memory_budget=args.memory_budget, repeats=args.repeats, quiet=args.json, schedules=tuple(schedules),
+            prefill_chunk=args.prefill_chunk, keep_timelines=timelines is not None, on_row=on_row)
         atomic_write_json(out, record)
     rows = record["rows"]
     print(format_batch_table(rows))
@@ -204,17 +207,18 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
         raise DuoServeError("--arrival-rate takes one --max-batch (the most requests decoding together), "
                             f"got {args.max_batch}")
     out = check_writable(output_path(args, "load"), args.force, "--out")  # before the model loads
+    rates, schedules = [float(r) for r in args.arrival_rate.split(",")], (args.prefill_schedule or DEFAULT_SCHEDULE).split(",")
+    timelines = row_timelines(args, out, [f"r{r:g}_{s}" for r in rates for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     record = rows_record(args, argv)
-    with partial_rows(out, record) as on_row:
+    with partial_rows(out, record, timelines) as on_row:
         record["rows"] = arrival_rows(
-            runtime, knobs, args.policies.split(","), [float(r) for r in args.arrival_rate.split(",")],
-            None if args.duration else args.requests or 16, args.prompt_len, args.gen, max_batch=sizes[0],
-            memory_budget=args.memory_budget, duration_s=args.duration,
-            slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+            runtime, knobs, args.policies.split(","), rates, None if args.duration else args.requests or 16,
+            args.prompt_len, args.gen, max_batch=sizes[0], memory_budget=args.memory_budget,
+            duration_s=args.duration, slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
             slo_tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, quiet=args.json,
-            schedules=tuple((args.prefill_schedule or DEFAULT_SCHEDULE).split(",")), prefill_chunk=args.prefill_chunk,
+            schedules=tuple(schedules), prefill_chunk=args.prefill_chunk, keep_timelines=timelines is not None,
             on_row=on_row)
         atomic_write_json(out, record)
     rows = record["rows"]
@@ -244,17 +248,41 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.partial{out.suffix}")
 
 
+def row_name(row: dict) -> str:
+    """A batch or arrival row's part of its timeline's file name: ``b16_mixed``, ``r0.5_mixed``."""
+    schedule = row.get("prefill_schedule", "prefill-first").split(",")[0]  # "mixed, chunks of N" is mixed
+    which = f"b{row['max_batch']}" if "arrival_rate" not in row else f"r{row['arrival_rate']:g}"
+    return f"{which}_{schedule}"
+
+
+def row_timelines(args: argparse.Namespace, out: Path, names: list[str]) -> Callable[[dict], Path] | None:
+    """With ``--timelines DIR``: where each row's timeline goes (``DIR/<--out stem>_<policy>_<row_name>.parquet``),
+    every one of them checked writable before the model loads; else None."""
+    if not args.timelines:
+        return None
+    for policy in args.policies.split(","):
+        for name in names:
+            check_writable(Path(args.timelines) / f"{out.stem}_{policy}_{name}.parquet", args.force, "--timelines")
+    return lambda row: Path(args.timelines) / f"{out.stem}_{row['policy']}_{row_name(row)}.parquet"
+
+
 @contextlib.contextmanager
-def partial_rows(out: Path, record: dict):
+def partial_rows(out: Path, record: dict, timeline_path: Callable[[dict], Path] | None = None):
     """Yield ``on_row``, which writes the rows measured so far beside ``out`` (``NAME.partial.json``,
     ``"partial": true``, atomically) after each one. Why: a batch sweep or an arrivals run takes minutes
     per row, and the GPU runs live under a wall-clock limit (``timeout``'s SIGTERM); a run stopped by it
     keeps the rows it finished, and says so. The file goes once ``out`` is written, on an error and on
-    Ctrl-C (which writes nothing)."""
+    Ctrl-C (which writes nothing). ``timeline_path``: where a row's ``timeline`` goes (``row_timelines``); it is
+    written as its row finishes and taken out of the row, kept or removed with the rows."""
     path = partial_path(out)
     done: list[int] = []
+    written: list[Path] = []
 
     def on_row(rows: list[dict]) -> None:
+        row = rows[-1]
+        if "timeline" in row:
+            written.append(timeline_path(row))
+            _write_timelines({"row": written[-1]}, {"row": row.pop("timeline")})
         atomic_write_json(path, {**record, "partial": True, "rows": rows})
         done[:] = [len(rows)]
 
@@ -262,9 +290,10 @@ def partial_rows(out: Path, record: dict):
         yield on_row
     except BaseException as exc:
         if isinstance(exc, Terminated) and done:
-            exc.written = f"the {done[0]} finished rows kept in {path}"
+            exc.written = f"the {done[0]} finished rows kept in {path}" + (" with their timelines" if written else "")
         else:
-            path.unlink(missing_ok=True)
+            for finished in [path, *written]:
+                finished.unlink(missing_ok=True)
         raise
     path.unlink(missing_ok=True)
 
