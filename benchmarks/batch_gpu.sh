@@ -2,7 +2,7 @@
 # Issue 14 on the GPU machine: continuous batching, throughput by batch size and latency under arrivals.
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% at batch 1 (+ the batch's KV caches), prompt 512,
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
-#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, serve   (carry [".whl"]; serve also
+#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, gap, serve   (carry [".whl"]; serve also
 #   ".whl-serve": the FastAPI, Starlette, uvicorn, pydantic and opentelemetry-api wheels the GPU image lacks);
 #   notebook: notebook 07 on the GPU without Jupyter (benchmarks/notebook_cells.py), carrying ".whl-cells": IPython,
 #   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell). Fetch them with
@@ -48,6 +48,15 @@ arrivals)
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
   ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed "s/^/cut by the timeout, rows kept: /" || true ;;
+gap)
+  # where duoserve's batched decode steps spend the time the simulator does not see (7-20% on 2026-12-01):
+  # the same request through generate and through generate_many at B 1 and 4, both policies, with timelines
+  trace
+  timeout 150 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies duoserve,on-demand \
+      --timelines "$OUT/timelines" --out "$OUT/gap_${TAG}_generate.json" > "$OUT/gap_generate.log" 2>&1
+  timeout 240 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies duoserve,on-demand \
+      --max-batch 1,4 --timelines "$OUT/timelines" --out "$OUT/gap_${TAG}_batch.json" > "$OUT/gap_batch.log" 2>&1
+  python3 benchmarks/step_split_table.py "$OUT"/gap_*.json || tail -3 "$OUT"/gap_*.log ;;
 notebook)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
     || exit 1

@@ -1,0 +1,69 @@
+"""Where each run's decode steps spent their time, one line per run, from bench result files.
+
+    python benchmarks/step_split_table.py benchmarks/results/gap_h200_*.json
+
+Reads the ``decode_split`` every bench run records (``timeline.step_split``): a plain ``bench`` file gives
+one line per policy (``generate``, one request), a ``--max-batch`` or ``--arrival-rate`` file one per
+row. Per decode step: its mean time, the copies, the copy and compute streams' busy time, and the rest of
+the step, which the copy stream spent idle (host work, syncs, waits on compute). Why: the simulator
+matched duoserve's single-request decode on the H200 within 0.6% but its batched decode steps only
+within 7-20%, with the same copies; this says which of the three the GPU spent the difference on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def lines(path: Path) -> list[dict]:
+    """One entry per run in a bench result file: its label and its decode step's parts (seconds)."""
+    record = json.loads(path.read_text())
+    out = []
+    for name, r in (record.get("results") or {}).items():
+        split = r.get("decode_split")
+        if split and r.get("tpot_s"):
+            out.append({"file": path.name, "run": f"{name}, generate", "step_s": r["tpot_s"], **split})
+    for r in record.get("rows") or []:
+        split = r.get("decode_split")
+        if not split or not r.get("decode_steps"):
+            continue
+        where = f"B {r['max_batch']}" if "arrival_rate" not in r else f"{r['arrival_rate']:g}/s"
+        out.append({"file": path.name, "run": f"{r['policy']}, {where}", "step_s": r["decode_s"] / r["decode_steps"],
+                    **split})
+    return out
+
+
+def table(entries: list[dict]) -> str:
+    rows = ["| file | run | step ms | copies | copy busy ms | compute busy ms | copy stream idle ms |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        rows.append(f"| {e['file']} | {e['run']} | {e['step_s'] * 1e3:.1f} | {e['copies_per_step']:.1f} "
+                    f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} "
+                    f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, help="bench result JSON files")
+    args = p.parse_args(argv)
+    entries = []
+    for path in args.files:
+        try:
+            entries += lines(path)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: {path} is not a bench result with decode_split ({exc})", file=sys.stderr)
+            return 2
+    if not entries:
+        print("error: none of the files has a decode_split (bench results of 2026-12-01 or later have it)",
+              file=sys.stderr)
+        return 2
+    print(table(entries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

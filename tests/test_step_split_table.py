@@ -1,0 +1,42 @@
+"""benchmarks/step_split_table.py: one line per run from real bench files (a plain run and a batch sweep)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from duoserve_core.bench.__main__ import main as bench
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_split_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("step_split_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
+    common = ["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len", "6",
+              "--gen", "3", "--repeats", "1", "--policies", "lru,on-demand"]
+    assert bench(common + ["--out", str(tmp_path / "one.json")]) == 0
+    assert bench(common + ["--max-batch", "2", "--out", str(tmp_path / "batch.json")]) == 0
+    capsys.readouterr()
+    script = _script()
+    entries = script.lines(tmp_path / "one.json") + script.lines(tmp_path / "batch.json")
+    assert [e["run"] for e in entries] == ["lru, generate", "on-demand, generate", "lru, B 2", "on-demand, B 2"]
+    record = json.loads((tmp_path / "batch.json").read_text())["rows"][0]
+    assert entries[2]["step_s"] == pytest.approx(record["decode_s"] / record["decode_steps"])
+    assert entries[2]["copies_per_step"] == record["decode_split"]["copies_per_step"]
+    assert script.main([str(tmp_path / "one.json"), str(tmp_path / "batch.json")]) == 0
+    assert capsys.readouterr().out.count("\n| ") == 4  # a line per run under the header
+
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [{"max_batch": 1, "policy": "lru"}]}))
+    assert script.main([str(tmp_path / "old.json")]) == 2
+    assert "none of the files has a decode_split" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert script.main([str(tmp_path / "bad.json")]) == 2
+    assert "is not a bench result" in capsys.readouterr().err
