@@ -3,22 +3,20 @@
     python benchmarks/foresight.py --out benchmarks/results/foresight_sim_h200 [--force]
 
 For each routing source (the synth presets and the bundled trace, replayed at Mixtral-8x7B's 32 layers
-as ``sim.decode_routing`` does) and budget, one simulated duoserve run gives the routing the request
-took; ``oracle.foresight_loads`` then counts the decode loads of a cache that sees the next W layer
-steps of it (W = 0: LRU or LFU alone; W = 32: the next token at every layer; W = inf: Belady), with the
-better of the two fallbacks. Beside them: what duoserve (on the bundled trace also with its recorded
-speculative-gate guesses) and lru copy per token in the simulator, and duoserve's TPOT over Belady's
-bound (``lab.routing_view``'s). Why: duoserve misses the 1.25x-of-Belady
-target on the bundled routing; this says whether any policy that sees as far as the gate and the
-predictor do (one or two layers) could meet it.
+as ``sim.decode_routing`` does) and budget, ``lab.routing_view.foresight`` (which notebook 05 draws): one
+simulated duoserve run gives the routing the request took, and ``oracle.foresight_loads`` counts the
+decode loads of a cache that sees the next W layer steps of it (W = 0: LRU or LFU alone; W = 32: the
+same layer of the next token; W = inf: Belady), the better of the two fallbacks; beside them what
+duoserve (on the bundled trace also with the gate's recorded guesses) and lru copy per token, and their
+TPOT over Belady's bound. Why: duoserve misses the 1.25x-of-Belady target on the bundled routing; this
+says whether any policy that sees as far as the gate and a predictor do (a layer or two) could meet it.
 
-Deterministic (no policy decision time charged); about a minute on a CPU. Writes JSON and Markdown.
+Deterministic (no policy decision time charged); about 3 minutes on a CPU. Writes JSON and Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -26,36 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
-from duoserve_core.oracle import FALLBACKS, belady_loads, expert_groups, foresight_loads  # noqa: E402
-from duoserve_core.policy import PolicyKnobs  # noqa: E402
-from duoserve_core.sim.decode_routing import CALIBRATION, decode_result, mixtral_model  # noqa: E402
+from duoserve_core.sim.decode_routing import CALIBRATION  # noqa: E402
 from lab import routing_view  # noqa: E402
-
-WINDOWS = (0, 1, 2, 4, 8, 16, 24, 32, 64, math.inf)
-
-
-def measure(source: str, slots: int, prompt_len: int, gen: int, windows=WINDOWS) -> dict:
-    """One source at one budget: duoserve's and lru's copies per token, Belady's, and the foresight curve."""
-    model, cal = mixtral_model(slots, prompt_len + gen), routing_view._calibration()
-    replay = routing_view._replay(source, prompt_len, gen)
-    knobs = {"duoserve": PolicyKnobs(policy="duoserve"), "lru": PolicyKnobs(policy="lru")}
-    if source == routing_view.BUNDLED:  # the trace records the speculative gate's guesses, as the H200 runs used
-        knobs["duoserve + gate"] = PolicyKnobs(policy="duoserve", speculative_gate=True)
-    runs = {name: decode_result(model, cal, replay, k, prompt_len, gen) for name, k in knobs.items()}
-    rows = runs["duoserve"]["timeline"]
-    prefill = [{key} for group in expert_groups(rows, "prefill") for key in sorted(group)]  # as bench.bounds counts
-    groups = prefill + expert_groups(rows, "decode")
-    tokens = runs["duoserve"]["new_tokens"] - 1
-    belady = belady_loads(groups, slots, count_from=len(prefill)) / tokens
-    curve = {("inf" if w == math.inf else str(w)):
-             min(foresight_loads(groups, slots, w, fallback=f, count_from=len(prefill)) for f in FALLBACKS) / tokens
-             for w in windows}
-    bound_ms = routing_view._belady(source, prompt_len, gen).loc[slots, "Belady TPOT (ms)"]
-    return {"source": source, "slots": slots, "prompt_len": prompt_len, "gen": gen, "decode_tokens": tokens,
-            "copies_per_token": {p: r["phases"]["decode"]["h2d_copies"] / tokens for p, r in runs.items()},
-            "belady_copies_per_token": belady, "foresight_copies_per_token": curve,
-            "tpot_over_belady": {name: r["tpot_s"] * 1e3 / bound_ms for name, r in runs.items()}}
-
 
 def markdown(rows: list[dict]) -> str:
     windows = list(rows[0]["foresight_copies_per_token"])
@@ -89,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for source in args.sources.split(","):
             for slots in (int(s) for s in args.slots.split(",")):
-                rows.append(measure(source, slots, args.prompt_len, args.gen))
+                rows.append(routing_view.foresight(source, slots, args.prompt_len, args.gen))
                 print(f"{source} {slots} slots: done", file=sys.stderr, flush=True)
     except (DuoServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    atomic_write_json(f"{args.out}.json", {"calibration": str(CALIBRATION), "windows": [str(w) for w in WINDOWS],
+    atomic_write_json(f"{args.out}.json", {"calibration": str(CALIBRATION), "windows": [str(w) for w in routing_view.WINDOWS],
                                            "rows": rows})
     text = markdown(rows)
     atomic_write_text(f"{args.out}.md", text)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from duoserve_core.oracle import FALLBACKS, belady_loads, expert_groups, foresight_loads
 from duoserve_core.policy import PolicyKnobs
 from duoserve_core.sim import Calibration, load_calibration, reference
 from duoserve_core.sim.decode_routing import (BUNDLED_TRACE, CALIBRATION, EXPERTS, LAYERS, TOP_K, decode_result,
@@ -122,6 +124,58 @@ def budget_sweep(source: str, budgets: Sequence[int] = BUDGETS, prompt_len: int 
     df["TPOT / Belady"] = df["TPOT (ms)"] / df["Belady TPOT (ms)"]
     df["Belady's loads per token"] = df["Belady's loads"] / df["decode tokens"]
     return df
+
+
+# How far ahead a cache must see: the next W layer steps (W = 32 reaches the same layer of the next token).
+WINDOWS = (0, 1, 2, 4, 8, 16, 24, 32, 64, math.inf)
+
+
+@functools.lru_cache(maxsize=16)
+def foresight(source: str, slots: int, prompt_len: int = PROMPT, gen: int = GEN) -> dict:
+    """Decode copies per token of a cache that sees the next W layer steps of the routing
+    (``oracle.foresight_loads``, the better of its LRU and LFU fallbacks; W = inf is Belady) beside
+    what duoserve and lru copy in the simulator, and, on the bundled trace, duoserve with the gate's
+    recorded guesses; with each one's TPOT over Belady's bound. Why: it says how much of the gap to
+    Belady a policy could close by seeing as far as its sources do (the gate: one layer)."""
+    model, cal, replay = mixtral_model(slots, prompt_len + gen), _calibration(), _replay(source, prompt_len, gen)
+    knobs = {"duoserve": PolicyKnobs(policy="duoserve"), "lru": PolicyKnobs(policy="lru")}
+    if source == BUNDLED:  # the trace records the speculative gate's guesses, as the H200 runs used
+        knobs["duoserve + gate"] = PolicyKnobs(policy="duoserve", speculative_gate=True)
+    runs = {name: decode_result(model, cal, replay, k, prompt_len, gen) for name, k in knobs.items()}
+    rows = runs["duoserve"]["timeline"]
+    prefill = [{key} for group in expert_groups(rows, "prefill") for key in sorted(group)]  # as bench.bounds counts
+    groups = prefill + expert_groups(rows, "decode")
+    tokens = runs["duoserve"]["new_tokens"] - 1
+    curve = {("inf" if w == math.inf else str(w)):
+             min(foresight_loads(groups, slots, w, fallback=f, count_from=len(prefill)) for f in FALLBACKS) / tokens
+             for w in WINDOWS}
+    bound_ms = _belady(source, prompt_len, gen).loc[slots, "Belady TPOT (ms)"]
+    return {"source": source, "slots": slots, "prompt_len": prompt_len, "gen": gen, "decode_tokens": tokens,
+            "copies_per_token": {name: r["phases"]["decode"]["h2d_copies"] / tokens for name, r in runs.items()},
+            "belady_copies_per_token": belady_loads(groups, slots, count_from=len(prefill)) / tokens,
+            "foresight_copies_per_token": curve,
+            "tpot_over_belady": {name: r["tpot_s"] * 1e3 / bound_ms for name, r in runs.items()}}
+
+
+def foresight_figure(result: dict) -> go.Figure:
+    """Copies per token against how far ahead the cache sees, the policies' own copies as lines across."""
+    curve = result["foresight_copies_per_token"]
+    x = [str(w) for w in curve]
+    fig = go.Figure(go.Scatter(x=x, y=list(curve.values()), mode="lines+markers", name="Belady within the window",
+                               line_color=ORACLE_COLOUR,
+                               hovertemplate="seeing %{x} layer steps ahead: %{y:.1f} copies per token<extra></extra>"))
+    for name, copies in result["copies_per_token"].items():
+        colour = COLOURS.get(name, COLOURS["duoserve"])
+        fig.add_hline(y=copies, line_color=colour, line_dash="dot" if "gate" in name else "solid",
+                      annotation_text=f"{name}: {copies:.1f}", annotation_position="top left")
+    fig.add_vline(x=x.index("32"), line_dash="dot", line_color="grey",  # a category's place on the axis
+                  annotation_text="the next token's same layer")
+    fig.update_xaxes(title_text="layer steps the cache sees ahead (W; inf: Belady)", type="category")
+    fig.update_yaxes(title_text="decode copies per token", rangemode="tozero")
+    fig.update_layout(height=360, showlegend=False,
+                      title=f"How far ahead a cache must see: {result['source']} routing, {result['slots']} slots "
+                            f"(simulated Mixtral-8x7B; a {result['prompt_len']}-token prompt, {result['gen']} tokens)")
+    return fig
 
 
 def violations(df: pd.DataFrame) -> list[str]:

@@ -102,3 +102,16 @@ def test_measured_sources_show_the_gpu_beside_the_simulator():
         measured, simulated = zip(*(c.split(" / ") for c in table["copies measured / simulated"]))
         assert all(abs(int(m) - int(s)) <= 0.01 * int(m) for m, s in zip(measured, simulated))
     assert rv.measured("random") is None
+
+
+def test_foresight_spans_the_causal_caches_to_belady_and_draws():
+    result = rv.foresight("random", 21)
+    curve, tokens = result["foresight_copies_per_token"], result["decode_tokens"]
+    belady_loads = rv.belady("random").loc[21, "Belady's loads"]  # sim.reference's stack algorithm, same uses
+    assert curve["inf"] == pytest.approx(result["belady_copies_per_token"]) == pytest.approx(belady_loads / tokens)
+    assert curve["inf"] <= min(curve.values()) and set(result["copies_per_token"]) == {"duoserve", "lru"}
+    assert all(c >= curve["inf"] for c in result["copies_per_token"].values())
+    fig = rv.foresight_figure(result)
+    assert list(fig.data[0].x) == [str(w) for w in curve] and "21 slots" in fig.layout.title.text
+    assert [a.text.split(":")[0] for a in fig.layout.annotations][:2] == ["duoserve", "lru"]
+    assert "duoserve + gate" in rv.foresight(rv.BUNDLED, 21)["copies_per_token"]
