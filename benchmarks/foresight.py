@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DuoServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    atomic_write_json(f"{args.out}.json", {"calibration": str(CALIBRATION), "windows": [str(w) for w in routing_view.WINDOWS],
+    atomic_write_json(f"{args.out}.json", {"device": "simulated H200 (its calibration)", "date": date.today().isoformat(),
+                                           "command": "python benchmarks/foresight.py " + " ".join(argv or sys.argv[1:]),
+                                           "calibration": str(CALIBRATION.relative_to(ROOT)), "windows": [str(w) for w in routing_view.WINDOWS],
                                            "rows": rows})
     text = markdown(rows)
     atomic_write_text(f"{args.out}.md", text)
