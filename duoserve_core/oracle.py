@@ -15,6 +15,19 @@ from typing import Iterable, Sequence
 from .events import ExpertKey
 
 
+def _indexed(groups: Sequence[Iterable[ExpertKey]], capacity: int
+             ) -> tuple[list[set[ExpertKey]], dict[ExpertKey, list[int]]]:
+    """The groups as sets, checked to fit ``capacity``, and each expert's uses (group indices, in order)."""
+    groups = [set(g) for g in groups]
+    if groups and max(len(g) for g in groups) > capacity:
+        raise ValueError(f"a step needs {max(len(g) for g in groups)} experts at once but there are {capacity} slots")
+    uses: dict[ExpertKey, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        for key in group:
+            uses[key].append(index)
+    return groups, uses
+
+
 def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: Iterable[ExpertKey] = (),
                  count_from: int = 0) -> int:
     """Loads needed to serve ``groups`` in order with ``capacity`` slots.
@@ -24,13 +37,7 @@ def belady_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, initial: 
     Only loads from group ``count_from`` on are counted: the decode bound runs the whole request
     and counts its decode steps, so decode starts from the cache the optimum left after prefill.
     """
-    groups = [set(g) for g in groups]
-    if groups and max(len(g) for g in groups) > capacity:
-        raise ValueError(f"a step needs {max(len(g) for g in groups)} experts at once but there are {capacity} slots")
-    uses: dict[ExpertKey, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        for key in group:
-            uses[key].append(index)
+    groups, uses = _indexed(groups, capacity)
     pointer: dict[ExpertKey, int] = defaultdict(int)
 
     def next_use(key: ExpertKey) -> float:
@@ -67,13 +74,7 @@ def foresight_loads(groups: Sequence[Iterable[ExpertKey]], capacity: int, window
     Belady (``belady_loads``), ``0`` the fallback cache alone. Loads counted from group ``count_from``."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
-    groups = [set(g) for g in groups]
-    if groups and max(len(g) for g in groups) > capacity:
-        raise ValueError(f"a step needs {max(len(g) for g in groups)} experts at once but there are {capacity} slots")
-    uses: dict[ExpertKey, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        for key in group:
-            uses[key].append(index)
+    groups, uses = _indexed(groups, capacity)
     pointer: dict[ExpertKey, int] = defaultdict(int)
     last: dict[ExpertKey, int] = {}
     count: dict[ExpertKey, int] = defaultdict(int)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accelerate_peer.py"
+from conftest import benchmark_script
 
 
 def test_peer_script_times_a_small_model(tmp_path):
-    spec = importlib.util.spec_from_file_location("accelerate_peer", SCRIPT)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = benchmark_script("accelerate_peer")
     out = tmp_path / "peer.json"
     result = peer.main(["--preset", "tiny", "--num-layers", "2", "--prompt-len", "16", "--gen", "3",
                         "--device", "cpu", "--out", str(out)])

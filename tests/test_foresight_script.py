@@ -1,23 +1,15 @@
 """benchmarks/foresight.py on a short request: the table's figures hang together."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "foresight.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("foresight", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script
 
 
 def test_foresight_rows_and_outputs(tmp_path, capsys):
-    script = _script()
+    script = benchmark_script("foresight")
     out = tmp_path / "fs"
     assert script.main(["--sources", "random,bundled trace", "--slots", "8", "--prompt-len", "16", "--gen", "8",
                         "--out", str(out)]) == 0

@@ -4,28 +4,21 @@ zero error; a measurement twice as fast comes back at -50%."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_script
 from test_sim import fake_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-SCRIPT = ROOT / "benchmarks" / "sim_vs_batch.py"
 TRACE = DATA / "traces" / "small-moe-heldout.parquet"
 SHAPE = dict(hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)
 COMMAND = (f"python -m duoserve_core.bench --model {DATA / 'small-moe'} --quant nf4 --memory-budget 10slots "
            f"--prompt-len 6 --gen 4 --routing-trace {TRACE} --policies on-demand,lru")
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("sim_vs_batch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
@@ -52,7 +45,7 @@ def test_equal_figures_give_zero_error_and_a_faster_measurement_a_negative_one(f
     from duoserve_core.sim import load_calibration
 
     folder, cal_path = files
-    svb, cal = _script(), load_calibration(cal_path)
+    svb, cal = benchmark_script("sim_vs_batch"), load_calibration(cal_path)
     configs = svb.configurations(folder / "batch.json") + svb.configurations(folder / "arrivals.json")
     assert [(c["kind"], c["policy"], c["max_batch"], c["requests"]) for c in configs] == [
         ("batch", "on-demand", 1, 1), ("batch", "lru", 3, 3), ("arrivals", "lru", 3, 4)]
@@ -81,7 +74,7 @@ def test_equal_figures_give_zero_error_and_a_faster_measurement_a_negative_one(f
 def test_main_writes_the_table_and_the_summary(files, capsys):
     folder, cal_path = files
     out = folder / "table"
-    assert _script().main([str(folder / "batch.json"), str(folder / "arrivals.json"), "--calibration", str(cal_path),
+    assert benchmark_script("sim_vs_batch").main([str(folder / "batch.json"), str(folder / "arrivals.json"), "--calibration", str(cal_path),
                            "--out", str(out)]) == 0
     record = json.loads(Path(f"{out}.json").read_text())
     assert [r["kind"] for r in record["rows"]] == ["batch", "batch", "arrivals"]

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_script
 from duoserve_core.bench.__main__ import main as bench
 from duoserve_core.calibrate.__main__ import main as calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-SCRIPT = ROOT / "benchmarks" / "sim_vs_measured.py"
 BENCH = ["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "15.5MiB", "--prompt-len", "24",
          "--gen", "6", "--repeats", "1", "--policies", "duoserve,on-demand,lru-speculative",
          "--predictor", str(DATA / "predictors" / "small-moe-depth2.safetensors")]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("sim_vs_measured", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def measured(tmp_path_factory):
 
 def test_every_measured_configuration_is_simulated(measured, capsys):
     out = measured / "table"
-    assert _script().main([str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json"),
+    assert benchmark_script("sim_vs_measured").main([str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json"),
                            "--out", str(out)]) == 0
     rows = json.loads(Path(f"{out}.json").read_text())["rows"]
     assert [r["policy"] for r in rows] == ["duoserve", "on-demand", "lru-speculative"]
@@ -59,7 +52,7 @@ def test_a_bench_without_routing_trace_is_refused(measured, tmp_path, capsys):
         r["runtime"]["routing_trace"] = None
     record["command"] = record["command"].split(" --routing-trace")[0]
     (tmp_path / "b.json").write_text(json.dumps(record))
-    assert _script().main([str(tmp_path / "b.json"), "--calibration", str(measured / "cal.json"),
+    assert benchmark_script("sim_vs_measured").main([str(tmp_path / "b.json"), "--calibration", str(measured / "cal.json"),
                            "--out", str(tmp_path / "t")]) == 2
     assert "--routing-trace" in capsys.readouterr().err
 
@@ -68,9 +61,9 @@ def test_an_existing_table_needs_force(measured, tmp_path, capsys):
     out = tmp_path / "table"
     Path(f"{out}.md").write_text("an earlier table")
     args = [str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json"), "--out", str(out)]
-    assert _script().main(args) == 2
+    assert benchmark_script("sim_vs_measured").main(args) == 2
     assert "--force" in capsys.readouterr().err and Path(f"{out}.md").read_text() == "an earlier table"
-    assert _script().main(args + ["--force"]) == 0 and "TPOT err" in Path(f"{out}.md").read_text()
+    assert benchmark_script("sim_vs_measured").main(args + ["--force"]) == 0 and "TPOT err" in Path(f"{out}.md").read_text()
 
 
 def test_host_terms_borrowed_from_another_calibration_are_used_and_named(measured, tmp_path):
@@ -78,8 +71,8 @@ def test_host_terms_borrowed_from_another_calibration_are_used_and_named(measure
     cal["host"]["per_expert_s"], cal["host"]["per_copy_s"] = {"prefill": 0.05, "decode": 0.05}, 0.0
     (tmp_path / "slow_host.json").write_text(json.dumps(cal))
     args = [str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json")]
-    assert _script().main(args + ["--out", str(tmp_path / "own")]) == 0
-    assert _script().main(args + ["--host-terms-from", str(tmp_path / "slow_host.json"),
+    assert benchmark_script("sim_vs_measured").main(args + ["--out", str(tmp_path / "own")]) == 0
+    assert benchmark_script("sim_vs_measured").main(args + ["--host-terms-from", str(tmp_path / "slow_host.json"),
                                   "--out", str(tmp_path / "borrowed")]) == 0
     own = json.loads((tmp_path / "own.json").read_text())["rows"]
     borrowed = json.loads((tmp_path / "borrowed.json").read_text())

@@ -1,22 +1,14 @@
 """benchmarks/step_split_table.py: one line per run from real bench files (a plain run and a batch sweep)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_script
 from duoserve_core.bench.__main__ import main as bench
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_split_table.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("step_split_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
@@ -25,7 +17,7 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     assert bench(common + ["--out", str(tmp_path / "one.json")]) == 0
     assert bench(common + ["--max-batch", "2", "--out", str(tmp_path / "batch.json")]) == 0
     capsys.readouterr()
-    script = _script()
+    script = benchmark_script("step_split_table")
     entries = script.lines(tmp_path / "one.json") + script.lines(tmp_path / "batch.json")
     assert [e["run"] for e in entries] == ["lru, generate", "on-demand, generate", "lru, B 2", "on-demand, B 2"]
     record = json.loads((tmp_path / "batch.json").read_text())["rows"][0]
