@@ -65,7 +65,9 @@ MAX_GEN = 128                              # the notebook's largest generated-to
 # --prompt-len 512`` (benchmarks/batch_gpu.sh); grown where the knobs ask for more requests or tokens.
 TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 128
 MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
-MEASURED_ARRIVALS_GLOB = "arrivals_*_8x7b_mixtral_like.json"
+# the arrival runs drawn: 2026-11-30's (prefill-first, 16 requests) and 2026-12-01's (mixed, 12 requests, each
+# policy warmed up on a full batch first); not the 2026-12-01 run without that warm-up, whose first row was cold
+MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req.json")
 PERCENTILES = ("p50", "p99")
 
 
@@ -283,10 +285,11 @@ def measured_batches(results_dir: str | Path = RESULTS) -> pd.DataFrame:
 
 
 def measured_arrivals(results_dir: str | Path = RESULTS) -> pd.DataFrame:
-    """The committed ``arrivals_*_8x7b_mixtral_like.json`` rows flattened (``ttft_p50_s``...), with
-    ``label`` saying device, date, max batch and requests (the run's own, whatever the knobs say)."""
+    """The committed arrival runs' rows (``MEASURED_ARRIVALS``, those present) flattened (``ttft_p50_s``...),
+    with ``label`` saying device, date, tokens, max batch, requests and schedule (the run's own, whatever
+    the knobs say)."""
     rows = []
-    for path in sorted(Path(results_dir).glob(MEASURED_ARRIVALS_GLOB)):
+    for path in (p for p in (Path(results_dir) / name for name in MEASURED_ARRIVALS) if p.is_file()):
         record = json.loads(path.read_text())
         for r in record["rows"]:
             if "skipped" in r:
@@ -393,7 +396,7 @@ def throughput_figure(rows: pd.DataFrame, source: str, measured: pd.DataFrame | 
 def latency_figure(table: pd.DataFrame, source: str, max_batch: int, measured: pd.DataFrame | None = None
                    ) -> go.Figure:
     """TTFT (left) and TPOT (right) against arrival rate: p50 solid, p99 dashed per policy, in ms; the
-    committed measurements as markers (circle p50, cross p99)."""
+    committed measurements as markers, a shape per run (filled p50, open p99)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT, queueing included (ms)", "TPOT (ms)"))
     for col, metric in enumerate(("ttft", "tpot"), start=1):
         for policy, part in table.groupby("policy", sort=False):
@@ -403,15 +406,15 @@ def latency_figure(table: pd.DataFrame, source: str, max_batch: int, measured: p
                                          name=f"{policy} {p}", line=dict(color=colour, dash=dash), legendgroup=policy,
                                          showlegend=col == 1), row=1, col=col)
             if measured is not None and not measured.empty:
-                m = measured[measured["policy"] == policy]
-                for p, symbol in (("p50", "circle"), ("p99", "x")):
-                    if m.empty:
-                        continue
-                    fig.add_trace(go.Scatter(x=m["arrival_rate"], y=m[f"{metric}_{p}_s"] * 1e3, mode="markers",
-                                             name=f"{policy} {p}, {m['label'].iloc[0]}", legendgroup=policy,
-                                             showlegend=col == 1, marker=dict(color=colour, symbol=symbol, size=10,
-                                                                              line=dict(color="black", width=1))),
-                                  row=1, col=col)
+                runs = measured[measured["policy"] == policy].groupby("label", sort=True)
+                for run, (label, m) in enumerate(runs):  # p50 filled, p99 open; a shape per run
+                    shape = ("circle", "square", "diamond", "triangle-up")[run % 4]
+                    for p, symbol in (("p50", shape), ("p99", f"{shape}-open")):
+                        fig.add_trace(go.Scatter(x=m["arrival_rate"], y=m[f"{metric}_{p}_s"] * 1e3, mode="markers",
+                                                 name=f"{policy} {p}, {label}", legendgroup=policy,
+                                                 showlegend=col == 1, marker=dict(color=colour, symbol=symbol, size=10,
+                                                                                  line=dict(color="black", width=1))),
+                                      row=1, col=col)
         fig.update_xaxes(title_text="arrival rate (requests/s)", type="log", row=1, col=col)
         fig.update_yaxes(type="log", row=1, col=col)
     fig.update_layout(title=f"Latency percentiles against arrival rate at max batch {max_batch} ({source}); "

@@ -26,6 +26,8 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
     assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30, 32 tokens (max batch 16, 16 requests, prefill-first)"
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
+    assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run, not the cold one
+    assert "measured H200, 2026-12-01, 32 tokens (max batch 16, 12 requests, mixed)" in set(arrivals["label"])
 
 
 def test_the_budget_rule_adds_kv_caches_and_keeps_the_slots():
@@ -94,7 +96,9 @@ def test_figures_tables_and_labels():
     runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 1.0), 4, 4, 2)
     arrivals = qv.arrival_table(runs, 2.0, 0.5)
     fig = qv.latency_figure(arrivals, "measured on X", 2, qv.measured_arrivals())
-    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2)  # 2 panels: lines and markers
+    # 2 panels, each: the p50 and p99 lines, and p50 and p99 markers of each of the two measured runs
+    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2 * 2)
+    assert {t.marker.symbol for t in fig.data if t.mode == "markers"} == {"circle", "circle-open", "square", "square-open"}
     fig = qv.attainment_figure(arrivals, qv.SIMULATED, slo_ttft_ms=2000, slo_tpot_ms=500, max_batch=2)
     assert len(fig.data) == 1 and list(fig.data[0].x) == [0.5, 1.0]
     fig = qv.requests_figure(runs, 1.0, qv.SIMULATED)
