@@ -3,8 +3,8 @@
     python benchmarks/foresight.py --out benchmarks/results/foresight_sim_h200 [--force]
 
 For each routing source (the synth presets and the bundled trace, replayed at Mixtral-8x7B's 32 layers
-as ``sim.decode_routing`` does) and budget, ``lab.routing_view.foresight`` (which notebook 05 draws): one
-simulated duoserve run gives the routing the request took, and ``oracle.foresight_loads`` counts the
+as ``sim.decode_routing`` does) and budget, ``lab.routing_view.foresight`` (which notebook 05 draws): from the
+request's expert uses (``sim.reference.workload``, as Belady's bound reads them) ``oracle.foresight_loads`` counts the
 decode loads of a cache that sees the next W layer steps of it (W = 0: LRU or LFU alone; W = 32: the
 same layer of the next token; W = inf: Belady), the better of the two fallbacks; beside them what
 duoserve (on the bundled trace also with the gate's recorded guesses) and lru copy per token, and their

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from duoserve_core.oracle import FALLBACKS, belady_loads, expert_groups, foresight_loads
+from duoserve_core.oracle import FALLBACKS, foresight_loads
 from duoserve_core.policy import PolicyKnobs
 from duoserve_core.sim import Calibration, load_calibration, reference
 from duoserve_core.sim.decode_routing import (BUNDLED_TRACE, CALIBRATION, EXPERTS, LAYERS, TOP_K, decode_result,
@@ -108,9 +108,15 @@ def belady(source: str, prompt_len: int = PROMPT, gen: int = GEN) -> pd.DataFram
 
 
 @functools.lru_cache(maxsize=8)
+def _workload(source: str, prompt_len: int, gen: int) -> reference.Workload:
+    """The request's expert uses in order, from the routing alone (what Belady and foresight read)."""
+    return reference.workload(_replay(source, prompt_len, gen), [(0, prompt_len, gen)], LAYERS, EXPERTS)
+
+
+@functools.lru_cache(maxsize=8)
 def _belady(source: str, prompt_len: int, gen: int) -> pd.DataFrame:
     model = mixtral_model(LAYERS * EXPERTS, prompt_len + gen)
-    w = reference.workload(_replay(source, prompt_len, gen), [(0, prompt_len, gen)], LAYERS, EXPERTS)
+    w = _workload(source, prompt_len, gen)
     rows = reference.table(w, model, _calibration(), reference.sweep(w, ("belady",)))
     return pd.DataFrame({"slots": [r["slots"] for r in rows], "Belady's loads": [r["decode_loads"] for r in rows],
                          "Belady TPOT (ms)": [r["tpot_overlapped_s"] * 1e3 for r in rows]}).set_index("slots")
@@ -137,24 +143,26 @@ def foresight(source: str, slots: int, prompt_len: int = PROMPT, gen: int = GEN)
     what duoserve and lru copy in the simulator, and, on the bundled trace, duoserve with the gate's
     recorded guesses; with each one's TPOT over Belady's bound. Why: it says how much of the gap to
     Belady a policy could close by seeing as far as its sources do (the gate: one layer)."""
-    model, cal, replay = mixtral_model(slots, prompt_len + gen), _calibration(), _replay(source, prompt_len, gen)
-    knobs = {"duoserve": PolicyKnobs(policy="duoserve"), "lru": PolicyKnobs(policy="lru")}
+    # the policies' runs are the budget sweep's own (cached), the uses those Belady's bound reads
+    runs = {r["policy"]: r for r in _runs_at(source, slots, prompt_len, gen) if r["policy"] in ("duoserve", "lru")}
+    copies = {name: r["copies per token"] for name, r in runs.items()}
+    tpot_ms = {name: r["TPOT (ms)"] for name, r in runs.items()}
     if source == BUNDLED:  # the trace records the speculative gate's guesses, as the H200 runs used
-        knobs["duoserve + gate"] = PolicyKnobs(policy="duoserve", speculative_gate=True)
-    runs = {name: decode_result(model, cal, replay, k, prompt_len, gen) for name, k in knobs.items()}
-    rows = runs["duoserve"]["timeline"]
-    prefill = [{key} for group in expert_groups(rows, "prefill") for key in sorted(group)]  # as bench.bounds counts
-    groups = prefill + expert_groups(rows, "decode")
-    tokens = runs["duoserve"]["new_tokens"] - 1
-    curve = {("inf" if w == math.inf else str(w)):
-             min(foresight_loads(groups, slots, w, fallback=f, count_from=len(prefill)) for f in FALLBACKS) / tokens
-             for w in WINDOWS}
+        gate = decode_result(mixtral_model(slots, prompt_len + gen), _calibration(), _replay(source, prompt_len, gen),
+                             PolicyKnobs(policy="duoserve", speculative_gate=True), prompt_len, gen)
+        copies["duoserve + gate"] = gate["phases"]["decode"]["h2d_copies"] / (gate["new_tokens"] - 1)
+        tpot_ms["duoserve + gate"] = gate["tpot_s"] * 1e3
+    w = _workload(source, prompt_len, gen)
+    starts = w.group_starts.tolist()
+    groups = [set(w.keys[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+    first_decode = next(g for g, a in enumerate(starts[:-1]) if w.counted[a])  # prefill uses are not counted
+    curve = {("inf" if window == math.inf else str(window)):
+             min(foresight_loads(groups, slots, window, fallback=f, count_from=first_decode) for f in FALLBACKS)
+             / w.decode_tokens for window in WINDOWS}
     bound_ms = _belady(source, prompt_len, gen).loc[slots, "Belady TPOT (ms)"]
-    return {"source": source, "slots": slots, "prompt_len": prompt_len, "gen": gen, "decode_tokens": tokens,
-            "copies_per_token": {name: r["phases"]["decode"]["h2d_copies"] / tokens for name, r in runs.items()},
-            "belady_copies_per_token": belady_loads(groups, slots, count_from=len(prefill)) / tokens,
-            "foresight_copies_per_token": curve,
-            "tpot_over_belady": {name: r["tpot_s"] * 1e3 / bound_ms for name, r in runs.items()}}
+    return {"source": source, "slots": slots, "prompt_len": prompt_len, "gen": gen, "decode_tokens": w.decode_tokens,
+            "copies_per_token": copies, "belady_copies_per_token": curve["inf"], "foresight_copies_per_token": curve,
+            "tpot_over_belady": {name: ms / bound_ms for name, ms in tpot_ms.items()}}
 
 
 def foresight_figure(result: dict) -> go.Figure:
