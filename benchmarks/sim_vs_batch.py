@@ -136,10 +136,11 @@ def simulate(config: dict, calibration) -> dict:
                                 config.get("prefill_chunk"))
     decode = [r for r in run.rows if r["phase"] == "decode"]
     steps = run.decode_steps or 1
-    detail = {"decode_copies_per_step": sum(r["kind"] == "h2d" for r in decode) / steps,
+    split = step_split(run.rows, "decode", run.decode_steps)
+    detail = {"decode_copies_per_step": split["copies_per_step"],
               "decode_experts_per_step": sum(r["kind"] == "expert" for r in decode) / steps,
               "attention_s_per_step": sum(r["duration_ms"] for r in decode if r["kind"] == "attention") / 1e3 / steps,
-              "decode_split": step_split(run.rows, "decode", run.decode_steps)}
+              "decode_split": split}
     if config["kind"] == "batch":
         # the bench's percentiles (BatchRun.percentiles) over the simulated requests
         pct = BatchRun.percentiles(SimpleNamespace(requests=[SimpleNamespace(**r) for r in run.requests]))

@@ -180,7 +180,7 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     """Throughput against batch size, per policy (``bench.batch_rows``)."""
     out = check_writable(output_path(args, "batch"), args.force, "--out")  # before the model loads
     sizes, schedules = [int(b) for b in args.max_batch.split(",")], (args.prefill_schedule or "prefill-first").split(",")
-    timelines = row_timelines(args, out, [f"b{b}_{s}" for b in sizes for s in schedules])
+    timelines = row_timelines(args, out, [{"max_batch": b, "prefill_schedule": s} for b in sizes for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     record = rows_record(args, argv)
@@ -208,7 +208,7 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
                             f"got {args.max_batch}")
     out = check_writable(output_path(args, "load"), args.force, "--out")  # before the model loads
     rates, schedules = [float(r) for r in args.arrival_rate.split(",")], (args.prefill_schedule or DEFAULT_SCHEDULE).split(",")
-    timelines = row_timelines(args, out, [f"r{r:g}_{s}" for r in rates for s in schedules])
+    timelines = row_timelines(args, out, [{"arrival_rate": r, "prefill_schedule": s} for r in rates for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
     record = rows_record(args, argv)
@@ -255,15 +255,18 @@ def row_name(row: dict) -> str:
     return f"{which}_{schedule}"
 
 
-def row_timelines(args: argparse.Namespace, out: Path, names: list[str]) -> Callable[[dict], Path] | None:
+def row_timelines(args: argparse.Namespace, out: Path, rows: list[dict]) -> Callable[[dict], Path] | None:
     """With ``--timelines DIR``: where each row's timeline goes (``DIR/<--out stem>_<policy>_<row_name>.parquet``),
-    every one of them checked writable before the model loads; else None."""
+    that of every row to come (``rows``, each policy's) checked writable before the model loads; else None."""
     if not args.timelines:
         return None
+
+    def path(row: dict) -> Path:
+        return Path(args.timelines) / f"{out.stem}_{row['policy']}_{row_name(row)}.parquet"
     for policy in args.policies.split(","):
-        for name in names:
-            check_writable(Path(args.timelines) / f"{out.stem}_{policy}_{name}.parquet", args.force, "--timelines")
-    return lambda row: Path(args.timelines) / f"{out.stem}_{row['policy']}_{row_name(row)}.parquet"
+        for row in rows:
+            check_writable(path({**row, "policy": policy}), args.force, "--timelines")
+    return path
 
 
 @contextlib.contextmanager
