@@ -32,7 +32,7 @@ for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
 check)
-  timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k batched > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
+  timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k "batched or cudnn" > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
 batch)
   trace
   for policy in ${POLICIES//,/ }; do
@@ -49,7 +49,7 @@ arrivals)
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
   ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed "s/^/cut by the timeout, rows kept: /" || true ;;
 gap)
-  # where duoserve's batched decode steps spend the time the simulator does not see (7-20% on 2026-12-01):
+  # where a batched decode step spends time that the single-request path does not (on 2026-12-01: cuDNN plan builds):
   # the same request through generate and through generate_many at B 1 and 4, both policies, with timelines
   trace
   timeout 150 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies duoserve,on-demand \

@@ -75,8 +75,8 @@ class RowKVCache:
 
 class Placement:
     """A forward's tokens in the cache: their rows, positions ``[B, S]`` and attention mask
-    ``[B, 1, S, width]`` (True where a key is visible: at or before the query's position, and within
-    the sliding window if the model has one)."""
+    ``[B, 1, S, width]`` (0 where a key is visible: at or before the query's position, and within the
+    sliding window if the model has one; -inf elsewhere)."""
 
     def __init__(self, cache: RowKVCache, rows: list[int], new_tokens: int, sliding_window: int | None):
         device = cache.device
@@ -87,8 +87,13 @@ class Placement:
         # several rows are gathered by index; one row is a slice (no index tensor to send to the device)
         self.row_index = torch.tensor(rows, device=device) if len(rows) > 1 else None
         self.slots = self.positions[:, 0]
-        keys = torch.arange(self.width, device=device)
+        # Laid out 16 keys wide at a time: torch's memory-efficient attention (the GPU's, ``mixtral.attend``)
+        # wants each row of its mask aligned so, and would otherwise pad a copy of it at every layer.
+        padded = -(-self.width // 16) * 16
+        keys = torch.arange(padded, device=device)
         visible = keys[None, None, :] <= self.positions[:, :, None]
         if sliding_window is not None:
             visible &= self.positions[:, :, None] - keys[None, None, :] < sliding_window
-        self.mask = visible[:, None]
+        # additive, in the cache's dtype (what SDPA would turn a boolean mask into, at every layer)
+        bias = torch.zeros(visible.shape, dtype=cache.keys.dtype, device=device).masked_fill_(~visible, float("-inf"))
+        self.mask = bias[:, None, :, :self.width]

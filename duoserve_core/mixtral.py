@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import MixtralForCausalLM
-from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.mixtral.modeling_mixtral import (MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb,
+                                                          repeat_kv)
 
 from .checkpoint import TensorSource
 from .errors import CheckpointError, SettingError
@@ -24,6 +26,13 @@ from .kv_cache import Placement, RowKVCache
 
 ATTENTION_QUANT_CHOICES = ("none", "nf4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# On a GPU, attention runs on torch's memory-efficient kernel (the exact math as a fallback), never on
+# cuDNN's, which SDPA would pick on an H200: cuDNN builds an execution plan for every new pair of
+# query and key lengths, and in decode the key length grows by one every token, so the first layer of
+# every step paid a plan build (40-65 ms a token on the H200, 2026-12-01, against 0.1 ms of attention;
+# hidden in runs whose warm-up had already met every length). The efficient kernel takes any mask and
+# length without a plan; it has no grouped-query form, so the key and value heads are repeated.
+GPU_ATTENTION_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def build_skeleton(source: TensorSource, dtype: torch.dtype, attention_quant: str = "none") -> MixtralForCausalLM:
@@ -159,6 +168,12 @@ def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, 
     v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, *rotary)
     keys, values = kv.write_and_read(layer, at, k, v)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, scale=attn.scaling,
-                                         enable_gqa=attn.num_key_value_groups > 1)
+    if q.is_cuda:  # see GPU_ATTENTION_BACKENDS
+        with sdpa_kernel(list(GPU_ATTENTION_BACKENDS)):
+            out = F.scaled_dot_product_attention(q, repeat_kv(keys, attn.num_key_value_groups),
+                                                 repeat_kv(values, attn.num_key_value_groups), attn_mask=at.mask,
+                                                 scale=attn.scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, scale=attn.scaling,
+                                             enable_gqa=attn.num_key_value_groups > 1)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

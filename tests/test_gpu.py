@@ -54,6 +54,19 @@ def test_gpu_timeline_has_both_streams(tiny_checkpoint):
     assert (df["duration_ms"] >= 0).all() and df["end_ms"].max() > 0
 
 
+def test_gpu_attention_builds_no_cudnn_plan_per_key_length():
+    """In bf16 SDPA would pick cuDNN, which builds a plan for every new key length (one per decode token:
+    40-65 ms each on the H200); ``mixtral.attend`` runs the memory-efficient kernel instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rt = duoserve_core.load("synthetic:tiny", device="cuda", quant="nf4", dtype=torch.bfloat16, num_layers=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rt.generate(prompt_ids=PROMPT, max_new_tokens=6, stop_at_eos=False)
+    ops = {e.key for e in prof.key_averages()}
+    assert not any("cudnn_attention" in op for op in ops), sorted(op for op in ops if "attention" in op)
+    assert any("efficient_attention" in op for op in ops), sorted(op for op in ops if "attention" in op)
+
+
 def test_gpu_nf4_attention_and_routing_replay(tiny_checkpoint, tmp_path):
     from duoserve_core.traces import record, write_trace
 

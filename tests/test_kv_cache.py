@@ -76,3 +76,20 @@ def test_a_row_never_grows_past_max_context(windowed):
     rt.model.prefill(PROMPT, 0)
     with pytest.raises(PromptError, match="max_context of 16"):
         rt.model.prefill(PROMPT, 0)  # 24 tokens in a row of 16
+
+
+def test_the_mask_is_additive_and_its_rows_sixteen_aligned():
+    """Where a key is visible the mask adds 0, elsewhere -inf; each row starts on a 16-key boundary in
+    memory (torch's memory-efficient attention would otherwise pad a copy at every layer)."""
+    from duoserve_core.kv_cache import RowKVCache
+    from duoserve_core.checkpoint import PRESETS
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**{k: v for k, v in PRESETS["tiny"].items() if k != "dtype"})
+    kv = RowKVCache(config, rows=2, max_context=40, dtype=torch.float32, device=torch.device("cpu"))
+    kv.lengths[:] = [3, 20]
+    at = kv.place([0, 1], 1, sliding_window=None)
+    assert at.mask.shape == (2, 1, 1, 21) and at.mask.stride(-2) % 16 == 0
+    visible = at.mask[:, 0, 0] == 0
+    assert visible[0].tolist() == [True] * 4 + [False] * 17 and visible[1].all()
+    assert torch.isneginf(at.mask[:, 0, 0][~visible]).all()
