@@ -47,7 +47,11 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert [b for b, _ in raw["h2d"]["runtime"]] == [nf4]  # the runtime's own copies of a record
     assert cal.copy_s(nf4) == raw["h2d"]["runtime"][0][1] and cal.copy_s(nf4, pinned=False) > 0
     assert cal.expert_s("nf4", 3) > 0
-    assert raw["device_time"] == {}  # the CPU runs every op inline: its spans are device time already
+    # the CPU runs every op inline: its spans are device time already; batched attention is its own curve
+    assert set(raw["device_time"]) == {"attention_rows"}
+    rows = raw["device_time"]["attention_rows"]
+    assert rows["width"] == 576 and [b for b, _ in rows["decode"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert all(s > 0 for _, s in rows["decode"]) and cal.attention_rows is not None
 
 
 def test_calibration_times_the_cpu_lane(calibration_file):
@@ -118,6 +122,19 @@ def test_expert_device_time_is_measured_behind_a_sleep_on_cuda():
 
     assert _time_per_call(host_bound, device, 3, 4) > 1.5e-3
     assert _device_time_per_call(host_bound, device, 3, 4) < 0.5e-3
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_batched_attention_is_timed_on_cuda():
+    """``measure_batched_attention`` on the GPU (NF4 attention, bf16): a device-time point per row count."""
+    import duoserve_core
+    from duoserve_core.calibrate import measure_batched_attention
+
+    rt = duoserve_core.load("synthetic:tiny", device="cuda", quant="nf4", attention_quant="nf4", num_layers=2)
+    rows = measure_batched_attention(rt, rows=(1, 4, 16), width=64, repeats=2)
+    assert rows["width"] == 64 and [b for b, _ in rows["decode"]] == [1, 4, 16]
+    assert all(0 < s < 0.05 for _, s in rows["decode"])
 
 
 def test_measure_experts_on_the_cpu_has_no_device_curve():

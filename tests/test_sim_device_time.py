@@ -11,7 +11,7 @@ import pytest
 
 from duoserve_core.calibrate import device_terms
 from duoserve_core.sim import Simulator
-from duoserve_core.sim.calibration import load_calibration
+from duoserve_core.sim.calibration import CalibrationError, load_calibration
 from duoserve_core.timeline import COLUMNS
 from test_sim import MS, setup
 
@@ -118,3 +118,22 @@ def test_with_device_time_keeps_the_longer_expert_curve(tmp_path):
     # over a one-point curve (an older calibration) the bench's point replaces it
     old = _with(tmp_path / "cal.json", device_time={"expert": {"decode": {"nf4": [[1, 0.01 * MS]]}}})
     assert old.with_device_time(bench).expert_device_s("nf4", "decode", 1) == pytest.approx(0.05 * MS)
+
+
+def test_batched_attention_adds_what_its_rows_measured_over_one(tmp_path):
+    """``attention_rows``: a step of B decode rows costs one row's attention at its width plus what B rows
+    measured over one; without it, one row reading B x width keys. A malformed section is refused."""
+    model, cal, replay = setup(tmp_path, [{"prefill": [[[0]]], "decode": [[[1]]]}], 1, 2, 1, attention_s=0.5 * MS)
+    before = cal.decode_attention_device_s(4, 100)
+    assert before == pytest.approx(cal.attention_device_s("decode", 400))
+    cal = _with(tmp_path / "cal.json", device_time={
+        "attention": {"decode": [[10, 0.1 * MS], [1000, 0.2 * MS]]},
+        "attention_rows": {"width": 100, "decode": [[1, 0.1 * MS], [4, 0.4 * MS], [16, 1.3 * MS]]}})
+    one_row = cal.attention_device_s("decode", 100)
+    assert cal.decode_attention_device_s(1, 100) == pytest.approx(one_row)
+    assert cal.decode_attention_device_s(4, 100) == pytest.approx(one_row + 0.3 * MS)
+    assert cal.decode_attention_device_s(16, 100) == pytest.approx(one_row + 1.2 * MS)
+    with pytest.raises(CalibrationError, match="start at 1 row"):
+        _with(tmp_path / "cal.json", device_time={"attention_rows": {"width": 100, "decode": [[2, 0.1 * MS]]}})
+    with pytest.raises(CalibrationError, match="attention_rows must be"):
+        _with(tmp_path / "cal.json", device_time={"attention_rows": [[1, 0.1 * MS]]})

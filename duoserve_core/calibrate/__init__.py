@@ -36,7 +36,10 @@ documented in ``duoserve_core.sim.calibration``):
   expert figure is one point (batch 1 decode routes one token to an expert), and a one-point curve
   is constant: batched decode (4..16 tokens per expert at 16..64 requests) would be charged the
   1-token time. So the calibration's expert device time is the per-token-count curve above instead,
-  and the timeline's 1-token point is only logged beside the curve's, as a cross-check.
+  and the timeline's 1-token point is only logged beside the curve's, as a cross-check;
+- batched decode attention (``device_time.attention_rows``): one layer's attention for 1..64 rows of
+  one token each, every row read to 576 keys (``measure_batched_attention``), which the timeline's
+  one-row decode cannot show.
 
 Per-layer figures are what matter, so a 2-layer model is enough; synthetic weights are generated
 on the device. On an H100 the whole run takes well under two minutes at Mixtral-8x7B width.
@@ -60,6 +63,8 @@ from ..checkpoint import ExpertTensors, expert_shapes, open_source
 from ..runtime import device_name, load, resolve_device
 from ..events import SpanEvent, StepEvent
 from ..experts.formats import make_format
+from ..kv_cache import RowKVCache
+from ..mixtral import attend
 from ..progress import progress
 from .host_lane import measure_host_lane
 from ..sim.calibration import FORMAT, PHASES, SHAPE_KEYS, Calibration, CalibrationError, host_reference_s
@@ -70,6 +75,10 @@ DEFAULT_SIZES_MIB = (1, 4, 16, 64, 256)
 DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BUNDLED_TRACE = Path(__file__).resolve().parents[2] / "data" / "traces" / "small-moe-heldout.parquet"
 DECODE_STEPS = 5  # decode tokens generated after each prefill; the first is not measured (warm-up)
+# batched decode attention (``measure_batched_attention``): rows of one token each, every row read to
+# BATCH_WIDTH keys, the bench's prompt of 512 and half of its 128 tokens
+BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_WIDTH = 576
 
 
 @dataclass(frozen=True)
@@ -296,6 +305,38 @@ def measure_experts(config, formats: list[str], tokens: list[int], device: torch
         slot = record = None  # freed before the next format (rebound, not del: expert() reads slot)
     del weights
     return timings, sizes, device_times
+
+
+def measure_batched_attention(runtime, rows: tuple[int, ...] = BATCH_ROWS, width: int = BATCH_WIDTH,
+                              repeats: int = 3) -> dict:
+    """``device_time.attention_rows``: one decode layer's attention span (its norm, ``mixtral.attend``,
+    the residual) for B rows of one token each, every row holding ``width - 1`` keys before its token,
+    on the runtime's first layer with a KV cache of its own: device time alone on CUDA
+    (``_device_time_per_call``), back to back on the CPU. The runtime's timeline sees one row's decode
+    attention at every context; a batched step's attention differs by more than its keys (the
+    projections of B tokens take another kernel than one token's, the rows' keys and values are
+    gathered and repeated per query head), and this curve is what the simulator adds for it."""
+    config = runtime.config  # the calibration's runtime has 2 layers: its cache is small (0.3 GB at 8x7B, 64 rows)
+    width = min(width, config.max_position_embeddings)
+    kv = RowKVCache(config, max(rows), width, runtime.dtype, runtime.device)
+    inner = runtime.skeleton.model
+    layer = inner.layers[0]
+    gen = torch.Generator(device=runtime.device).manual_seed(0)
+    cuda = runtime.device.type == "cuda"
+    points = []
+    with torch.inference_mode():
+        for b in rows:
+            kv.lengths[:] = [width - 1] * b + [0] * (kv.rows - b)
+            at = kv.place(list(range(b)), 1, config.sliding_window)
+            x = torch.randn(b, 1, config.hidden_size, dtype=runtime.dtype, device=runtime.device, generator=gen)
+            rotary = inner.rotary_emb(x, position_ids=at.positions)
+
+            def step() -> None:
+                x + attend(layer.self_attn, layer.input_layernorm(x), rotary, at, kv, 0)
+
+            timed = _device_time_per_call if cuda else _time_per_call
+            points.append([b, timed(step, runtime.device, repeats, inner=8)])
+    return {"width": width, "decode": points}
 
 
 # -- the runtime's own layers ----------------------------------------------------------------
@@ -676,6 +717,8 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     if runtime_copies:
         h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
     quant_format = make_format(args.quant, config.hidden_size, config.intermediate_size, checkpoint_dtype).name
+    log(f"batched decode attention: {', '.join(map(str, BATCH_ROWS))} rows at {BATCH_WIDTH} keys")
+    attention_rows = measure_batched_attention(runtime, repeats=args.repeats)
     host_lane = None
     if args.cpu_threads:
         log(f"CPU lane: one {quant_format} expert at {', '.join(map(str, args.cpu_threads))} threads")
@@ -700,6 +743,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         device_time["source"] = ("attention, router: layers >= 1 of the on-demand run at top-k slots "
                                  "(calibrate.device_terms); expert: one expert per token count and format, "
                                  "queued behind a device sleep (calibrate.measure_experts)")
+    device_time["attention_rows"] = attention_rows
     host = host_terms(per_mode, pre_copy_host_s(measured["timelines"]["offloaded"]), per_expert_host)
     out = {
         "format": FORMAT, "device": device_name(device), "device_type": device.type,

@@ -29,7 +29,8 @@ Format ``duoserve-calibration/1``::
            step_pre_s: {prefill, decode}, step_post_s: {prefill, decode},
            reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
     device_time (optional): {attention: {phase: [[x, s]...]}, router: {phase: [[x, s]...]},
-                             expert: {phase: {format: [[tokens, s]...]}}, source: str}
+                             expert: {phase: {format: [[tokens, s]...]}},
+                             attention_rows (optional): {width: keys, decode: [[rows, s]...]}, source: str}
         device time alone: kernels queued before the compute stream reached them. attention and
         router: layers >= 1 of an on-demand run, where the stream waits on each layer's copies
         (decode, by context). expert: one expert per token count (1, 2, 4, ..) and format, its
@@ -41,6 +42,11 @@ Format ``duoserve-calibration/1``::
         the device's; where a phase is given here the simulator puts this on the compute clock.
         Older files (and ``calibrate.device_terms`` on a bench timeline) hold one 1-token decode
         point per format, constant as a curve; ``with_device_time`` keeps a longer curve over it.
+        attention_rows: one decode layer's attention for B rows of one token each, every row read to
+        ``width`` keys (``calibrate.measure_batched_attention``): what a batched step's attention adds
+        over one row's (the projections of B tokens take another kernel than one token's, and the
+        keys and values are gathered and repeated per query head). Without it a step of B rows is
+        timed as one row reading B x width keys.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
     host_lane (optional): {default_threads: n, expert: {format: {threads: [[tokens, s]...]}}}
         one expert computed by the CPU lane (``experts.host_lane``) from its host record, per thread
@@ -148,6 +154,7 @@ class Calibration:
             self.per_expert_s = self.per_expert_phase_s["prefill"]
             self.per_copy_s = float(host["per_copy_s"])
             self.device_time = self._device_time(raw.get("device_time"))
+            self.attention_rows = self._attention_rows((raw.get("device_time") or {}).get("attention_rows"))
             self.step_pre_s = {p: float(host["step_pre_s"][p]) for p in PHASES}
             self.step_post_s = {p: float(host["step_post_s"][p]) for p in PHASES}
             self.host_reference_s = float(host["reference_s"]) if "reference_s" in host else None
@@ -202,6 +209,18 @@ class Calibration:
             for fmt, pts in by_format.items():
                 out[("expert", phase, fmt)] = Curve(_points(pts, f"{self.where}: device_time.expert.{phase}.{fmt}"))
         return out
+
+    def _attention_rows(self, raw: dict | None) -> Curve | None:
+        if not raw:
+            return None
+        where = f"{self.where}: device_time.attention_rows"
+        if not isinstance(raw, dict) or "decode" not in raw or not isinstance(raw.get("width"), (int, float)):
+            raise CalibrationError(f"{where} must be {{width: keys, decode: [[rows, s]...]}}; calibrate again")
+        curve = Curve(_points(raw["decode"], where + ".decode"))
+        if curve.points[0][0] != 1:
+            raise CalibrationError(f"{where}.decode must start at 1 row (the step's extra is counted from it); "
+                                   "calibrate again")
+        return curve
 
     def with_device_time(self, device_time: dict, per_expert_decode_s: float | None = None,
                          where: str | None = None) -> "Calibration":
@@ -298,6 +317,15 @@ class Calibration:
         """Attention's device time: ``device_time`` where measured for the phase, else the span."""
         curve = self.device_time.get(("attention", phase))
         return curve.at(x) if curve is not None else self.attention[phase].at(x)
+
+    def decode_attention_device_s(self, rows: int, width: int) -> float:
+        """A decode step's attention over ``rows`` KV rows, each read to ``width`` keys: one row's curve at
+        that width, plus what ``attention_rows`` measured B rows to add over one; without it, one row
+        reading ``rows x width`` keys (the projections of B tokens priced as one token's)."""
+        if self.attention_rows is None:
+            return self.attention_device_s("decode", rows * width)
+        extra = self.attention_rows.at(rows) - self.attention_rows.at(1)
+        return self.attention_device_s("decode", width) + max(0.0, extra)
 
     def router_device_s(self, phase: str, x: float) -> float:
         curve = self.device_time.get(("router", phase))

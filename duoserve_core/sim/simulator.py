@@ -404,13 +404,12 @@ class Simulator:
         # A step's attention is one call per group and layer (``mixtral.attend``): a prompt chunk (the last
         # segment of a prompt step), timed by the prompt curves at its tokens, and the decode tokens of B
         # rows, each read up to the widest row's context (``RowKVCache``): the host queues the kernels
-        # once (the launch at that context), and the device reads B x width keys (the one-row curve at
-        # that many keys; the projections of B tokens stream the same weights as one token's)
+        # once (the launch at that context), and the device time is ``Calibration.decode_attention_device_s``
         riding, chunk = (segments[:-1], segments[-1][2]) if phase is Phase.PREFILL else (segments, 0)
         width = max((first + n for _, first, n in riding), default=0)
         groups = [(cal.attention_device_s("prefill", chunk), cal.attention_launch["prefill"].at(chunk))] if chunk else []
         if riding:
-            groups.append((cal.attention_device_s("decode", len(riding) * width), cal.attention_launch["decode"].at(width)))
+            groups.append((cal.decode_attention_device_s(len(riding), width), cal.attention_launch["decode"].at(width)))
         router_s = cal.router_device_s(p, n_tokens if phase is Phase.PREFILL else width)
         # several devices: the layer's hidden states cross to each other device after the router, and each
         # one's outputs (k rows per token) come back before the combine (``ExpertExecutor``)
