@@ -69,6 +69,8 @@ class RowKVCache:
             return keys[row:row + 1, :, :at.width], values[row:row + 1, :, :at.width]
         keys[at.row_index, :, at.slots] = k[:, :, 0]
         values[at.row_index, :, at.slots] = v[:, :, 0]
+        if at.row_span is not None:  # consecutive rows in order (a batch that joined together): a view
+            return keys[at.row_span, :, :at.width], values[at.row_span, :, :at.width]
         return (keys[:, :, :at.width].index_select(0, at.row_index),
                 values[:, :, :at.width].index_select(0, at.row_index))
 
@@ -84,8 +86,11 @@ class Placement:
         self.starts = [cache.lengths[row] for row in rows]
         self.positions = torch.tensor([[s + i for i in range(new_tokens)] for s in self.starts], device=device)
         self.width = max(self.starts) + new_tokens
-        # several rows are gathered by index; one row is a slice (no index tensor to send to the device)
+        # several rows are gathered by index, unless they are consecutive and in order (then read as a
+        # slice, no copy); one row is a slice (no index tensor to send to the device)
         self.row_index = torch.tensor(rows, device=device) if len(rows) > 1 else None
+        self.row_span = slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) \
+            else None
         self.slots = self.positions[:, 0]
         # Laid out 16 keys wide at a time: torch's memory-efficient attention (the GPU's, ``mixtral.attend``)
         # wants each row of its mask aligned so, and would otherwise pad a copy of it at every layer.
@@ -96,4 +101,14 @@ class Placement:
             visible &= self.positions[:, :, None] - keys[None, None, :] < sliding_window
         # additive, in the cache's dtype (what SDPA would turn a boolean mask into, at every layer)
         bias = torch.zeros(visible.shape, dtype=cache.keys.dtype, device=device).masked_fill_(~visible, float("-inf"))
-        self.mask = bias[:, None, :, :self.width]
+        self._bias = bias[:, None]
+        self.mask = self._bias[..., :self.width]
+        self._grouped: dict[int, torch.Tensor] = {}
+
+    def grouped_mask(self, groups: int) -> torch.Tensor:
+        """The mask of ``groups`` query heads per key/value head folded into the query axis (``mixtral.attend``
+        on a GPU): ``[B, 1, groups x S, width]``, each query's row repeated ``groups`` times, group-major;
+        made once per forward, kept 16-aligned."""
+        if groups not in self._grouped:
+            self._grouped[groups] = self._bias.repeat(1, 1, groups, 1)[..., :self.width]
+        return self._grouped[groups]

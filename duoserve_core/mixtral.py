@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralForCausalLM
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.models.mixtral.modeling_mixtral import (MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb,
-                                                          repeat_kv)
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb
 
 from .checkpoint import TensorSource
 from .errors import CheckpointError, SettingError
@@ -31,7 +30,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # query and key lengths, and in decode the key length grows by one every token, so the first layer of
 # every step paid a plan build (40-65 ms a token on the H200, 2026-12-01, against 0.1 ms of attention;
 # hidden in runs whose warm-up had already met every length). The efficient kernel takes any mask and
-# length without a plan; it has no grouped-query form, so the key and value heads are repeated.
+# length without a plan; it has no grouped-query form, so ``grouped_attention`` folds each key/value
+# head's query heads into the query axis instead.
 GPU_ATTENTION_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
@@ -170,10 +170,23 @@ def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, 
     keys, values = kv.write_and_read(layer, at, k, v)
     if q.is_cuda:  # see GPU_ATTENTION_BACKENDS
         with sdpa_kernel(list(GPU_ATTENTION_BACKENDS)):
-            out = F.scaled_dot_product_attention(q, repeat_kv(keys, attn.num_key_value_groups),
-                                                 repeat_kv(values, attn.num_key_value_groups), attn_mask=at.mask,
-                                                 scale=attn.scaling)
+            out = grouped_attention(q, keys, values, at.grouped_mask(attn.num_key_value_groups), attn.scaling)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, scale=attn.scaling,
                                              enable_gqa=attn.num_key_value_groups > 1)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grouped_mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """SDPA of ``q`` ``[B, H, S, D]`` over ``keys`` and ``values`` ``[B, KVH, W, D]``, query head h reading
+    key/value head h // (H / KVH) as transformers' ``repeat_kv`` has it, without repeating the keys and
+    values: the G = H / KVH query heads of each key/value head become G x S queries of that head
+    (``[B, KVH, G x S, D]``, head-group-major), masked by ``grouped_mask`` (``Placement.grouped_mask``).
+    Repeating them instead would write and read G times the rows' keys and values at every layer
+    (about 1 GB at batch 64 and 576 keys of Mixtral-8x7B)."""
+    b, h, s, d = q.shape
+    kv_heads = keys.shape[1]
+    folded = q.reshape(b, kv_heads, (h // kv_heads) * s, d)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=grouped_mask, scale=scale)
+    return out.reshape(b, h, s, d)  # the kernel may lay its output out token-major

@@ -93,3 +93,53 @@ def test_the_mask_is_additive_and_its_rows_sixteen_aligned():
     visible = at.mask[:, 0, 0] == 0
     assert visible[0].tolist() == [True] * 4 + [False] * 17 and visible[1].all()
     assert torch.isneginf(at.mask[:, 0, 0][~visible]).all()
+
+
+@pytest.mark.parametrize("rows,window", [([0, 1, 2], None), ([2, 0, 1], None), ([1, 2], 5)])
+def test_grouped_attention_equals_repeated_heads(rows, window):
+    """The GPU's attention (``mixtral.grouped_attention``: each key/value head's query heads folded into the
+    query axis, masked by ``Placement.grouped_mask``) gives SDPA's grouped-query result, on rows read as a
+    slice (consecutive, in order) or gathered, with and without a sliding window."""
+    from duoserve_core.checkpoint import PRESETS
+    from duoserve_core.kv_cache import RowKVCache
+    from duoserve_core.mixtral import grouped_attention
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**{k: v for k, v in PRESETS["tiny"].items() if k != "dtype"})
+    kv = RowKVCache(config, rows=3, max_context=40, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    kv.keys.normal_(generator=gen)
+    kv.values.normal_(generator=gen)
+    kv.lengths[:] = [7, 19, 12]
+    at = kv.place(rows, 1, sliding_window=window)
+    assert (at.row_span is None) == (rows == [2, 0, 1])  # consecutive in order: a slice
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, 32
+    q = torch.randn(len(rows), heads, 1, dim, generator=gen)
+    new = torch.randn(len(rows), kv_heads, 1, dim, generator=gen)
+    keys, values = kv.write_and_read(0, at, new, new)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=True)
+    got = grouped_attention(q, keys, values, at.grouped_mask(heads // kv_heads), scale=dim ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    gathered = kv.keys[0].index_select(0, torch.tensor(rows))[:, :, :at.width]
+    assert torch.equal(keys, gathered)
+    assert at.grouped_mask(2).stride(-2) % 16 == 0 and at.grouped_mask(2) is at.grouped_mask(2)
+
+
+def test_grouped_attention_over_a_prompt_chunk():
+    """A prompt's S queries: the folded queries (group-major) each keep their own causal row of the mask."""
+    from duoserve_core.checkpoint import PRESETS
+    from duoserve_core.kv_cache import RowKVCache
+    from duoserve_core.mixtral import grouped_attention
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**{k: v for k, v in PRESETS["tiny"].items() if k != "dtype"})
+    kv = RowKVCache(config, rows=1, max_context=40, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    kv.lengths[0] = 5
+    at = kv.place([0], 9, sliding_window=None)
+    k = torch.randn(1, 2, 9, 32, generator=gen)
+    keys, values = kv.write_and_read(0, at, k, k * 2)
+    q = torch.randn(1, 4, 9, 32, generator=gen)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, keys, values, at.grouped_mask(2), 32 ** -0.5), want,
+                               atol=1e-6, rtol=0)

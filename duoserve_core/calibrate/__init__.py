@@ -315,7 +315,7 @@ def measure_batched_attention(runtime, rows: tuple[int, ...] = BATCH_ROWS, width
     (``_device_time_per_call``), back to back on the CPU. The runtime's timeline sees one row's decode
     attention at every context; a batched step's attention differs by more than its keys (the
     projections of B tokens take another kernel than one token's, the rows' keys and values are
-    gathered and repeated per query head), and this curve is what the simulator adds for it."""
+    gathered where their KV rows are not consecutive), and this curve is what the simulator adds for it."""
     config = runtime.config  # the calibration's runtime has 2 layers: its cache is small (0.3 GB at 8x7B, 64 rows)
     width = min(width, config.max_position_embeddings)
     kv = RowKVCache(config, max(rows), width, runtime.dtype, runtime.device)

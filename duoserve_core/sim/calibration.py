@@ -45,7 +45,7 @@ Format ``duoserve-calibration/1``::
         attention_rows: one decode layer's attention for B rows of one token each, every row read to
         ``width`` keys (``calibrate.measure_batched_attention``): what a batched step's attention adds
         over one row's (the projections of B tokens take another kernel than one token's, and the
-        keys and values are gathered and repeated per query head). Without it a step of B rows is
+        keys and values are gathered where their rows are not consecutive). Without it a step of B rows is
         timed as one row reading B x width keys.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
     host_lane (optional): {default_threads: n, expert: {format: {threads: [[tokens, s]...]}}}
