@@ -2,7 +2,7 @@
 # Issue 14 on the GPU machine: continuous batching, throughput by batch size and latency under arrivals.
 # Synthesized Mixtral-8x7B, NF4 experts and attention, 15% at batch 1 (+ the batch's KV caches), prompt 512,
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
-#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, batch, arrivals, gap, serve   (carry [".whl"]; serve also
+#   bash benchmarks/batch_gpu.sh STAGE...   stages: check, calibrate, batch, arrivals, gap, serve   (carry [".whl"]; serve also
 #   ".whl-serve": the FastAPI, Starlette, uvicorn, pydantic and opentelemetry-api wheels the GPU image lacks);
 #   notebook: notebook 07 on the GPU without Jupyter (benchmarks/notebook_cells.py), carrying ".whl-cells": IPython,
 #   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell). Fetch them with
@@ -11,7 +11,8 @@
 #          prompt_toolkit ptyprocess pure_eval stack-data traitlets wcwidth (the versions of .venv)
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
-# BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings. Each stage has its own timeout and log under $OUT; a table last.
+# BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
+# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
 set -uo pipefail
@@ -33,11 +34,16 @@ echo "== $stage ($(date +%T))"
 case $stage in
 check)
   timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k "batched or cudnn" > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
+calibrate)
+  # the simulator's H200 terms, batched decode attention included (device_time.attention_rows), about 30 s
+  timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \
+      --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4.json" --force > "$OUT/calibrate.log" 2>&1; tail -3 "$OUT/calibrate.log" ;;
 batch)
   trace
   for policy in ${POLICIES//,/ }; do
     timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
-        --max-batch "$BATCHES" --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
+        --max-batch "$BATCHES" ${TIMELINES:+--timelines "$OUT/timelines"} \
+        --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
     ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /' || true
   done ;;
