@@ -61,7 +61,9 @@ from ..units import format_bytes
 REPEATS = 3
 # A batch sweep's warm-up generates this many tokens: its prefills and first decode steps load every
 # kernel and grow the allocator to the batch's size, and the rest of a full-length warm-up (at batch 64
-# and 128 tokens, a minute per policy) would only repeat them.
+# and 128 tokens, a minute per policy) would only repeat them. That holds while no kernel costs more the
+# first time it meets a shape: cuDNN's attention did (a plan per key length), and the measured steps
+# paid for it; attention no longer runs on cuDNN (``mixtral.GPU_ATTENTION_BACKENDS``).
 WARMUP_TOKENS = 4
 
 
