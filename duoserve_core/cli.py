@@ -14,7 +14,7 @@ from .errors import DuoServeError, PromptError
 from .experts.formats import QUANT_CHOICES
 from .mixtral import ATTENTION_QUANT_CHOICES
 from .progress import interruptible
-from .knob_args import (Parser, add_device_arguments, add_knob_arguments, add_schedule_arguments, budget,
+from .knob_args import (Parser, add_device_arguments, add_graph_argument, add_knob_arguments, add_schedule_arguments, budget,
                         devices_from_args, knobs_from_args, number, seed, whole)
 from .policy import POLICIES
 from .units import format_bytes
@@ -39,6 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how experts are stored (none = checkpoint dtype)")
     parser.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none",
                         help="store the attention projections in NF4 as well (what a 15%% budget needs at 8x7B)")
+    add_graph_argument(parser)
     parser.add_argument("--policy", choices=POLICIES, default="on-demand")
     add_knob_arguments(parser)
     add_device_arguments(parser)
@@ -52,7 +53,7 @@ def load_runtime(args: argparse.Namespace, max_batch: int, **extra):
     """The runtime ``add_model_arguments``' flags describe, its memory plan holding ``max_batch`` KV caches."""
     return load(args.model, **devices_from_args(args), quant=args.quant, memory_budget=args.memory_budget,
                 num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
-                attention_quant=args.quant_attention, max_batch=max_batch,
+                attention_quant=args.quant_attention, max_batch=max_batch, cuda_graphs=args.cuda_graphs,
                 knobs=knobs_from_args(args, args.policy), **extra)
 
 

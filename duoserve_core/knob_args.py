@@ -212,3 +212,9 @@ def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> Poli
                        prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
                        speculative_gate=args.speculative_gate, copy_slack=args.copy_slack,
                        cpu_experts=args.cpu_experts, cpu_threads=args.cpu_threads)
+
+
+def add_graph_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cuda-graphs`` (``load(cuda_graphs=...)``), for every command that loads a runtime."""
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each decode step's norms and attention from CUDA graphs (one launch a layer)")

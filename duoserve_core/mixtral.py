@@ -101,9 +101,10 @@ class OffloadedMixtral:
     with a mask of the row's own positions (``attend``).
     """
 
-    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started, kv: RowKVCache):
+    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started, kv: RowKVCache, graphs=None):
         self.model, self.events, self.on_layer_started, self.kv = model, events, on_layer_started, kv
         self.config = model.config
+        self.graphs = graphs  # a ``decode_graph.DecodeGraphs``: decode steps' dense part from CUDA graphs
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], row: int) -> torch.Tensor:
@@ -143,15 +144,24 @@ class OffloadedMixtral:
         rotary = [inner.rotary_emb(h, position_ids=at.positions) for h, at in zip(hidden, placements)]
         sizes = [h.shape[0] * h.shape[1] for h in hidden]
         width = self.config.hidden_size
+        # a decode step alone (B rows of one token): the dense part from the graphs, when the runtime has them
+        keys_read = self.graphs.begin(placements[0]) \
+            if self.graphs is not None and len(groups) == 1 and groups[0][0].shape[1] == 1 else None
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
-            hidden = [h + attend(layer.self_attn, layer.input_layernorm(h), r, at, self.kv, index)
-                      for h, r, at in zip(hidden, rotary, placements)]
+            if keys_read is not None:
+                attended, normed = self.graphs.layer(index, hidden[0], keys_read)  # the norm is in the span
+                hidden = [attended]
+            else:
+                hidden = [h + attend(layer.self_attn, layer.input_layernorm(h), r, at, self.kv, index)
+                          for h, r, at in zip(hidden, rotary, placements)]
             self.events.emit(SpanEvent("end", "compute", "attention", index))
-            tokens = (hidden[0].reshape(1, -1, width) if len(hidden) == 1 else  # no copy for one group
-                      torch.cat([h.reshape(-1, width) for h in hidden])[None])  # [1, all tokens, H]
-            moe = layer.mlp(layer.post_attention_layernorm(tokens))[0].split(sizes)
+            if keys_read is None:
+                tokens = (hidden[0].reshape(1, -1, width) if len(hidden) == 1 else  # no copy for one group
+                          torch.cat([h.reshape(-1, width) for h in hidden])[None])  # [1, all tokens, H]
+                normed = layer.post_attention_layernorm(tokens)
+            moe = layer.mlp(normed.reshape(1, -1, width))[0].split(sizes)
             hidden = [h + part.view_as(h) for h, part in zip(hidden, moe)]
         for at in placements:
             self.kv.advance(at)

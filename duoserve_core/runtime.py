@@ -28,6 +28,7 @@ from .experts.host_store import HostExpertStore
 from .experts.transfer import TransferEngine, TransferEngines
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
 from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
+from .decode_graph import DecodeGraphs
 from .kv_cache import RowKVCache
 from .mixtral import OffloadedMixtral, attend, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
@@ -233,7 +234,7 @@ class Runtime:
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
                  routing_trace: str | Path | None = None, attention_quant: str = "none", max_batch: int = 1,
-                 devices=None, gpus: int | str | None = None):
+                 devices=None, gpus: int | str | None = None, cuda_graphs: bool = False):
         self.devices = resolve_devices(device, devices, gpus)
         self.device = self.devices[0]
         check_max_batch(max_batch)
@@ -255,6 +256,9 @@ class Runtime:
             replay = RoutingReplay(read_trace(routing_trace), c.num_hidden_layers, c.num_local_experts,
                                    c.num_experts_per_tok)
         self.attention_quant = attention_quant
+        # decode steps' dense part (norms, attention) replayed from CUDA graphs (``decode_graph``); on the
+        # CPU the same static function runs eagerly
+        self.cuda_graphs = bool(cuda_graphs)
         skeleton = build_skeleton(source, self.dtype, attention_quant)
         self._dense_bytes = dense_bytes(skeleton)
         checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
@@ -351,7 +355,8 @@ class Runtime:
         for layer in layers:
             layer.mlp.executor = self.executor
         kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
-        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, kv)
+        graphs = DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
+        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, kv, graphs)
 
     def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
@@ -658,7 +663,8 @@ class Runtime:
         return {
             "model": self.source.name, "layers": self.config.num_hidden_layers,
             "experts": self.config.num_local_experts, "top_k": self.config.num_experts_per_tok,
-            "quant": self.quant, "attention_quant": self.attention_quant, "expert_format": self.format.name,
+            "quant": self.quant, "attention_quant": self.attention_quant, "cuda_graphs": self.cuda_graphs,
+            "expert_format": self.format.name,
             "expert_format_detail": self.format.describe(), "compute_dtype": str(self.dtype).split(".")[-1],
             "device": self.device_names(), "devices": [str(d) for d in self.devices], "max_context": self.max_context,
             "memory_plan": self.plan.as_dict(), "memory_plan_by_device": self.plan.describe_devices(), "host_store_bytes": self.store.allocated_bytes,
@@ -706,6 +712,7 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          max_context: int | None = None, seed: int = 0, synth_device: str | torch.device | None = None,
          record_timeline: bool = True, routing_trace: str | Path | None = None, attention_quant: str = "none",
          max_batch: int = 1, knobs: PolicyKnobs | None = None, devices=None, gpus: int | str | None = None,
+         cuda_graphs: bool = False,
          **knob_values) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
@@ -718,6 +725,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     ``generate_many`` decodes at once; the memory plan holds their KV caches (out of the budget).
     ``devices`` (``["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``) or ``gpus`` (``N`` or ``"auto"``): expert
     slots and copy links on every device, ``memory_budget`` on each (``resolve_devices``).
+    ``cuda_graphs=True``: each decode step's dense part (norms, attention) replays CUDA graphs, one
+    launch a layer instead of about forty (``decode_graph``); the tokens are the eager run's.
     """
     knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
     devs = resolve_devices(device, devices, gpus)
@@ -725,7 +734,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     tokenizer = _load_tokenizer(source.path) if source.path is not None else None
     return Runtime(source, devices=devs, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
-                   routing_trace=routing_trace, attention_quant=attention_quant, max_batch=max_batch)
+                   routing_trace=routing_trace, attention_quant=attention_quant, max_batch=max_batch,
+                   cuda_graphs=cuda_graphs)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

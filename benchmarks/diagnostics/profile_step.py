@@ -1,6 +1,7 @@
 """Where a forward's time goes on the GPU: torch.profiler over prefill and a few decode steps.
 
     python benchmarks/diagnostics/profile_step.py --num-layers 4 --policy on-demand --out $OUT
+    python benchmarks/diagnostics/profile_step.py --policy resident --quant-attention nf4 --cuda-graphs
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ def main() -> None:
     p.add_argument("--budget", default="12GiB")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=8)
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps' dense part from CUDA graphs")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     prompt = list(range(3, 3 + a.prompt_len))
     for timeline in (True, False):
         rt = duoserve_core.load(a.model, device="cuda", quant=a.quant, memory_budget=a.budget, policy=a.policy,
                                 num_layers=a.num_layers, max_context=a.prompt_len + a.gen, record_timeline=timeline,
-                                attention_quant=a.quant_attention, cpu_experts=a.cpu_experts)
+                                attention_quant=a.quant_attention, cpu_experts=a.cpu_experts,
+                                cuda_graphs=a.cuda_graphs)
         rt.generate(prompt_ids=prompt[:8], max_new_tokens=2, stop_at_eos=False)
         r = rt.generate(prompt_ids=prompt, max_new_tokens=a.gen, stop_at_eos=False)
         print(f"timeline={timeline}: TTFT {r.ttft_s * 1e3:.1f} ms  TPOT {r.tpot_s * 1e3:.2f} ms "

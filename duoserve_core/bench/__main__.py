@@ -18,7 +18,7 @@ from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import Terminated, interruptible, print_line
 from ..batching import DEFAULT_SCHEDULE
-from ..knob_args import (Parser, add_device_arguments, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
+from ..knob_args import (Parser, add_device_arguments, add_graph_argument, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
                          knobs_from_args, listed, number, whole)
 from ..traces import TraceMeta, TraceRecorder, write_trace
 from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="synthetic:mixtral-8x7b")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="nf4")
     p.add_argument("--quant-attention", choices=ATTENTION_QUANT_CHOICES, default="none")
+    add_graph_argument(p)
     p.add_argument("--memory-budget", type=budget, default="15%")
     p.add_argument("--prompt-len", type=whole(1), default=512)
     p.add_argument("--gen", type=whole(1), default=128)
@@ -75,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def setup_of(args: argparse.Namespace) -> BenchSetup:
     return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention,
-                      num_layers=args.num_layers, routing_trace=args.routing_trace, **devices_from_args(args))
+                      num_layers=args.num_layers, routing_trace=args.routing_trace, cuda_graphs=args.cuda_graphs,
+                      **devices_from_args(args))
 
 
 def command(argv: list[str] | None) -> str:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 13's first item on the GPU machine: the host overhead of a decode token, with and without the
+# decode steps' dense part replayed from CUDA graphs (``--cuda-graphs``, ``duoserve_core/decode_graph.py``).
+# Synthesized Mixtral-8x7B, NF4 experts and attention, prompt 512, mixtral-like routing.
+#   bash benchmarks/host_overhead_gpu.sh STAGE...   stages: check, profile, resident, offloaded   (carry [".whl"])
+# check: the graph and attention GPU tests; profile: profile_step.py at 4 layers, resident, eager then graphs;
+# resident: every expert resident (40 GiB), TPOT eager and with graphs (the target: at most 1.5x the GPU's
+# compute time, which the run's timeline gives); offloaded: duoserve and on-demand at 15%, eager and with graphs.
+# GEN (64) and REPEATS (3) override the bench's settings. Each stage has its own timeout and log under $OUT.
+set -uo pipefail
+source benchmarks/gpu_env.sh
+GEN=${GEN:-64}; REPEATS=${REPEATS:-3}
+COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --prompt-len 512 --gen "$GEN"
+        --repeats "$REPEATS" --routing-trace /tmp/mixtral_like.parquet)
+trace() {
+  [[ -f /tmp/mixtral_like.parquet ]] || timeout 120 python3 -m duoserve_core.traces synth --preset mixtral-like \
+      --seed 1 --requests 4 --tokens 128 --prompt-len 512 --out /tmp/mixtral_like.parquet --force > /dev/null
+}
+for stage in "$@"; do
+echo "== $stage ($(date +%T))"
+case $stage in
+check)
+  timeout 240 python3 -m pytest -q tests/test_decode_graph.py tests/test_gpu.py tests/test_calibrate.py \
+      -k "graph or cudnn or transformers or batched or attention" > "$OUT/check.log" 2>&1; tail -3 "$OUT/check.log" ;;
+profile)
+  for graphs in "" --cuda-graphs; do
+    timeout 200 python3 benchmarks/diagnostics/profile_step.py --policy resident --quant-attention nf4 --prompt-len 512 \
+        $graphs > "$OUT/profile_resident${graphs:+_graphs}.log" 2>&1
+    grep -E "^timeline|decode compute" "$OUT/profile_resident${graphs:+_graphs}.log"
+  done ;;
+resident)
+  trace
+  for graphs in "" --cuda-graphs; do
+    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 40GiB --policies resident $graphs \
+        --out "$OUT/host_${TAG}_resident${graphs:+_graphs}.json" > "$OUT/resident${graphs:+_graphs}.log" 2>&1
+    grep -v "^wrote" "$OUT/resident${graphs:+_graphs}.log" | tail -4
+  done ;;
+offloaded)
+  trace
+  for graphs in "" --cuda-graphs; do
+    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 15% --policies duoserve,on-demand $graphs \
+        --out "$OUT/host_${TAG}_offloaded${graphs:+_graphs}.json" > "$OUT/offloaded${graphs:+_graphs}.log" 2>&1
+    grep -v "^wrote" "$OUT/offloaded${graphs:+_graphs}.log" | tail -5
+  done ;;
+esac
+done

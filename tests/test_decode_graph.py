@@ -1,0 +1,114 @@
+"""Decode steps' dense part from CUDA graphs (``decode_graph``): the same tokens as the eager path.
+
+On the CPU the graphs' static function runs eagerly (keys read to a bucket width, tensor-indexed KV
+rows, the mask computed from the positions): it must give transformers' tokens and the eager run's
+logits, across a bucket boundary, with a sliding window, for one request and for a batch. On a GPU
+the captured graphs replay that function: the tests there compare the replay with the eager run and
+check the tokens stay the same under every policy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import duoserve_core
+from conftest import hf_greedy, make_reference, requires_cuda, save_checkpoint
+from duoserve_core.decode_graph import WIDTH_BUCKET
+
+# 250 prompt tokens and 12 new ones: decode reads 251..262 keys, across the first bucket's edge (256)
+PROMPT = [(7 * i) % 90 + 3 for i in range(250)]
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """The tests' tiny Mixtral with room for 512 positions."""
+    model = make_reference(seed=2, max_position_embeddings=512)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("long_context"))
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    model = make_reference(seed=5, sliding_window=40)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("windowed_graphs"))
+
+
+def test_the_static_path_gives_transformers_tokens_across_a_bucket_edge(long_context):
+    reference_model, tiny_checkpoint = long_context
+    ref_tokens, ref_logits = hf_greedy(reference_model, PROMPT, 12)
+    eager = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none", max_context=320)
+    graphs = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none", max_context=320, cuda_graphs=True)
+    a = eager.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+    b = graphs.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+    assert a.tokens == b.tokens == ref_tokens
+    for ours, eager_logits, theirs in zip(b.logits, a.logits, ref_logits):
+        torch.testing.assert_close(ours, eager_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert graphs.describe()["cuda_graphs"] is True and eager.describe()["cuda_graphs"] is False
+    assert [graphs.model.graphs.bucket(w) for w in (1, 256, 257, 320)] == [WIDTH_BUCKET, 256, 320, 320]
+
+
+def test_the_static_path_keeps_the_sliding_window(windowed):
+    model, path = windowed
+    ref_tokens, ref_logits = hf_greedy(model, PROMPT[:60], 8)
+    rt = duoserve_core.load(path, device="cpu", quant="none", max_context=128, cuda_graphs=True)
+    got = rt.generate(prompt_ids=PROMPT[:60], max_new_tokens=8, stop_at_eos=False, return_logits=True)
+    assert got.tokens == ref_tokens
+    for ours, theirs in zip(got.logits, ref_logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["prefill-first", "mixed"])
+def test_batched_decode_through_the_static_path(tiny_checkpoint, schedule):
+    """B rows in one step (and, mixed, prompt chunks beside decode rows, which stay eager)."""
+    prompts = [PROMPT[:40], PROMPT[50:61], PROMPT[100:133], PROMPT[7:12]]
+    kw = dict(device="cpu", quant="nf4", max_context=64, max_batch=3, policy="on-demand")
+    eager = duoserve_core.load(tiny_checkpoint, **kw).generate_many(
+        prompts, max_new_tokens=8, stop_at_eos=False, return_logits=True, prefill_schedule=schedule)
+    rt = duoserve_core.load(tiny_checkpoint, cuda_graphs=True, **kw)
+    graphs = rt.generate_many(prompts, max_new_tokens=8, stop_at_eos=False, return_logits=True,
+                              prefill_schedule=schedule)
+    assert [r.tokens for r in graphs.requests] == [r.tokens for r in eager.requests]
+    assert 3 in rt.model.graphs._inputs  # full steps of 3 rows went through the static path
+    for a, b in zip(eager.requests, graphs.requests):
+        for x, y in zip(a.logits, b.logits):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_replayed_graphs_give_the_eager_tokens_under_every_policy(long_context):
+    """On the GPU: the graphs are captured once per layer and key bucket, and replayed; tokens equal the
+    eager run's, whatever the policy and budget (the invariant every schedule keeps)."""
+    _, tiny_checkpoint = long_context
+    kw = dict(device="cuda", quant="nf4", attention_quant="nf4", max_context=320, dtype=torch.float32)
+    eager = duoserve_core.load(tiny_checkpoint, policy="resident", **kw)
+    expected = eager.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+    graphs = duoserve_core.load(tiny_checkpoint, policy="resident", cuda_graphs=True, **kw)
+    for policy, budget in (("resident", None), ("on-demand", "2slots"), ("duoserve", "3slots")):
+        graphs.configure(policy=policy, memory_budget=budget)
+        got = graphs.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
+        assert got.tokens == expected.tokens, policy
+        for x, y in zip(got.logits, expected.logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    captured = graphs.model.graphs._graphs
+    assert {(layer, rows) for layer, rows, _ in captured} == {(l, 1) for l in range(graphs.config.num_hidden_layers)}
+    assert {width for _, _, width in captured} == {256, 320}
+
+
+def test_the_command_line_flag(capsys):
+    """``generate --cuda-graphs`` and ``bench --cuda-graphs`` load the runtime with the graphs: same tokens."""
+    from duoserve_core.bench.__main__ import parse_args, setup_of
+    from duoserve_core.cli import main
+
+    base = ["generate", "--model", "synthetic:tiny", "--num-layers", "2", "--prompt-ids", "4,5,6",
+            "--max-new-tokens", "6", "--device", "cpu", "--json"]
+    outputs = []
+    for extra in ([], ["--cuda-graphs"]):
+        assert main(base + extra) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0]["tokens"] == outputs[1]["tokens"]
+    assert [o["runtime"]["cuda_graphs"] for o in outputs] == [False, True]
+    assert setup_of(parse_args(["--cuda-graphs"])).cuda_graphs and not setup_of(parse_args([])).cuda_graphs
