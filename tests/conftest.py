@@ -49,6 +49,14 @@ def reference_model() -> MixtralForCausalLM:
 
 
 @pytest.fixture(scope="session")
+def windowed(tmp_path_factory):
+    """A tiny Mixtral whose sliding window (5) is shorter than the prompts, with 4 query heads over 2 KV heads:
+    ``(model, checkpoint folder)``."""
+    model = make_reference(seed=3, sliding_window=5)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("windowed"))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, reference_model) -> Path:
     """Split expert layout (block_sparse_moe.experts.E.w1/w2/w3), sharded with an index."""
     return save_checkpoint(reference_model, tmp_path_factory.mktemp("tiny"), shard=True)

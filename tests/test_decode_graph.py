@@ -29,12 +29,6 @@ def long_context(tmp_path_factory):
     return model, save_checkpoint(model, tmp_path_factory.mktemp("long_context"))
 
 
-@pytest.fixture(scope="module")
-def windowed(tmp_path_factory):
-    model = make_reference(seed=5, sliding_window=40)
-    return model, save_checkpoint(model, tmp_path_factory.mktemp("windowed_graphs"))
-
-
 def test_the_static_path_gives_transformers_tokens_across_a_bucket_edge(long_context):
     reference_model, tiny_checkpoint = long_context
     ref_tokens, ref_logits = hf_greedy(reference_model, PROMPT, 12)

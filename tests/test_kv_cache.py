@@ -12,17 +12,10 @@ import pytest
 import torch
 
 import duoserve_core
-from conftest import hf_greedy, make_reference, save_checkpoint
+from conftest import hf_greedy
 from duoserve_core.errors import PromptError
 
 PROMPT = [5, 17, 33, 2, 71, 40, 12, 90, 3, 64, 8, 19]
-
-
-@pytest.fixture(scope="module")
-def windowed(tmp_path_factory):
-    """A tiny Mixtral whose sliding window (5) is shorter than the prompt, with 4 query heads over 2 KV heads."""
-    model = make_reference(seed=3, sliding_window=5)
-    return model, save_checkpoint(model, tmp_path_factory.mktemp("windowed"))
 
 
 def test_sliding_window_and_grouped_heads_match_transformers(windowed):
