@@ -141,12 +141,13 @@ class OffloadedMixtral:
         inner = self.model.model
         placements = [self.kv.place(rows, ids.shape[1], self.config.sliding_window) for ids, rows in groups]
         hidden = [inner.embed_tokens(ids) for ids, _ in groups]
-        rotary = [inner.rotary_emb(h, position_ids=at.positions) for h, at in zip(hidden, placements)]
         sizes = [h.shape[0] * h.shape[1] for h in hidden]
         width = self.config.hidden_size
         # a decode step alone (B rows of one token): the dense part from the graphs, when the runtime has them
         keys_read = self.graphs.begin(placements[0]) \
             if self.graphs is not None and len(groups) == 1 and groups[0][0].shape[1] == 1 else None
+        rotary = [inner.rotary_emb(h, position_ids=at.positions) for h, at in zip(hidden, placements)] \
+            if keys_read is None else []  # the graphs compute theirs from the positions
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
