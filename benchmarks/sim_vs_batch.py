@@ -245,16 +245,20 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
     split = [r for r in rows if r["decode_split"]["measured"]]
     if split:
         lines += ["", "Where a decode step's time went, per step, measured / simulated: the copy streams' and "
-                  "compute streams' busy time; the rest of the step they idled (host work, syncs):", "",
-                  "| policy | B or rate | step ms | copies | copy busy ms | compute busy ms |", "|---|---|---|---|---|---|"]
+                  "compute streams' busy time, the latter also by kind (files measured before 2026-12-01's split "
+                  "by kind show -); the rest of the step they idled (host work, syncs):", "",
+                  "| policy | B or rate | step ms | copies | copy busy ms | compute busy ms | attention ms | router ms "
+                  "| experts ms |", "|---|---|---|---|---|---|---|---|---|"]
         for r in split:
             m, sm = r["decode_split"]["measured"], r["decode_split"]["sim"]
             where = f"B {r['max_batch']}" if r["arrival_rate"] is None else f"{r['arrival_rate']:g}/s"
-            both = ({"measured": m[k], "sim": sm[k], "rel_error": rel(sm[k], m[k])} for k in
-                    ("copies_per_step", "copy_busy_s", "compute_busy_s"))
-            copies, copy, compute = both
+            copies, copy, compute, attention, router, experts = (
+                {"measured": m.get(k), "sim": sm.get(k), "rel_error": rel(sm.get(k), m.get(k))} for k in
+                ("copies_per_step", "copy_busy_s", "compute_busy_s", "attention_busy_s", "router_busy_s",
+                 "expert_busy_s"))
             lines.append(f"| {r['policy']} | {where} | {cell(r['figures']['decode_step_s'], 1e3, '.1f')} "
-                         f"| {cell(copies, spec='.1f')} | {cell(copy, 1e3, '.1f')} | {cell(compute, 1e3, '.1f')} |")
+                         f"| {cell(copies, spec='.1f')} | {cell(copy, 1e3, '.1f')} | {cell(compute, 1e3, '.1f')} "
+                         f"| {cell(attention, 1e3, '.1f')} | {cell(router, 1e3, '.1f')} | {cell(experts, 1e3, '.1f')} |")
     lines += ["", f"Target: within {100 * summ['target']:.0f}% of the measured throughput and p50 latencies: "
               + ("met." if summ["met"] else "not met."),
               worst("decode_tokens_per_s", "decode throughput (batch rows)"),

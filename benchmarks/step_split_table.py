@@ -4,8 +4,9 @@
 
 Reads the ``decode_split`` every bench run records (``timeline.step_split``): a plain ``bench`` file gives
 one line per policy (``generate``, one request), a ``--max-batch`` or ``--arrival-rate`` file one per
-row. Per decode step: its mean time, the copies, the copy and compute streams' busy time, and the rest of
-the step, which the copy stream spent idle (host work, syncs, waits on compute). Why: the simulator
+row. Per decode step: its mean time, the copies, the copy and compute streams' busy time (the latter also by
+kind: attention, router, experts), and the rest of the step, which the copy stream spent idle (host work,
+syncs, waits on compute). Why: the simulator
 matched duoserve's single-request decode on the H200 within 0.6% but its batched decode steps only
 within 7-20%, with the same copies; this says which of the three the GPU spent the difference on.
 """
@@ -37,11 +38,16 @@ def lines(path: Path) -> list[dict]:
 
 
 def table(entries: list[dict]) -> str:
-    rows = ["| file | run | step ms | copies | copy busy ms | compute busy ms | copy stream idle ms |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| file | run | step ms | copies | copy busy ms | compute busy ms | attention ms | router ms "
+            "| experts ms | copy stream idle ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(e: dict, key: str) -> str:  # runs recorded before the split by kind lack it
+        return "-" if e.get(key) is None else f"{e[key] * 1e3:.1f}"
     for e in entries:
         rows.append(f"| {e['file']} | {e['run']} | {e['step_s'] * 1e3:.1f} | {e['copies_per_step']:.1f} "
-                    f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} "
+                    f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} | {ms(e, 'attention_busy_s')} "
+                    f"| {ms(e, 'router_busy_s')} | {ms(e, 'expert_busy_s')} "
                     f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} |")
     return "\n".join(rows)
 

@@ -152,17 +152,22 @@ class Timeline:
         atomic_write_text(path, json.dumps(self.to_chrome_trace()))
 
 
+COMPUTE_KINDS = ("attention", "router", "expert")  # the spans a compute stream records
+
+
 def step_split(rows: list[dict], phase: str, steps: int) -> dict:
     """Where the steps of ``phase`` spent their time, per step (means over ``steps``): the copies and the
-    copy streams' busy time, the compute streams' busy time (attention, router, experts) and the CPU
-    lane's, in seconds; with several GPUs the streams of all of them add up. Beside a step's own time it
+    copy streams' busy time, the compute streams' busy time (in all and by kind: attention, router,
+    experts) and the CPU lane's, in seconds; with several GPUs the streams of all of them add up. Beside a step's own time it
     says what a latency alone does not: whether a step was long because it copied more, computed more,
     or because the streams idled (host work, syncs) for the rest. The runtime's timeline and the
     simulator's rows have the same columns, so measured and simulated steps split alike."""
     mine = [r for r in rows if r["phase"] == phase]
     n = steps or 1
 
-    def busy(stream: str) -> float:
-        return sum(r["duration_ms"] for r in mine if r["stream"] == stream) / 1e3 / n
+    def busy(stream: str, kind: str | None = None) -> float:
+        return sum(r["duration_ms"] for r in mine if r["stream"] == stream and kind in (None, r["kind"])) / 1e3 / n
     return {"copies_per_step": sum(r["kind"] == "h2d" for r in mine) / n, "copy_busy_s": busy("copy"),
-            "compute_busy_s": busy("compute"), "cpu_busy_s": busy("cpu")}
+            "compute_busy_s": busy("compute"), "cpu_busy_s": busy("cpu"),
+            # the compute streams' time by kind: which part of a step grew (they add up to compute_busy_s)
+            **{f"{kind}_busy_s": busy("compute", kind) for kind in COMPUTE_KINDS}}

@@ -239,6 +239,8 @@ def test_bench_max_batch_reports_throughput_per_batch_and_policy(tmp_path):
         split = r["decode_split"]  # one stream on the CPU: its busy time fits in the step
         assert split["copies_per_step"] > 0 and split["copy_busy_s"] > 0
         assert 0 < split["compute_busy_s"] <= r["decode_s"] / r["decode_steps"] and split["cpu_busy_s"] == 0
+        by_kind = [split[f"{kind}_busy_s"] for kind in ("attention", "router", "expert")]
+        assert all(t > 0 for t in by_kind) and sum(by_kind) == pytest.approx(split["compute_busy_s"])
 
 
 def test_bench_keeps_finished_rows_beside_out_while_it_runs(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,9 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     assert entries[2]["step_s"] == pytest.approx(record["decode_s"] / record["decode_steps"])
     assert entries[2]["copies_per_step"] == record["decode_split"]["copies_per_step"]
     assert script.main([str(tmp_path / "one.json"), str(tmp_path / "batch.json")]) == 0
-    assert capsys.readouterr().out.count("\n| ") == 4  # a line per run under the header
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == 4 and "| experts ms |" in out  # a line per run under the header
+    assert f"| {entries[2]['expert_busy_s'] * 1e3:.1f} |" in out
 
     (tmp_path / "old.json").write_text(json.dumps({"rows": [{"max_batch": 1, "policy": "lru"}]}))
     assert script.main([str(tmp_path / "old.json")]) == 2
