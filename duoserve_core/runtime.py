@@ -330,7 +330,12 @@ class Runtime:
         return load_policy(knobs, (self.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok))
 
     def _build_scheduler(self) -> None:
-        """Slots, cache, layer step and executor for the current plan; the old slots are freed first."""
+        """Slots, cache, layer step and executor for the current plan; the old slots are freed first. The KV
+        cache (and the decode graphs, which read and write it) stay while its rows and context do: a new
+        policy or budget needs neither reallocated nor the graphs captured again."""
+        old = getattr(self, "model", None)
+        kept = (old.kv, old.graphs) if old is not None and (old.kv.rows, old.kv.max_context) == \
+            (self.plan.max_batch, self.max_context) else None
         if self.engine is not None:
             # Free the slots now: the old policy and cache refer to each other, so without this the
             # buffer would live until the garbage collector ran, on top of the new one.
@@ -354,9 +359,10 @@ class Runtime:
                                        self.host_worker if self.host_lane.enabled else None)
         for layer in layers:
             layer.mlp.executor = self.executor
-        kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
-        graphs = DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
-        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, kv, graphs)
+        if kept is None:
+            kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
+            kept = kv, DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
+        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, *kept)
 
     def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at

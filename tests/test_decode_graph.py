@@ -106,3 +106,18 @@ def test_the_command_line_flag(capsys):
     assert outputs[0]["tokens"] == outputs[1]["tokens"]
     assert [o["runtime"]["cuda_graphs"] for o in outputs] == [False, True]
     assert setup_of(parse_args(["--cuda-graphs"])).cuda_graphs and not setup_of(parse_args([])).cuda_graphs
+
+
+def test_configure_keeps_the_kv_cache_and_graphs_while_their_shape_stays(long_context):
+    """A new policy or budget reuses the KV cache and the graphs (nothing captured again); a new batch
+    size or context replaces both."""
+    _, path = long_context
+    rt = duoserve_core.load(path, device="cpu", quant="nf4", max_context=320, cuda_graphs=True)
+    kv, graphs = rt.model.kv, rt.model.graphs
+    before = rt.generate(prompt_ids=PROMPT[:20], max_new_tokens=6, stop_at_eos=False).tokens
+    rt.configure(policy="duoserve", memory_budget="3slots")
+    assert rt.model.kv is kv and rt.model.graphs is graphs and graphs.kv is kv
+    assert rt.generate(prompt_ids=PROMPT[:20], max_new_tokens=6, stop_at_eos=False).tokens == before
+    rt.configure(max_batch=2)
+    assert rt.model.kv is not kv and rt.model.graphs is not graphs and rt.model.graphs.kv is rt.model.kv
+    assert rt.model.kv.rows == 2
