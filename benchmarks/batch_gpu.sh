@@ -24,11 +24,7 @@ SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
 BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}; ARRIVALS_TIMEOUT=${ARRIVALS_TIMEOUT:-560}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
-        --routing-trace /tmp/mixtral_like_64.parquet)
-trace() {
-  [[ -f /tmp/mixtral_like_64.parquet ]] || timeout 120 python3 -m duoserve_core.traces synth --preset mixtral-like \
-      --seed 1 --requests 64 --tokens 128 --prompt-len 512 --out /tmp/mixtral_like_64.parquet --force > /dev/null
-}
+        --routing-trace "$MIXTRAL_LIKE_TRACE")
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -39,7 +35,7 @@ calibrate)
   timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \
       --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4.json" --force > "$OUT/calibrate.log" 2>&1; tail -3 "$OUT/calibrate.log" ;;
 batch)
-  trace
+  mixtral_like_trace
   for policy in ${POLICIES//,/ }; do
     timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" ${TIMELINES:+--timelines "$OUT/timelines"} \
@@ -48,7 +44,7 @@ batch)
     ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /' || true
   done ;;
 arrivals)
-  trace
+  mixtral_like_trace
   timeout "$ARRIVALS_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
@@ -57,7 +53,7 @@ arrivals)
 gap)
   # where a batched decode step spends time that the single-request path does not (on 2026-12-01: cuDNN plan builds):
   # the same request through generate and through generate_many at B 1 and 4, both policies, with timelines
-  trace
+  mixtral_like_trace
   timeout 150 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies duoserve,on-demand \
       --timelines "$OUT/timelines" --out "$OUT/gap_${TAG}_generate.json" > "$OUT/gap_generate.log" 2>&1
   timeout 240 python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies duoserve,on-demand \

@@ -11,11 +11,7 @@ set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-64}; REPEATS=${REPEATS:-3}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --prompt-len 512 --gen "$GEN"
-        --repeats "$REPEATS" --routing-trace /tmp/mixtral_like.parquet)
-trace() {
-  [[ -f /tmp/mixtral_like.parquet ]] || timeout 120 python3 -m duoserve_core.traces synth --preset mixtral-like \
-      --seed 1 --requests 4 --tokens 128 --prompt-len 512 --out /tmp/mixtral_like.parquet --force > /dev/null
-}
+        --repeats "$REPEATS" --routing-trace "$MIXTRAL_LIKE_TRACE")
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -29,14 +25,14 @@ profile)
     grep -E "^timeline|decode compute" "$OUT/profile_resident${graphs:+_graphs}.log"
   done ;;
 resident)
-  trace
+  mixtral_like_trace
   for graphs in "" --cuda-graphs; do
     timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 40GiB --policies resident $graphs \
         --out "$OUT/host_${TAG}_resident${graphs:+_graphs}.json" > "$OUT/resident${graphs:+_graphs}.log" 2>&1
     grep -v "^wrote" "$OUT/resident${graphs:+_graphs}.log" | tail -4
   done ;;
 offloaded)
-  trace
+  mixtral_like_trace
   for graphs in "" --cuda-graphs; do
     timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 15% --policies duoserve,on-demand $graphs \
         --out "$OUT/host_${TAG}_offloaded${graphs:+_graphs}.json" > "$OUT/offloaded${graphs:+_graphs}.log" 2>&1

@@ -13,12 +13,7 @@ source benchmarks/gpu_env.sh
 GEN=${GEN:-64}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCH=${BATCH:-64}; BGEN=${BGEN:-32}
 SINGLE_TIMEOUT=${SINGLE_TIMEOUT:-300}; BIG_GEN=${BIG_GEN:-16}; BIG_REPEATS=${BIG_REPEATS:-1}; BIG_TIMEOUT=${BIG_TIMEOUT:-200}
 SETUPS=${SETUPS:-1,15% 2,15% 1,30%}; TIMELINES=${TIMELINES:-}  # TIMELINES=1: each policy's timeline under $OUT
-TRACE=/tmp/mixtral_like_64.parquet
-COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --prompt-len 512 --routing-trace $TRACE)
-trace() {
-  [[ -f $TRACE ]] || timeout 120 python3 -m duoserve_core.traces synth --preset mixtral-like --seed 1 --requests 64 \
-      --tokens 128 --prompt-len 512 --out $TRACE --force > /dev/null
-}
+COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --prompt-len 512 --routing-trace "$MIXTRAL_LIKE_TRACE")
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -29,7 +24,7 @@ calibrate)
       --gpus 2 --out "$OUT/calibration_${TAG}x2_mixtral-8x7b_nf4.json" --force > "$OUT/calibrate.log" 2>&1
   tail -4 "$OUT/calibrate.log" ;;
 single)
-  trace
+  mixtral_like_trace
   for setup in $SETUPS; do
     set -- ${setup/,/ }
     timeout "$SINGLE_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gpus "$1" --memory-budget "$2" --gen "$GEN" \
@@ -38,7 +33,7 @@ single)
     echo "-- $1 GPU(s), $2 each"; grep -v "^wrote" "$OUT/single_${1}gpu_${2%\%}.log" | tail -6
   done ;;
 batch)
-  trace
+  mixtral_like_trace
   for gpus in 1 2; do
     timeout 240 python3 -m duoserve_core.bench "${COMMON[@]}" --gpus "$gpus" --memory-budget 15% --gen "$BGEN" \
         --repeats 1 --policies duoserve --max-batch "$BATCH" \
