@@ -135,11 +135,11 @@ def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy()
     from duoserve_core.policy import PolicyKnobs
 
     runtime = load(str(DATA / "small-moe"), device="cpu", memory_budget="15.5MiB", max_context=64)
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, object]] = []  # the policy objects themselves: a freed one's id could be reused
     generate = runtime.generate
 
     def spy(**kwargs):
-        seen.append((runtime.policy.name, id(runtime.policy)))
+        seen.append((runtime.policy.name, runtime.policy))
         return generate(**kwargs)
 
     runtime.generate = spy
@@ -147,7 +147,7 @@ def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy()
                                         list(range(3, 15)), 3, repeats=2, quiet=True)
     assert "resident" in skipped and set(results) == {"duoserve", "on-demand"}
     assert [name for name, _ in seen] == ["duoserve", "on-demand"] * 3
-    assert len({policy for _, policy in seen}) == len(seen)
+    assert len({id(policy) for _, policy in seen}) == len(seen)
     assert all(len(r["repeats_e2e_s"]) == 2 for r in results.values())
 
 
