@@ -20,11 +20,9 @@ where there is no CUDA (``capture=False``): the tests compare it with the dynami
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import sdpa_kernel
-from transformers.models.mixtral.modeling_mixtral import apply_rotary_pos_emb
 
-from .kv_cache import Placement, RowKVCache
-from .mixtral import GPU_ATTENTION_BACKENDS, grouped_attention
+from .kv_cache import Placement, RowKVCache, additive_mask
+from .mixtral import grouped_attention, project
 
 WIDTH_BUCKET = 256  # keys are read in buckets of this many: a graph per bucket, at most 255 masked keys read
 
@@ -101,24 +99,10 @@ class DecodeGraphs:
         layer = self.layers[index]
         attn = layer.self_attn
         x, row_index, positions = self._inputs_for(rows)
-        cos, sin = self.rotary(x, position_ids=positions[:, None])
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        keys, values = self.kv.keys[index], self.kv.values[index]
-        keys[row_index, :, positions] = k[:, :, 0]
-        values[row_index, :, positions] = v[:, :, 0]
-        keys = keys[:, :, :width].index_select(0, row_index)
-        values = values[:, :, :width].index_select(0, row_index)
-        slots = torch.arange(width, device=x.device)
-        visible = slots[None, :] <= positions[:, None]
-        if self.sliding_window is not None:
-            visible &= positions[:, None] - slots[None, :] < self.sliding_window
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-        mask = mask[:, None, None, :]  # [B, 1, 1, width]: the same row for each folded query head
-        with sdpa_kernel(list(GPU_ATTENTION_BACKENDS)):
-            out = grouped_attention(q, keys, values, mask, attn.scaling)
+        q, k, v = project(attn, layer.input_layernorm(x), self.rotary(x, position_ids=positions[:, None]))
+        keys, values = self.kv.write_and_read_rows(index, row_index, positions, width, k, v)
+        # [B, 1, 1, width]: one row per request, the same for each folded query head
+        mask = additive_mask(positions[:, None], width, self.sliding_window, x.dtype)[:, None]
+        out = grouped_attention(q, keys, values, mask, attn.scaling)
         attended = x + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
         return attended, layer.post_attention_layernorm(attended)

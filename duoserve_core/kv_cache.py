@@ -11,6 +11,8 @@ masked-out weight of 0 would still spread (0 x NaN).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import PromptError
@@ -67,12 +69,35 @@ class RowKVCache:
             keys[row, :, start:start + k.shape[2]] = k[0]
             values[row, :, start:start + k.shape[2]] = v[0]
             return keys[row:row + 1, :, :at.width], values[row:row + 1, :, :at.width]
-        keys[at.row_index, :, at.slots] = k[:, :, 0]
-        values[at.row_index, :, at.slots] = v[:, :, 0]
         if at.row_span is not None:  # consecutive rows in order (a batch that joined together): a view
+            self.write_rows(layer, at.row_index, at.slots, k, v)
             return keys[at.row_span, :, :at.width], values[at.row_span, :, :at.width]
-        return (keys[:, :, :at.width].index_select(0, at.row_index),
-                values[:, :, :at.width].index_select(0, at.row_index))
+        return self.write_and_read_rows(layer, at.row_index, at.slots, at.width, k, v)
+
+    def write_and_read_rows(self, layer: int, row_index: torch.Tensor, slots: torch.Tensor, width: int,
+                            k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new key and value per row (``[B, kv_heads, 1, head_dim]``) into rows ``row_index`` at positions
+        ``slots`` (index tensors, so the shapes do not depend on where: what a CUDA graph replays,
+        ``decode_graph``); those rows' keys and values up to ``width``, gathered."""
+        self.write_rows(layer, row_index, slots, k, v)
+        return (self.keys[layer][:, :, :width].index_select(0, row_index),
+                self.values[layer][:, :, :width].index_select(0, row_index))
+
+    def write_rows(self, layer: int, row_index: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        self.keys[layer][row_index, :, slots] = k[:, :, 0]
+        self.values[layer][row_index, :, slots] = v[:, :, 0]
+
+
+def additive_mask(positions: torch.Tensor, keys: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, S, keys]``: 0 where key j is visible to the query at ``positions[b, s]`` (at or before it, and within
+    the sliding window if the model has one), -inf elsewhere: what SDPA would turn a boolean mask into at
+    every layer, made once."""
+    slots = torch.arange(keys, device=positions.device)
+    visible = slots[None, None, :] <= positions[:, :, None]
+    if sliding_window is not None:
+        visible &= positions[:, :, None] - slots[None, None, :] < sliding_window
+    return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
 
 
 class Placement:
@@ -92,18 +117,19 @@ class Placement:
         self.row_span = slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) \
             else None
         self.slots = self.positions[:, 0]
-        # Laid out 16 keys wide at a time: torch's memory-efficient attention (the GPU's, ``mixtral.attend``)
-        # wants each row of its mask aligned so, and would otherwise pad a copy of it at every layer.
-        padded = -(-self.width // 16) * 16
-        keys = torch.arange(padded, device=device)
-        visible = keys[None, None, :] <= self.positions[:, :, None]
-        if sliding_window is not None:
-            visible &= self.positions[:, :, None] - keys[None, None, :] < sliding_window
-        # additive, in the cache's dtype (what SDPA would turn a boolean mask into, at every layer)
-        bias = torch.zeros(visible.shape, dtype=cache.keys.dtype, device=device).masked_fill_(~visible, float("-inf"))
-        self._bias = bias[:, None]
-        self.mask = self._bias[..., :self.width]
+        self.sliding_window, self.dtype = sliding_window, cache.keys.dtype
         self._grouped: dict[int, torch.Tensor] = {}
+
+    @functools.cached_property
+    def _bias(self) -> torch.Tensor:
+        """The additive mask ``[B, 1, S, padded]``, laid out 16 keys wide at a time: torch's memory-efficient
+        attention (the GPU's, ``mixtral.attend``) wants each row of its mask aligned so, and would otherwise
+        pad a copy of it at every layer. Made when first read: a step the decode graphs run masks inside them."""
+        return additive_mask(self.positions, -(-self.width // 16) * 16, self.sliding_window, self.dtype)[:, None]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._bias[..., :self.width]
 
     def grouped_mask(self, groups: int) -> torch.Tensor:
         """The mask of ``groups`` query heads per key/value head folded into the query axis (``mixtral.attend``

@@ -174,18 +174,25 @@ def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, 
     """``attn``'s self-attention for ``x`` ``[B, S, H]`` placed in the cache by ``at``: the new keys and
     values go into their rows, then each query attends to its row's visible keys."""
     batch, seq, _ = x.shape
-    q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    q, k, v = project(attn, x, rotary)
     keys, values = kv.write_and_read(layer, at, k, v)
-    if q.is_cuda:  # see GPU_ATTENTION_BACKENDS
-        with sdpa_kernel(list(GPU_ATTENTION_BACKENDS)):
-            out = grouped_attention(q, keys, values, at.grouped_mask(attn.num_key_value_groups), attn.scaling)
+    if q.is_cuda:
+        out = grouped_attention(q, keys, values, at.grouped_mask(attn.num_key_value_groups), attn.scaling)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask, scale=attn.scaling,
                                              enable_gqa=attn.num_key_value_groups > 1)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def project(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, S, H]``'s queries, keys and values, ``[B, heads, S, head_dim]``, the rotary embedding applied."""
+    batch, seq, _ = x.shape
+    q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    return q, k, v
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grouped_mask: torch.Tensor,
@@ -195,9 +202,10 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     values: the G = H / KVH query heads of each key/value head become G x S queries of that head
     (``[B, KVH, G x S, D]``, head-group-major), masked by ``grouped_mask`` (``Placement.grouped_mask``).
     Repeating them instead would write and read G times the rows' keys and values at every layer
-    (about 1 GB at batch 64 and 576 keys of Mixtral-8x7B)."""
+    (about 1 GB at batch 64 and 576 keys of Mixtral-8x7B). Runs on ``GPU_ATTENTION_BACKENDS``."""
     b, h, s, d = q.shape
     kv_heads = keys.shape[1]
     folded = q.reshape(b, kv_heads, (h // kv_heads) * s, d)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=grouped_mask, scale=scale)
+    with sdpa_kernel(list(GPU_ATTENTION_BACKENDS)):
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=grouped_mask, scale=scale)
     return out.reshape(b, h, s, d)  # the kernel may lay its output out token-major
