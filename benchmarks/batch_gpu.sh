@@ -12,7 +12,8 @@
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
-# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines. Each stage has its own timeout and log under $OUT; a table last.
+# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS=1: the batch and arrivals
+# stages run with --cuda-graphs (decode steps' dense part replayed from CUDA graphs), their files named ..._graphs. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
 set -uo pipefail
@@ -24,7 +25,8 @@ SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
 BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}; ARRIVALS_TIMEOUT=${ARRIVALS_TIMEOUT:-560}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
-        --routing-trace "$MIXTRAL_LIKE_TRACE")
+        --routing-trace "$MIXTRAL_LIKE_TRACE" ${GRAPHS:+--cuda-graphs})
+SUFFIX=${GRAPHS:+_graphs}
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -39,7 +41,7 @@ batch)
   for policy in ${POLICIES//,/ }; do
     timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" ${TIMELINES:+--timelines "$OUT/timelines"} \
-        --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy.json" > "$OUT/batch_$policy.log" 2>&1
+        --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy$SUFFIX.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
     ls "$OUT"/batch_*_"$policy".partial.json 2>/dev/null | sed 's/^/cut by BATCH_TIMEOUT, rows kept: /' || true
   done ;;
@@ -47,7 +49,7 @@ arrivals)
   mixtral_like_trace
   timeout "$ARRIVALS_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
-      --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}.json" \
+      --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}$SUFFIX.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
   ls "$OUT"/arrivals_*.partial.json 2>/dev/null | sed "s/^/cut by the timeout, rows kept: /" || true ;;
 gap)

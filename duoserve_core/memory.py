@@ -22,7 +22,10 @@ from .errors import BudgetError
 from .experts.formats import ExpertFormat, NF4Format
 from .units import format_bytes, parse_bytes, parse_slots
 
-# Room for the CUDA caching allocator's rounding and fragmentation; the CPU has no such allocator.
+# Room for what torch holds on a GPU outside the model's tensors: cuBLAS's workspace for each stream that
+# runs matmuls (32 MiB each on an H200: the compute stream's, and ``side_stream``'s once graphs are
+# captured; benchmarks/diagnostics/peak_memory.py lists them) and the caching allocator's rounding.
+# The CPU has neither.
 CUDA_ALLOCATOR_MARGIN = 64 * 2**20
 
 # Tokens of KV cache and activations a plan reserves when it is given requests, not a context: the

@@ -55,7 +55,7 @@ class GenerationResult(_Result):
     ttft_s: float
     tpot_s: float | None
     e2e_s: float
-    peak_gpu_bytes: int | None
+    peak_gpu_bytes: int | None      # torch's peak on the device during the call: every tensor the process holds
     h2d_bytes: int
     h2d_copies: int
     h2d_bandwidth_gbps: float | None

@@ -9,6 +9,7 @@ check the tokens stay the same under every policy.
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -90,6 +91,25 @@ def test_replayed_graphs_give_the_eager_tokens_under_every_policy(long_context):
     captured = graphs.model.graphs._graphs
     assert {(layer, rows) for layer, rows, _ in captured} == {(l, 1) for l in range(graphs.config.num_hidden_layers)}
     assert {width for _, _, width in captured} == {256, 320}
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_captures_leave_no_workspace_per_graph(long_context):
+    """cuBLAS keeps a workspace (32 MiB on an H200) for every stream that ran a matmul, for the process's
+    life: the captures share one side stream (``side_stream``), so however many graphs a runtime
+    captured, once it is gone the process holds at most two workspaces more than before (the compute
+    stream's and the side stream's), not one per graph."""
+    _, tiny_checkpoint = long_context
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    rt = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4", policy="resident", max_context=320,
+                            dtype=torch.float32, cuda_graphs=True)
+    rt.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False)
+    captured = len(rt.model.graphs._graphs)
+    del rt
+    gc.collect()
+    assert captured >= 4 and torch.cuda.memory_allocated() - before <= 2 * 32 * 2**20
 
 
 def test_the_command_line_flag(capsys):

@@ -6,6 +6,8 @@ These skip cleanly where CUDA is absent (CI); they run on the lent H100 through
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ from conftest import hf_greedy, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 PROMPT = [5, 17, 33, 2, 71, 40, 12, 90, 3, 64]
+
+
+@pytest.fixture
+def held_before() -> list[int]:
+    """What each GPU holds before the test's runtimes: a run's peak is the device's (torch counts every
+    tensor in the process, and cuBLAS keeps a workspace per stream for the process's life, whichever
+    runtime made it), so the budget checks below compare the peak above this with the budget. Runtimes
+    earlier tests left in reference cycles are collected first."""
+    gc.collect()
+    return [torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count())]
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
@@ -33,7 +45,7 @@ def test_gpu_logits_match_transformers(tiny_checkpoint, reference_model):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_gpu_tokens_identical_across_policies_and_peak_within_budget(tiny_checkpoint):
+def test_gpu_tokens_identical_across_policies_and_peak_within_budget(tiny_checkpoint, held_before):
     base = duoserve_core.load(tiny_checkpoint, device="cuda", quant="nf4", policy="resident", max_context=64)
     expected = base.generate(prompt_ids=PROMPT, max_new_tokens=12, return_logits=True)
     budget = base.plan.fixed_bytes + 2 * base.format.nbytes
@@ -43,7 +55,7 @@ def test_gpu_tokens_identical_across_policies_and_peak_within_budget(tiny_checkp
     assert got.tokens == expected.tokens
     assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
     assert small.plan.num_slots == 2 and got.expert_misses > 0
-    assert got.peak_gpu_bytes <= budget
+    assert got.peak_gpu_bytes - held_before[0] <= budget
 
 
 def test_gpu_timeline_has_both_streams(tiny_checkpoint):
@@ -96,7 +108,7 @@ def test_warm_up_leaves_the_tokens_and_an_empty_cache():
 
 @pytest.mark.parametrize("policy,schedule", [("on-demand", "prefill-first"), ("duoserve", "prefill-first"),
                                              ("duoserve", "mixed")])
-def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy, schedule):
+def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy, schedule, held_before):
     """Continuous batching on the GPU (row KV cache, one attention call per layer, the MoE over the batch):
     each request's tokens equal its solo run's, near-ties told apart as in tests/test_batching.py."""
     from test_batching import _prompts, assert_same_as_alone
@@ -109,7 +121,7 @@ def test_gpu_batched_requests_equal_alone(tiny_checkpoint, policy, schedule):
     run = rt.generate_many(prompts, max_batch=4, max_new_tokens=8, stop_at_eos=False, return_logits=True,
                            prefill_schedule=schedule)
     assert_same_as_alone(run, alone)
-    assert run.mean_batch > 1 and run.peak_gpu_bytes <= rt.plan.budget_bytes
+    assert run.mean_batch > 1 and run.peak_gpu_bytes - held_before[0] <= rt.plan.budget_bytes
 
 
 requires_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -118,7 +130,7 @@ requires_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cu
 
 @requires_two_gpus
 @pytest.mark.parametrize("policy", ["on-demand", "lru", "duoserve"])
-def test_two_gpus_give_the_one_gpu_tokens_and_logits(tiny_checkpoint, policy):
+def test_two_gpus_give_the_one_gpu_tokens_and_logits(tiny_checkpoint, policy, held_before):
     """Experts on two GPUs (computed where their slots are, hidden states across NVLink and back): the
     tokens and logits of the one-GPU run, bit for bit; each GPU within the budget; copies on both links."""
     kw = dict(quant="nf4", policy=policy, memory_budget="4slots", max_context=64, max_batch=3)
@@ -130,7 +142,7 @@ def test_two_gpus_give_the_one_gpu_tokens_and_logits(tiny_checkpoint, policy):
     assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
     df = two.timeline.to_dataframe()
     assert set(df[df["kind"] == "h2d"]["device"]) == {0, 1} and set(df[df["kind"] == "expert"]["device"]) == {0, 1}
-    assert all(peak <= two.plan.budget_bytes for peak in b.peak_gpu_bytes_by_device)
+    assert all(peak - held <= two.plan.budget_bytes for peak, held in zip(b.peak_gpu_bytes_by_device, held_before))
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
     many_one = one.generate_many(prompts, max_new_tokens=6, stop_at_eos=False)
     many_two = two.generate_many(prompts, max_new_tokens=6, stop_at_eos=False)

@@ -13,6 +13,7 @@ import torch
 
 from .errors import PredictorError
 from .layer_predictor import LayerPredictor
+from ..side_stream import side_stream
 
 
 class GraphedPredictor:
@@ -35,7 +36,7 @@ class GraphedPredictor:
         layers = [layer for layer in range(m.num_layers) if predictor.depth_at(layer)]
         with torch.no_grad():
             # warm up on a side stream before capture, as torch.cuda.graph requires
-            side = torch.cuda.Stream(device)
+            side = side_stream(device)  # one for every capture: see side_stream's docstring
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for layer in layers:
@@ -46,7 +47,7 @@ class GraphedPredictor:
             pool = None
             for layer in layers:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     self._outputs[layer] = self._eager(layer)
                 pool = graph.pool()  # layers run one after another: one memory pool for all
                 self._graphs[layer] = graph
