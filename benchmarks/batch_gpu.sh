@@ -12,8 +12,8 @@
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
-# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS=1: the batch and arrivals
-# stages run with --cuda-graphs (decode steps' dense part replayed from CUDA graphs), their files named ..._graphs. Each stage has its own timeout and log under $OUT; a table last.
+# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS=1: the calibrate, batch and
+# arrivals stages run with --cuda-graphs (decode steps' dense part replayed from CUDA graphs), their files named ..._graphs. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
 set -uo pipefail
@@ -35,7 +35,8 @@ check)
 calibrate)
   # the simulator's H200 terms, batched decode attention included (device_time.attention_rows), about 30 s
   timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \
-      --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4.json" --force > "$OUT/calibrate.log" 2>&1; tail -3 "$OUT/calibrate.log" ;;
+      ${GRAPHS:+--cuda-graphs} --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4$SUFFIX.json" --force > "$OUT/calibrate.log" 2>&1
+  tail -3 "$OUT/calibrate.log" ;;
 batch)
   mixtral_like_trace
   for policy in ${POLICIES//,/ }; do

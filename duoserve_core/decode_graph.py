@@ -6,8 +6,9 @@ driver time, and bitsandbytes' 4-bit wrapper about 44 us of host time a call. Ab
 launches are the dense part (two RMS norms, four projections, the rotary embedding, the KV write and
 read, attention), whose shapes are the same at every step once the keys are read to a fixed width.
 So that part is captured once per (layer, rows, width bucket) and replayed: the host queues one copy
-(the layer's input) and one replay instead of some forty kernels. The router, the experts and the
-policy stay eager: which experts run is decided on the host after the router.
+(the layer's input) and one replay instead of some forty kernels. The router and the policy stay
+eager: which experts run is decided on the host after the router; a one-token expert call then
+replays its slot's graph (``experts/slot_graph.py``).
 
 Static shapes: B rows of one token each; the keys are read to ``bucket(width)`` (a multiple of
 ``WIDTH_BUCKET``, at most the cache's context), the keys past a row's position masked by an additive

@@ -217,4 +217,5 @@ def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> Poli
 def add_graph_argument(parser: argparse.ArgumentParser) -> None:
     """``--cuda-graphs`` (``load(cuda_graphs=...)``), for every command that loads a runtime."""
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay each decode step's norms and attention from CUDA graphs (one launch a layer)")
+                        help="replay each decode step's norms and attention (one launch a layer) and each "
+                             "one-token expert call (one launch an expert) from CUDA graphs")

@@ -29,6 +29,7 @@ from .experts.transfer import TransferEngine, TransferEngines
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
 from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
 from .decode_graph import DecodeGraphs
+from .experts.slot_graph import SlotGraphs
 from .kv_cache import RowKVCache
 from .mixtral import OffloadedMixtral, attend, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
@@ -356,13 +357,22 @@ class Runtime:
         layers = self.skeleton.model.layers
         self.executor = ExpertExecutor(self.layer_step, self.engine, self.format, self.events, c.num_experts_per_tok,
                                        [layer.mlp.gate for layer in layers], self.replay,
-                                       self.host_worker if self.host_lane.enabled else None)
+                                       self.host_worker if self.host_lane.enabled else None, self._slot_graphs())
         for layer in layers:
             layer.mlp.executor = self.executor
         if kept is None:
             kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
             kept = kv, DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
         self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, *kept)
+
+    def _slot_graphs(self) -> SlotGraphs | None:
+        """``--cuda-graphs``' one-token expert calls (``experts/slot_graph.py``) over the first device's
+        slots, made again with the slots; captured on a GPU where the format computes one token in
+        place, else (on the CPU) the same static function run eagerly."""
+        cuda = self.device.type == "cuda"
+        if not self.cuda_graphs or (cuda and not self.format.computes_in_place(self.device, self.dtype)):
+            return None
+        return SlotGraphs(self.format, self.engine.slot, self.device, capture=cuda)
 
     def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at

@@ -66,8 +66,9 @@ MAX_GEN = 128                              # the notebook's largest generated-to
 TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 128
 MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
 # the arrival runs drawn: 2026-11-30's (prefill-first, 16 requests) and 2026-12-01's (mixed, 12 requests, each
-# policy warmed up on a full batch first); not the 2026-12-01 run without that warm-up, whose first row was cold
-MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req.json")
+# policy warmed up on a full batch first, attention on the memory-efficient kernel); not that day's earlier runs,
+# whose first rows paid a cold start or cuDNN's plan builds (docs/simulator.md)
+MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json")
 PERCENTILES = ("p50", "p99")
 
 
@@ -257,8 +258,10 @@ def source_label(device: str) -> str:
 # -- the committed H200 measurements -----------------------------------------------------------------
 def _measured_label(record: dict) -> str:
     """``measured H200, 2026-11-30, 32 tokens``: runs of different lengths are different curves (the KV
-    context, and with it each step's attention, grows with the tokens generated)."""
-    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens"
+    context, and with it each step's attention, grows with the tokens generated), and so are runs with
+    ``--cuda-graphs`` (``..., CUDA graphs``: less host time a layer)."""
+    graphs = ", CUDA graphs" if re.search(r"--cuda-graphs\b", record.get("command", "")) else ""
+    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens{graphs}"
 
 
 def _gen(record: dict) -> int:

@@ -54,6 +54,16 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert all(s > 0 for _, s in rows["decode"]) and cal.attention_rows is not None
 
 
+def test_calibration_records_whether_the_runtime_ran_with_cuda_graphs(tmp_path, calibration_file):
+    """``--cuda-graphs``: the runtime's runs (the host terms) replay the decode graphs, as a ``--cuda-graphs``
+    bench run does, and the file says so (on the CPU: their static functions, run eagerly)."""
+    out = tmp_path / "graphs.json"
+    assert main(ARGS[:-5] + ["--contexts", "16", "--repeats", "1", "--quiet", "--cuda-graphs", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["cuda_graphs"] is True
+    assert json.loads(calibration_file.read_text())["cuda_graphs"] is False
+    assert load_calibration(out).copy_s(json.loads(out.read_text())["expert_bytes"]["nf4"]) > 0
+
+
 def test_calibration_times_the_cpu_lane(calibration_file):
     """``--cpu-threads``: one expert on the CPU lane per thread count; the simulator's lane reads it."""
     raw = json.loads(calibration_file.read_text())

@@ -72,6 +72,23 @@ def test_batched_decode_through_the_static_path(tiny_checkpoint, schedule):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("policy,budget", [("resident", None), ("on-demand", "2slots"), ("duoserve", "3slots")])
+def test_one_token_experts_through_the_slot_path(tiny_checkpoint, policy, budget):
+    """``--cuda-graphs`` also runs one-token expert calls as one function per slot (``experts/slot_graph.py``;
+    the static function on the CPU): every decode expert goes through it, whichever expert its slot
+    holds at the time, and the tokens and logits are the eager run's."""
+    kw = dict(device="cpu", quant="nf4", max_context=64, policy=policy, memory_budget=budget)
+    eager = duoserve_core.load(tiny_checkpoint, **kw).generate(prompt_ids=PROMPT[:20], max_new_tokens=10,
+                                                               stop_at_eos=False, return_logits=True)
+    rt = duoserve_core.load(tiny_checkpoint, cuda_graphs=True, **kw)
+    got = rt.generate(prompt_ids=PROMPT[:20], max_new_tokens=10, stop_at_eos=False, return_logits=True)
+    assert got.tokens == eager.tokens
+    for x, y in zip(got.logits, eager.logits):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    c = rt.config
+    assert rt.executor.slot_graphs.calls >= 9 * c.num_hidden_layers * c.num_experts_per_tok  # 9 decode steps
+
+
 @requires_cuda
 @pytest.mark.gpu
 def test_replayed_graphs_give_the_eager_tokens_under_every_policy(long_context):
@@ -89,6 +106,7 @@ def test_replayed_graphs_give_the_eager_tokens_under_every_policy(long_context):
         for x, y in zip(got.logits, expected.logits):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
     captured = graphs.model.graphs._graphs
+    assert graphs.executor.slot_graphs.captured() > 0  # one-token experts replayed from their slots' graphs
     assert {(layer, rows) for layer, rows, _ in captured} == {(l, 1) for l in range(graphs.config.num_hidden_layers)}
     assert {width for _, _, width in captured} == {256, 320}
 

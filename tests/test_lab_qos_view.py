@@ -19,14 +19,15 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     batches = qv.measured_batches()
     assert set(batches["policy"]) == {"on-demand", "lru", "duoserve"}
     assert sorted(set(batches["max_batch"])) == [1, 4, 16, 64]
-    assert set(batches["label"]) == {"measured H200, 2026-11-30, 32 tokens", "measured H200, 2026-12-01, 128 tokens"}
+    assert set(batches["label"]) == {"measured H200, 2026-11-30, 32 tokens", "measured H200, 2026-12-01, 128 tokens",
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs"}
     assert set(batches.loc[batches["gen"] == 128, "policy"]) == set(qv.MEASURED_POLICIES) and set(batches["gen"]) == {32, 128}
     assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
     arrivals = qv.measured_arrivals()
     assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
     assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30, 32 tokens (max batch 16, 16 requests, prefill-first)"
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
-    assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run, not the cold one
+    assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run after the attention fix
     assert "measured H200, 2026-12-01, 32 tokens (max batch 16, 12 requests, mixed)" in set(arrivals["label"])
 
 
@@ -88,6 +89,8 @@ def test_figures_tables_and_labels():
     assert "duoserve, measured H200, 2026-11-30, 32 tokens" in names and "duoserve copy floor" in names
     long = next(t for t in fig.data if t.name == "duoserve, measured H200, 2026-12-01, 128 tokens")
     assert list(long.x) == [64, 16, 4, 1] and long.marker.symbol == "square"  # its own run, its own shape
+    graphs = next(t for t in fig.data if t.name == "duoserve, measured H200, 2026-12-01, 128 tokens, CUDA graphs")
+    assert list(graphs.x) == [64] and graphs.marker.symbol not in ("square", long.marker.symbol)
     assert qv.SIMULATED in fig.layout.title.text and fig.layout.xaxis.type == "log"
     table = qv.batch_table(rows, measured)
     first = measured[measured["label"].str.endswith("32 tokens")]

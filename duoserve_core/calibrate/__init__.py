@@ -100,6 +100,7 @@ class CalibrationSpec:
     bars: bool = True                                # a bar per phase while stderr is a terminal (not under --json)
     cpu_threads: tuple[int, ...] = ()                # the CPU lane at these thread counts (``host_lane``); () skips it
     gpus: int = 1                                    # > 1: also every GPU's link at once and peer copies (cuda:0..)
+    cuda_graphs: bool = False                        # the runtime's runs with ``--cuda-graphs``: its host terms
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -436,7 +437,7 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
     gen = DECODE_STEPS
     runtime = load(args.model, device=device, quant=args.quant, attention_quant=args.quant_attention,
                    policy="resident", num_layers=args.num_layers, max_context=max(contexts) + gen + 1,
-                   routing_trace=routing_trace(args))
+                   routing_trace=routing_trace(args), cuda_graphs=args.cuda_graphs)
     vocab = runtime.config.vocab_size
     prompts = {c: torch.randint(3, vocab, (c,), generator=torch.Generator().manual_seed(c)).tolist()
                for c in contexts}
@@ -463,7 +464,7 @@ def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[
     if args.gpus > 1:  # the on-demand run again with top-k slots on every GPU: what another GPU's experts add
         several = load(args.model, gpus=args.gpus, quant=args.quant, attention_quant=args.quant_attention,
                        policy="on-demand", num_layers=args.num_layers, max_context=max(contexts) + gen + 1,
-                       routing_trace=routing_trace(args))
+                       routing_trace=routing_trace(args), cuda_graphs=args.cuda_graphs)
         several.configure(memory_budget=several.plan.fixed_bytes + k * several.format.nbytes)
         runs = []
         for c in [contexts[0], *contexts]:  # the first run warms up
@@ -754,6 +755,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
                   "vocab_size": config.vocab_size, "dtype": str(checkpoint_dtype).split(".")[-1],
                   "layers_measured": runtime.config.num_hidden_layers},
         "quant": args.quant, "attention_quant": args.quant_attention, "compute_dtype": str(dtype).split(".")[-1],
+        "cuda_graphs": args.cuda_graphs,
         "expert_bytes": expert_bytes, "h2d": h2d, "expert_compute": expert_compute,
         "attention": {p: _curve(offloaded_layers, "attention_s", p) for p in ("prefill", "decode")},
         "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_writable
 from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
-from ..knob_args import Parser, device, listed, number, whole
+from ..knob_args import Parser, add_graph_argument, device, listed, number, whole
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import interruptible
 from ..runtime import device_name, resolve_device
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=whole(1), default=1,
                    help="on a machine with several GPUs: also time all their links at once and peer copies "
                         "(for sim --gpus N)")
+    add_graph_argument(p)  # the runtime's runs (host terms) with the decode graphs, as a --cuda-graphs run has them
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines (nor bars) on stderr")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                routing_trace=args.routing_trace, num_layers=args.num_layers, repeats=args.repeats,
                                quiet=args.quiet, bars=not args.json,
                                cpu_threads=tuple(int(t) for t in args.cpu_threads.split(",")) if args.cpu_threads else (),
-                               gpus=args.gpus)
+                               gpus=args.gpus, cuda_graphs=args.cuda_graphs)
         record = calibrate(spec, "python -m duoserve_core.calibrate "
                            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     except DuoServeError as exc:

@@ -39,6 +39,7 @@ from ..events import EventBus, SpanEvent, StepEvent
 from .formats import ExpertFormat
 from .host_lane import HostLaneWorker
 from .layer_step import LayerStep
+from .slot_graph import SlotGraphs
 from .transfer import TransferEngines
 
 
@@ -59,9 +60,11 @@ class ExpertExecutor:
     """Routes each MoE layer, runs the layer step on it, and combines the experts' outputs."""
 
     def __init__(self, step: LayerStep, engine: TransferEngines, fmt: ExpertFormat, events: EventBus, top_k: int,
-                 gates: list[nn.Module], replay=None, host_worker: HostLaneWorker | None = None):
+                 gates: list[nn.Module], replay=None, host_worker: HostLaneWorker | None = None,
+                 slot_graphs: SlotGraphs | None = None):
         self.layer_step, self.engine, self.fmt, self.events, self.top_k = step, engine, fmt, events, top_k
         self.host_worker = host_worker    # the CPU lane, when the layer step has one
+        self.slot_graphs = slot_graphs    # one-token expert calls on the first device from CUDA graphs
         self.gates = gates                # every layer's router, for the speculative gate
         self.replay = replay              # a traces.RoutingReplay: routing taken from a trace
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
@@ -171,7 +174,7 @@ class _TorchLayer:
 
     def __init__(self, executor: ExpertExecutor, x: torch.Tensor, routing: Routing):
         self.engine, self.fmt, self.events, self.x = executor.engine, executor.fmt, executor.events, x
-        self.host_worker, self.routing = executor.host_worker, routing
+        self.host_worker, self.routing, self.slot_graphs = executor.host_worker, routing, executor.slot_graphs
         k = routing.topk.shape[1]
         flat = routing.topk.flatten()  # row r = token * k + j
         self.counts = torch.bincount(flat, minlength=executor.layer_step.cache.num_experts).tolist()
@@ -204,8 +207,13 @@ class _TorchLayer:
         self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert, device=d))
         with contextlib.nullcontext() if share is None else share.guard:
             rows = all_rows[self.starts[expert]:self.starts[expert + 1]]
-            y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // self.k))
-            contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
+            if share is None and self.slot_graphs is not None and self.counts[expert] == 1:
+                # the same arithmetic as below, from the slot's graph
+                y = self.slot_graphs(slot, x.index_select(0, rows // self.k), weights.index_select(0, rows))
+                contrib.index_copy_(0, rows, y)
+            else:
+                y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // self.k))
+                contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
         self.events.emit(SpanEvent("end", "compute", "expert", layer, expert, device=d))
         if share is not None:
             share.experts.append(expert)

@@ -91,6 +91,12 @@ class ExpertFormat(ABC):
         """Dense ``(w13, w2)`` in ``dtype``: what the record computes with."""
         raise NotImplementedError
 
+    def computes_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``forward`` of one token in ``dtype`` on ``device`` reads the weights where they lie,
+        with no weight-sized temporary: only such a call may be captured in a CUDA graph
+        (``experts/slot_graph.py``), whose memory pool would keep the temporary outside the plan."""
+        return False
+
     def describe(self) -> dict:
         """The format as result files record it."""
         return {"name": self.name, "record_bytes": self.nbytes, "bytes_per_param": self.nbytes / self.params}
@@ -112,6 +118,9 @@ class DenseFormat(ExpertFormat):
 
     def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.segments["w13"].view(record).to(dtype), self.segments["w2"].view(record).to(dtype))
+
+    def computes_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype  # else ``weights`` makes a converted copy
 
 
 class NF4Format(ExpertFormat):
@@ -137,6 +146,11 @@ class NF4Format(ExpertFormat):
 
     def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(nf4.dequantize(*self._parts(record, n), dtype) for n in ("w13", "w2"))
+
+    def computes_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
+        # one token on CUDA: bitsandbytes' matrix-vector kernel reads the packed bytes (where a width is
+        # not a multiple of its block it dequantizes instead: a small model's temporary, not Mixtral's)
+        return device.type == "cuda"
 
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if record.device.type != "cuda":

@@ -1,0 +1,77 @@
+"""A one-token expert call as a CUDA graph per slot: its SwiGLU from the slot's bytes and its router
+weight, one launch.
+
+Why: with the dense part of a decode layer replayed from graphs (``decode_graph``), a resident decode
+token on the H200 still took 48 ms for about 14 ms of GPU work (2026-12-01, ``docs/cpu_lane.md``),
+about 1.1 ms of host time a layer, most of it the experts' eager path: two 4-bit GEMMs through
+bitsandbytes' Python wrapper (about 80 us of host time each), the SiLU and product, the weight's
+multiply and cast, about ten launches an expert. A slot's bytes sit at a fixed address, so one capture
+per slot serves every expert that lands in it: the host queues the token's gather, one replay and the
+scatter into the layer's rows.
+
+Only one-token calls are captured (every expert of a batch-1 decode step, most of a small batch's),
+and only for formats whose one-token call reads the weights where they lie
+(``ExpertFormat.computes_in_place``): a call that dequantizes a weight-sized temporary would keep it
+in the graphs' memory pool, outside the memory plan. Everything else runs eagerly, as before. Where
+there is no CUDA (``capture=False``) the same static function runs eagerly, which the CPU tests
+compare with the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..side_stream import side_stream
+from .formats import ExpertFormat
+
+
+class SlotGraphs:
+    """One-token expert calls of a device's slots (``slot(index)`` gives a slot's record), replayed
+    from one CUDA graph per slot (``capture=True``) or run eagerly as the same static function."""
+
+    def __init__(self, fmt: ExpertFormat, slot, device: torch.device, capture: bool):
+        self.fmt, self.slot, self.device, self.capture = fmt, slot, device, capture
+        self.x = self.weight = self.out = None  # the token's MoE input, its router weight, weight x expert(x)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None  # one memory pool for every slot's graph: they replay one at a time, on one stream
+        self.calls = 0     # expert calls served, replayed or (without capture) run as the static function
+
+    def __call__(self, index: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight * expert(x)`` in ``x``'s dtype for the one token ``x [1, H]`` and the expert in slot
+        ``index``; with capture the result is the graphs' output buffer: consume it (on this stream)
+        before the next call."""
+        if self.x is None:  # the buffers take the dtypes of the first call, which every later one shares
+            self.x, self.weight, self.out = torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(x)
+        self.x.copy_(x)
+        self.weight.copy_(weight)
+        self.calls += 1
+        if not self.capture:
+            self._static(index)
+            return self.out
+        if index not in self._graphs:
+            self._graphs[index] = self._capture(index)
+        self._graphs[index].replay()
+        return self.out
+
+    def _capture(self, index: int) -> torch.cuda.CUDAGraph:
+        # warm up on the side stream first (bitsandbytes' tables, the allocator), as torch's graph notes ask
+        side = side_stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._static(index)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the CPU lane's worker may use CUDA (pinned copies) while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+            self._static(index)
+        self._pool = self._pool if self._pool is not None else graph.pool()
+        return graph
+
+    def _static(self, index: int) -> None:
+        """What ``_TorchLayer.compute`` does for one token, on the static buffers."""
+        y = self.fmt.forward(self.slot(index), self.x)
+        self.out.copy_((y * self.weight[:, None]).to(self.out.dtype))
+
+    def captured(self) -> int:
+        """How many slots have a graph."""
+        return len(self._graphs)
