@@ -19,13 +19,13 @@ import torch
 from transformers import MixtralConfig
 
 from .errors import BudgetError
-from .experts.formats import ExpertFormat, NF4Format
+from .experts.formats import ExpertFormat, Int4Format, NF4Format
 from .units import format_bytes, parse_bytes, parse_slots
 
 # Room for what torch holds on a GPU outside the model's tensors: cuBLAS's workspace for each stream that
 # runs matmuls (32 MiB each on an H200: the compute stream's, and ``side_stream``'s once graphs are
-# captured; benchmarks/diagnostics/peak_memory.py lists them) and the caching allocator's rounding.
-# The CPU has neither.
+# captured; benchmarks/diagnostics/peak_memory.py lists them). The caching allocator's rounding is not
+# counted apart. The CPU has neither.
 CUDA_ALLOCATOR_MARGIN = 64 * 2**20
 
 # Tokens of KV cache and activations a plan reserves when it is given requests, not a context: the
@@ -89,9 +89,20 @@ def activation_bytes(config: MixtralConfig, tokens: int, dtype: torch.dtype) -> 
     return tokens * per_token + config.vocab_size * 4 * 2
 
 
-def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype) -> int:
-    """NF4 experts over many tokens are dequantized to dense weights for the duration of a matmul."""
-    return fmt.params * _size(dtype) if isinstance(fmt, NF4Format) else 0
+def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype, device_type: str) -> int:
+    """What computing or landing one expert needs beside its record. NF4 experts over many tokens are
+    dequantized to dense weights for the duration of a matmul. Int4 on a GPU re-packs each landed
+    matrix for tinygemm (``Int4Format.arrive``: the matrix re-paired, then converted: two temporaries
+    of its size, on the relayout stream while the compute stream works; the H200 runs of 2026-11-30,
+    planned without them, peaked 43 MB above their plans), or, where its widths do not suit tinygemm,
+    is dequantized like NF4."""
+    if isinstance(fmt, NF4Format):
+        return fmt.params * _size(dtype)
+    if isinstance(fmt, Int4Format) and device_type == "cuda":
+        if fmt.cuda_tiles is None:
+            return fmt.params * _size(dtype)
+        return 2 * max(fmt.segments[f"{name}.q"].nbytes for name in ("w13", "w2"))
+    return 0
 
 
 def resolve_budget(budget: str | int, fixed_bytes: int, expert_bytes: int, total_experts: int,
@@ -132,7 +143,7 @@ def plan_memory(config: MixtralConfig, dense_bytes: int, fmt: ExpertFormat, budg
         budget_bytes=budget, dense_bytes=dense_bytes, max_batch=max_batch,
         kv_cache_bytes=kv_cache_bytes(config, max_context, dtype, max_batch),
         activation_bytes=activation_bytes(config, max_context, dtype),
-        workspace_bytes=workspace_bytes(fmt, dtype), margin_bytes=CUDA_ALLOCATOR_MARGIN if device_type == "cuda" else 0,
+        workspace_bytes=workspace_bytes(fmt, dtype, device_type), margin_bytes=CUDA_ALLOCATOR_MARGIN if device_type == "cuda" else 0,
         expert_bytes=fmt.nbytes, num_slots=total, total_experts=total,
     )
     if devices > 1:

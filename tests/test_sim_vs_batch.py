@@ -61,6 +61,10 @@ def test_equal_figures_give_zero_error_and_a_faster_measurement_a_negative_one(f
             assert f["measured"] is not None and f["sim"] == f["measured"] and f["rel_error"] == 0.0, name
     assert rows[1]["figures"]["h2d_copies"]["sim"] > 0 and rows[2]["figures"]["mean_batch"]["sim"] > 1
     assert svb.summary(rows)["met"] and svb.summary(rows)["p50_latency"]["max_abs_rel_error"] == 0.0
+    # the arrival rows' means are reported beside the target, never judged: a slower mean leaves it met
+    slow = dict(configs[2], measured={**configs[2]["measured"], "ttft_mean_s": 2 * configs[2]["measured"]["ttft_mean_s"]})
+    means = svb.summary(rows[:2] + [svb.compare(slow, cal)])
+    assert means["met"] and means["arrival_means"]["max_abs_rel_error"] == pytest.approx(0.5)
 
     faster = dict(configs[1], measured={**configs[1]["measured"],
                                         "decode_tokens_per_s": 2 * configs[1]["measured"]["decode_tokens_per_s"]})
