@@ -94,13 +94,11 @@ def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype, device_type: str) -> 
     dequantized to dense weights for the duration of a matmul. Int4 on a GPU re-packs each landed
     matrix for tinygemm (``Int4Format.arrive``: the matrix re-paired, then converted: two temporaries
     of its size, on the relayout stream while the compute stream works; the H200 runs of 2026-11-30,
-    planned without them, peaked 43 MB above their plans), or, where its widths do not suit tinygemm,
-    is dequantized like NF4."""
+    planned without them, peaked 43 MB above their plans). Int4's group sizes (multiples of 32) always
+    suit tinygemm's tiles, so it is never dequantized on a GPU."""
     if isinstance(fmt, NF4Format):
         return fmt.params * _size(dtype)
     if isinstance(fmt, Int4Format) and device_type == "cuda":
-        if fmt.cuda_tiles is None:
-            return fmt.params * _size(dtype)
         return 2 * max(fmt.segments[f"{name}.q"].nbytes for name in ("w13", "w2"))
     return 0
 

@@ -77,3 +77,20 @@ def test_notebooks_06_and_07_resolve_15pct_as_the_simulator(readme_slots):
     sweep = pf.sim_setup("mixtral-8x7b", 15, 512 + 32)[0]
     assert n07.plan.num_slots == n06.plan.num_slots == sweep.plan.num_slots == readme_slots
     assert n07.plan.fixed_bytes == n06.plan.fixed_bytes and f"{readme_slots} of 256 expert slots" in note
+
+
+def test_the_workspace_counts_what_each_format_makes_beside_its_record():
+    """NF4 dequantizes a whole expert for a many-token matmul; int4 on a GPU re-packs each landed matrix
+    for tinygemm through two temporaries of its size; dense records and int4 on the CPU need nothing
+    beside the record."""
+    import torch
+
+    from duoserve_core.experts.formats import make_format
+    from duoserve_core.memory import workspace_bytes
+
+    nf4, dense = make_format("nf4", 4096, 14336, torch.bfloat16), make_format("bf16", 4096, 14336, torch.bfloat16)
+    int4 = make_format("int4", 4096, 14336, torch.bfloat16)
+    assert workspace_bytes(nf4, torch.bfloat16, "cuda") == nf4.params * 2
+    assert workspace_bytes(dense, torch.bfloat16, "cuda") == 0 and workspace_bytes(int4, torch.bfloat16, "cpu") == 0
+    assert int4.cuda_tiles is not None
+    assert workspace_bytes(int4, torch.bfloat16, "cuda") == 2 * (2 * 14336) * (4096 // 2)  # w13's packed bytes, twice
