@@ -41,7 +41,7 @@ from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_wri
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.knob_args import knobs_from_args  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
-from duoserve_core.sim.calibration import load_calibration  # noqa: E402
+from duoserve_core.sim.calibration import CalibrationError, load_calibration  # noqa: E402
 from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.sim.simulator import Simulator  # noqa: E402
@@ -88,8 +88,22 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "measured_split": row.get("decode_split"),  # rows from before 2026-12-01 lack it
                     # rows before the schedule knob ran prefill-first; "mixed, chunks of N" names a chunk
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
-                    "prefill_chunk": args.prefill_chunk})
+                    "prefill_chunk": args.prefill_chunk, "cuda_graphs": bool(args.cuda_graphs)})
     return out
+
+
+def check_graphs(configs: list[dict], calibration, calibration_path: str) -> None:
+    """A run with ``--cuda-graphs`` spends less host time a layer than the eager path whose terms a
+    calibration without them holds (and the other way round): simulating it with those terms would
+    report the graphs' saving as the simulator's error, so such a pair is refused."""
+    graphs = bool(calibration.raw.get("cuda_graphs", False))  # files before 2026-12-01 ran eagerly
+    mismatched = sorted({c["file"] for c in configs if c["cuda_graphs"] != graphs})
+    if mismatched:
+        ran = "without" if graphs else "with"
+        raise CalibrationError(
+            f"{', '.join(mismatched)} ran {ran} --cuda-graphs, but {calibration_path} was calibrated "
+            f"{'with' if graphs else 'without'} them (its host terms are not those runs'); calibrate the same way "
+            f"(python -m duoserve_core.calibrate ...{' --cuda-graphs' if not graphs else ''}) or leave those files out")
 
 
 def measured_figures(row: dict) -> dict:
@@ -292,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         for suffix in (".json", ".md"):  # before minutes of simulating, not after
             check_writable(f"{args.out}{suffix}", args.force, "--out")
         calibration = load_calibration(args.calibration)
-        rows = [compare(c, calibration) for path in args.bench for c in configurations(Path(path), args.trace)]
+        configs = [c for path in args.bench for c in configurations(Path(path), args.trace)]
+        check_graphs(configs, calibration, args.calibration)
+        rows = [compare(c, calibration) for c in configs]
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

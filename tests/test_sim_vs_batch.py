@@ -91,3 +91,17 @@ def test_main_writes_the_table_and_the_summary(files, capsys):
     assert record["rows"][1]["decode_split"]["measured"] is None
     assert "| on-demand | B 1 |" in table and "| 2.0 / " in table and "| lru | B 3 |" not in table
     assert "decode throughput" in capsys.readouterr().out
+
+
+def test_runs_with_cuda_graphs_need_a_calibration_with_them(files, capsys):
+    """A ``--cuda-graphs`` run spends less host time than an eager calibration charges: the pair is refused,
+    naming the files and the fix, before anything is simulated or written."""
+    folder, cal_path = files
+    graphs = folder / "graphs.json"
+    record = json.loads((folder / "batch.json").read_text())
+    graphs.write_text(json.dumps({**record, "command": record["command"] + " --cuda-graphs"}))
+    out = folder / "refused"
+    assert benchmark_script("sim_vs_batch").main([str(graphs), "--calibration", str(cal_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "graphs.json ran with --cuda-graphs" in err and "--cuda-graphs) or leave" in err
+    assert not Path(f"{out}.json").exists() and not Path(f"{out}.md").exists()
