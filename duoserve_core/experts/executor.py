@@ -183,6 +183,7 @@ class _TorchLayer:
             self.starts.append(self.starts[-1] + c)
         self.host_rows = torch.argsort(flat, stable=True)
         self.rows = self.host_rows.to(x.device, non_blocking=True)
+        self.tokens = self.rows // k  # each row's token, on the first device
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
         self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
@@ -206,14 +207,15 @@ class _TorchLayer:
             (share.x, share.rows, share.weights, share.contrib)
         self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert, device=d))
         with contextlib.nullcontext() if share is None else share.guard:
-            rows = all_rows[self.starts[expert]:self.starts[expert + 1]]
+            span = slice(self.starts[expert], self.starts[expert + 1])
+            rows = all_rows[span]
+            tokens = self.tokens[span] if share is None else rows // self.k
             if share is None and self.slot_graphs is not None and self.counts[expert] == 1:
-                # the same arithmetic as below, from the slot's graph
-                y = self.slot_graphs(slot, x.index_select(0, rows // self.k), weights.index_select(0, rows))
-                contrib.index_copy_(0, rows, y)
+                y = self.slot_graphs(slot, x, tokens, weights, rows)  # the arithmetic below, from the slot's graph
             else:
-                y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, rows // self.k))
-                contrib.index_copy_(0, rows, (y * weights.index_select(0, rows)[:, None]).to(x.dtype))
+                y = self.fmt.forward(self.engine.slot(slot), x.index_select(0, tokens))
+                y = (y * weights.index_select(0, rows)[:, None]).to(x.dtype)
+            contrib.index_copy_(0, rows, y)
         self.events.emit(SpanEvent("end", "compute", "expert", layer, expert, device=d))
         if share is not None:
             share.experts.append(expert)

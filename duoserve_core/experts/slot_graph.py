@@ -36,14 +36,16 @@ class SlotGraphs:
         self._pool = None  # one memory pool for every slot's graph: they replay one at a time, on one stream
         self.calls = 0     # expert calls served, replayed or (without capture) run as the static function
 
-    def __call__(self, index: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``weight * expert(x)`` in ``x``'s dtype for the one token ``x [1, H]`` and the expert in slot
-        ``index``; with capture the result is the graphs' output buffer: consume it (on this stream)
-        before the next call."""
+    def __call__(self, index: int, x: torch.Tensor, token: torch.Tensor, weights: torch.Tensor,
+                 row: torch.Tensor) -> torch.Tensor:
+        """``weights[row] * expert(x[token])`` in ``x``'s dtype for one token (``token`` and ``row``: one-element
+        index tensors) and the expert in slot ``index``; with capture the result is the graphs' output
+        buffer: consume it (on this stream) before the next call."""
         if self.x is None:  # the buffers take the dtypes of the first call, which every later one shares
-            self.x, self.weight, self.out = torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(x)
-        self.x.copy_(x)
-        self.weight.copy_(weight)
+            self.x, self.weight = torch.zeros_like(x[:1]), torch.zeros_like(weights[:1])
+            self.out = torch.zeros_like(self.x)
+        torch.index_select(x, 0, token, out=self.x)  # gathered straight into the graphs' inputs
+        torch.index_select(weights, 0, row, out=self.weight)
         self.calls += 1
         if not self.capture:
             self._static(index)
