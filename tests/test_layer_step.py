@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import duoserve_core
 from duoserve_core.bench import make_prompt
@@ -97,8 +98,6 @@ def test_runtime_and_simulator_make_the_same_decisions(both, name, slots):
 def test_layer_step_order_on_a_hand_made_device():
     """Resident experts first, demand copies before the policy's prefetches, each expert read after
     ``wait_ready`` and released for copies by ``mark_read``, then the layer-done plan."""
-    import torch
-
     from duoserve_core.experts.cache import ExpertCache
     from duoserve_core.policy import Plan, Policy
 
@@ -143,3 +142,25 @@ def test_layer_step_order_on_a_hand_made_device():
                      ("wait", 0), ("compute", (0, 4)), ("read", 0),  # the resident expert first
                      ("wait", 1), ("compute", (0, 2)), ("read", 1), ("layer_done", 0)]
     assert seen[1:] == [("hit", (0, 4)), ("miss", (0, 2)), ("prefetch", (1, 5))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3])
+def test_combine_sums_each_token_in_ascending_expert_order(dtype, k):
+    """The same bits whatever order the router listed a token's experts in: for two experts because
+    addition of two terms is commutative, from three on because the sum is sorted by expert."""
+    from duoserve_core.experts.executor import combine
+
+    torch.manual_seed(k)
+    tokens, hidden, experts = 64, 32, 8
+    top_idx = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    contrib = (torch.randn(tokens * k, hidden) * torch.logspace(-3, 3, hidden)).to(dtype)
+    flipped = top_idx.flip(1)
+    contrib_flipped = contrib.view(tokens, k, hidden).flip(1).reshape(tokens * k, hidden)
+    assert torch.equal(combine(contrib, top_idx), combine(contrib_flipped, flipped))
+    order = top_idx.argsort(dim=1)
+    ascending = contrib.view(tokens, k, hidden).gather(1, order[:, :, None].expand(-1, -1, hidden))
+    expected = ascending[:, 0]
+    for j in range(1, k):
+        expected = expected + ascending[:, j]
+    assert torch.equal(combine(contrib, top_idx), expected)

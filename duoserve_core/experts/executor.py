@@ -255,9 +255,15 @@ class _TorchLayer:
 
 
 def combine(contrib: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """``[tokens * k, H]`` rows (token-major, router order) summed per token in ascending expert order."""
+    """``[tokens * k, H]`` rows (token-major, router order) summed per token in ascending expert order.
+
+    With two experts a token (Mixtral's top-2) the order needs no sort: floating-point addition of two
+    terms is commutative (``a + b`` and ``b + a`` round the same exact sum), so the router's order gives
+    the same bits as any; from three terms on the order matters and is fixed by sorting."""
     tokens, k = top_idx.shape
     per_token = contrib.view(tokens, k, contrib.shape[-1])
+    if k == 2:
+        return per_token[:, 0] + per_token[:, 1]
     order = top_idx.argsort(dim=1)
     per_token = per_token.gather(1, order[:, :, None].expand(-1, -1, contrib.shape[-1]))
     out = per_token[:, 0]
