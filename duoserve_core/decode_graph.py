@@ -24,7 +24,7 @@ import torch
 
 from .kv_cache import Placement, RowKVCache, additive_mask
 from .mixtral import grouped_attention, project
-from .side_stream import side_stream
+from .side_stream import capture
 
 WIDTH_BUCKET = 256  # keys are read in buckets of this many: a graph per bucket, at most 255 masked keys read
 
@@ -81,17 +81,9 @@ class DecodeGraphs:
     def _graph(self, index: int, rows: int, width: int):
         key = (index, rows, width)
         if key not in self._graphs:
-            # warm up on a side stream first (bitsandbytes' tables, the allocator), as torch's graph notes ask;
-            # the warm-up writes this step's keys and values, which the replay writes again, unchanged
-            side = side_stream(self.kv.device)  # one for every capture: see side_stream's docstring
-            side.wait_stream(torch.cuda.current_stream(self.kv.device))
-            with torch.cuda.stream(side):
-                self._dense(index, rows, width)
-            torch.cuda.current_stream(self.kv.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
-                out = self._dense(index, rows, width)
-            self._pool = self._pool if self._pool is not None else graph.pool()
+            # the warm-up run writes this step's keys and values, which the replay writes again, unchanged
+            graph, out = capture(lambda: self._dense(index, rows, width), self.kv.device, self._pool)
+            self._pool = graph.pool()
             self._graphs[key] = (graph, out)  # the outputs stay referenced: no other graph gets their memory
         return self._graphs[key]
 

@@ -257,8 +257,8 @@ class Runtime:
             replay = RoutingReplay(read_trace(routing_trace), c.num_hidden_layers, c.num_local_experts,
                                    c.num_experts_per_tok)
         self.attention_quant = attention_quant
-        # decode steps' dense part (norms, attention) replayed from CUDA graphs (``decode_graph``); on the
-        # CPU the same static function runs eagerly
+        # decode steps' dense part (norms, attention) and one-token expert calls replayed from CUDA graphs
+        # (``decode_graph``, ``experts/slot_graph``); on the CPU the same static functions run eagerly
         self.cuda_graphs = bool(cuda_graphs)
         skeleton = build_skeleton(source, self.dtype, attention_quant)
         self._dense_bytes = dense_bytes(skeleton)
@@ -742,7 +742,8 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     ``devices`` (``["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``) or ``gpus`` (``N`` or ``"auto"``): expert
     slots and copy links on every device, ``memory_budget`` on each (``resolve_devices``).
     ``cuda_graphs=True``: each decode step's dense part (norms, attention) replays CUDA graphs, one
-    launch a layer instead of about forty (``decode_graph``); the tokens are the eager run's.
+    launch a layer instead of about forty (``decode_graph``), and so does each one-token expert call,
+    one a slot (``experts/slot_graph``); the tokens are the eager run's.
     """
     knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
     devs = resolve_devices(device, devices, gpus)

@@ -138,7 +138,7 @@ class BenchSetup:
     routing_trace: str | None = None
     devices: str | list[str] | None = None  # several devices (``cuda:0,cuda:1``), or
     gpus: int | str | None = None           # N GPUs from cuda:0 / "auto" (``runtime.resolve_devices``)
-    cuda_graphs: bool = False               # decode steps' dense part from CUDA graphs (``decode_graph``)
+    cuda_graphs: bool = False               # ``load(cuda_graphs=...)``: decode's dense part and one-token experts
 
 
 def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:

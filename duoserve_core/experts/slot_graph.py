@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..side_stream import side_stream
+from ..side_stream import capture
 from .formats import ExpertFormat
 
 
@@ -51,23 +51,11 @@ class SlotGraphs:
             self._static(index)
             return self.out
         if index not in self._graphs:
-            self._graphs[index] = self._capture(index)
+            # thread_local: the CPU lane's worker may call CUDA (pinned buffers) while this thread captures
+            self._graphs[index], _ = capture(lambda: self._static(index), self.device, self._pool, "thread_local")
+            self._pool = self._graphs[index].pool()
         self._graphs[index].replay()
         return self.out
-
-    def _capture(self, index: int) -> torch.cuda.CUDAGraph:
-        # warm up on the side stream first (bitsandbytes' tables, the allocator), as torch's graph notes ask
-        side = side_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._static(index)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the CPU lane's worker may use CUDA (pinned copies) while this thread captures
-        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-            self._static(index)
-        self._pool = self._pool if self._pool is not None else graph.pool()
-        return graph
 
     def _static(self, index: int) -> None:
         """What ``_TorchLayer.compute`` does for one token, on the static buffers."""

@@ -13,7 +13,7 @@ import torch
 
 from .errors import PredictorError
 from .layer_predictor import LayerPredictor
-from ..side_stream import side_stream
+from ..side_stream import capture
 
 
 class GraphedPredictor:
@@ -34,23 +34,13 @@ class GraphedPredictor:
         self.weights = torch.full((batch, m.num_layers, m.top_k), 1.0 / m.top_k, device=device)
         self.prev_experts = torch.full((batch, m.num_layers, m.top_k), -1, dtype=torch.long, device=device)
         layers = [layer for layer in range(m.num_layers) if predictor.depth_at(layer)]
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        pool = None
         with torch.no_grad():
-            # warm up on a side stream before capture, as torch.cuda.graph requires
-            side = side_stream(device)  # one for every capture: see side_stream's docstring
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for layer in layers:
-                    self._eager(layer)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-            self._outputs: dict[int, torch.Tensor] = {}
-            pool = None
             for layer in layers:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=side):
-                    self._outputs[layer] = self._eager(layer)
-                pool = graph.pool()  # layers run one after another: one memory pool for all
-                self._graphs[layer] = graph
+                self._graphs[layer], self._outputs[layer] = capture(lambda: self._eager(layer), device, pool)
+                pool = self._graphs[layer].pool()  # layers run one after another: one memory pool for all
         self._empty = torch.zeros(batch, 0, m.num_experts, device=device)
 
     def _eager(self, layer: int) -> torch.Tensor:
