@@ -3,7 +3,7 @@
 # decode steps' dense part replayed from CUDA graphs (``--cuda-graphs``, ``duoserve_core/decode_graph.py``).
 # Synthesized Mixtral-8x7B, NF4 experts and attention, prompt 512, mixtral-like routing.
 #   bash benchmarks/host_overhead_gpu.sh STAGE...   stages: check, profile, resident, offloaded   (carry [".whl"])
-# check: the graph and attention GPU tests; profile: profile_step.py at 4 layers, resident, eager then graphs;
+# check: the graph (decode, slot, predictor) and attention GPU tests; profile: profile_step.py at 4 layers, resident, eager then graphs;
 # resident: every expert resident (40 GiB), TPOT eager and with graphs (the target: at most 1.5x the GPU's
 # compute time, which the run's timeline gives); offloaded: duoserve and on-demand at 15%, eager and with graphs.
 # GEN (64) and REPEATS (3) override the bench's settings. Each stage has its own timeout and log under $OUT.
@@ -16,7 +16,7 @@ for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
 check)
-  timeout 240 python3 -m pytest -q tests/test_decode_graph.py tests/test_gpu.py tests/test_calibrate.py \
+  timeout 240 python3 -m pytest -q tests/test_decode_graph.py tests/test_gpu.py tests/test_calibrate.py tests/test_predict.py \
       -k "graph or cudnn or transformers or batched or attention" > "$OUT/check.log" 2>&1; tail -3 "$OUT/check.log" ;;
 profile)
   for graphs in "" --cuda-graphs; do
