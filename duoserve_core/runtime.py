@@ -154,6 +154,12 @@ def check_arrivals(arrivals: list[float] | None, count: int) -> list[float]:
     return [float(a) for a in values]
 
 
+def splits_experts(device: torch.device) -> bool:
+    """Whether a CPU lane beside ``device`` is a second place to compute experts: not on a CPU device,
+    where every expert already runs on the host (``--cpu-experts auto`` is then off)."""
+    return device.type != "cpu"
+
+
 def check_max_batch(max_batch: int) -> None:
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise PromptError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
@@ -352,7 +358,10 @@ class Runtime:
                                        for d, (n, device) in enumerate(zip(slots, self.devices))])
         self.cache = ExpertCache(self.engine, self.policy, c.num_hidden_layers, c.num_local_experts, self.events)
         self.policy.attach(self.cache)
-        self.host_lane = self._build_host_lane()
+        if kept is None:
+            kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
+            kept = kv, DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
+        self.host_lane = self._build_host_lane(kept[0])
         self.layer_step = LayerStep(self.cache, self.policy, self.events, self.host_lane)
         layers = self.skeleton.model.layers
         self.executor = ExpertExecutor(self.layer_step, self.engine, self.format, self.events, c.num_experts_per_tok,
@@ -360,9 +369,6 @@ class Runtime:
                                        self.host_worker if self.host_lane.enabled else None, self._slot_graphs())
         for layer in layers:
             layer.mlp.executor = self.executor
-        if kept is None:
-            kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
-            kept = kv, DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
         self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, *kept)
 
     def _slot_graphs(self) -> SlotGraphs | None:
@@ -374,13 +380,14 @@ class Runtime:
             return None
         return SlotGraphs(self.format, self.engine.slot, self.device, capture=cuda)
 
-    def _build_host_lane(self) -> HostLane:
+    def _build_host_lane(self, kv: RowKVCache) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
-        1/4/16 tokens, one copy); on a CPU device there is nothing to split, so ``auto`` is off and
-        ``describe()`` says why. The worker thread is kept while the thread count stays."""
+        1/4/16 tokens, one copy, a decode layer's host work on ``kv``: the model is not built yet); on a
+        CPU device there is nothing to split, so ``auto`` is off and ``describe()`` says why. The worker
+        thread is kept while the thread count stays."""
         mode, threads = self.knobs.cpu_experts, self.knobs.cpu_threads
         self.host_lane_note = None
-        if mode == "auto" and self.device.type == "cpu":
+        if mode == "auto" and not splits_experts(self.device):
             self.host_lane_note = "auto on a CPU device: the experts already run on the host, nothing to split"
             mode = "off"
         worker = getattr(self, "host_worker", None)
@@ -392,15 +399,15 @@ class Runtime:
             return HostLane("off")
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
-        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s()) \
+        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s(kv)) \
             if mode == "auto" else None
         return HostLane(mode, costs)
 
     @torch.inference_mode()
-    def _decode_layer_host_s(self, repeats: int = 3) -> float:
+    def _decode_layer_host_s(self, kv: RowKVCache, repeats: int = 3) -> float:
         """Seconds to run one decode token through the first layer's norm, attention and router (queued
-        and finished): the host work the CPU lane's wait delays (``LaneCosts.blocked_s``)."""
-        layer, kv = self.skeleton.model.layers[0], self.model.kv
+        and finished), on row 0 of ``kv``: the host work the CPU lane's wait delays (``LaneCosts.blocked_s``)."""
+        layer = self.skeleton.model.layers[0]
         x = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
         times = []

@@ -180,6 +180,22 @@ def test_simulator_needs_the_lane_in_the_calibration(tmp_path):
         Simulator(model, cal, replay, PolicyKnobs(cpu_experts="auto", cpu_threads=16))
 
 
+def test_auto_measures_its_costs_at_load_and_at_configure(monkeypatch):
+    """``auto`` times a decode layer's host work before the model it serves is built, at load and again at
+    ``configure`` (a new batch size makes a new KV cache): the GPU path, run here on the CPU by letting
+    the lane split a CPU device's experts. Whatever it picks, the tokens are the lane-less run's."""
+    monkeypatch.setattr(duoserve_core.runtime, "splits_experts", lambda device: True)
+    kw = dict(device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
+    auto = duoserve_core.load(DATA / "small-moe", cpu_experts="auto", **kw)
+    assert auto.host_lane.mode == "auto" and auto.host_lane.costs.blocked_s > 0
+    auto.configure(max_batch=2)
+    assert auto.host_lane.mode == "auto" and auto.model.kv.rows == 2
+    off = duoserve_core.load(DATA / "small-moe", **kw)
+    prompt = [1, 5, 9, 2, 7]
+    assert auto.generate(prompt_ids=prompt, max_new_tokens=6).tokens == \
+        off.generate(prompt_ids=prompt, max_new_tokens=6).tokens
+
+
 def test_the_runtimes_own_costs_are_measured(runtime):
     """What ``auto`` weighs on a GPU, measured here on the CPU (where ``auto`` itself stays off): every
     cost positive, the host lane's growing with tokens, the delayed host work a layer's attention."""
@@ -188,7 +204,8 @@ def test_the_runtimes_own_costs_are_measured(runtime):
     runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="off")
     worker = HostLaneWorker(runtime.format, 1)
     try:
-        costs = measure_costs(worker, runtime.store, runtime.engine, runtime.dtype, runtime._decode_layer_host_s())
+        costs = measure_costs(worker, runtime.store, runtime.engine, runtime.dtype,
+                              runtime._decode_layer_host_s(runtime.model.kv))
     finally:
         worker.close()
     assert costs.copy_s > 0 and costs.blocked_s > 0 and costs.threads == 1
