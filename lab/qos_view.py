@@ -66,9 +66,11 @@ MAX_GEN = 128                              # the notebook's largest generated-to
 TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 128
 MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
 # the arrival runs drawn: 2026-11-30's (prefill-first, 16 requests) and 2026-12-01's (mixed, 12 requests, each
-# policy warmed up on a full batch first, attention on the memory-efficient kernel); not that day's earlier runs,
-# whose first rows paid a cold start or cuDNN's plan builds (docs/simulator.md)
-MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json")
+# policy warmed up on a full batch first, attention on the memory-efficient kernel; then duoserve with 24 requests
+# and --cuda-graphs); not that day's earlier runs, whose first rows paid a cold start or cuDNN's plan builds
+# (docs/simulator.md)
+MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json",
+                     "arrivals_h200_8x7b_mixtral_like_24req_graphs.json")
 PERCENTILES = ("p50", "p99")
 
 

@@ -29,6 +29,7 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
     assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run after the attention fix
     assert "measured H200, 2026-12-01, 32 tokens (max batch 16, 12 requests, mixed)" in set(arrivals["label"])
+    assert "measured H200, 2026-12-01, 32 tokens, CUDA graphs (max batch 16, 24 requests, mixed)" in set(arrivals["label"])
 
 
 def test_the_budget_rule_adds_kv_caches_and_keeps_the_slots():
