@@ -109,13 +109,18 @@ def check_graphs(configs: list[dict], calibration, calibration_path: str) -> Non
 def measured_figures(row: dict) -> dict:
     """A bench row's figures under the names ``FIGURES`` uses."""
     if "arrival_rate" in row:
-        return {"tokens_per_s": row["tokens_per_s"], "ttft_p50_s": row["ttft_s"]["p50"],
-                "ttft_p99_s": row["ttft_s"]["p99"], "tpot_p50_s": row["tpot_s"]["p50"],
-                "tpot_p99_s": row["tpot_s"]["p99"], "latency_p50_s": row["latency_s"]["p50"],
-                "queued_p50_s": row["queued_s"]["p50"], "ttft_mean_s": row["ttft_s"]["mean"],
-                "queued_mean_s": row["queued_s"]["mean"], "mean_batch": row["mean_batch"],
-                "h2d_copies": row["h2d_copies"], **step_times(row)}
+        return arrival_figures(row, row["mean_batch"], row["h2d_copies"], step_times(row))
     return {**{k: row[k] for k in FIGURES["batch"] if k in row}, "decode_step_s": step_times(row)["decode_step_s"]}
+
+
+def arrival_figures(summary: dict, mean_batch: float, h2d_copies: int, steps: dict) -> dict:
+    """An arrival run's figures under the names ``FIGURES`` uses, from a ``sim.qos.summarize`` summary:
+    the simulated run's, or the bench row, which carries that summary's keys (``bench.arrival_rows``)."""
+    stats = {f"{m}_{p}_s": summary[f"{m}_s"][p] for m, p in (
+        ("ttft", "p50"), ("ttft", "p99"), ("tpot", "p50"), ("tpot", "p99"), ("latency", "p50"), ("queued", "p50"),
+        ("ttft", "mean"), ("queued", "mean"))}
+    return {"tokens_per_s": summary["tokens_per_s"], **stats, "mean_batch": mean_batch, "h2d_copies": h2d_copies,
+            **steps}
 
 
 def step_times(run) -> dict:
@@ -173,12 +178,7 @@ def simulate(config: dict, calibration) -> dict:
         q = summarize([{"arrival_s": r["arrival_s"], "queued_s": r["queue_s"], "ttft_s": r["ttft_s"],
                         "tpot_s": r["tpot_s"], "latency_s": r["e2e_s"], "new_tokens": r["new_tokens"]}
                        for r in run.requests])
-        figures = {"tokens_per_s": q["tokens_per_s"], "ttft_p50_s": q["ttft_s"]["p50"],
-                   "ttft_p99_s": q["ttft_s"]["p99"], "tpot_p50_s": q["tpot_s"]["p50"],
-                   "tpot_p99_s": q["tpot_s"]["p99"], "latency_p50_s": q["latency_s"]["p50"],
-                   "queued_p50_s": q["queued_s"]["p50"], "ttft_mean_s": q["ttft_s"]["mean"],
-                   "queued_mean_s": q["queued_s"]["mean"], "mean_batch": run.mean_batch,
-                   "h2d_copies": run.counts["h2d_copies"], **step_times(run)}
+        figures = arrival_figures(q, run.mean_batch, run.counts["h2d_copies"], step_times(run))
     return {"figures": figures, "detail": detail}
 
 
