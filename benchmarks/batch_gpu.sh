@@ -12,8 +12,9 @@
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
-# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS=1: the calibrate, batch and
-# arrivals stages run with --cuda-graphs (decode steps' dense part replayed from CUDA graphs), their files named ..._graphs.
+# TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS (1, the GPU's default since
+# 2026-12-01): the calibrate, batch and arrivals stages run with --cuda-graphs (decode steps' dense part replayed from
+# CUDA graphs), their files named ..._graphs; GRAPHS=0 runs them eagerly (--no-cuda-graphs), files without the suffix.
 # CPU_EXPERTS=auto (CPU_THREADS, 16): the batch and arrivals stages with the CPU lane (--cpu-experts), files ..._cpu_auto. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
@@ -22,13 +23,14 @@ source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
 RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-mixed}
 SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
+if [ "${GRAPHS:-1}" = 1 ]; then GRAPH_FLAG=--cuda-graphs; GRAPH_SUFFIX=_graphs; else GRAPH_FLAG=--no-cuda-graphs; GRAPH_SUFFIX=; fi
 # per policy in the batch stage (one short warm-up and one full run per batch size): batches 1,4,16,64 at GEN=128 take
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
 BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}; ARRIVALS_TIMEOUT=${ARRIVALS_TIMEOUT:-560}
 COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
-        --routing-trace "$MIXTRAL_LIKE_TRACE" ${GRAPHS:+--cuda-graphs}
+        --routing-trace "$MIXTRAL_LIKE_TRACE" "$GRAPH_FLAG"
         ${CPU_EXPERTS:+--cpu-experts "$CPU_EXPERTS" --cpu-threads "${CPU_THREADS:-16}"})
-SUFFIX=${CPU_EXPERTS:+_cpu_$CPU_EXPERTS}${GRAPHS:+_graphs}
+SUFFIX=${CPU_EXPERTS:+_cpu_$CPU_EXPERTS}$GRAPH_SUFFIX
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -37,7 +39,7 @@ check)
 calibrate)
   # the simulator's H200 terms, batched decode attention included (device_time.attention_rows), about 30 s
   timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \
-      ${GRAPHS:+--cuda-graphs} --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4${GRAPHS:+_graphs}.json" --force > "$OUT/calibrate.log" 2>&1
+      "$GRAPH_FLAG" --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4$GRAPH_SUFFIX.json" --force > "$OUT/calibrate.log" 2>&1
   tail -3 "$OUT/calibrate.log" ;;
 batch)
   mixtral_like_trace

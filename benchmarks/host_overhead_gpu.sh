@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's first item on the GPU machine: the host overhead of a decode token, with and without the
-# decode steps' dense part replayed from CUDA graphs (``--cuda-graphs``, ``duoserve_core/decode_graph.py``).
+# decode steps' dense part replayed from CUDA graphs (``--cuda-graphs``, ``duoserve_core/decode_graph.py``; the
+# GPU's default since 2026-12-01: the eager rows pass ``--no-cuda-graphs``).
 # Synthesized Mixtral-8x7B, NF4 experts and attention, prompt 512, mixtral-like routing.
 #   bash benchmarks/host_overhead_gpu.sh STAGE...   stages: check, profile, resident, offloaded   (carry [".whl"])
 # check: the graph (decode, slot, predictor) and attention GPU tests; profile: profile_step.py at 4 layers, resident, eager then graphs;
@@ -21,20 +22,20 @@ check)
 profile)
   for graphs in "" --cuda-graphs; do
     timeout 200 python3 benchmarks/diagnostics/profile_step.py --policy resident --quant-attention nf4 --prompt-len 512 \
-        $graphs > "$OUT/profile_resident${graphs:+_graphs}.log" 2>&1
+        "${graphs:---no-cuda-graphs}" > "$OUT/profile_resident${graphs:+_graphs}.log" 2>&1
     grep -E "^timeline|decode compute" "$OUT/profile_resident${graphs:+_graphs}.log"
   done ;;
 resident)
   mixtral_like_trace
   for graphs in "" --cuda-graphs; do
-    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 40GiB --policies resident $graphs \
+    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 40GiB --policies resident "${graphs:---no-cuda-graphs}" \
         --out "$OUT/host_${TAG}_resident${graphs:+_graphs}.json" > "$OUT/resident${graphs:+_graphs}.log" 2>&1
     grep -v "^wrote" "$OUT/resident${graphs:+_graphs}.log" | tail -4
   done ;;
 offloaded)
   mixtral_like_trace
   for graphs in "" --cuda-graphs; do
-    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 15% --policies duoserve,on-demand $graphs \
+    timeout 280 python3 -m duoserve_core.bench "${COMMON[@]}" --memory-budget 15% --policies duoserve,on-demand "${graphs:---no-cuda-graphs}" \
         --out "$OUT/host_${TAG}_offloaded${graphs:+_graphs}.json" > "$OUT/offloaded${graphs:+_graphs}.log" 2>&1
     grep -v "^wrote" "$OUT/offloaded${graphs:+_graphs}.log" | tail -5
   done ;;

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_vs_measured import _command_args  # noqa: E402
 
+from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.knob_args import knobs_from_args  # noqa: E402
@@ -88,12 +89,12 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "measured_split": row.get("decode_split"),  # rows from before 2026-12-01 lack it
                     # rows before the schedule knob ran prefill-first; "mixed, chunks of N" names a chunk
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
-                    "prefill_chunk": args.prefill_chunk, "cuda_graphs": bool(args.cuda_graphs)})
+                    "prefill_chunk": args.prefill_chunk, "cuda_graphs": ran_with_cuda_graphs(record)})
     return out
 
 
 def check_graphs(configs: list[dict], calibration, calibration_path: str) -> None:
-    """A run with ``--cuda-graphs`` spends less host time a layer than the eager path whose terms a
+    """A run with CUDA graphs spends less host time a layer than the eager path whose terms a
     calibration without them holds (and the other way round): simulating it with those terms would
     report the graphs' saving as the simulator's error, so such a pair is refused."""
     graphs = bool(calibration.raw.get("cuda_graphs", False))  # files before 2026-12-01 ran eagerly
@@ -101,9 +102,10 @@ def check_graphs(configs: list[dict], calibration, calibration_path: str) -> Non
     if mismatched:
         ran = "without" if graphs else "with"
         raise CalibrationError(
-            f"{', '.join(mismatched)} ran {ran} --cuda-graphs, but {calibration_path} was calibrated "
+            f"{', '.join(mismatched)} ran {ran} CUDA graphs, but {calibration_path} was calibrated "
             f"{'with' if graphs else 'without'} them (its host terms are not those runs'); calibrate the same way "
-            f"(python -m duoserve_core.calibrate ...{' --cuda-graphs' if not graphs else ''}) or leave those files out")
+            f"(python -m duoserve_core.calibrate ... {'--cuda-graphs' if not graphs else '--no-cuda-graphs'}) or "
+            "leave those files out")
 
 
 def measured_figures(row: dict) -> dict:

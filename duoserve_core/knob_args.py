@@ -215,7 +215,9 @@ def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> Poli
 
 
 def add_graph_argument(parser: argparse.ArgumentParser) -> None:
-    """``--cuda-graphs`` (``load(cuda_graphs=...)``), for every command that loads a runtime."""
-    parser.add_argument("--cuda-graphs", action="store_true",
+    """``--cuda-graphs`` / ``--no-cuda-graphs`` (``load(cuda_graphs=...)``), for every command that loads a
+    runtime; neither leaves ``None``, the runtime's default (``runtime.resolve_cuda_graphs``)."""
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay each decode step's norms and attention (one launch a layer) and each "
-                             "one-token expert call (one launch an expert) from CUDA graphs")
+                             "one-token expert call (one launch an expert) from CUDA graphs (default: on with "
+                             "one GPU, off on the CPU and on several GPUs; --no-cuda-graphs runs decode eagerly)")

@@ -66,11 +66,12 @@ MAX_GEN = 128                              # the notebook's largest generated-to
 TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 128
 MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
 # the arrival runs drawn: 2026-11-30's (prefill-first, 16 requests) and 2026-12-01's (mixed, 12 requests, each
-# policy warmed up on a full batch first, attention on the memory-efficient kernel; then duoserve with 24 requests
-# and --cuda-graphs); not that day's earlier runs, whose first rows paid a cold start or cuDNN's plan builds
-# (docs/simulator.md)
+# policy warmed up on a full batch first, attention on the memory-efficient kernel; then duoserve, and later
+# on-demand and lru, with 24 requests and CUDA graphs); not that day's earlier runs, whose first rows paid a cold
+# start or cuDNN's plan builds (docs/simulator.md), nor on-demand's 128-token run, which these rates overload
 MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json",
-                     "arrivals_h200_8x7b_mixtral_like_24req_graphs.json")
+                     "arrivals_h200_8x7b_mixtral_like_24req_graphs.json",
+                     "arrivals_h200_8x7b_mixtral_like_24req_graphs_on-demand_lru.json")
 PERCENTILES = ("p50", "p99")
 
 
@@ -261,9 +262,12 @@ def source_label(device: str) -> str:
 def _measured_label(record: dict) -> str:
     """``measured H200, 2026-11-30, 32 tokens``: runs of different lengths are different curves (the KV
     context, and with it each step's attention, grows with the tokens generated), and so are runs with
-    ``--cuda-graphs`` (``..., CUDA graphs``: less host time a layer)."""
-    graphs = ", CUDA graphs" if re.search(r"--cuda-graphs\b", record.get("command", "")) else ""
-    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens{graphs}"
+    CUDA graphs (``..., CUDA graphs``: less host time a layer) and with the CPU lane (``..., CPU lane
+    auto``: missed experts computed on the host)."""
+    graphs = ", CUDA graphs" if bench.ran_with_cuda_graphs(record) else ""
+    lane = re.search(r"--cpu-experts[ =](\w+)", record.get("command", ""))
+    lane = f", CPU lane {lane.group(1)}" if lane and lane.group(1) != "off" else ""
+    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens{graphs}{lane}"
 
 
 def _gen(record: dict) -> int:

@@ -18,6 +18,7 @@ import torch
 import duoserve_core
 from conftest import hf_greedy, make_reference, requires_cuda, save_checkpoint
 from duoserve_core.decode_graph import WIDTH_BUCKET
+from duoserve_core.runtime import resolve_cuda_graphs
 
 # 250 prompt tokens and 12 new ones: decode reads 251..262 keys, across the first bucket's edge (256)
 PROMPT = [(7 * i) % 90 + 3 for i in range(250)]
@@ -96,9 +97,10 @@ def test_replayed_graphs_give_the_eager_tokens_under_every_policy(long_context):
     eager run's, whatever the policy and budget (the invariant every schedule keeps)."""
     _, tiny_checkpoint = long_context
     kw = dict(device="cuda", quant="nf4", attention_quant="nf4", max_context=320, dtype=torch.float32)
-    eager = duoserve_core.load(tiny_checkpoint, policy="resident", **kw)
+    eager = duoserve_core.load(tiny_checkpoint, policy="resident", cuda_graphs=False, **kw)
     expected = eager.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
-    graphs = duoserve_core.load(tiny_checkpoint, policy="resident", cuda_graphs=True, **kw)
+    graphs = duoserve_core.load(tiny_checkpoint, policy="resident", **kw)  # one GPU: the graphs by default
+    assert graphs.cuda_graphs and graphs.model.graphs is not None and not eager.cuda_graphs
     for policy, budget in (("resident", None), ("on-demand", "2slots"), ("duoserve", "3slots")):
         graphs.configure(policy=policy, memory_budget=budget)
         got = graphs.generate(prompt_ids=PROMPT, max_new_tokens=12, stop_at_eos=False, return_logits=True)
@@ -131,19 +133,47 @@ def test_captures_leave_no_workspace_per_graph(long_context):
 
 
 def test_the_command_line_flag(capsys):
-    """``generate --cuda-graphs`` and ``bench --cuda-graphs`` load the runtime with the graphs: same tokens."""
+    """``generate --cuda-graphs`` and ``bench --cuda-graphs`` load the runtime with the graphs: same tokens;
+    ``--no-cuda-graphs`` and no flag run eagerly on the CPU (the default is the device's: ``resolve_cuda_graphs``)."""
     from duoserve_core.bench.__main__ import parse_args, setup_of
     from duoserve_core.cli import main
 
     base = ["generate", "--model", "synthetic:tiny", "--num-layers", "2", "--prompt-ids", "4,5,6",
             "--max-new-tokens", "6", "--device", "cpu", "--json"]
     outputs = []
-    for extra in ([], ["--cuda-graphs"]):
+    for extra in ([], ["--cuda-graphs"], ["--no-cuda-graphs"]):
         assert main(base + extra) == 0
         outputs.append(json.loads(capsys.readouterr().out))
-    assert outputs[0]["tokens"] == outputs[1]["tokens"]
-    assert [o["runtime"]["cuda_graphs"] for o in outputs] == [False, True]
-    assert setup_of(parse_args(["--cuda-graphs"])).cuda_graphs and not setup_of(parse_args([])).cuda_graphs
+    assert outputs[0]["tokens"] == outputs[1]["tokens"] == outputs[2]["tokens"]
+    assert [o["runtime"]["cuda_graphs"] for o in outputs] == [False, True, False]
+    assert [setup_of(parse_args(flag)).cuda_graphs for flag in ([], ["--cuda-graphs"], ["--no-cuda-graphs"])] == [
+        None, True, False]
+
+
+def test_graphs_are_the_default_on_one_gpu_only():
+    """``None`` resolves to on for one CUDA device, off on the CPU and on several GPUs (only the first
+    device's slots would get graphs, unmeasured there); an explicit choice always wins."""
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert resolve_cuda_graphs(None, [gpu0]) is True
+    assert resolve_cuda_graphs(None, [cpu]) is False and resolve_cuda_graphs(None, [gpu0, gpu1]) is False
+    assert resolve_cuda_graphs(False, [gpu0]) is False and resolve_cuda_graphs(True, [cpu]) is True
+
+
+def test_bench_records_say_whether_their_runs_used_graphs(tmp_path):
+    """The record carries the runtime's resolved choice, which a command without the flag leaves to the
+    device; files from before the default changed say it by their command alone."""
+    from duoserve_core.bench import ran_with_cuda_graphs
+    from duoserve_core.bench.__main__ import main
+
+    out = tmp_path / "batch.json"
+    assert main(["--model", "synthetic:tiny", "--num-layers", "2", "--device", "cpu", "--prompt-len", "8", "--gen",
+                 "3", "--repeats", "1", "--policies", "on-demand", "--memory-budget", "4slots", "--max-batch", "2",
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["cuda_graphs"] is False and not ran_with_cuda_graphs(record)
+    assert ran_with_cuda_graphs({"command": "python -m duoserve_core.bench --cuda-graphs"})
+    assert not ran_with_cuda_graphs({"command": "python -m duoserve_core.bench --cuda-graphs", "cuda_graphs": False})
+    assert not ran_with_cuda_graphs({"command": "python -m duoserve_core.bench --no-cuda-graphs"})
 
 
 def test_configure_keeps_the_kv_cache_and_graphs_while_their_shape_stays(long_context):

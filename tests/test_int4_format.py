@@ -252,3 +252,17 @@ def test_k_pairs_repairs_any_layout_along_k(layout, rows):
     q = torch.randint(0, 16, (rows, 8), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
     want = (q[:, ::2] << 4) | q[:, 1::2]
     assert torch.equal(int4.k_pairs(int4.pack(q, layout), layout), want)
+
+
+def test_only_a_format_that_relays_a_landed_record_gets_the_relayout_stream():
+    """Int4 re-packs a landed record for tinygemm on a GPU; NF4, bf16 and int4 on the CPU compute the copied
+    bytes as they are, so their copies skip the relayout stream's wait, event and timeline span (on the
+    H200 every NF4 copy made that hop for a no-op ``arrive`` until 2026-12-01)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    int4_fmt = make_format("int4", 256, 512, torch.bfloat16)
+    assert int4_fmt.relayouts_on(gpu) == (int4_fmt.cuda_tiles is not None) and not int4_fmt.relayouts_on(cpu)
+    for quant in ("nf4", "bf16", "none"):
+        assert not make_format(quant, 256, 512, torch.bfloat16).relayouts_on(gpu), quant
+    rt = duoserve_core.load("synthetic:tiny", device="cpu", quant="int4", num_layers=2, memory_budget="4slots")
+    assert rt.engine.arrive is None
+    assert rt.generate(prompt_ids=[4, 5, 6], max_new_tokens=3, stop_at_eos=False).tokens

@@ -20,7 +20,10 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert set(batches["policy"]) == {"on-demand", "lru", "duoserve"}
     assert sorted(set(batches["max_batch"])) == [1, 4, 16, 64]
     assert set(batches["label"]) == {"measured H200, 2026-11-30, 32 tokens", "measured H200, 2026-12-01, 128 tokens",
-                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs"}
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs",
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, CPU lane auto"}
+    lane = batches[batches["label"].str.endswith("CPU lane auto")]  # the CPU lane's run: duoserve, B 1-16
+    assert set(lane["policy"]) == {"duoserve"} and sorted(lane["max_batch"]) == [1, 4, 16]
     assert set(batches.loc[batches["gen"] == 128, "policy"]) == set(qv.MEASURED_POLICIES) and set(batches["gen"]) == {32, 128}
     assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
     arrivals = qv.measured_arrivals()
@@ -29,7 +32,8 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
     assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run after the attention fix
     assert "measured H200, 2026-12-01, 32 tokens (max batch 16, 12 requests, mixed)" in set(arrivals["label"])
-    assert "measured H200, 2026-12-01, 32 tokens, CUDA graphs (max batch 16, 24 requests, mixed)" in set(arrivals["label"])
+    graphs = arrivals[arrivals["label"] == "measured H200, 2026-12-01, 32 tokens, CUDA graphs (max batch 16, 24 requests, mixed)"]
+    assert set(graphs["policy"]) == set(qv.MEASURED_POLICIES) and len(graphs) == 9  # two files, one label
 
 
 def test_the_budget_rule_adds_kv_caches_and_keeps_the_slots():
@@ -101,9 +105,10 @@ def test_figures_tables_and_labels():
     runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 1.0), 4, 4, 2)
     arrivals = qv.arrival_table(runs, 2.0, 0.5)
     fig = qv.latency_figure(arrivals, "measured on X", 2, qv.measured_arrivals())
-    # 2 panels, each: the p50 and p99 lines, and p50 and p99 markers of each of the two measured runs
-    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2 * 2)
-    assert {t.marker.symbol for t in fig.data if t.mode == "markers"} == {"circle", "circle-open", "square", "square-open"}
+    # 2 panels, each: the p50 and p99 lines, and p50 and p99 markers of each of on-demand's three measured runs
+    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2 * 3)
+    assert {t.marker.symbol for t in fig.data if t.mode == "markers"} == {"circle", "circle-open", "square", "square-open",
+                                                                        "diamond", "diamond-open"}
     fig = qv.attainment_figure(arrivals, qv.SIMULATED, slo_ttft_ms=2000, slo_tpot_ms=500, max_batch=2)
     assert len(fig.data) == 1 and list(fig.data[0].x) == [0.5, 1.0]
     fig = qv.requests_figure(runs, 1.0, qv.SIMULATED)

@@ -93,15 +93,19 @@ def test_main_writes_the_table_and_the_summary(files, capsys):
     assert "decode throughput" in capsys.readouterr().out
 
 
-def test_runs_with_cuda_graphs_need_a_calibration_with_them(files, capsys):
-    """A ``--cuda-graphs`` run spends less host time than an eager calibration charges: the pair is refused,
-    naming the files and the fix, before anything is simulated or written."""
+@pytest.mark.parametrize("marked", ["command", "record"])
+def test_runs_with_cuda_graphs_need_a_calibration_with_them(files, capsys, marked):
+    """A run with CUDA graphs spends less host time than an eager calibration charges: the pair is refused,
+    naming the files and the fix, before anything is simulated or written. A file says so by its command
+    (``--cuda-graphs``, files before the graphs became the GPU's default) or by its ``cuda_graphs``
+    (the runtime's resolved choice, which a command without the flag leaves to the device)."""
     folder, cal_path = files
     graphs = folder / "graphs.json"
     record = json.loads((folder / "batch.json").read_text())
-    graphs.write_text(json.dumps({**record, "command": record["command"] + " --cuda-graphs"}))
+    marks = {"command": record["command"] + " --cuda-graphs"} if marked == "command" else {"cuda_graphs": True}
+    graphs.write_text(json.dumps({**record, **marks}))
     out = folder / "refused"
     assert benchmark_script("sim_vs_batch").main([str(graphs), "--calibration", str(cal_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "graphs.json ran with --cuda-graphs" in err and "--cuda-graphs) or leave" in err
+    assert "graphs.json ran with CUDA graphs" in err and "calibrate ... --cuda-graphs) or leave" in err
     assert not Path(f"{out}.json").exists() and not Path(f"{out}.md").exists()

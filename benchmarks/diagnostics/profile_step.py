@@ -1,7 +1,8 @@
 """Where a forward's time goes on the GPU: torch.profiler over prefill and a few decode steps.
 
     python benchmarks/diagnostics/profile_step.py --num-layers 4 --policy on-demand --out $OUT
-    python benchmarks/diagnostics/profile_step.py --policy resident --quant-attention nf4 --cuda-graphs
+    python benchmarks/diagnostics/profile_step.py --policy resident --quant-attention nf4 --no-cuda-graphs
+(CUDA graphs are on by default on one GPU: ``--no-cuda-graphs`` profiles the eager decode)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import duoserve_core
+from duoserve_core.knob_args import add_graph_argument
 
 
 def main() -> None:
@@ -26,7 +28,7 @@ def main() -> None:
     p.add_argument("--budget", default="12GiB")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=8)
-    p.add_argument("--cuda-graphs", action="store_true", help="decode steps' dense part from CUDA graphs")
+    add_graph_argument(p)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     prompt = list(range(3, 3 + a.prompt_len))

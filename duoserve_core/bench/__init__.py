@@ -138,7 +138,7 @@ class BenchSetup:
     routing_trace: str | None = None
     devices: str | list[str] | None = None  # several devices (``cuda:0,cuda:1``), or
     gpus: int | str | None = None           # N GPUs from cuda:0 / "auto" (``runtime.resolve_devices``)
-    cuda_graphs: bool = False               # ``load(cuda_graphs=...)``: decode's dense part and one-token experts
+    cuda_graphs: bool | None = None         # ``load(cuda_graphs=...)``: decode's dense part and one-token experts
 
 
 def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:
@@ -482,10 +482,22 @@ def peer_comparison(path: str, prompt_len: int, gen: int, duoserve: dict | None)
     return out
 
 
-def bench_record(device: str, command: str, results: dict) -> dict:
-    """The envelope of a result file: device, date, command, torch."""
-    return {"device": device, "date": datetime.date.today().isoformat(), "command": command,
-            "torch": torch.__version__, "results": results}
+def bench_record(device: str, command: str, results: dict, cuda_graphs: bool | None = None) -> dict:
+    """The envelope of a result file: device, date, command, torch, and whether decode ran from CUDA
+    graphs (the runtime's resolved choice: the command may not say; ``ran_with_cuda_graphs``)."""
+    record = {"device": device, "date": datetime.date.today().isoformat(), "command": command,
+              "torch": torch.__version__, "results": results}
+    if cuda_graphs is not None:
+        record["cuda_graphs"] = cuda_graphs
+    return record
+
+
+def ran_with_cuda_graphs(record: dict) -> bool:
+    """Whether a result file's runs replayed decode from CUDA graphs: its ``cuda_graphs``, else (files
+    written before the graphs became the GPU's default, 2026-12-01) whether its command asked for them."""
+    if "cuda_graphs" in record:
+        return bool(record["cuda_graphs"])
+    return re.search(r"--cuda-graphs\b", record.get("command", "")) is not None
 
 
 def device_label(device: str = "auto", devices: str | list[str] | None = None, gpus: int | str | None = None) -> str:

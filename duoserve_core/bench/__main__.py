@@ -17,6 +17,7 @@ from ..errors import DuoServeError
 from ..experts.formats import QUANT_CHOICES
 from ..mixtral import ATTENTION_QUANT_CHOICES
 from ..progress import Terminated, interruptible, print_line
+from ..runtime import Runtime
 from ..batching import DEFAULT_SCHEDULE
 from ..knob_args import (Parser, add_device_arguments, add_graph_argument, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
                          knobs_from_args, listed, number, whole)
@@ -137,7 +138,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
         print("error: no policy fits this budget: " + "; ".join(skipped.values()), file=sys.stderr)
         return 2
     timelines = {name: r.pop("timeline") for name, r in results.items()}
-    record = bench_record(next(iter(results.values()))["device"], command(argv), results)
+    record = bench_record(next(iter(results.values()))["device"], command(argv), results, runtime.cuda_graphs)
     record["skipped"] = skipped
     if args.peer:
         record["peer"] = peer_comparison(args.peer, args.prompt_len, args.gen, results.get("duoserve"))
@@ -168,7 +169,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout) -
                       depths=[int(x) for x in args.depths.split(",")],
                       thresholds=[float(x) for x in args.thresholds.split(",")], repeats=args.repeats,
                       progress=print_line, quiet=args.json)
-    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {}, runtime.cuda_graphs)
     record.pop("results")
     record["rows"] = rows
     atomic_write_json(out, record)
@@ -185,7 +186,7 @@ def batches(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdout)
     timelines = row_timelines(args, out, [{"max_batch": b, "prefill_schedule": s} for b in sizes for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
-    record = rows_record(args, argv)
+    record = rows_record(args, argv, runtime)
     with partial_rows(out, record, timelines) as on_row:
         record["rows"] = batch_rows(
             runtime, knobs, args.policies.split(","), sizes, args.prompt_len, args.gen,
@@ -213,7 +214,7 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
     timelines = row_timelines(args, out, [{"arrival_rate": r, "prefill_schedule": s} for r in rates for s in schedules])
     knobs = knobs_from_args(args)
     runtime = open_runtime(setup_of(args), args.memory_budget, args.prompt_len + args.gen)
-    record = rows_record(args, argv)
+    record = rows_record(args, argv, runtime)
     with partial_rows(out, record, timelines) as on_row:
         record["rows"] = arrival_rows(
             runtime, knobs, args.policies.split(","), rates, None if args.duration else args.requests or 16,
@@ -239,9 +240,9 @@ def under_load(args: argparse.Namespace, argv: list[str] | None, stdout=sys.stdo
     return 0
 
 
-def rows_record(args: argparse.Namespace, argv: list[str] | None) -> dict:
-    """The record of a batch or arrivals run (device, date, command), its ``rows`` still to come."""
-    record = bench_record(device_label(**devices_from_args(args)), command(argv), {})
+def rows_record(args: argparse.Namespace, argv: list[str] | None, runtime: Runtime) -> dict:
+    """The record of a batch or arrivals run (device, date, command, graphs), its ``rows`` still to come."""
+    record = bench_record(device_label(**devices_from_args(args)), command(argv), {}, runtime.cuda_graphs)
     record.pop("results")
     return record
 

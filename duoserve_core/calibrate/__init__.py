@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import ExpertTensors, expert_shapes, open_source
-from ..runtime import device_name, load, resolve_device
+from ..runtime import device_name, load, resolve_cuda_graphs, resolve_device
 from ..events import SpanEvent, StepEvent
 from ..experts.formats import make_format
 from ..kv_cache import RowKVCache
@@ -100,7 +100,7 @@ class CalibrationSpec:
     bars: bool = True                                # a bar per phase while stderr is a terminal (not under --json)
     cpu_threads: tuple[int, ...] = ()                # the CPU lane at these thread counts (``host_lane``); () skips it
     gpus: int = 1                                    # > 1: also every GPU's link at once and peer copies (cuda:0..)
-    cuda_graphs: bool = False                        # the runtime's runs with ``--cuda-graphs``: its host terms
+    cuda_graphs: bool | None = None                  # the runtime's runs with the decode graphs (None: its default)
 
 
 # -- timing helpers --------------------------------------------------------------------------
@@ -755,7 +755,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
                   "vocab_size": config.vocab_size, "dtype": str(checkpoint_dtype).split(".")[-1],
                   "layers_measured": runtime.config.num_hidden_layers},
         "quant": args.quant, "attention_quant": args.quant_attention, "compute_dtype": str(dtype).split(".")[-1],
-        "cuda_graphs": args.cuda_graphs,
+        "cuda_graphs": resolve_cuda_graphs(args.cuda_graphs, [device]),  # the host terms' runs, as they ran
         "expert_bytes": expert_bytes, "h2d": h2d, "expert_compute": expert_compute,
         "attention": {p: _curve(offloaded_layers, "attention_s", p) for p in ("prefill", "decode")},
         "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},

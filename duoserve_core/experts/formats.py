@@ -81,6 +81,11 @@ class ExpertFormat(ABC):
         """A record just copied to a device (a slot): put it in the layout that device's kernel reads,
         in place, on the current stream. Most formats compute from the host bytes as they are."""
 
+    def relayouts_on(self, device: torch.device) -> bool:
+        """Whether ``arrive`` does anything on ``device``: only then does a copy hop to the relayout stream
+        (``TransferEngine``), whose extra wait, event and timeline span a copy would otherwise pay for nothing."""
+        return False
+
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU expert MLP of ``x [T, H]`` with the weights in ``record`` (same device)."""
         w13, w2 = self.weights(record, x.dtype)
@@ -222,6 +227,9 @@ class Int4Format(ExpertFormat):
         for name, tiles in zip(("w13", "w2"), self.cuda_tiles):
             q = self.segments[f"{name}.q"].view(record)
             q.view(-1).copy_(int4.to_cuda_layout(q, self.layout, tiles).view(torch.uint8).view(-1))
+
+    def relayouts_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.cuda_tiles is not None
 
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if record.device.type == "cuda" and self.cuda_tiles is not None:  # a slot ``arrive`` converted
