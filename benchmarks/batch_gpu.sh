@@ -15,7 +15,9 @@
 # TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS (1, the GPU's default since
 # 2026-12-01): the calibrate, batch and arrivals stages run with --cuda-graphs (decode steps' dense part replayed from
 # CUDA graphs), their files named ..._graphs; GRAPHS=0 runs them eagerly (--no-cuda-graphs), files without the suffix.
-# CPU_EXPERTS=auto (CPU_THREADS, 16): the batch and arrivals stages with the CPU lane (--cpu-experts), files ..._cpu_auto. Each stage has its own timeout and log under $OUT; a table last.
+# CPU_EXPERTS=auto (CPU_THREADS, 16): the batch and arrivals stages with the CPU lane (--cpu-experts), files ..._cpu_auto;
+# with NF4 experts auto sends none to the host (its NF4 kernel is far slower than a copy): QUANT=int4 (files ..._int4) is
+# the format the lane computes. Each stage has its own timeout and log under $OUT; a table last.
 # A run cut by its timeout keeps the rows it finished in NAME.partial.json beside its --out (BATCHES=64,16,4,1
 # measures the row that matters most first).
 set -uo pipefail
@@ -27,10 +29,11 @@ if [ "${GRAPHS:-1}" = 1 ]; then GRAPH_FLAG=--cuda-graphs; GRAPH_SUFFIX=_graphs; 
 # per policy in the batch stage (one short warm-up and one full run per batch size): batches 1,4,16,64 at GEN=128 take
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
 BATCH_TIMEOUT=${BATCH_TIMEOUT:-400}; ARRIVALS_TIMEOUT=${ARRIVALS_TIMEOUT:-560}
-COMMON=(--model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 --memory-budget 15% --prompt-len 512
+QUANT=${QUANT:-nf4}
+COMMON=(--model synthetic:mixtral-8x7b --quant "$QUANT" --quant-attention nf4 --memory-budget 15% --prompt-len 512
         --routing-trace "$MIXTRAL_LIKE_TRACE" "$GRAPH_FLAG"
         ${CPU_EXPERTS:+--cpu-experts "$CPU_EXPERTS" --cpu-threads "${CPU_THREADS:-16}"})
-SUFFIX=${CPU_EXPERTS:+_cpu_$CPU_EXPERTS}$GRAPH_SUFFIX
+SUFFIX=$([ "$QUANT" = nf4 ] || echo "_$QUANT")${CPU_EXPERTS:+_cpu_$CPU_EXPERTS}$GRAPH_SUFFIX
 for stage in "$@"; do
 echo "== $stage ($(date +%T))"
 case $stage in
@@ -38,8 +41,8 @@ check)
   timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k "batched or cudnn" > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
 calibrate)
   # the simulator's H200 terms, batched decode attention included (device_time.attention_rows), about 30 s
-  timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant nf4 --quant-attention nf4 \
-      "$GRAPH_FLAG" --out "$OUT/calibration_${TAG}_mixtral-8x7b_nf4$GRAPH_SUFFIX.json" --force > "$OUT/calibrate.log" 2>&1
+  timeout 300 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant "$QUANT" --quant-attention nf4 \
+      "$GRAPH_FLAG" --out "$OUT/calibration_${TAG}_mixtral-8x7b_$QUANT$GRAPH_SUFFIX.json" --force > "$OUT/calibrate.log" 2>&1
   tail -3 "$OUT/calibrate.log" ;;
 batch)
   mixtral_like_trace

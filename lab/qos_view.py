@@ -262,12 +262,15 @@ def source_label(device: str) -> str:
 def _measured_label(record: dict) -> str:
     """``measured H200, 2026-11-30, 32 tokens``: runs of different lengths are different curves (the KV
     context, and with it each step's attention, grows with the tokens generated), and so are runs with
-    CUDA graphs (``..., CUDA graphs``: less host time a layer) and with the CPU lane (``..., CPU lane
-    auto``: missed experts computed on the host)."""
+    CUDA graphs (``..., CUDA graphs``: less host time a layer), with experts in another format than NF4
+    (``..., int4``) and with the CPU lane (``..., CPU lane auto``: missed experts computed on the host)."""
+    command = record.get("command", "")
     graphs = ", CUDA graphs" if bench.ran_with_cuda_graphs(record) else ""
-    lane = re.search(r"--cpu-experts[ =](\w+)", record.get("command", ""))
+    quant = re.search(r"--quant[ =](\w+)", command)
+    quant = f", {quant.group(1)}" if quant and quant.group(1) != "nf4" else ""
+    lane = re.search(r"--cpu-experts[ =](\w+)", command)
     lane = f", CPU lane {lane.group(1)}" if lane and lane.group(1) != "off" else ""
-    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens{graphs}{lane}"
+    return f"measured {device_short(record['device'])}, {record['date']}, {_gen(record)} tokens{graphs}{quant}{lane}"
 
 
 def _gen(record: dict) -> int:

@@ -123,3 +123,14 @@ def test_list_knobs_parse():
         with pytest.raises(ValueError):
             qv.parse_numbers(bad)
     assert isinstance(qv.measured_batches(Path("/nonexistent")), pd.DataFrame)
+
+
+def test_a_measured_runs_label_names_what_changes_its_curve():
+    """Graphs (by the record's resolved ``cuda_graphs``, or the flag in files from before that key), a
+    format other than NF4 and the CPU lane each make another curve, and the label says which."""
+    base = {"device": "NVIDIA H200", "date": "2026-12-02",
+            "command": "python -m duoserve_core.bench --quant int4 --quant-attention nf4 --gen 128 --cpu-experts auto"}
+    assert qv._measured_label({**base, "cuda_graphs": True}) == \
+        "measured H200, 2026-12-02, 128 tokens, CUDA graphs, int4, CPU lane auto"
+    plain = {**base, "command": "python -m duoserve_core.bench --quant nf4 --quant-attention int4 --cpu-experts off"}
+    assert qv._measured_label(plain) == f"measured H200, 2026-12-02, {qv.bench_default_gen()} tokens"
