@@ -42,10 +42,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from duoserve_core import bench
+from duoserve_core.batching import DEFAULT_SCHEDULE
 from duoserve_core.errors import BudgetError, KnobError
 from duoserve_core.memory import kv_cache_bytes
 from duoserve_core.policy import PolicyKnobs
-from duoserve_core.sim import Simulator, qos
+from duoserve_core.sim import Simulator, qos, serving
 from duoserve_core.sim.decode_routing import mixtral_replay, preset_routing
 from duoserve_core.traces import RoutingReplay, Trace, write_trace
 from duoserve_core.units import format_bytes
@@ -108,30 +109,6 @@ def budget_rows(budget_pct: float, batches: Iterable[int]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("max batch")
 
 
-# -- what the bench reads off a run ------------------------------------------------------------------
-def copy_floor(rows: list[dict], decode_steps: int, mean_batch: float) -> tuple[float | None, float]:
-    """``(copy floor in tokens/s, experts computed per decode step)`` from a run's timeline rows, as
-    ``bench.batch_summary`` reads them: a step's B tokens over (its experts x the mean copy time)."""
-    decode = [r for r in rows if r["phase"] == "decode"]
-    copies = [r["duration_ms"] for r in decode if r["kind"] == "h2d"]
-    experts = sum(1 for r in decode if r["kind"] == "expert")
-    per_step = experts / decode_steps if decode_steps else 0.0
-    copy_s = sum(copies) / len(copies) / 1e3 if copies else None
-    return (mean_batch / (per_step * copy_s) if copy_s and per_step else None), per_step
-
-
-def records(requests: list[dict]) -> list[dict]:
-    """A batch's requests (``SimBatch.requests``, or the runtime's ``RequestResult`` fields) in ``qos.summarize``'s
-    shape: the measured and simulated runs are summarised by the same code."""
-    return [{"arrival_s": r["arrival_s"], "queued_s": r["queue_s"], "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"],
-             "latency_s": r["e2e_s"], "new_tokens": r["new_tokens"]} for r in requests]
-
-
-def _percentile_columns(recs: list[dict]) -> dict:
-    s = qos.summarize(recs)
-    return {f"{m}_{p}_s": s[f"{m}_s"][p] for m in ("ttft", "tpot") for p in PERCENTILES}
-
-
 # -- simulated ---------------------------------------------------------------------------------------
 def _simulator(policy: str, budget_pct: float, requests: int, gen: int, record_timeline: bool) -> Simulator:
     model, cal, _, _ = sim_setup(SIM_MODEL, budget_pct, context())
@@ -143,13 +120,7 @@ def _simulator(policy: str, budget_pct: float, requests: int, gen: int, record_t
 def _simulated_batch(policy: str, budget_pct: float, batch: int, gen: int) -> dict:
     """One bench row (``bench.batch_rows``' fields) of the simulator: ``batch`` requests at once."""
     sim = _simulator(policy, budget_pct, batch, gen, record_timeline=True)
-    run = sim.generate_many([(PROMPT, gen)] * batch, batch, prefill_schedule="prefill-first")  # as batch_rows
-    floor, per_step = copy_floor(run.rows, run.decode_steps, run.mean_batch)
-    return {"max_batch": batch, "policy": policy, "slots": sim.model.plan.num_slots, "e2e_s": run.e2e_s,
-            "tokens_per_s": run.tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s,
-            "decode_s": run.decode_s, "mean_batch": run.mean_batch, "h2d_copies": run.counts["h2d_copies"],
-            "experts_per_decode_step": per_step, "copy_floor_tokens_per_s": floor,
-            **_percentile_columns(records(run.requests))}
+    return serving.batch_row(sim, policy, [(PROMPT, gen)] * batch)  # prefill-first, as batch_rows
 
 
 def simulated_batches(policies: Iterable[str], budget_pct: float, batches: Iterable[int], gen: int) -> pd.DataFrame:
@@ -169,8 +140,9 @@ def simulated_batches(policies: Iterable[str], budget_pct: float, batches: Itera
 def _simulated_arrivals(policy: str, budget_pct: float, rate: float, requests: int, gen: int, max_batch: int,
                         seed: int) -> tuple[tuple[dict, ...], float]:
     sim = _simulator(policy, budget_pct, requests, gen, record_timeline=False)
-    run = sim.generate_many([(PROMPT, gen)] * requests, max_batch, arrivals=qos.poisson_arrivals(rate, requests, seed))
-    return tuple(records(run.requests)), run.mean_batch
+    recs, mean_batch = serving.served_under_load(sim, [(PROMPT, gen)] * requests, qos.poisson_arrivals(rate, requests, seed),
+                                                 max_batch, DEFAULT_SCHEDULE)
+    return tuple(recs), mean_batch
 
 
 def simulated_arrivals(policies: Iterable[str], budget_pct: float, rates: Iterable[float], requests: int, gen: int,

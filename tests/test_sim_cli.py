@@ -99,3 +99,51 @@ def test_gpus_takes_a_count(tmp_path, capsys):
     assert main(common + ["--gpus", "2", "--sweep"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sweep" in err[0]
+
+
+def test_batch_view_gives_the_benchs_batch_rows(tmp_path, capsys):
+    """``--max-batch 1,3``: a row per size and policy with ``bench --max-batch``'s fields, all requests
+    decoding together (prefill-first: every decode step holds B), a policy the budget cannot hold skipped."""
+    trace, model, cal = _files(tmp_path)
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal), "--memory-budget",
+                 "10slots", "--policy", "on-demand,resident", "--max-batch", "1,3", "--out", str(tmp_path / "b.json")]) == 0
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["view"] == "batch" and record["prefill_schedule"] == "prefill-first"
+    rows = [r for r in record["rows"] if "skipped" not in r]
+    assert [(r["max_batch"], r["policy"]) for r in rows] == [(1, "on-demand"), (3, "on-demand")]
+    assert [r["mean_batch"] for r in rows] == [1.0, 3.0] and all(r["slots"] == 10 for r in rows)
+    for r in rows:
+        assert r["decode_tokens_per_s_over_copy_floor"] == pytest.approx(
+            r["decode_tokens_per_s"] / r["copy_floor_tokens_per_s"])
+        assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["h2d_copies"] > 0
+    assert {r["max_batch"] for r in record["rows"] if "skipped" in r} == {1, 3}  # resident: not in 10 slots
+    assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_arrivals_with_a_max_batch_decode_together(tmp_path):
+    """With ``--max-batch 2`` two requests arriving at once decode together; one at a time (no
+    ``--max-batch``) the second waits for the whole first request."""
+    trace, model, cal = _files(tmp_path)
+    common = ["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal), "--memory-budget",
+              "12slots", "--policy", "on-demand", "--arrivals", "0,0,0.001,1", "--requests", "4"]
+    assert main(common + ["--out", str(tmp_path / "fcfs.json")]) == 0
+    assert main(common + ["--max-batch", "2", "--prefill-schedule", "mixed", "--out", str(tmp_path / "b2.json")]) == 0
+    fcfs, batched = (json.loads((tmp_path / f).read_text()) for f in ("fcfs.json", "b2.json"))
+    assert (fcfs["max_batch"], batched["max_batch"], batched["prefill_schedule"]) == (1, 2, "mixed")
+    one, two = fcfs["results"]["on-demand"], batched["results"]["on-demand"]
+    assert one["mean_batch"] == 1.0 and 1.0 < two["mean_batch"] <= 2.0
+    assert two["requests"][1]["queued_s"] < one["requests"][1]["queued_s"]
+    assert one["requests"][1]["queued_s"] >= one["requests"][0]["latency_s"] - 1e-9  # waited for the first
+    assert len(two["requests"]) == 4 and 0 <= two["summary"]["slo_attainment"] <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arrival-rate", "1", "--max-batch", "1,2"], "takes one size"),
+    (["--prefill-schedule", "mixed"], "add --max-batch"),
+    (["--sweep", "--max-batch", "2"], "drop --max-batch"),
+])
+def test_batch_flags_where_they_mean_nothing_exit_2(tmp_path, capsys, extra, message):
+    trace, model, cal = _files(tmp_path)
+    assert main(["--trace", str(trace), "--model-preset", str(model), "--calibration", str(cal)] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -406,15 +406,39 @@ def arrival_rows(runtime: Runtime, knobs: PolicyKnobs, policies: list[str], rate
     return rows
 
 
-def batch_summary(run, rows: list[dict]) -> dict:
-    """A ``BatchRun``'s figures for a table, with the copy floor read from its timeline."""
+def copy_floor(rows: list[dict], decode_steps: int, mean_batch: float) -> tuple[float | None, float, float | None]:
+    """``(copy floor in tokens/s, experts computed per decode step, mean copy seconds)`` from a batched
+    run's timeline rows: a step's B tokens over its experts times one copy, each GPU's link copying at
+    once. The runtime's and the simulator's runs are read by this one function."""
     decode = [r for r in rows if r["phase"] == "decode"]
     copies = [r["duration_ms"] for r in decode if r["kind"] == "h2d"]
     experts = sum(1 for r in decode if r["kind"] == "expert")  # computed on the GPU or the CPU lane
-    per_step = experts / run.decode_steps if run.decode_steps else 0.0
+    per_step = experts / decode_steps if decode_steps else 0.0
     copy_s = sum(copies) / len(copies) / 1e3 if copies else None
     links = len({r.get("device", 0) for r in decode if r["kind"] == "h2d"}) or 1  # one link per GPU, copying at once
-    floor = run.mean_batch * links / (per_step * copy_s) if copy_s and per_step else None
+    return (mean_batch * links / (per_step * copy_s) if copy_s and per_step else None), per_step, copy_s
+
+
+def format_batch_table(rows: list[dict]) -> str:
+    """Batch rows (the bench's or the simulator's ``--max-batch``) as a table."""
+    lines = [f"{'batch':>5} {'policy':<16} {'tok/s':>9} {'decode tok/s':>12} {'/copy floor':>11} "
+             f"{'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>17} {'mean batch':>10} {'copies':>7}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['max_batch']:>5} {r['policy']:<16} skipped: {r['skipped']}")
+            continue
+        ratio = r["decode_tokens_per_s_over_copy_floor"]
+        floor = "-" if ratio is None else f"{ratio:.2f}"
+        tpot = "-" if r["tpot_p50_s"] is None else f"{r['tpot_p50_s'] * 1e3:.1f}/{r['tpot_p99_s'] * 1e3:.1f}"
+        lines.append(f"{r['max_batch']:>5} {r['policy']:<16} {r['tokens_per_s']:>9.1f} {r['decode_tokens_per_s']:>12.1f} "
+                     f"{floor:>11} {r['ttft_p50_s'] * 1e3:>8.1f}/{r['ttft_p99_s'] * 1e3:<8.1f} {tpot:>17} "
+                     f"{r['mean_batch']:>10.2f} {r['h2d_copies']:>7}")
+    return "\n".join(lines)
+
+
+def batch_summary(run, rows: list[dict]) -> dict:
+    """A ``BatchRun``'s figures for a table, with the copy floor read from its timeline."""
+    floor, per_step, copy_s = copy_floor(rows, run.decode_steps, run.mean_batch)
     out = {k: v for k, v in run.as_dict().items() if k not in ("requests", "policy")}
     return {**out, "policy_detail": run.policy, "experts_per_decode_step": per_step, "copy_s": copy_s,
             "decode_split": step_split(rows, "decode", run.decode_steps),

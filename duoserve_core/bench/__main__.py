@@ -22,7 +22,7 @@ from ..batching import DEFAULT_SCHEDULE
 from ..knob_args import (Parser, add_device_arguments, add_graph_argument, add_knob_arguments, add_schedule_arguments, budget, devices_from_args,
                          knobs_from_args, listed, number, whole)
 from ..traces import TraceMeta, TraceRecorder, write_trace
-from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_table, make_prompt,
+from . import (REPEATS, BenchSetup, arrival_rows, batch_rows, bench_record, compare_policies, default_out, device_label, format_batch_table, format_table, make_prompt,
                open_runtime, peer_comparison, sweep_rows, targets)
 
 
@@ -302,22 +302,6 @@ def partial_rows(out: Path, record: dict, timeline_path: Callable[[dict], Path] 
                 finished.unlink(missing_ok=True)
         raise
     path.unlink(missing_ok=True)
-
-
-def format_batch_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'policy':<16} {'tok/s':>9} {'decode tok/s':>12} {'/copy floor':>11} "
-             f"{'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>17} {'mean batch':>10} {'copies':>7}"]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"{r['max_batch']:>5} {r['policy']:<16} skipped: {r['skipped']}")
-            continue
-        ratio = r["decode_tokens_per_s_over_copy_floor"]
-        floor = "-" if ratio is None else f"{ratio:.2f}"
-        tpot = "-" if r["tpot_p50_s"] is None else f"{r['tpot_p50_s'] * 1e3:.1f}/{r['tpot_p99_s'] * 1e3:.1f}"
-        lines.append(f"{r['max_batch']:>5} {r['policy']:<16} {r['tokens_per_s']:>9.1f} {r['decode_tokens_per_s']:>12.1f} "
-                     f"{floor:>11} {r['ttft_p50_s'] * 1e3:>8.1f}/{r['ttft_p99_s'] * 1e3:<8.1f} {tpot:>17} "
-                     f"{r['mean_batch']:>10.2f} {r['h2d_copies']:>7}")
-    return "\n".join(lines)
 
 
 def _write_timelines(paths: dict[str, Path], timelines: dict[str, list[dict]]) -> None:

@@ -12,7 +12,11 @@ bytes moved, hit rate, prefetch precision, the bounds with Belady's oracle). Two
                             every slot count, from the trace alone (``--requests N`` trace requests)
     --arrival-rate R        QoS: N requests (``--requests``) arriving as a Poisson process of R per second
     --arrivals 0,0.4,1.1    (or at these times), served FCFS; TTFT/TPOT percentiles and SLO attainment
-                            (``--slo-ttft-ms``, ``--slo-tpot-ms``) per policy
+                            (``--slo-ttft-ms``, ``--slo-tpot-ms``) per policy; with ``--max-batch N``, up to N
+                            decoding together through the runtime's batcher (``--prefill-schedule``, default
+                            mixed), as ``bench --arrival-rate --max-batch N`` serves them
+    --max-batch 1,4,16,64   alone: B requests at once, throughput and percentiles per batch size and
+                            policy with the bench's row fields (``sim.serving``; default prefill-first)
 
 ``--gpus N`` simulates N GPUs, the budget on each, every GPU its own slots and link; what that assumes
 beyond the calibration (one GPU's link measured: N identical, independent links) is printed as a note
@@ -33,14 +37,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..bench import format_table
+from ..batching import DEFAULT_SCHEDULE
+from ..bench import format_batch_table, format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
-from ..knob_args import Parser, add_knob_arguments, budget, gpus, knobs_from_args, listed, number, seed, whole
+from ..knob_args import (Parser, add_knob_arguments, add_schedule_arguments, budget, gpus, knobs_from_args, listed,
+                         number, seed, whole)
 from ..memory import PLAN_CONTEXT, plan_context
 from ..progress import interruptible, progress
 from ..traces import RoutingReplay, TraceError, read_trace
-from . import qos, reference
+from . import qos, reference, serving
 from .runner import simulate
 from .calibration import load_calibration
 from .simulator import Simulator, SimTimeline
@@ -76,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=whole(1), default=None, help="--sweep / QoS: how many requests")
     p.add_argument("--arrival-rate", type=number(0.0, above=True), default=None, help="QoS: Poisson arrivals per second")
     p.add_argument("--arrivals", type=listed(number(0.0)), default=None, help="QoS: comma-separated arrival times in seconds")
+    p.add_argument("--max-batch", type=listed(whole(1)), default=None,
+                   help="batch sizes, e.g. 1,4,16,64: B requests at once (the bench's --max-batch rows); with "
+                        "--arrival-rate or --arrivals, one size: the most requests decoding together")
+    add_schedule_arguments(p, default=None, default_note="; default: prefill-first with --max-batch alone, "
+                           f"{DEFAULT_SCHEDULE} with arrivals")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--slo-ttft-ms", type=number(0.0, above=True), default=None)
     p.add_argument("--slo-tpot-ms", type=number(0.0, above=True), default=None)
@@ -111,13 +122,16 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every file this run would write, refused before the trace and the model are read."""
     if args.out:
         check_writable(args.out, args.force, "--out")
-    replay_view = not args.sweep and args.arrival_rate is None and args.arrivals is None
+    replay_view = not args.sweep and args.arrival_rate is None and args.arrivals is None and not args.max_batch
     if args.timeline_out and replay_view:  # the other views record no timeline
         for path in timeline_paths(args.timeline_out, args.policy.split(",")).values():
             check_writable(path, args.force, "--timeline-out")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    qos_mode = args.arrival_rate is not None or args.arrivals is not None
+    sizes = [int(b) for b in args.max_batch.split(",")] if args.max_batch else []
+    check_batch_view(args, qos_mode, sizes)
     cal = load_calibration(args.calibration)
     trace = read_trace(args.trace)
     lengths = qos.request_lengths(trace)
@@ -125,12 +139,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         raise TraceError(f"--trace {args.trace} holds no requests; record or synthesize a trace with at least one")
     prompt, gen = lengths[args.request % len(lengths)]
     prompt, gen = args.prompt_len or prompt, args.gen or gen
-    qos_mode = args.arrival_rate is not None or args.arrivals is not None
-    n_requests = args.requests or (8 if args.sweep or qos_mode else 1)
+    batch_mode = bool(sizes) and not qos_mode
+    n_requests = max(sizes) if batch_mode else args.requests or (8 if args.sweep or qos_mode else 1)
     requests = [(i % len(lengths), args.prompt_len or lengths[i % len(lengths)][0],
                  args.gen or lengths[i % len(lengths)][1]) for i in range(n_requests)]
     _, c, _ = open_config(args.model_preset, args.num_layers)  # shapes first: the errors a user fixes first
-    longest = max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep else [prompt + gen])
+    longest = max([prompt + gen] + [p + g for _, p, g in requests] if qos_mode or args.sweep or batch_mode
+                  else [prompt + gen])
     context = plan_context(longest, c.max_position_embeddings, args.max_context)
     cal.check(c, args.quant, args.quant_attention)
     if args.sweep and args.gpus > 1:
@@ -162,21 +177,46 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     for policy in policies:  # every name and knob checked before any run
         knobs.changed(policy=policy)
     results, skipped = {}, {}
+
+    def simulator(policy: str, timeline: bool = False) -> Simulator:
+        return Simulator(model, cal, replay, knobs.changed(policy=policy).effective(), record_timeline=timeline,
+                         policy_time=not args.no_policy_time)
+
+    if batch_mode:
+        schedule = args.prefill_schedule or "prefill-first"
+        rows = []
+        for b in sizes:
+            for policy in policies:
+                try:  # a fresh simulator a row, as the bench empties its cache: every row starts cold
+                    rows.append(serving.batch_row(simulator(policy, timeline=True), policy,
+                                                  [(p, g) for _, p, g in requests[:b]], schedule, args.prefill_chunk))
+                except BudgetError as exc:
+                    rows.append({"max_batch": b, "policy": policy, "skipped": str(exc)})
+        record.update(view="batch", prefill_schedule=schedule, rows=rows)
+        print(format_batch_table(rows))
+        return record
     if qos_mode:
         arrivals = ([float(x) for x in args.arrivals.split(",")] if args.arrivals
                     else qos.poisson_arrivals(args.arrival_rate, n_requests, args.seed))
         reqs = qos.make_requests(arrivals, lengths, args.prompt_len, args.gen)
+        schedule = args.prefill_schedule or DEFAULT_SCHEDULE
         for policy in policies:
             try:
-                sim = Simulator(model, cal, replay, knobs.changed(policy=policy).effective(), record_timeline=False,
-                                policy_time=not args.no_policy_time)
+                sim = simulator(policy)
             except BudgetError as exc:
                 skipped[policy] = str(exc)
                 continue
-            served = qos.serve(sim, reqs)
+            mean_batch = 1.0
+            if sizes:  # up to --max-batch decoding together, through the runtime's batcher
+                served, mean_batch = serving.served_under_load(
+                    sim, [(r.prompt_tokens, r.new_tokens) for r in reqs], [r.arrival_s for r in reqs], sizes[0],
+                    schedule, args.prefill_chunk)
+            else:  # one at a time, first come first served (``qos``)
+                served = qos.serve(sim, reqs)
             results[policy] = {"summary": qos.summarize(served, _ms(args.slo_ttft_ms), _ms(args.slo_tpot_ms)),
-                               "requests": served}
-        record.update(view="qos", arrival_rate=args.arrival_rate, results=results, skipped=skipped)
+                               "mean_batch": mean_batch, "requests": served}
+        record.update(view="qos", arrival_rate=args.arrival_rate, max_batch=sizes[0] if sizes else 1,
+                      prefill_schedule=schedule if sizes else None, results=results, skipped=skipped)
         _print_qos(results, skipped)
         return record
     for policy in policies:
@@ -194,6 +234,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     record.update(view="replay", prompt_len=prompt, gen=gen, results=results, skipped=skipped)
     print(format_table(results, skipped))
     return record
+
+
+def check_batch_view(args: argparse.Namespace, qos_mode: bool, sizes: list[int]) -> None:
+    """``--max-batch`` and the schedule flags where they mean something, before anything is read."""
+    if sizes and args.sweep:
+        raise DuoServeError("--sweep estimates reference caches one request at a time; drop --max-batch, or "
+                            "drop --sweep to simulate batches")
+    if qos_mode and len(sizes) > 1:
+        raise DuoServeError(f"with arrivals --max-batch takes one size (the most requests decoding together), "
+                            f"got {args.max_batch}")
+    if not sizes and (args.prefill_schedule or args.prefill_chunk):
+        raise DuoServeError("--prefill-schedule and --prefill-chunk schedule a batch; add --max-batch N")
 
 
 def _ms(value: float | None) -> float | None:
@@ -224,13 +276,14 @@ def _print_sweep(rows: list[dict], slots_at_budget: int) -> None:
 
 
 def _print_qos(results: dict, skipped: dict) -> None:
-    print(f"{'policy':<16} {'TTFT p50':>9} {'p90':>9} {'p99':>9} {'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO met':>8}")
+    print(f"{'policy':<16} {'TTFT p50':>9} {'p90':>9} {'p99':>9} {'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO met':>8} "
+          f"{'mean batch':>10}")
     for name, r in results.items():
         s = r["summary"]
         t, p = s["ttft_s"], s["tpot_s"]
         print(f"{name:<16} " + " ".join(f"{v * 1e3:>9.1f}" for v in (t["p50"], t["p90"], t["p99"])) + " "
               + " ".join(f"{(v or 0) * 1e3:>8.2f}" for v in (p["p50"], p["p90"], p["p99"]))
-              + f" {s['slo_attainment']:>8.2f}")
+              + f" {s['slo_attainment']:>8.2f} {r['mean_batch']:>10.2f}")
     for name, why in skipped.items():
         print(f"{name:<16} skipped: {why}")
 
