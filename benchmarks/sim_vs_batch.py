@@ -35,14 +35,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sim_vs_measured import _command_args  # noqa: E402
+from sim_vs_measured import _command_args, check_graphs  # noqa: E402
 
 from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.knob_args import knobs_from_args  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
-from duoserve_core.sim.calibration import CalibrationError, load_calibration  # noqa: E402
+from duoserve_core.sim.calibration import load_calibration  # noqa: E402
 from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.sim.simulator import Simulator  # noqa: E402
@@ -91,21 +91,6 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
                     "prefill_chunk": args.prefill_chunk, "cuda_graphs": ran_with_cuda_graphs(record)})
     return out
-
-
-def check_graphs(configs: list[dict], calibration, calibration_path: str) -> None:
-    """A run with CUDA graphs spends less host time a layer than the eager path whose terms a
-    calibration without them holds (and the other way round): simulating it with those terms would
-    report the graphs' saving as the simulator's error, so such a pair is refused."""
-    graphs = bool(calibration.raw.get("cuda_graphs", False))  # files before 2026-12-01 ran eagerly
-    mismatched = sorted({c["file"] for c in configs if c["cuda_graphs"] != graphs})
-    if mismatched:
-        ran = "without" if graphs else "with"
-        raise CalibrationError(
-            f"{', '.join(mismatched)} ran {ran} CUDA graphs, but {calibration_path} was calibrated "
-            f"{'with' if graphs else 'without'} them (its host terms are not those runs'); calibrate the same way "
-            f"(python -m duoserve_core.calibrate ... {'--cuda-graphs' if not graphs else '--no-cuda-graphs'}) or "
-            "leave those files out")
 
 
 def measured_figures(row: dict) -> dict:

@@ -23,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from duoserve_core.bench.__main__ import parse_args as bench_args  # noqa: E402
+from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.calibrate import device_terms  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
 from duoserve_core.policy import policy_class  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.sim.runner import simulate  # noqa: E402
-from duoserve_core.sim.calibration import format_name, load_calibration  # noqa: E402
+from duoserve_core.sim.calibration import CalibrationError, format_name, load_calibration  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.traces import RoutingReplay, TraceError, read_trace  # noqa: E402
 
@@ -58,7 +59,8 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "prompt_len": r["prompt_tokens"], "gen": len(r["tokens"]), "predictor": args.predictor,
                     "prefetch_depth": rt.get("prefetch_depth") or args.prefetch_depth,
                     "predictor_threshold": rt.get("predictor_threshold") or args.predictor_threshold,
-                    "speculative_gate": bool(rt.get("speculative_gate")), "measured": r, "label": "bench"})
+                    "speculative_gate": bool(rt.get("speculative_gate")), "measured": r, "label": "bench",
+                    "cuda_graphs": bool(rt.get("cuda_graphs", ran_with_cuda_graphs(record)))})
     return out
 
 
@@ -90,7 +92,7 @@ def sweep_configurations(path: Path, record: dict, trace_override: str | None = 
                     "predictor_threshold": (row["predictor_threshold"] if row.get("predictor_threshold") is not None
                                             else args.predictor_threshold),
                     "speculative_gate": bool(row.get("speculative_gate")) if predicts else False,
-                    "measured": measured, "label": f"sweep:{row['sweep']}"})
+                    "measured": measured, "label": f"sweep:{row['sweep']}", "cuda_graphs": ran_with_cuda_graphs(record)})
     return out
 
 
@@ -192,6 +194,21 @@ def markdown(rows: list[dict], calibration: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_graphs(configs: list[dict], calibration, calibration_path: str) -> None:
+    """A run with CUDA graphs spends less host time a layer than the eager path whose terms a
+    calibration without them holds (and the other way round): simulating it with those terms would
+    report the graphs' saving as the simulator's error, so such a pair is refused."""
+    graphs = bool(calibration.raw.get("cuda_graphs", False))  # files before 2026-12-01 ran eagerly
+    mismatched = sorted({c["file"] for c in configs if c["cuda_graphs"] != graphs})
+    if mismatched:
+        ran = "without" if graphs else "with"
+        raise CalibrationError(
+            f"{', '.join(mismatched)} ran {ran} CUDA graphs, but {calibration_path} was calibrated "
+            f"{'with' if graphs else 'without'} them (its host terms are not those runs'); calibrate the same way "
+            f"(python -m duoserve_core.calibrate ... {'--cuda-graphs' if not graphs else '--no-cuda-graphs'}) or "
+            "leave those files out")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="+", help="bench result JSON files")
@@ -220,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         borrowed = None
         if args.host_terms_from:
             calibration, borrowed = borrowed_host_terms(calibration, Path(args.host_terms_from))
-        rows = [compare(c, calibration) for path in args.bench
-                for c in configurations(Path(path), per_file.get(path, args.trace))]
+        configs = [c for path in args.bench for c in configurations(Path(path), per_file.get(path, args.trace))]
+        check_graphs(configs, calibration, args.calibration)
+        rows = [compare(c, calibration) for c in configs]
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -57,6 +57,20 @@ def test_a_bench_without_routing_trace_is_refused(measured, tmp_path, capsys):
     assert "--routing-trace" in capsys.readouterr().err
 
 
+def test_a_run_with_graphs_needs_a_calibration_with_them(measured, tmp_path, capsys):
+    """The runtime's resolved ``cuda_graphs`` (in each result's ``runtime``) against the calibration's: an
+    eager calibration would count the graphs' saved host time as the simulator's error, so the pair is
+    refused before anything is simulated or written."""
+    record = json.loads((measured / "bench_cpu.json").read_text())
+    for r in record["results"].values():
+        r["runtime"]["cuda_graphs"] = True
+    (tmp_path / "g.json").write_text(json.dumps(record))
+    out = tmp_path / "t"
+    assert benchmark_script("sim_vs_measured").main([str(tmp_path / "g.json"), "--calibration", str(measured / "cal.json"),
+                                                     "--out", str(out)]) == 2
+    assert "g.json ran with CUDA graphs" in capsys.readouterr().err and not Path(f"{out}.json").exists()
+
+
 def test_an_existing_table_needs_force(measured, tmp_path, capsys):
     out = tmp_path / "table"
     Path(f"{out}.md").write_text("an earlier table")
