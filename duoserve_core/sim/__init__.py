@@ -4,7 +4,8 @@
 scale" from a routing trace and a device calibration (``python -m duoserve_core.calibrate``).
 Modules, one job each: ``calibration`` (the file and its terms), ``sim_model`` (config and memory plan,
 no weights), ``simulator`` (the discrete-event model), ``runner`` (the real benchmark's figures),
-``reference`` (Belady / LRU / LFU at every budget), ``qos`` (arrivals, percentiles, SLOs).
+``reference`` (Belady / LRU / LFU at every budget), ``qos`` (arrivals, percentiles, SLOs), ``serving``
+(batches and arrivals through the runtime's batcher, in the bench's row fields).
 """
 
 from .runner import simulate
