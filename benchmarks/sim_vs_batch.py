@@ -44,6 +44,7 @@ from duoserve_core.knob_args import knobs_from_args  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
 from duoserve_core.sim.calibration import load_calibration  # noqa: E402
 from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
+from duoserve_core.sim.serving import records  # noqa: E402
 from duoserve_core.sim.sim_model import build_model  # noqa: E402
 from duoserve_core.sim.simulator import Simulator  # noqa: E402
 from duoserve_core.timeline import step_split  # noqa: E402
@@ -162,9 +163,7 @@ def simulate(config: dict, calibration) -> dict:
                    "h2d_copies": run.counts["h2d_copies"]}
     else:
         # the records bench.arrival_rows gives sim.qos.summarize
-        q = summarize([{"arrival_s": r["arrival_s"], "queued_s": r["queue_s"], "ttft_s": r["ttft_s"],
-                        "tpot_s": r["tpot_s"], "latency_s": r["e2e_s"], "new_tokens": r["new_tokens"]}
-                       for r in run.requests])
+        q = summarize(records(run.requests))
         figures = arrival_figures(q, run.mean_batch, run.counts["h2d_copies"], step_times(run))
     return {"figures": figures, "detail": detail}
 

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import ExpertTensors, expert_shapes, open_source
-from ..runtime import device_name, load, resolve_cuda_graphs, resolve_device
+from ..runtime import device_name, load, resolve_device
 from ..events import SpanEvent, StepEvent
 from ..experts.formats import make_format
 from ..kv_cache import RowKVCache
@@ -755,7 +755,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
                   "vocab_size": config.vocab_size, "dtype": str(checkpoint_dtype).split(".")[-1],
                   "layers_measured": runtime.config.num_hidden_layers},
         "quant": args.quant, "attention_quant": args.quant_attention, "compute_dtype": str(dtype).split(".")[-1],
-        "cuda_graphs": resolve_cuda_graphs(args.cuda_graphs, [device]),  # the host terms' runs, as they ran
+        "cuda_graphs": runtime.cuda_graphs,  # the host terms' runs, as they ran (the runtime's resolved choice)
         "expert_bytes": expert_bytes, "h2d": h2d, "expert_compute": expert_compute,
         "attention": {p: _curve(offloaded_layers, "attention_s", p) for p in ("prefill", "decode")},
         "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},

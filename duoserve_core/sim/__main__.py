@@ -6,7 +6,7 @@
         --prompt-len 512 --gen 128 --json [--timeline-out trace.json]
 
 reports per policy what ``python -m duoserve_core.bench`` reports (TTFT, TPOT, E2E, peak memory,
-bytes moved, hit rate, prefetch precision, the bounds with Belady's oracle). Two more views:
+bytes moved, hit rate, prefetch precision, the bounds with Belady's oracle). More views:
 
     --sweep                 hit rate, loads and TPOT estimates of Belady / LRU / per-layer LRU / LFU at
                             every slot count, from the trace alone (``--requests N`` trace requests)
