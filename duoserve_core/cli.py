@@ -54,6 +54,7 @@ def load_runtime(args: argparse.Namespace, max_batch: int, **extra):
     return load(args.model, **devices_from_args(args), quant=args.quant, memory_budget=args.memory_budget,
                 num_layers=args.num_layers, dtype=args.dtype, max_context=args.max_context,
                 attention_quant=args.quant_attention, max_batch=max_batch, cuda_graphs=args.cuda_graphs,
+                device_routing=args.device_routing,
                 knobs=knobs_from_args(args, args.policy), **extra)
 
 

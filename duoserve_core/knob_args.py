@@ -214,10 +214,16 @@ def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> Poli
                        cpu_experts=args.cpu_experts, cpu_threads=args.cpu_threads)
 
 
-def add_graph_argument(parser: argparse.ArgumentParser) -> None:
+def add_graph_argument(parser: argparse.ArgumentParser, routing: bool = True) -> None:
     """``--cuda-graphs`` / ``--no-cuda-graphs`` (``load(cuda_graphs=...)``), for every command that loads a
-    runtime; neither leaves ``None``, the runtime's default (``runtime.resolve_cuda_graphs``)."""
+    runtime; neither leaves ``None``, the runtime's default (``runtime.resolve_cuda_graphs``). With
+    ``routing``, also ``--no-device-routing`` (``load(device_routing=...)``)."""
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay each decode step's norms and attention (one launch a layer) and each "
                              "one-token expert call (one launch an expert) from CUDA graphs (default: on with "
                              "one GPU, off on the CPU and on several GPUs; --no-cuda-graphs runs decode eagerly)")
+    if routing:
+        parser.add_argument("--device-routing", action=argparse.BooleanOptionalAction, default=True,
+                            help="with the graphs, the resident policy and one request decoding: route each "
+                                 "layer on the device, no host sync inside a step (default); "
+                                 "--no-device-routing: the host hears every layer's routing first")

@@ -101,10 +101,12 @@ class OffloadedMixtral:
     with a mask of the row's own positions (``attend``).
     """
 
-    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started, kv: RowKVCache, graphs=None):
+    def __init__(self, model: MixtralForCausalLM, events: EventBus, on_layer_started, kv: RowKVCache, graphs=None,
+                 device_routed=None):
         self.model, self.events, self.on_layer_started, self.kv = model, events, on_layer_started, kv
         self.config = model.config
         self.graphs = graphs  # a ``decode_graph.DecodeGraphs``: decode steps' dense part from CUDA graphs
+        self.device_routed = device_routed  # an ``experts.device_routing.DeviceRoutedMoE``: resident one-row decode
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], row: int) -> torch.Tensor:
@@ -148,6 +150,8 @@ class OffloadedMixtral:
             if self.graphs is not None and len(groups) == 1 and groups[0][0].shape[1] == 1 else None
         rotary = [inner.rotary_emb(h, position_ids=at.positions) for h, at in zip(hidden, placements)] \
             if keys_read is None else []  # the graphs compute theirs from the positions
+        # one request's decode step with every expert resident: routed on the device, no sync until the logits
+        routed = keys_read is not None and self.device_routed is not None and sizes[0] == 1 and self.device_routed.begin()
         for index, layer in enumerate(inner.layers):
             self.on_layer_started(index)
             self.events.emit(SpanEvent("begin", "compute", "attention", index))
@@ -158,6 +162,9 @@ class OffloadedMixtral:
                 hidden = [h + attend(layer.self_attn, layer.input_layernorm(h), r, at, self.kv, index)
                           for h, r, at in zip(hidden, rotary, placements)]
             self.events.emit(SpanEvent("end", "compute", "attention", index))
+            if routed:
+                hidden = [self.device_routed.layer(index, attended, normed)]
+                continue
             if keys_read is None:
                 tokens = (hidden[0].reshape(1, -1, width) if len(hidden) == 1 else  # no copy for one group
                           torch.cat([h.reshape(-1, width) for h in hidden])[None])  # [1, all tokens, H]
@@ -166,7 +173,10 @@ class OffloadedMixtral:
             hidden = [h + part.view_as(h) for h, part in zip(hidden, moe)]
         for at in placements:
             self.kv.advance(at)
-        return [self.model.lm_head(inner.norm(h[:, -1])).float() for h in hidden]
+        logits = [self.model.lm_head(inner.norm(h[:, -1])).float() for h in hidden]
+        if routed:  # queued: the routing log comes back and the host's bookkeeping hears it
+            self.device_routed.settle()
+        return logits
 
 
 def attend(attn: MixtralAttention, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], at: Placement,

@@ -20,6 +20,7 @@ from .checkpoint import ExpertTensors, TensorSource, open_source
 from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache, stats_delta
+from .experts.device_routing import DeviceRoutedMoE
 from .experts.executor import ExpertExecutor
 from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
@@ -253,7 +254,8 @@ class Runtime:
                  dtype: torch.dtype | None = None, max_context: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, record_timeline: bool = True,
                  routing_trace: str | Path | None = None, attention_quant: str = "none", max_batch: int = 1,
-                 devices=None, gpus: int | str | None = None, cuda_graphs: bool | None = None):
+                 devices=None, gpus: int | str | None = None, cuda_graphs: bool | None = None,
+                 device_routing: bool = True):
         self.devices = resolve_devices(device, devices, gpus)
         self.device = self.devices[0]
         check_max_batch(max_batch)
@@ -278,6 +280,7 @@ class Runtime:
         # decode steps' dense part (norms, attention) and one-token expert calls replayed from CUDA graphs
         # (``decode_graph``, ``experts/slot_graph``); on the CPU the same static functions run eagerly
         self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, self.devices)
+        self.device_routing = device_routing  # resident decode routed on the device where it can be (``_device_routed``)
         skeleton = build_skeleton(source, self.dtype, attention_quant)
         self._dense_bytes = dense_bytes(skeleton)
         checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
@@ -383,7 +386,8 @@ class Runtime:
                                        self.host_worker if self.host_lane.enabled else None, self._slot_graphs())
         for layer in layers:
             layer.mlp.executor = self.executor
-        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, *kept)
+        routed, self.decode_routing = self._device_routed(kept[1] is not None)
+        self.model = OffloadedMixtral(self.skeleton, self.events, self.layer_step.layer_started, *kept, routed)
 
     def _slot_graphs(self) -> SlotGraphs | None:
         """``--cuda-graphs``' one-token expert calls (``experts/slot_graph.py``) over the first device's
@@ -393,6 +397,26 @@ class Runtime:
         if not self.cuda_graphs or (cuda and not self.format.computes_in_place(self.device, self.dtype)):
             return None
         return SlotGraphs(self.format, self.engine.slot, self.device, capture=cuda)
+
+    def _device_routed(self, graphs: bool) -> tuple[DeviceRoutedMoE | None, str]:
+        """Resident one-row decode steps routed on the device, without a host sync inside the step
+        (``experts/device_routing``), where this runtime can, and what ``describe()`` says: ``device``, or
+        ``host`` and why not."""
+        k = self.config.num_experts_per_tok
+        plan = self.plan
+        headroom = None if plan.budget_bytes is None else plan.budget_bytes - plan.fixed_bytes - plan.slot_bytes
+        why = ("device_routing=False" if not self.device_routing else
+               "decode graphs off" if not graphs else
+               f"policy {self.policy.name!r} does not hold every expert" if not self.policy.holds_every_expert else
+               "several devices" if len(self.devices) > 1 else
+               "the CPU lane is on" if self.host_lane.enabled else
+               f"the {self.format.name} format's one-token call dequantizes" if self.device.type == "cuda"
+               and not self.format.computes_in_place(self.device, self.dtype) else
+               f"the budget leaves no room to gather {k} experts ({format_bytes(k * plan.expert_bytes)})"
+               if headroom is not None and headroom < k * plan.expert_bytes else None)
+        if why is not None:
+            return None, f"host ({why})"
+        return DeviceRoutedMoE(self.executor, self.dtype, capture=self.device.type == "cuda"), "device"
 
     def _build_host_lane(self, kv: RowKVCache) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
@@ -707,6 +731,7 @@ class Runtime:
             "memory_plan": self.plan.as_dict(), "memory_plan_by_device": self.plan.describe_devices(), "host_store_bytes": self.store.allocated_bytes,
             "host_store_pinned": self.store.pinned, "expert_load_s": self.expert_load_s,
             "full_model_bytes": self.full_model_bytes(), "routing_trace": self.routing_trace,
+            "decode_routing": self.decode_routing,
             **self.policy.describe(), **self._lane_description(),
         }
 
@@ -749,7 +774,7 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
          max_context: int | None = None, seed: int = 0, synth_device: str | torch.device | None = None,
          record_timeline: bool = True, routing_trace: str | Path | None = None, attention_quant: str = "none",
          max_batch: int = 1, knobs: PolicyKnobs | None = None, devices=None, gpus: int | str | None = None,
-         cuda_graphs: bool | None = None,
+         cuda_graphs: bool | None = None, device_routing: bool = True,
          **knob_values) -> Runtime:
     """Load a Mixtral checkpoint folder, or ``synthetic:<preset>``, as an offloaded runtime.
 
@@ -766,7 +791,10 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     layer instead of about forty (``decode_graph``), and so does each one-token expert call, one a slot
     (``experts/slot_graph``); the tokens are the eager run's. ``None`` (the default): on where the runtime
     has one GPU (``resolve_cuda_graphs``); ``False`` runs decode eagerly, ``True`` also runs the graphs'
-    static functions on the CPU (what the CPU tests check).
+    static functions on the CPU (what the CPU tests check). ``device_routing``: with the graphs, a policy
+    that holds every expert and one request decoding, each step's routing is decided on the device and
+    heard by the host once the step is queued (``experts/device_routing``), the same tokens; ``False``
+    routes every layer on the host (the calibration's host terms, comparisons).
     """
     knobs = (knobs or PolicyKnobs()).changed(**knob_values)  # checked before anything is read
     devs = resolve_devices(device, devices, gpus)
@@ -775,7 +803,7 @@ def load(model: str | Path, *, device: str | torch.device | None = "auto", quant
     return Runtime(source, devices=devs, quant=quant, memory_budget=memory_budget, knobs=knobs, dtype=dtype,
                    max_context=max_context, tokenizer=tokenizer, record_timeline=record_timeline,
                    routing_trace=routing_trace, attention_quant=attention_quant, max_batch=max_batch,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, device_routing=device_routing)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

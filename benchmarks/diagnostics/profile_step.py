@@ -36,7 +36,7 @@ def main() -> None:
         rt = duoserve_core.load(a.model, device="cuda", quant=a.quant, memory_budget=a.budget, policy=a.policy,
                                 num_layers=a.num_layers, max_context=a.prompt_len + a.gen, record_timeline=timeline,
                                 attention_quant=a.quant_attention, cpu_experts=a.cpu_experts,
-                                cuda_graphs=a.cuda_graphs)
+                                cuda_graphs=a.cuda_graphs, device_routing=a.device_routing)
         rt.generate(prompt_ids=prompt[:8], max_new_tokens=2, stop_at_eos=False)
         r = rt.generate(prompt_ids=prompt, max_new_tokens=a.gen, stop_at_eos=False)
         print(f"timeline={timeline}: TTFT {r.ttft_s * 1e3:.1f} ms  TPOT {r.tpot_s * 1e3:.2f} ms "

@@ -139,13 +139,15 @@ class BenchSetup:
     devices: str | list[str] | None = None  # several devices (``cuda:0,cuda:1``), or
     gpus: int | str | None = None           # N GPUs from cuda:0 / "auto" (``runtime.resolve_devices``)
     cuda_graphs: bool | None = None         # ``load(cuda_graphs=...)``: decode's dense part and one-token experts
+    device_routing: bool = True             # ``load(device_routing=...)``: resident one-request decode routed on the device
 
 
 def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:
     """One runtime for every configuration of a command: ``configure`` swaps budget and policy."""
     return load(setup.model, device=setup.device, devices=setup.devices, gpus=setup.gpus, quant=setup.quant, attention_quant=setup.attention_quant,
                 memory_budget=memory_budget, policy="on-demand", num_layers=setup.num_layers,
-                max_context=max_context, routing_trace=setup.routing_trace, cuda_graphs=setup.cuda_graphs)
+                max_context=max_context, routing_trace=setup.routing_trace, cuda_graphs=setup.cuda_graphs,
+                device_routing=setup.device_routing)
 
 
 @dataclass(frozen=True)

@@ -435,9 +435,11 @@ class _Probe:
 def measure_runtime(args: CalibrationSpec, device: torch.device, contexts: list[int], repeats: int) -> dict:
     """Attention, router and host figures from a resident and an on-demand run of the real runtime."""
     gen = DECODE_STEPS
+    # routed on the host (``device_routing=False``): the host terms are those of layers whose routing the
+    # host hears, as every offloaded budget's; a resident decode routed on the device has no such terms
     runtime = load(args.model, device=device, quant=args.quant, attention_quant=args.quant_attention,
                    policy="resident", num_layers=args.num_layers, max_context=max(contexts) + gen + 1,
-                   routing_trace=routing_trace(args), cuda_graphs=args.cuda_graphs)
+                   routing_trace=routing_trace(args), cuda_graphs=args.cuda_graphs, device_routing=False)
     vocab = runtime.config.vocab_size
     prompts = {c: torch.randint(3, vocab, (c,), generator=torch.Generator().manual_seed(c)).tolist()
                for c in contexts}
@@ -556,9 +558,14 @@ SLACK_MS = 0.05  # a span "follows" another when it starts within this of the ot
 
 
 def _by_layer(rows: list[dict]) -> dict[tuple[int, int], dict[str, list[dict]]]:
+    """Spans by (step, layer), then kind. A layer routed on the device (``experts.device_routing``) is
+    left out: its one expert span holds every expert of the layer, which no per-expert term can read."""
     out: dict = defaultdict(lambda: defaultdict(list))
+    routed_on_device = {(int(r["step"]), int(r["layer"])) for r in rows if r["kind"] == "expert" and r["expert"] is None}
     for r in rows:
-        out[(int(r["step"]), int(r["layer"]))][r["kind"]].append(r)
+        key = (int(r["step"]), int(r["layer"]))
+        if key not in routed_on_device:
+            out[key][r["kind"]].append(r)
     return out
 
 

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=whole(1), default=1,
                    help="on a machine with several GPUs: also time all their links at once and peer copies "
                         "(for sim --gpus N)")
-    add_graph_argument(p)  # the runtime's runs (host terms) with the decode graphs, as a --cuda-graphs run has them
+    add_graph_argument(p, routing=False)  # the runtime's runs (host terms) with the decode graphs, as a --cuda-graphs run has them
     p.add_argument("--out", default=None, help="default: data/calibration/<device>_<model>_<quant>.json")
     p.add_argument("--json", action="store_true", help="also print the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines (nor bars) on stderr")

@@ -103,6 +103,13 @@ class ExpertCache:
         slot = self._slot_of.get(key)
         return None if slot is None else self.device_of_slot[slot]
 
+    def slot_table(self) -> list[int] | None:
+        """Every expert's slot, layer-major (``layer * num_experts + expert``), or None while any expert is
+        not resident: what routing on the device looks slots up in (``experts.device_routing``)."""
+        if len(self._slot_of) < self.num_layers * self.num_experts:
+            return None
+        return [self._slot_of[(l, e)] for l in range(self.num_layers) for e in range(self.num_experts)]
+
     def can_make_room(self) -> bool:
         return bool(self._free) or len(self._pinned) < len(self._slot_of)
 

@@ -68,7 +68,7 @@ class ExpertExecutor:
         self.gates = gates                # every layer's router, for the speculative gate
         self.replay = replay              # a traces.RoutingReplay: routing taken from a trace
         self.observers: list = []         # e.g. a TraceRecorder: told each layer's routing
-        self._segments: list[tuple[int, int, int]] = [(0, 0, 0)]  # (request, first position, tokens) per request
+        self.segments: list[tuple[int, int, int]] = [(0, 0, 0)]  # (request, first position, tokens) per request
         self._phase = None
         self.devices = [e.device for e in engine.engines]  # slot devices, the first runs the dense part
         self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
@@ -82,7 +82,7 @@ class ExpertExecutor:
         """Where the next forward's tokens sit, request by request in the forward's token order:
         ``(request id, position of its first token, tokens)`` (observers and the replay need it),
         then the step."""
-        self._segments = segments
+        self.segments = segments
         self._phase = phase
         self.layer_step.begin_step(step, phase)
 
@@ -95,7 +95,7 @@ class ExpertExecutor:
         router_logits, top_w, top_idx = gate(x)
         probs = F.softmax(router_logits.float(), dim=-1)
         if self.replay is not None:  # the router still runs (its cost is real); the trace decides
-            replayed = [self.replay.routing(r, first, n, layer) for r, first, n in self._segments]
+            replayed = [self.replay.routing(r, first, n, layer) for r, first, n in self.segments]
             top_idx = torch.cat([i for i, _ in replayed]).to(x.device, non_blocking=True)
             top_w = torch.cat([w for _, w in replayed]).to(x.device, non_blocking=True)
             # what the policy reads as router probabilities must agree with the replayed routing
@@ -104,7 +104,7 @@ class ExpertExecutor:
         if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
             guess = self.gates[layer + 1](x)[2]
             if self.replay is not None:  # the gate still runs; the trace's recorded guess is used
-                recorded = [self.replay.speculation(r, first, n, layer) for r, first, n in self._segments]
+                recorded = [self.replay.speculation(r, first, n, layer) for r, first, n in self.segments]
                 if all(g is not None for g in recorded):
                     guess = torch.cat(recorded).to(x.device, non_blocking=True)
             parts.append(guess.to(torch.float32))
@@ -124,7 +124,7 @@ class ExpertExecutor:
         routing = self.route(layer, gate, x)
         if self.observers:  # each request's rows, where its tokens sit
             start = 0
-            for request_id, first, n in self._segments:
+            for request_id, first, n in self.segments:
                 rows = slice(start, start + n)
                 start += n
                 for observer in self.observers:

@@ -51,6 +51,7 @@ class TransferEngine:
             self._free = [torch.cuda.Event() for _ in range(num_slots)]
         self._free_recorded = [False] * num_slots
         self._copied = [False] * num_slots
+        self._all_read = False  # the compute stream may read any slot: the next copy waits for it (``wait_all_ready``)
 
     def slot(self, index: int) -> torch.Tensor:
         return self.buffer[index]
@@ -59,6 +60,9 @@ class TransferEngine:
         """Start copying expert ``key`` into slot ``index`` (asynchronous on CUDA)."""
         src, dst = self.store.record(*key), self.buffer[index]
         stream = self.copy_stream if self.cuda else None
+        if self.cuda and self._all_read:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._all_read = False
         if self.cuda and self._free_recorded[index]:
             stream.wait_event(self._free[index])
         if self.cuda and self.arrive is not None and self._copied[index]:
@@ -96,6 +100,17 @@ class TransferEngine:
         if self.cuda:
             self._free[index].record(torch.cuda.current_stream(self.device))
             self._free_recorded[index] = True
+
+    def wait_all_ready(self) -> None:
+        """For work that may read any slot (``device_routing``): the compute stream waits until every
+        copy issued so far has landed, and the next copy waits for the compute stream's kernels queued
+        until then (one stream wait each way instead of an event per slot)."""
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            if self.relayout_stream is not None:
+                compute.wait_stream(self.relayout_stream)
+            self._all_read = True
 
 
 class TransferEngines:

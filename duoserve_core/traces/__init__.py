@@ -264,6 +264,15 @@ class RoutingReplay:
         block, trace_layer = divmod(layer, self.trace_layers)
         return self.relabel[block][experts[positions, trace_layer]], weights[positions, trace_layer]
 
+    def token(self, request_id: int, position: int, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``routing(request_id, position, 1, layer)`` of every layer at once: ``(experts [num_layers, k],
+        weights [num_layers, k])``, one lookup a block of the trace's layers instead of one a layer."""
+        experts, weights = self.requests[request_id % len(self.requests)]
+        position %= experts.shape[0]
+        blocks = -(-num_layers // self.trace_layers)
+        return (torch.cat([self.relabel[b][experts[position]] for b in range(blocks)])[:num_layers],
+                weights[position].repeat(blocks, 1)[:num_layers])
+
     def speculation(self, request_id: int, first_position: int, n_tokens: int, layer: int) -> torch.Tensor | None:
         """The gate's recorded guess at layer ``layer + 1``'s experts, ``[n, k]``; ``None`` where the
         trace has none (no ``spec_experts``, or ``layer`` ends a block: the trace's last layer)."""
