@@ -55,12 +55,15 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
         out.append({"file": path.name, "policy": policy, "model": args.model, "num_layers": args.num_layers,
                     "quant": args.quant, "attention_quant": args.quant_attention, "trace": trace,
                     "slots": rt["memory_plan"]["num_slots"], "device_slots": rt["memory_plan"].get("device_slots"),
+                    "budget_bytes": rt["memory_plan"].get("budget_bytes"),  # the headroom device routing needs
                     "max_context": rt["max_context"],
                     "prompt_len": r["prompt_tokens"], "gen": len(r["tokens"]), "predictor": args.predictor,
                     "prefetch_depth": rt.get("prefetch_depth") or args.prefetch_depth,
                     "predictor_threshold": rt.get("predictor_threshold") or args.predictor_threshold,
                     "speculative_gate": bool(rt.get("speculative_gate")), "measured": r, "label": "bench",
-                    "cuda_graphs": bool(rt.get("cuda_graphs", ran_with_cuda_graphs(record)))})
+                    "cuda_graphs": bool(rt.get("cuda_graphs", ran_with_cuda_graphs(record))),
+                    # files before 2026-12-01 routed every layer on the host
+                    "device_routing": str(rt.get("decode_routing", "host")).startswith("device")})
     return out
 
 
@@ -141,7 +144,7 @@ def borrowed_host_terms(calibration, donor: Path):
 def compare(config: dict, calibration) -> dict:
     """Simulate one configuration; the row of the table."""
     model = build_model(config["model"], quant=config["quant"], attention_quant=config["attention_quant"],
-                        memory_budget="all", max_context=config["max_context"],
+                        memory_budget=config.get("budget_bytes") or "all", max_context=config["max_context"],
                         device_type=calibration.raw["device_type"], num_layers=config["num_layers"],
                         **({"devices": len(config["device_slots"]), "device_slots": config["device_slots"]}
                            if config.get("device_slots") else {"num_slots": config["slots"]}))
@@ -151,7 +154,7 @@ def compare(config: dict, calibration) -> dict:
     sim = simulate(model, calibration, replay, config["policy"], config["prompt_len"], config["gen"],
                    predictor=config["predictor"], prefetch_depth=config["prefetch_depth"],
                    predictor_threshold=config["predictor_threshold"], speculative_gate=config["speculative_gate"],
-                   routing_trace=config["trace"])
+                   routing_trace=config["trace"], device_routing=config.get("device_routing", False))
     m = dict(config["measured"])
     if m.get("h2d_copies") is None and m.get("h2d_bytes") is not None:
         m["h2d_copies"] = m["h2d_bytes"] // model.format.nbytes

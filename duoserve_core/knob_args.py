@@ -223,7 +223,12 @@ def add_graph_argument(parser: argparse.ArgumentParser, routing: bool = True) ->
                              "one-token expert call (one launch an expert) from CUDA graphs (default: on with "
                              "one GPU, off on the CPU and on several GPUs; --no-cuda-graphs runs decode eagerly)")
     if routing:
-        parser.add_argument("--device-routing", action=argparse.BooleanOptionalAction, default=True,
-                            help="with the graphs, the resident policy and one request decoding: route each "
-                                 "layer on the device, no host sync inside a step (default); "
-                                 "--no-device-routing: the host hears every layer's routing first")
+        add_routing_argument(parser)
+
+
+def add_routing_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device-routing`` / ``--no-device-routing`` (``load(device_routing=...)``, ``Simulator(device_routing=...)``)."""
+    parser.add_argument("--device-routing", action=argparse.BooleanOptionalAction, default=True,
+                        help="with the decode graphs, the resident policy and one request decoding: route each "
+                             "layer on the device, no host sync inside a step (default); "
+                             "--no-device-routing: the host hears every layer's routing first")

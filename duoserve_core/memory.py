@@ -64,6 +64,11 @@ class MemoryPlan:
     def slot_bytes(self) -> int:
         return self.num_slots * self.expert_bytes
 
+    @property
+    def headroom_bytes(self) -> int | None:
+        """What the budget leaves beyond the fixed costs and the slots (None: no budget)."""
+        return None if self.budget_bytes is None else self.budget_bytes - self.fixed_bytes - self.slot_bytes
+
     def as_dict(self) -> dict:
         return {**asdict(self), "fixed_bytes": self.fixed_bytes, "slot_bytes": self.slot_bytes, "devices": self.devices}
 

@@ -20,7 +20,7 @@ from .checkpoint import ExpertTensors, TensorSource, open_source
 from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .experts.cache import ExpertCache, stats_delta
-from .experts.device_routing import DeviceRoutedMoE
+from .experts.device_routing import DeviceRoutedMoE, host_routing_reason
 from .experts.executor import ExpertExecutor
 from .experts.layer_step import LayerStep, PhaseCounts
 from .experts.formats import make_format
@@ -402,18 +402,12 @@ class Runtime:
         """Resident one-row decode steps routed on the device, without a host sync inside the step
         (``experts/device_routing``), where this runtime can, and what ``describe()`` says: ``device``, or
         ``host`` and why not."""
-        k = self.config.num_experts_per_tok
         plan = self.plan
-        headroom = None if plan.budget_bytes is None else plan.budget_bytes - plan.fixed_bytes - plan.slot_bytes
-        why = ("device_routing=False" if not self.device_routing else
-               "decode graphs off" if not graphs else
-               f"policy {self.policy.name!r} does not hold every expert" if not self.policy.holds_every_expert else
-               "several devices" if len(self.devices) > 1 else
-               "the CPU lane is on" if self.host_lane.enabled else
-               f"the {self.format.name} format's one-token call dequantizes" if self.device.type == "cuda"
-               and not self.format.computes_in_place(self.device, self.dtype) else
-               f"the budget leaves no room to gather {k} experts ({format_bytes(k * plan.expert_bytes)})"
-               if headroom is not None and headroom < k * plan.expert_bytes else None)
+        why = host_routing_reason(
+            enabled=self.device_routing, graphs=graphs, policy=self.policy, devices=len(self.devices),
+            lane_on=self.host_lane.enabled, top_k=self.config.num_experts_per_tok, expert_bytes=plan.expert_bytes,
+            dequantizes=self.device.type == "cuda" and not self.format.computes_in_place(self.device, self.dtype),
+            headroom_bytes=plan.headroom_bytes)
         if why is not None:
             return None, f"host ({why})"
         return DeviceRoutedMoE(self.executor, self.dtype, capture=self.device.type == "cuda"), "device"

@@ -47,8 +47,10 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert [b for b, _ in raw["h2d"]["runtime"]] == [nf4]  # the runtime's own copies of a record
     assert cal.copy_s(nf4) == raw["h2d"]["runtime"][0][1] and cal.copy_s(nf4, pinned=False) > 0
     assert cal.expert_s("nf4", 3) > 0
-    # the CPU runs every op inline: its spans are device time already; batched attention is its own curve
-    assert set(raw["device_time"]) == {"attention_rows"}
+    # the CPU runs every op inline: its spans are device time already; batched attention is its own curve,
+    # and device routing's gather (two records of the tiny expert) a bandwidth
+    assert set(raw["device_time"]) == {"attention_rows", "gather_Bps"}
+    assert cal.gather_Bps == raw["device_time"]["gather_Bps"] > 0 and cal.gather_s(nf4) == nf4 / cal.gather_Bps
     rows = raw["device_time"]["attention_rows"]
     assert rows["width"] == 576 and [b for b, _ in rows["decode"]] == [1, 2, 4, 8, 16, 32, 64]
     assert all(s > 0 for _, s in rows["decode"]) and cal.attention_rows is not None

@@ -8,14 +8,20 @@ GPU test replays the captured graphs and compares them with the host-routed run 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import duoserve_core
 from conftest import hf_greedy, requires_cuda
 from duoserve_core.calibrate import _by_layer
+from duoserve_core.sim import Simulator, build_model
+from duoserve_core.sim.calibration import Calibration
 from duoserve_core.traces import RoutingReplay, TraceRecorder, read_trace
-from test_layer_step import DATA, TRACE
+from test_layer_step import CONTEXT, DATA, GEN, TRACE, decisions, make_prompt
+from test_layer_step import PROMPT as SIM_PROMPT
+from test_sim import fake_calibration
 
 PROMPT = [(7 * i) % 90 + 3 for i in range(30)]
 NEW = 10
@@ -146,3 +152,73 @@ def test_gpu_device_routing_replays_the_host_routed_tokens(tiny_checkpoint):
     _, c, _ = _run(DATA / "small-moe", False, **kw)
     _, d, _ = _run(DATA / "small-moe", True, **kw)
     assert c.tokens == d.tokens
+
+
+# -- the simulator ------------------------------------------------------------------------------
+def _graphs_calibration(tmp_path, gather_Bps: float | None = None):
+    """The layer-step tests' calibration, as if measured with the decode graphs (and the gather), with host
+    work after a layer's sync."""
+    path = fake_calibration(tmp_path / "cal.json", 8, 2, shape=dict(
+        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2))
+    raw = json.loads(path.read_text())
+    raw["cuda_graphs"] = True
+    raw["host"].update(layer_base_s={"resident": 2e-4, "offloaded": 2e-4}, per_expert_s=5e-5)  # what a sync exposes
+    if gather_Bps is not None:
+        raw.setdefault("device_time", {})["gather_Bps"] = gather_Bps
+    return Calibration(raw, "graphs calibration")
+
+
+def _sim_model_with_room():
+    """The bundled model simulated at a budget for every expert and the gather's two records."""
+    plan = build_model(DATA / "small-moe", quant="nf4", memory_budget="all", max_context=CONTEXT, device_type="cpu").plan
+    return build_model(DATA / "small-moe", quant="nf4", memory_budget=plan.fixed_bytes + 66 * plan.expert_bytes,
+                       max_context=CONTEXT, device_type="cpu")
+
+
+def test_runtime_and_simulator_route_on_the_device_alike(tmp_path):
+    """The same decisions, in the same order, when both route resident decode on the device."""
+    runtime = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", max_context=CONTEXT,
+                                 routing_trace=TRACE, cuda_graphs=True, policy="resident")
+    budget = runtime.plan.fixed_bytes + 66 * runtime.format.nbytes  # every expert and room for the gather
+    runtime.configure(memory_budget=budget)
+    prompt = [t % runtime.config.vocab_size for t in make_prompt(SIM_PROMPT)]
+    real, _ = decisions(runtime, lambda: runtime.generate(prompt_ids=prompt, max_new_tokens=GEN, stop_at_eos=False))
+    model = build_model(DATA / "small-moe", quant="nf4", memory_budget=budget, max_context=CONTEXT, device_type="cpu")
+    sim = Simulator(model, _graphs_calibration(tmp_path), RoutingReplay(read_trace(TRACE), 8, 8, 2), "resident",
+                    policy_time=False)
+    simulated, _ = decisions(sim, lambda: sim.generate(SIM_PROMPT, GEN))
+    assert runtime.describe()["decode_routing"] == sim.decode_routing == "device"
+    assert runtime.model.device_routed.steps > 0
+    assert simulated == real
+
+
+def test_the_simulator_charges_a_routed_layer_its_gather_and_experts_without_a_sync(tmp_path):
+    model = _sim_model_with_room()
+    replay = RoutingReplay(read_trace(TRACE), 8, 8, 2)
+    gather_Bps = 1e12  # fast enough that the sync and host work saved show
+    cal = _graphs_calibration(tmp_path, gather_Bps)
+    routed = Simulator(model, cal, replay, "resident", policy_time=False)
+    hosted = Simulator(model, cal, replay, "resident", policy_time=False, device_routing=False)
+    assert (routed.decode_routing, hosted.decode_routing) == ("device", "host (device_routing=False)")
+    a, b = routed.generate(SIM_PROMPT, GEN), hosted.generate(SIM_PROMPT, GEN)
+    assert a.phases == b.phases  # the same hits
+    assert a.tpot_s < b.tpot_s  # no sync, no host bookkeeping between the layers
+    spans = [r for r in a.rows if r["phase"] == "decode" and r["kind"] == "expert"]
+    assert len(spans) == (GEN - 1) * 8 and all(r["expert"] is None for r in spans)
+    expected_ms = (2 * model.plan.expert_bytes / gather_Bps + 2 * cal.expert_device_s("nf4", "decode", 1)) * 1e3
+    assert all(r["duration_ms"] == pytest.approx(expected_ms) for r in spans)
+
+
+def test_a_measured_routed_layer_replaces_the_composed_one(tmp_path):
+    """Where the calibration timed a routed layer in the runtime (``calibrate.measure_routed_layer``), the
+    simulator charges its router and experts graphs as measured: the host-routed router span holds a sync."""
+    cal = _graphs_calibration(tmp_path, 1e9)
+    raw = dict(cal.raw, device_time={**cal.raw["device_time"],
+                                     "routed_layer": {"router_s": 3e-5, "experts_s": 4e-4, "top_k": 2}})
+    cal = Calibration(raw, "with a routed layer")
+    model = _sim_model_with_room()
+    run = Simulator(model, cal, RoutingReplay(read_trace(TRACE), 8, 8, 2), "resident", policy_time=False) \
+        .generate(SIM_PROMPT, GEN)
+    decode = [r for r in run.rows if r["phase"] == "decode"]
+    assert {round(r["duration_ms"], 9) for r in decode if r["kind"] == "router"} == {0.03}
+    assert {round(r["duration_ms"], 9) for r in decode if r["kind"] == "expert"} == {0.4}

@@ -37,14 +37,45 @@ import torch
 
 from ..events import SpanEvent, StepEvent
 from ..side_stream import capture
+from ..units import format_bytes
 from .cache import ExpertCache
 from .executor import ExpertExecutor, combine
 from .transfer import TransferEngine
 
 
-class _Ran:
+def as_words(records: torch.Tensor) -> torch.Tensor:
+    """``records`` (``[n, bytes]`` uint8) viewed as the widest integer words that tile a record: the gather
+    moves words, not bytes (a byte-wise ``index_select`` is far slower)."""
+    word = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8) if records.shape[1] % t.itemsize == 0)
+    return records.view(word)
+
+
+def gather(records: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """Rows ``index`` (a device tensor) of ``records`` into ``out``, on the device: the expert records a
+    device-routed layer computes from (``calibrate`` times this call)."""
+    torch.index_select(as_words(records), 0, index, out=as_words(out))
+
+
+def host_routing_reason(*, enabled: bool, graphs: bool, policy, devices: int, lane_on: bool, dequantizes: bool,
+                        headroom_bytes: int | None, top_k: int, expert_bytes: int) -> str | None:
+    """Why a runtime (or the simulator of one) routes resident decode on the host, or None where it can
+    route on the device: it needs the decode graphs, a policy that holds every expert, one device, the CPU
+    lane off, a format whose one-token call reads its record in place, and ``top_k`` records of room in the
+    budget beyond the slots for the gather (``headroom_bytes``: None, no budget)."""
+    return ("device_routing=False" if not enabled else
+            "decode graphs off" if not graphs else
+            f"policy {policy.name!r} does not hold every expert" if not policy.holds_every_expert else
+            "several devices" if devices > 1 else
+            "the CPU lane is on" if lane_on else
+            "the format's one-token call dequantizes" if dequantizes else
+            f"the budget leaves no room to gather {top_k} experts ({format_bytes(top_k * expert_bytes)})"
+            if headroom_bytes is not None and headroom_bytes < top_k * expert_bytes else None)
+
+
+class RanOnDevice:
     """``ExpertDevice`` of a layer whose experts already ran on the device: the layer step's decisions
-    (hits, pins, the policy's hooks) without any work to queue."""
+    (hits, pins, the policy's hooks) without any work to queue (the simulator's too: its clocks were
+    advanced when the layer was)."""
 
     def __init__(self, counts: list[int]):
         self.counts = counts
@@ -68,12 +99,8 @@ class DeviceRoutedMoE:
         self.num_layers, self.num_experts = cache.num_layers, cache.num_experts
         slots, top_k = self.engine.buffer, self.k
         device, record = slots.device, slots.shape[1]
-        # the gather moves the widest words that tile a record (a byte-wise index_select is far slower)
-        word = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8)
-                    if record % t.itemsize == 0)
-        self.slot_words = slots.view(word)
+        self.slots = slots
         self.gathered = torch.empty((top_k, record), dtype=torch.uint8, device=device)
-        self.gathered_words = self.gathered.view(word)
         hidden = self.gates[0].weight.shape[1]
         L, E = self.num_layers, self.num_experts
         self.slot_table = torch.zeros((L, E), dtype=torch.long, device=device)
@@ -133,7 +160,7 @@ class DeviceRoutedMoE:
         for layer in range(self.num_layers):
             topk = log[layer:layer + 1, :k].to(torch.int64)
             counts = torch.bincount(topk[0], minlength=self.num_experts).tolist()
-            self.layer_step.run(layer, topk, log[layer:layer + 1, k:], None, _Ran(counts))
+            self.layer_step.run(layer, topk, log[layer:layer + 1, k:], None, RanOnDevice(counts))
         self.steps += 1
 
     def _run(self, kind: str, index: int) -> torch.Tensor | None:
@@ -164,7 +191,7 @@ class DeviceRoutedMoE:
         """The routed experts' records gathered from their slots, then what ``SlotGraphs._static`` and
         ``executor.combine`` compute for one token, and the residual."""
         slots = self.slot_table[index].index_select(0, self.top_idx[index])
-        torch.index_select(self.slot_words, 0, slots, out=self.gathered_words)
+        gather(self.slots, slots, self.gathered)
         dtype = self.moe_in.dtype
         contrib = torch.cat([(self.fmt.forward(self.gathered[j], self.moe_in) * self.top_w[index, j:j + 1][:, None])
                              .to(dtype) for j in range(self.k)])

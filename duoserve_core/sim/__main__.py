@@ -41,8 +41,8 @@ from ..batching import DEFAULT_SCHEDULE
 from ..bench import format_batch_table, format_table
 from ..errors import BudgetError, DuoServeError
 from ..atomic import atomic_write_json, check_writable
-from ..knob_args import (Parser, add_knob_arguments, add_schedule_arguments, budget, gpus, knobs_from_args, listed,
-                         number, seed, whole)
+from ..knob_args import (Parser, add_knob_arguments, add_routing_argument, add_schedule_arguments, budget, gpus,
+                         knobs_from_args, listed, number, seed, whole)
 from ..memory import PLAN_CONTEXT, plan_context
 from ..progress import interruptible, progress
 from ..traces import RoutingReplay, TraceError, read_trace
@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "one GPU's link assumes identical, independent links, and says so")
     p.add_argument("--policy", default="duoserve", help="one or several, comma-separated")
     add_knob_arguments(p)
+    add_routing_argument(p)
     p.add_argument("--request", type=whole(0), default=0, help="trace request replayed (its index, wrapping)")
     p.add_argument("--prompt-len", type=whole(1), default=None, help="default: the trace request's prompt")
     p.add_argument("--gen", type=whole(1), default=None, help="default: the trace request's generated tokens")
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     def simulator(policy: str, timeline: bool = False) -> Simulator:
         return Simulator(model, cal, replay, knobs.changed(policy=policy).effective(), record_timeline=timeline,
-                         policy_time=not args.no_policy_time)
+                         policy_time=not args.no_policy_time, device_routing=args.device_routing)
 
     if batch_mode:
         schedule = args.prefill_schedule or "prefill-first"
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         try:
             results[policy] = simulate(model, cal, replay, knobs.changed(policy=policy), prompt, gen,
                                        request_id=args.request, warmup=args.warmup, routing_trace=str(args.trace),
-                                       policy_time=not args.no_policy_time)
+                                       policy_time=not args.no_policy_time, device_routing=args.device_routing)
         except BudgetError as exc:
             skipped[policy] = str(exc)
     if not results:

@@ -30,7 +30,9 @@ Format ``duoserve-calibration/1``::
            reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
     device_time (optional): {attention: {phase: [[x, s]...]}, router: {phase: [[x, s]...]},
                              expert: {phase: {format: [[tokens, s]...]}},
-                             attention_rows (optional): {width: keys, decode: [[rows, s]...]}, source: str}
+                             attention_rows (optional): {width: keys, decode: [[rows, s]...]},
+                             gather_Bps (optional): bytes/s,
+                             routed_layer (optional): {router_s, experts_s, top_k}, source: str}
         device time alone: kernels queued before the compute stream reached them. attention and
         router: layers >= 1 of an on-demand run, where the stream waits on each layer's copies
         (decode, by context). expert: one expert per token count (1, 2, 4, ..) and format, its
@@ -46,7 +48,13 @@ Format ``duoserve-calibration/1``::
         ``width`` keys (``calibrate.measure_batched_attention``): what a batched step's attention adds
         over one row's (the projections of B tokens take another kernel than one token's, and the
         keys and values are gathered where their rows are not consecutive). Without it a step of B rows is
-        timed as one row reading B x width keys.
+        timed as one row reading B x width keys. gather_Bps: device routing's gather of the top-k expert
+        records from their slots (``calibrate.measure_gather``), charged on every layer of a resident decode
+        routed on the device; files before 2026-12-01 lack it, and such layers are charged no gather.
+        routed_layer: one such layer's router graph and experts graph (gather and ``top_k`` one-token experts),
+        timed in the runtime's own device-routed decode (``calibrate.measure_routed_layer``); where present
+        the simulator charges these instead of the host-routed router span (which holds the sync) and
+        ``gather_Bps`` plus ``top_k`` experts.
     routing_trace: the trace the runtime replayed while timed (the bench's router span includes it)
     host_lane (optional): {default_threads: n, expert: {format: {threads: [[tokens, s]...]}}}
         one expert computed by the CPU lane (``experts.host_lane``) from its host record, per thread
@@ -155,6 +163,13 @@ class Calibration:
             self.per_copy_s = float(host["per_copy_s"])
             self.device_time = self._device_time(raw.get("device_time"))
             self.attention_rows = self._attention_rows((raw.get("device_time") or {}).get("attention_rows"))
+            gather = (raw.get("device_time") or {}).get("gather_Bps")
+            self.gather_Bps = None if gather is None else float(gather)
+            routed = (raw.get("device_time") or {}).get("routed_layer")
+            self.routed_layer = None if routed is None else \
+                {"router_s": float(routed["router_s"]), "experts_s": float(routed["experts_s"]), "top_k": int(routed["top_k"])}
+            if self.gather_Bps is not None and not (self.gather_Bps > 0 and math.isfinite(self.gather_Bps)):
+                raise CalibrationError(f"{where}: device_time.gather_Bps must be a positive number of bytes a second")
             self.step_pre_s = {p: float(host["step_pre_s"][p]) for p in PHASES}
             self.step_post_s = {p: float(host["step_post_s"][p]) for p in PHASES}
             self.host_reference_s = float(host["reference_s"]) if "reference_s" in host else None
@@ -336,6 +351,19 @@ class Calibration:
         and format (by token count, interpolated), else the back-to-back span ``expert_compute``."""
         curve = self.device_time.get(("expert", phase, fmt))
         return curve.at(tokens) if curve is not None else self.expert_s(fmt, tokens)
+
+    def routed_layer_s(self, fmt: str, context: float, top_k: int, record_bytes: int) -> tuple[float, float]:
+        """A resident decode layer routed on the device: (router, gather and experts) device seconds, as
+        measured in such a layer where the calibration has it, else composed from the host-routed router's
+        span, ``gather_s`` and ``top_k`` one-token experts."""
+        if self.routed_layer is not None and self.routed_layer["top_k"] == top_k:
+            return self.routed_layer["router_s"], self.routed_layer["experts_s"]
+        return (self.router_device_s("decode", context),
+                self.gather_s(top_k * record_bytes) + top_k * self.expert_device_s(fmt, "decode", 1))
+
+    def gather_s(self, nbytes: int) -> float:
+        """Device routing's gather of ``nbytes`` of expert records; 0 where the calibration did not measure it."""
+        return nbytes / self.gather_Bps if self.gather_Bps else 0.0
 
     def per_expert(self, phase: str) -> float:
         """Host time per expert the executor computes (queueing its kernels included)."""

@@ -20,14 +20,16 @@ from .sim_model import SimModel
 
 def simulate(model: SimModel, calibration: Calibration, replay: RoutingReplay, knobs: PolicyKnobs | str,
              prompt_len: int, gen: int, *, request_id: int = 0, warmup: int = 1, routing_trace: str | None = None,
-             policy_time: bool = True, **knob_values) -> dict:
+             policy_time: bool = True, device_routing: bool = True, **knob_values) -> dict:
     """One policy at one budget, as a ``bench.run_policy`` result (plus ``timeline`` rows). ``knobs``:
     a ``PolicyKnobs`` or a policy name, ``knob_values`` changes to it (``PolicyKnobs.changed``); knobs
-    its policy does not use are ignored."""
+    its policy does not use are ignored. ``device_routing``: as ``load``'s (``Simulator``)."""
     knobs = (knobs if isinstance(knobs, PolicyKnobs) else PolicyKnobs(policy=knobs)).changed(**knob_values).effective()
     for _ in range(warmup):  # discarded runs: the policy's decisions are timed, and Python's first calls are slow
-        Simulator(model, calibration, replay, knobs, policy_time=policy_time).generate(prompt_len, gen, request_id)
-    sim = Simulator(model, calibration, replay, knobs, policy_time=policy_time)  # a fresh policy, as each bench run's
+        Simulator(model, calibration, replay, knobs, policy_time=policy_time,
+                  device_routing=device_routing).generate(prompt_len, gen, request_id)
+    # a fresh policy, as each bench run's
+    sim = Simulator(model, calibration, replay, knobs, policy_time=policy_time, device_routing=device_routing)
     if sim.policy.holds_every_expert:  # measured loaded, as the bench measures it (bench._run_once)
         sim.generate(1, 1, request_id)
     return result(sim, sim.generate(prompt_len, gen, request_id), routing_trace)
@@ -57,6 +59,7 @@ def result(sim: Simulator, run: SimRun, routing_trace: str | None = None) -> dic
         "device": device, "policy": sim.policy.describe(),
         "phases": {"prefill": run.phases["prefill"], "decode": run.phases["decode"]},
         "runtime": {**model.describe(), "device": device, "calibration": sim.cal.where,
+                    "decode_routing": sim.decode_routing,
                     "routing_trace": routing_trace, "memory_plan_by_device": plan.describe_devices(),
                     **sim.policy.describe()},
         "assumptions": sim.assumptions,

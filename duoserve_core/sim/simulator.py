@@ -13,6 +13,14 @@ this module owns is time, in the order the runtime does the work:
            each expert once its copy landed, layer_done)
     step:  lm_head and sampling (step_post, after the compute stream is done)
 
+A resident one-request decode step routed on the device (``experts.device_routing``, where the runtime
+would: ``device_routing`` and the reasons of ``host_routing_reason``, the calibration's ``cuda_graphs``
+standing for the runtime's) has no sync: per layer the compute clock runs attention, the router, and
+the gather of the top-k records plus their experts (``Calibration.routed_layer_s``), while the
+host only queues (its replays are not a calibrated term: the H200 kept the compute stream busy 86% of
+such a token); after the last layer ``LayerStep.run`` hears every layer's routing, as the runtime's
+``settle`` does, in the same order.
+
 It emits the runtime's events (``events``): the timeline and a ``lab.cache_log.CacheLog`` subscribe
 to a simulator exactly as to a runtime.
 
@@ -49,6 +57,7 @@ from ..batching import DEFAULT_SCHEDULE, Batcher, Request
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
+from ..experts.device_routing import RanOnDevice, host_routing_reason
 from ..experts.layer_step import LayerStep, PhaseCounts
 from ..policy import Phase, Policy, PolicyKnobs, load_policy
 from ..policy.host_lane import HostLane, LaneCosts
@@ -286,7 +295,7 @@ class Simulator:
 
     def __init__(self, model: SimModel, calibration: Calibration, replay: RoutingReplay,
                  policy: str | Policy | PolicyKnobs = "on-demand", *, record_timeline: bool = True,
-                 policy_time: bool = True, **knob_values):
+                 policy_time: bool = True, device_routing: bool = True, **knob_values):
         calibration.check(model.config, model.quant, model.attention_quant)
         self.model, self.cal, self.replay = model, calibration, replay
         self.fmt = format_name(model.quant, calibration)
@@ -311,6 +320,13 @@ class Simulator:
         self.host_lane = self._host_lane(calibration)
         self.layer_step = LayerStep(self.cache, self.policy, self.events, self.host_lane)
         self._peak_resident = 0
+        plan = model.plan
+        why = host_routing_reason(
+            enabled=device_routing, graphs=bool(calibration.raw.get("cuda_graphs", False)), policy=inner,
+            devices=self.devices, lane_on=self.host_lane.enabled, top_k=self.k,
+            dequantizes=not calibration.synchronous and not model.format.computes_in_place(torch.device("cuda"), model.dtype),
+            expert_bytes=plan.expert_bytes, headroom_bytes=plan.headroom_bytes)
+        self.decode_routing = "device" if why is None else f"host ({why})"  # as the runtime's ``describe()``
 
     def _host_lane(self, calibration: Calibration) -> HostLane:
         """The CPU lane the knobs ask for, costed by the calibration (the runtime measures its own)."""
@@ -417,6 +433,8 @@ class Simulator:
         if self.devices > 1:
             hidden_bytes = n_tokens * self.model.config.hidden_size * self.model.dtype.itemsize
             peer_in_s, peer_out_s = cal.peer_s(hidden_bytes), cal.peer_s(hidden_bytes * self.k) + cal.peer_out_s
+        on_device = self.decode_routing == "device" and phase is Phase.DECODE and n_tokens == 1 \
+            and self.cache.slot_table() is not None
         for layer in range(self.L):
             self.layer_step.layer_started(layer)
             start = max(c.compute, c.host)
@@ -426,6 +444,12 @@ class Simulator:
                 c.compute = max(begin + attention_s, c.host)
             self.events.emit(SpanEvent("whole", "compute", "attention", layer, start_s=start, end_s=c.compute))
             self.events.emit(StepEvent("router_started", step, p, layer))
+            if on_device:  # no sync: the router, the gather and the experts follow on the compute stream
+                routed_router_s, experts_s = cal.routed_layer_s(self.fmt, width, self.k, self.model.plan.expert_bytes)
+                self._compute("router", layer, routed_router_s)
+                self._compute("expert", layer, experts_s)
+                self.events.emit(StepEvent("layer_done", step, p, layer))
+                continue
             self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
             c.host += cal.layer_base_s[self.mode]
@@ -443,6 +467,13 @@ class Simulator:
             self.layer_step.run(layer, experts, probs, guess, device)
             device.join()
             self.events.emit(StepEvent("layer_done", step, p, layer))
+        if on_device:  # the routing log read back once the step is queued: every layer's bookkeeping
+            c.host = max(c.host, c.compute)
+            for layer in range(self.L):
+                (experts, weights), = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
+                probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
+                counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
+                self.layer_step.run(layer, experts, probs, None, RanOnDevice(counts))
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
         self.events.emit(StepEvent("step_done", step, p))
 
