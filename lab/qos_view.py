@@ -72,7 +72,8 @@ MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
 # start or cuDNN's plan builds (docs/simulator.md), nor on-demand's 128-token run, which these rates overload
 MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json",
                      "arrivals_h200_8x7b_mixtral_like_24req_graphs.json",
-                     "arrivals_h200_8x7b_mixtral_like_24req_graphs_on-demand_lru.json")
+                     "arrivals_h200_8x7b_mixtral_like_24req_graphs_on-demand_lru.json",
+                     "arrivals_h200_8x7b_mixtral_like_12req_gen128_graphs_duoserve.json")
 PERCENTILES = ("p50", "p99")
 
 

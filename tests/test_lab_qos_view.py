@@ -20,19 +20,24 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
     assert sorted(set(batches["max_batch"])) == [1, 4, 16, 64]
     assert set(batches["label"]) == {"measured H200, 2026-11-30, 32 tokens", "measured H200, 2026-12-01, 128 tokens",
                                      "measured H200, 2026-12-01, 128 tokens, CUDA graphs",
-                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, CPU lane auto"}
-    lane = batches[batches["label"].str.endswith("CPU lane auto")]  # the CPU lane's run: duoserve, B 1-16
-    assert set(lane["policy"]) == {"duoserve"} and sorted(lane["max_batch"]) == [1, 4, 16]
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, CPU lane auto",
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, int4",
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, int4, CPU lane auto"}
+    for suffix in ("CPU lane auto", "int4", "int4, CPU lane auto"):  # the CPU lane's runs and their int4 match: duoserve, B 1-16
+        lane = batches[batches["label"] == f"measured H200, 2026-12-01, 128 tokens, CUDA graphs, {suffix}"]
+        assert set(lane["policy"]) == {"duoserve"} and sorted(lane["max_batch"]) == [1, 4, 16], suffix
     assert set(batches.loc[batches["gen"] == 128, "policy"]) == set(qv.MEASURED_POLICIES) and set(batches["gen"]) == {32, 128}
     assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
     arrivals = qv.measured_arrivals()
-    assert sorted(set(arrivals["arrival_rate"])) == [0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
+    assert sorted(set(arrivals["arrival_rate"])) == [0.1, 0.2, 0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
     assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30, 32 tokens (max batch 16, 16 requests, prefill-first)"
     assert (arrivals["ttft_p99_s"] >= arrivals["ttft_p50_s"]).all()
     assert set(arrivals["file"]) == set(qv.MEASURED_ARRIVALS)  # the warmed 2026-12-01 run after the attention fix
     assert "measured H200, 2026-12-01, 32 tokens (max batch 16, 12 requests, mixed)" in set(arrivals["label"])
     graphs = arrivals[arrivals["label"] == "measured H200, 2026-12-01, 32 tokens, CUDA graphs (max batch 16, 24 requests, mixed)"]
     assert set(graphs["policy"]) == set(qv.MEASURED_POLICIES) and len(graphs) == 9  # two files, one label
+    long = arrivals[arrivals["label"] == "measured H200, 2026-12-01, 128 tokens, CUDA graphs (max batch 16, 12 requests, mixed)"]
+    assert set(long["policy"]) == {"duoserve"} and sorted(long["arrival_rate"]) == [0.1, 0.2]  # rates it sustains
 
 
 def test_the_budget_rule_adds_kv_caches_and_keeps_the_slots():
