@@ -9,10 +9,12 @@ replays two graphs, ``router`` (the gate, top-k and probabilities into a routing
 replayed routing where there is one) and ``experts`` (the top-k's slots looked up in a device slot
 table, their records gathered into ``top_k`` static buffers, each expert's SwiGLU on the layer's
 token, the weighted sum in the executor's fixed order, the residual): the host queues a whole step
-without waiting and the GPU never idles within it.
+without waiting and the GPU never idles within it. Measured on the H200: 17.4-18.1 ms a token against
+31.3-51.5 ms routed on the host on the same machines, the same tokens.
 
 The gather is the price: ``top_k`` records a layer copied on the device (two NF4 Mixtral-8x7B
-experts, 2 x 94.5 MiB, about 0.05 ms each at HBM speed), because a graph's kernels read fixed
+experts, 2 x 94.5 MiB: 0.13 ms alone at the 1.5 TB/s ``calibrate`` measures; a layer's gather and two
+experts took 0.29-0.33 ms against 0.36 ms for the two experts routed on the host), because a graph's kernels read fixed
 addresses and the chosen experts' slots are known only on the device. No library offers a 4-bit
 matrix-vector kernel that takes its weight's address from a device tensor, so the copy is what
 keeps bitsandbytes' kernel. It needs ``top_k`` records of room in the memory plan beyond the slots
