@@ -512,7 +512,7 @@ def measure_routed_layer(runtime, prompt: list[int], gen: int) -> dict | None:
     if not spans:
         return None
     median = lambda kind: statistics.median(r["duration_ms"] for r in spans if r["kind"] == kind) / 1e3  # noqa: E731
-    return {"router_s": median("router"), "experts_s": median("expert"), "top_k": runtime.config.num_experts_per_tok}
+    return {"router_s": median("router"), "experts_s": median("expert"), "top_k": k}
 
 
 def routing_trace(args: CalibrationSpec) -> str | None:

@@ -99,10 +99,9 @@ class DeviceRoutedMoE:
         self.engine: TransferEngine = executor.engine.engines[0]  # one device: the runtime routes on the host otherwise
         cache: ExpertCache = self.layer_step.cache
         self.num_layers, self.num_experts = cache.num_layers, cache.num_experts
-        slots, top_k = self.engine.buffer, self.k
-        device, record = slots.device, slots.shape[1]
-        self.slots = slots
-        self.gathered = torch.empty((top_k, record), dtype=torch.uint8, device=device)
+        self.slots = self.engine.buffer
+        device, top_k = self.slots.device, self.k
+        self.gathered = torch.empty((top_k, self.slots.shape[1]), dtype=torch.uint8, device=device)
         hidden = self.gates[0].weight.shape[1]
         L, E = self.num_layers, self.num_experts
         self.slot_table = torch.zeros((L, E), dtype=torch.long, device=device)

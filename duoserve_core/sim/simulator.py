@@ -453,16 +453,12 @@ class Simulator:
             self._compute("router", layer, router_s)
             c.host = max(c.host, c.compute)  # the router's top-k goes to the host: one sync per layer
             c.host += cal.layer_base_s[self.mode]
-            routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
-            experts = torch.cat([e for e, _ in routed])
-            weights = torch.cat([w for _, w in routed])
-            probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
+            experts, probs, counts = self._routing(layer, segments)
             guess = None
             if self.policy.wants_speculation and layer + 1 < self.L:
                 # where the trace has no guess the real gate's would be used; the simulator has none
                 guesses = [self.replay.speculation(r, first, n, layer) for r, first, n in segments]
                 guess = torch.cat(guesses) if all(g is not None for g in guesses) else None
-            counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
             device = _SimLayer(self, p, counts, c.compute, peer_in_s, peer_out_s)
             self.layer_step.run(layer, experts, probs, guess, device)
             device.join()
@@ -470,12 +466,20 @@ class Simulator:
         if on_device:  # the routing log read back once the step is queued: every layer's bookkeeping
             c.host = max(c.host, c.compute)
             for layer in range(self.L):
-                (experts, weights), = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
-                probs = torch.zeros(n_tokens, self.E).scatter_(1, experts, weights.float())
-                counts = torch.bincount(experts.flatten(), minlength=self.E).tolist()
+                experts, probs, counts = self._routing(layer, segments)
                 self.layer_step.run(layer, experts, probs, None, RanOnDevice(counts))
         c.host = max(c.host, c.compute) + cal.step_post_s[p]
         self.events.emit(StepEvent("step_done", step, p))
+
+    def _routing(self, layer: int, segments: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Layer ``layer``'s replayed routing of the step's tokens: top-k ``[tokens, k]``, the router
+        probabilities the policy reads (the replayed weights where routed, as the runtime's replay has
+        them) and each expert's token count."""
+        routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
+        experts = torch.cat([e for e, _ in routed])
+        weights = torch.cat([w for _, w in routed])
+        probs = torch.zeros(experts.shape[0], self.E).scatter_(1, experts, weights.float())
+        return experts, probs, torch.bincount(experts.flatten(), minlength=self.E).tolist()
 
 
 class _SimStep:
