@@ -130,10 +130,14 @@ def test_a_batch_routes_on_the_host_and_a_lone_request_on_the_device(tiny_checkp
 def test_slots_filled_again_after_the_cache_was_emptied(tiny_checkpoint):
     rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="nf4", cuda_graphs=True, policy="resident")
     first = rt.generate(prompt_ids=PROMPT, max_new_tokens=NEW, stop_at_eos=False).tokens
+    table = rt.cache.slot_table()
+    assert rt.cache.slot_table() is table  # the same list while no slot changes: the step copies it in once
     rt.empty_expert_cache()
     assert rt.cache.slot_table() is None
     assert rt.generate(prompt_ids=PROMPT, max_new_tokens=NEW, stop_at_eos=False).tokens == first
     assert rt.model.device_routed.steps == 2 * (NEW - 1)
+    refilled = rt.cache.slot_table()  # a new list, one distinct slot per expert
+    assert refilled is not table and len(set(refilled)) == len(refilled) == rt.cache.num_layers * rt.cache.num_experts
 
 
 @requires_cuda

@@ -68,6 +68,7 @@ class ExpertCache:
         self.events = events or EventBus()
         self.stats = CacheStats()
         self._slot_of: dict[ExpertKey, int] = {}
+        self._table: list[int] | None = None  # slot_table's answer, until an expert enters or leaves
         self._free: list[int] = list(range(self.capacity - 1, -1, -1))
         self._pinned: set[ExpertKey] = set()
         self._last_use: dict[ExpertKey, int] = {}
@@ -105,10 +106,14 @@ class ExpertCache:
 
     def slot_table(self) -> list[int] | None:
         """Every expert's slot, layer-major (``layer * num_experts + expert``), or None while any expert is
-        not resident: what routing on the device looks slots up in (``experts.device_routing``)."""
+        not resident: what routing on the device looks slots up in (``experts.device_routing``). The same
+        list object until an expert enters or leaves a slot, so a caller asking every decode step tells a
+        changed table by identity, without rebuilding or comparing it; callers do not modify it."""
         if len(self._slot_of) < self.num_layers * self.num_experts:
             return None
-        return [self._slot_of[(l, e)] for l in range(self.num_layers) for e in range(self.num_experts)]
+        if self._table is None:
+            self._table = [self._slot_of[(l, e)] for l in range(self.num_layers) for e in range(self.num_experts)]
+        return self._table
 
     def can_make_room(self) -> bool:
         return bool(self._free) or len(self._pinned) < len(self._slot_of)
@@ -178,6 +183,7 @@ class ExpertCache:
         if key not in self._slot_of or key in self._pinned:
             return
         slot = self._slot_of.pop(key)
+        self._table = None
         if self.policy.reclaims_released:
             self._intact[key], self._intact_in[slot] = slot, key
             self._free.insert(0, slot)   # popped last: empty slots are filled first
@@ -196,6 +202,7 @@ class ExpertCache:
         del self._intact_in[slot]
         self._free.remove(slot)
         self._slot_of[key] = slot
+        self._table = None
         self.stats.reclaims += 1
         return True
 
@@ -231,6 +238,7 @@ class ExpertCache:
         if overwritten is not None:
             del self._intact[overwritten]
         self._slot_of[key] = slot
+        self._table = None
         self.engine.copy_in(slot, key)
         self.copies_this_layer[self.device_of_slot[slot]] += 1
         self.stats.h2d_copies += 1

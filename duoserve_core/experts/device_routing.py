@@ -39,6 +39,7 @@ import torch
 
 from ..events import SpanEvent, StepEvent
 from ..side_stream import capture
+from ..traces import replayed_probabilities
 from ..units import format_bytes
 from .cache import ExpertCache
 from .executor import ExpertExecutor, combine
@@ -105,7 +106,7 @@ class DeviceRoutedMoE:
         hidden = self.gates[0].weight.shape[1]
         L, E = self.num_layers, self.num_experts
         self.slot_table = torch.zeros((L, E), dtype=torch.long, device=device)
-        self._table: list[int] | None = None  # the table's host copy, to copy again only when it changed
+        self._table: list[int] | None = None  # the cache's table last copied in (the cache's own object)
         self.moe_in = torch.zeros((1, hidden), dtype=dtype, device=device)       # the layer's normed token
         self.residual = torch.zeros((1, 1, hidden), dtype=dtype, device=device)  # its attended hidden state
         self.top_idx = torch.zeros((L, top_k), dtype=torch.long, device=device)  # the routing log, per layer
@@ -126,7 +127,7 @@ class DeviceRoutedMoE:
         if table is None or self.executor.observers:
             return False
         self.engine.wait_all_ready()
-        if table != self._table:
+        if table is not self._table:  # the cache hands out a new list only when a slot changed
             self.slot_table.copy_(torch.tensor(table, dtype=torch.long).view(self.num_layers, self.num_experts))
             self._table = table
         if self.replay is not None:
@@ -183,7 +184,7 @@ class DeviceRoutedMoE:
         probs = torch.softmax(logits.float(), dim=-1)
         if self.replay is not None:  # the router still runs (its cost is real); the trace decides
             top_idx, top_w = self.replayed_idx[index:index + 1], self.replayed_w[index:index + 1]
-            probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
+            probs = replayed_probabilities(top_idx, top_w, probs.shape[-1])
         self.top_idx[index].copy_(top_idx[0])
         self.top_w[index].copy_(top_w[0])
         self.probs[index].copy_(probs[0])

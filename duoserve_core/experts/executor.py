@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..events import EventBus, SpanEvent, StepEvent
+from ..traces import replayed_probabilities
 from .formats import ExpertFormat
 from .host_lane import HostLaneWorker
 from .layer_step import LayerStep
@@ -98,8 +99,7 @@ class ExpertExecutor:
             replayed = [self.replay.routing(r, first, n, layer) for r, first, n in self.segments]
             top_idx = torch.cat([i for i, _ in replayed]).to(x.device, non_blocking=True)
             top_w = torch.cat([w for _, w in replayed]).to(x.device, non_blocking=True)
-            # what the policy reads as router probabilities must agree with the replayed routing
-            probs = torch.zeros_like(probs).scatter_(1, top_idx, top_w.to(probs.dtype))
+            probs = replayed_probabilities(top_idx, top_w, probs.shape[-1])
         parts = [top_idx.to(torch.float32), top_w.to(torch.float32), probs]
         if speculate:  # layer l+1's router on layer l's MoE input: a guess at the next layer's experts
             guess = self.gates[layer + 1](x)[2]

@@ -62,7 +62,7 @@ from ..experts.layer_step import LayerStep, PhaseCounts
 from ..policy import Phase, Policy, PolicyKnobs, load_policy
 from ..policy.host_lane import HostLane, LaneCosts
 from ..timeline import Timeline
-from ..traces import RoutingReplay
+from ..traces import RoutingReplay, replayed_probabilities
 from .calibration import Calibration, format_name
 from .sim_model import SimModel
 
@@ -478,7 +478,7 @@ class Simulator:
         routed = [self.replay.routing(r, first, n, layer) for r, first, n in segments]
         experts = torch.cat([e for e, _ in routed])
         weights = torch.cat([w for _, w in routed])
-        probs = torch.zeros(experts.shape[0], self.E).scatter_(1, experts, weights.float())
+        probs = replayed_probabilities(experts, weights, self.E)
         return experts, probs, torch.bincount(experts.flatten(), minlength=self.E).tolist()
 
 

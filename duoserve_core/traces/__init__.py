@@ -211,6 +211,14 @@ class TraceRecorder:
         return pd.DataFrame(self._rows)
 
 
+def replayed_probabilities(top_idx: torch.Tensor, top_w: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The router probabilities a policy reads under a replayed routing: each token's replayed weights at
+    its routed experts and 0 elsewhere (``[tokens, num_experts]``, float32, on ``top_idx``'s device). The
+    runtime's host and device routing and the simulator all take them from here, so a policy decides on
+    the same numbers in each."""
+    return torch.zeros(top_idx.shape[0], num_experts, device=top_idx.device).scatter_(1, top_idx, top_w.float())
+
+
 class RoutingReplay:
     """Routing taken from a trace, so that synthesized weights see realistic expert reuse.
 
