@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +41,7 @@ from sim_vs_measured import _command_args, check_graphs  # noqa: E402
 from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
-from duoserve_core.knob_args import knobs_from_args  # noqa: E402
+from duoserve_core.knob_args import Parser, knobs_from_args, whole  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
 from duoserve_core.sim.calibration import load_calibration  # noqa: E402
 from duoserve_core.sim.qos import poisson_arrivals, poisson_arrivals_within, summarize  # noqa: E402
@@ -63,6 +64,7 @@ P50 = ("ttft_p50_s", "tpot_p50_s")
 # step, and which step boundary an arrival meets hangs on every earlier step's length, so the median of a
 # dozen requests moves by a step's fraction between runs; the mean over all requests is steadier.
 ARRIVAL_MEANS = ("ttft_mean_s", "queued_mean_s")
+BANDED = P50 + ("queued_p50_s",) + ARRIVAL_MEANS  # the figures --jitter-runs gives a band
 
 
 def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
@@ -90,7 +92,8 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "measured_split": row.get("decode_split"),  # rows from before 2026-12-01 lack it
                     # rows before the schedule knob ran prefill-first; "mixed, chunks of N" names a chunk
                     "prefill_schedule": row.get("prefill_schedule", "prefill-first").split(",")[0],
-                    "prefill_chunk": args.prefill_chunk, "cuda_graphs": ran_with_cuda_graphs(record)})
+                    "prefill_chunk": args.prefill_chunk, "cuda_graphs": ran_with_cuda_graphs(record),
+                    "host_reference_s": record.get("host_reference_s")})  # files before 2026-12-02 lack it
     return out
 
 
@@ -128,9 +131,16 @@ def bench_arrivals(config: dict) -> list[float]:
     return poisson_arrivals(config["arrival_rate"], config["requests"], ARRIVAL_SEED)
 
 
-def simulate(config: dict, calibration) -> dict:
+def jittered(arrivals: list[float], jitter_s: float, seed: int) -> list[float]:
+    """``arrivals``, each moved uniformly within ``jitter_s`` either way (never before 0), in order."""
+    rng = random.Random(seed)
+    return sorted(max(0.0, a + rng.uniform(-jitter_s, jitter_s)) for a in arrivals)
+
+
+def simulate(config: dict, calibration, arrivals: list[float] | None = None) -> dict:
     """One measured row simulated the bench's way: its figures (``FIGURES`` names) and a few of the
-    simulated run's own (copies and experts per decode step, the decode step's parts)."""
+    simulated run's own (copies and experts per decode step, the decode step's parts). An arrival row
+    replays the bench's arrivals unless ``arrivals`` are given."""
     model = build_model(config["model"], quant=config["quant"], attention_quant=config["attention_quant"],
                         memory_budget="all", max_context=config["max_context"],
                         device_type=calibration.raw["device_type"], num_layers=config["num_layers"],
@@ -142,7 +152,8 @@ def simulate(config: dict, calibration) -> dict:
     # False leaves it out, which makes a run deterministic (tests)
     sim = Simulator(model, calibration, replay, config["knobs"], policy_time=config.get("policy_time", True))
     requests = [(config["prompt_len"], config["gen"])] * config["requests"]
-    arrivals = bench_arrivals(config) if config["kind"] == "arrivals" else None
+    if config["kind"] == "arrivals" and arrivals is None:
+        arrivals = bench_arrivals(config)
     for _ in range(2 if config["kind"] == "batch" else 1):  # batch rows: a warm-up run first, as the bench
         if not sim.policy.holds_every_expert:
             sim.empty_cache()
@@ -172,12 +183,29 @@ def rel(simulated, measured):
     return None if simulated is None or not measured else (simulated - measured) / measured
 
 
-def compare(config: dict, calibration) -> dict:
-    """Simulate one measured row; the row of the table: per figure measured, simulated, relative error."""
+def band_error(band: list[float], measured) -> float | None:
+    """Relative distance from ``measured`` to the closed interval ``band`` (0 inside it)."""
+    if not measured:
+        return None
+    nearest = min(max(measured, band[0]), band[1])
+    return (nearest - measured) / measured
+
+
+def compare(config: dict, calibration, jitter_runs: int = 0) -> dict:
+    """Simulate one measured row; the row of the table: per figure measured, simulated, relative error,
+    and for an arrival row with ``jitter_runs``, the band of the simulated values under arrival jitter
+    (the bench's own arrivals included) and the measured value's distance to it."""
     sim = simulate(config, calibration)
     figures = {name: {"measured": config["measured"].get(name), "sim": sim["figures"].get(name),
                       "rel_error": rel(sim["figures"].get(name), config["measured"].get(name))}
                for name in FIGURES[config["kind"]]}
+    if config["kind"] == "arrivals" and jitter_runs:
+        half_step = sim["figures"]["decode_step_s"] / 2
+        runs = [sim["figures"]] + [simulate(config, calibration, jittered(bench_arrivals(config), half_step, seed))
+                                   ["figures"] for seed in range(1, jitter_runs + 1)]
+        for name in BANDED:
+            band = [min(r[name] for r in runs), max(r[name] for r in runs)]
+            figures[name].update(sim_band=band, band_error=band_error(band, figures[name]["measured"]))
     schedule = config.get("prefill_schedule", "prefill-first")
     policy = config["policy"] if schedule == "prefill-first" else f"{config['policy']} ({schedule})"
     return {"file": config["file"], "kind": config["kind"], "policy": policy, "prefill_schedule": schedule,
@@ -202,12 +230,25 @@ def summary(rows: list[dict], target: float = TARGET) -> dict:
     out = {"target": target, "decode_tokens_per_s": worst(["decode_tokens_per_s"], ("batch",)),
            "tokens_per_s": worst(["tokens_per_s"]), "p50_latency": worst(P50),
            "arrival_means": worst(list(ARRIVAL_MEANS), ("arrivals",))}  # reported, not judged
+    banded = [(abs(r["figures"][n]["band_error"]), r, n) for r in rows for n in P50
+              if r["figures"].get(n, {}).get("band_error") is not None]
+    if banded:  # reported, not judged: how far each p50 lies from what arrival jitter gives the simulator
+        err, r, n = max(banded, key=lambda f: f[0])
+        out["p50_latency_band"] = {"max_abs_rel_error": err, "figure": n, "file": r["file"], "policy": r["policy"],
+                                   "max_batch": r["max_batch"], "arrival_rate": r["arrival_rate"]}
     judged = [out[k] for k in ("decode_tokens_per_s", "tokens_per_s", "p50_latency") if out[k] is not None]
     out["met"] = bool(judged) and all(x["max_abs_rel_error"] <= target for x in judged)
     return out
 
 
-def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
+def hosts(configs: list[dict], calibration) -> dict:
+    """The calibration's host speed and each file's that recorded one (``host_reference_s``, seconds): a
+    simulator pricing a faster or slower host than the run had misses by the host work's share."""
+    files = {c["file"]: c["host_reference_s"] for c in configs if c.get("host_reference_s")}
+    return {"calibration": calibration.host_reference_s, "files": files}
+
+
+def markdown(rows: list[dict], summ: dict, calibration: str, host: dict | None = None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:+.1f}%"
 
@@ -226,8 +267,12 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
                 f"{where}, {w['file']})")
 
     lines = [f"Simulated against measured batched serving (calibration `{calibration}`). "
-             "Each cell: measured / simulated (relative error).", "",
-             "Batch rows (B requests at once, `bench --max-batch`):", "",
+             "Each cell: measured / simulated (relative error).", ""]
+    if host and host["files"] and host["calibration"]:
+        runs = ", ".join(f"`{name}` {1e3 * s:.2f} ms ({s / host['calibration']:.2f}x)" for name, s in host["files"].items())
+        lines += [f"Hosts (`host_reference_s`, a policy's kind of host work): the calibration's "
+                  f"{1e3 * host['calibration']:.2f} ms; the runs': {runs}.", ""]
+    lines += ["Batch rows (B requests at once, `bench --max-batch`):", "",
              "| policy | B | slots | decode tok/s | tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms "
              "| decode step ms | copies |",
              "|---|---:|---:|---|---|---|---|---|---|---|---|"]
@@ -253,13 +298,31 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
                          f"| {cell(f['queued_mean_s'])} | {cell(f['mean_batch'])} "
                          f"| {cell(f['decode_step_s'], 1e3, '.1f')} | {cell(f['prompt_step_s'], 1e3, '.1f')} "
                          f"| {cell(f['h2d_copies'], spec='.0f')} |")
+    banded = [r for r in arrivals if "sim_band" in r["figures"]["ttft_p50_s"]]
+    if banded:
+        def band(f, scale=1.0, spec=".2f"):
+            lo, hi = f["sim_band"]
+            return f"{num(lo, scale, spec)}-{num(hi, scale, spec)} ({pct(f['band_error'])})"
+        lines += ["", "Arrival rows under arrival jitter: the simulated values' range when every arrival moves "
+                  "within half a decode step either way (the bench's own arrivals and the seeded draws), and the "
+                  "measured value's distance to that range (0 inside it):", "",
+                  "| policy | rate /s | TTFT p50 s | TPOT p50 ms | queued p50 s | TTFT mean s | queued mean s |",
+                  "|---|---:|---|---|---|---|---|"]
+        for r in banded:
+            f = r["figures"]
+            lines.append(f"| {r['policy']} | {r['arrival_rate']:g} | {num(f['ttft_p50_s']['measured'])}: "
+                         f"{band(f['ttft_p50_s'])} | {num(f['tpot_p50_s']['measured'], 1e3, '.1f')}: "
+                         f"{band(f['tpot_p50_s'], 1e3, '.1f')} | {num(f['queued_p50_s']['measured'])}: "
+                         f"{band(f['queued_p50_s'])} | {num(f['ttft_mean_s']['measured'])}: {band(f['ttft_mean_s'])} "
+                         f"| {num(f['queued_mean_s']['measured'])}: {band(f['queued_mean_s'])} |")
     split = [r for r in rows if r["decode_split"]["measured"]]
     if split:
         lines += ["", "Where a decode step's time went, per step, measured / simulated: the copy streams' and "
-                  "compute streams' busy time, the latter also by kind (files measured before 2026-12-01's split "
+                  "compute streams' busy time (the copies' over their count: the link's speed per copy, which machines "
+                  "of one kind do not share), the compute's also by kind (files measured before 2026-12-01's split "
                   "by kind show -); the rest of the step they idled (host work, syncs):", "",
-                  "| policy | B or rate | step ms | copies | copy busy ms | compute busy ms | attention ms | router ms "
-                  "| experts ms |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| policy | B or rate | step ms | copies | copy busy ms | ms a copy | compute busy ms | attention ms "
+                  "| router ms | experts ms |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in split:
             m, sm = r["decode_split"]["measured"], r["decode_split"]["sim"]
             where = f"B {r['max_batch']}" if r["arrival_rate"] is None else f"{r['arrival_rate']:g}/s"
@@ -267,8 +330,11 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
                 {"measured": m.get(k), "sim": sm.get(k), "rel_error": rel(sm.get(k), m.get(k))} for k in
                 ("copies_per_step", "copy_busy_s", "compute_busy_s", "attention_busy_s", "router_busy_s",
                  "expert_busy_s"))
+            per_copy = {k: copy[k] / copies[k] if copy[k] is not None and copies[k] else None for k in ("measured", "sim")}
+            per_copy["rel_error"] = rel(per_copy["sim"], per_copy["measured"])
             lines.append(f"| {r['policy']} | {where} | {cell(r['figures']['decode_step_s'], 1e3, '.1f')} "
-                         f"| {cell(copies, spec='.1f')} | {cell(copy, 1e3, '.1f')} | {cell(compute, 1e3, '.1f')} "
+                         f"| {cell(copies, spec='.1f')} | {cell(copy, 1e3, '.1f')} | {cell(per_copy, 1e3, '.2f')} "
+                         f"| {cell(compute, 1e3, '.1f')} "
                          f"| {cell(attention, 1e3, '.1f')} | {cell(router, 1e3, '.1f')} | {cell(experts, 1e3, '.1f')} |")
     lines += ["", f"Target: within {100 * summ['target']:.0f}% of the measured throughput and p50 latencies: "
               + ("met." if summ["met"] else "not met."),
@@ -277,16 +343,21 @@ def markdown(rows: list[dict], summ: dict, calibration: str) -> str:
     if summ.get("arrival_means") is not None:
         lines.append(worst("arrival_means", "arrival rows' TTFT and queueing means (reported beside the target, "
                                             "not judged)"))
+    if summ.get("p50_latency_band") is not None:
+        lines.append(worst("p50_latency_band", "p50 latencies' distance to their band under arrival jitter "
+                                                "(reported beside the target, not judged)"))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="+", help="bench --max-batch / --arrival-rate result JSON files")
     p.add_argument("--calibration", required=True)
     p.add_argument("--trace", default=None, help="routing trace to use instead of the one the bench command names")
     p.add_argument("--out", default="benchmarks/results/sim_vs_batch", help="path stem: .json and .md are written")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--jitter-runs", type=whole(0), default=0, metavar="K",
+                   help="simulate each arrival row K more times under arrival jitter and report the band (default 0)")
     args = p.parse_args(argv)
     try:
         for suffix in (".json", ".md"):  # before minutes of simulating, not after
@@ -294,14 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         calibration = load_calibration(args.calibration)
         configs = [c for path in args.bench for c in configurations(Path(path), args.trace)]
         check_graphs(configs, calibration, args.calibration)
-        rows = [compare(c, calibration) for c in configs]
+        rows = [compare(c, calibration, args.jitter_runs) for c in configs]
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summ = summary(rows)
+    summ, host = summary(rows), hosts(configs, calibration)
     atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "bench_files": args.bench,
-                                           "summary": summ, "rows": rows})
-    table = markdown(rows, summ, args.calibration)
+                                           "hosts": host, "summary": summ, "rows": rows})
+    table = markdown(rows, summ, args.calibration, host)
     atomic_write_text(f"{args.out}.md", table)
     print(table, end="")
     return 0

@@ -24,6 +24,7 @@ def test_bench_runs_policies_and_skips_what_does_not_fit(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"duoserve", "on-demand", "lru-speculative"}
     assert "resident" in record["skipped"] and record["device"] == "cpu"
+    assert 0 < record["host_reference_s"] < 1  # the host's speed, as a calibration stores it
     tokens = {name: r["tokens"] for name, r in record["results"].items()}
     assert len(set(map(tuple, tokens.values()))) == 1
     for r in record["results"].values():

@@ -109,3 +109,60 @@ def test_runs_with_cuda_graphs_need_a_calibration_with_them(files, capsys, marke
     err = capsys.readouterr().err
     assert "graphs.json ran with CUDA graphs" in err and "calibrate ... --cuda-graphs) or leave" in err
     assert not Path(f"{out}.json").exists() and not Path(f"{out}.md").exists()
+
+
+def test_jitter_gives_each_arrival_row_a_band_that_holds_its_own_run(files):
+    """``--jitter-runs``: the arrival row's p50s and means get the range of the simulated values when every
+    arrival moves within half a decode step (the bench's own arrivals among them); a measurement equal to
+    the unjittered simulation lies inside its band (distance 0), one twice as large lies outside it, and the
+    summary reports that distance beside the target without judging it."""
+    folder, cal_path = files
+    svb = benchmark_script("sim_vs_batch")
+    from duoserve_core.sim import load_calibration
+
+    cal = load_calibration(cal_path)
+    arrivals = svb.bench_arrivals({"arrival_rate": 50.0, "requests": 4})
+    moved = svb.jittered(arrivals, 0.01, seed=1)
+    assert moved == sorted(moved) and min(moved) >= 0 and moved != arrivals
+    assert all(abs(a - b) <= 0.01 for a, b in zip(sorted(arrivals), moved))
+    assert svb.jittered(arrivals, 0.01, seed=1) == moved  # seeded
+
+    (config,) = svb.configurations(folder / "arrivals.json")
+    config["policy_time"] = False
+    config["measured"] = svb.simulate(config, cal)["figures"]
+    row = svb.compare(config, cal, jitter_runs=3)
+    for name in svb.BANDED:
+        f = row["figures"][name]
+        assert f["sim_band"][0] <= f["sim"] <= f["sim_band"][1] and f["band_error"] == 0.0, name
+    assert "sim_band" not in row["figures"]["tokens_per_s"]
+    slow = dict(config, measured={**config["measured"], "ttft_p50_s": 2 * row["figures"]["ttft_p50_s"]["sim_band"][1]})
+    far = svb.compare(slow, cal, jitter_runs=3)
+    assert far["figures"]["ttft_p50_s"]["band_error"] == pytest.approx(-0.5)
+    summ = svb.summary([row, far])
+    assert summ["p50_latency_band"]["max_abs_rel_error"] == pytest.approx(0.5)
+    assert summ["p50_latency_band"]["figure"] == "ttft_p50_s"
+    table = svb.markdown([row, far], summ, "cal.json")
+    assert "under arrival jitter" in table and "(-50.0%)" in table
+    assert "p50_latency_band" not in svb.summary([svb.compare(config, cal)])  # no jitter, no band
+
+
+def test_the_table_names_each_runs_host_beside_the_calibrations(files):
+    """A file that recorded its host's speed (``host_reference_s``, bench files from 2026-12-02) is listed
+    beside the calibration's, with the ratio; the step split gives the time a copy took on each side."""
+    folder, cal_path = files
+    svb = benchmark_script("sim_vs_batch")
+    record = json.loads((folder / "batch.json").read_text())
+    (folder / "timed.json").write_text(json.dumps({**record, "host_reference_s": 0.002}))
+    from duoserve_core.sim import load_calibration
+
+    raw = json.loads(Path(cal_path).read_text())
+    raw["host"]["reference_s"] = 0.001
+    (folder / "cal_host.json").write_text(json.dumps(raw))
+    cal = load_calibration(folder / "cal_host.json")
+    configs = svb.configurations(folder / "timed.json") + svb.configurations(folder / "arrivals.json")
+    assert svb.hosts(configs, cal) == {"calibration": 0.001, "files": {"timed.json": 0.002}}
+    assert svb.main([str(folder / "timed.json"), "--calibration", str(folder / "cal_host.json"),
+                     "--out", str(folder / "t")]) == 0
+    table = Path(folder / "t.md").read_text()
+    assert "the calibration's 1.00 ms; the runs': `timed.json` 2.00 ms (2.00x)" in table
+    assert "| on-demand | B 1 |" in table and "| 0.004 / " not in table and "| 2.00 / " in table  # 4 ms over 2 copies

@@ -50,6 +50,7 @@ import torch
 
 from ..batching import DEFAULT_SCHEDULE
 from ..errors import BudgetError, KnobError
+from ..host_reference import host_reference_s
 from ..memory import MemoryPlan, kv_cache_bytes
 from ..oracle import belady_loads, expert_groups
 from ..policy import PolicyKnobs
@@ -509,10 +510,12 @@ def peer_comparison(path: str, prompt_len: int, gen: int, duoserve: dict | None)
 
 
 def bench_record(device: str, command: str, results: dict, cuda_graphs: bool | None = None) -> dict:
-    """The envelope of a result file: device, date, command, torch, and whether decode ran from CUDA
-    graphs (the runtime's resolved choice: the command may not say; ``ran_with_cuda_graphs``)."""
+    """The envelope of a result file: device, date, command, torch, the host's speed at a policy's kind
+    of work (``host_reference_s``, as a calibration stores it: machines of one kind differ by up to 1.8x,
+    so a comparison with the simulator can tell whose host it is pricing), and whether decode ran from
+    CUDA graphs (the runtime's resolved choice: the command may not say; ``ran_with_cuda_graphs``)."""
     record = {"device": device, "date": datetime.date.today().isoformat(), "command": command,
-              "torch": torch.__version__, "results": results}
+              "torch": torch.__version__, "host_reference_s": host_reference_s(), "results": results}
     if cuda_graphs is not None:
         record["cuda_graphs"] = cuda_graphs
     return record

@@ -68,7 +68,8 @@ from ..kv_cache import RowKVCache
 from ..mixtral import attend
 from ..progress import progress
 from .host_lane import measure_host_lane
-from ..sim.calibration import FORMAT, PHASES, SHAPE_KEYS, Calibration, CalibrationError, host_reference_s
+from ..host_reference import host_reference_s
+from ..sim.calibration import FORMAT, PHASES, SHAPE_KEYS, Calibration, CalibrationError
 from ..traces import read_trace
 
 MIB = 2**20

@@ -65,17 +65,13 @@ Format ``duoserve-calibration/1``::
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import DuoServeError
+from ..host_reference import local_host_reference_s
 
 FORMAT = "duoserve-calibration/1"
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -377,33 +373,6 @@ class Calibration:
         if not self.host_reference_s:
             return 1.0
         return self.host_reference_s / local_host_reference_s()
-
-
-def host_reference_s(repeats: int = 5) -> float:
-    """Seconds for a fixed mix of what a policy does on the host: small CPU tensor ops, dict updates,
-    sorting keys. Stored in the calibration and measured again where the simulator runs, so that a
-    policy's decision time, timed as it runs in the simulator, is charged at the calibrated host's speed."""
-    x, w = torch.ones(1, 64), torch.full((64, 64), 0.01)
-    scores: dict[tuple[int, int], float] = {}
-
-    def work() -> None:
-        for i in range(64):
-            y = torch.nn.functional.linear(x, w).sigmoid()
-            scores[(i % 8, i % 13)] = float(y[0, i])
-            sorted(scores, key=scores.get)
-
-    work()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        work()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-@functools.lru_cache(maxsize=1)
-def local_host_reference_s() -> float:
-    return host_reference_s()
 
 
 def _format_name(quant: str, model: dict) -> str:
