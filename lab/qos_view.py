@@ -68,12 +68,15 @@ TRACE_PRESET, TRACE_SEED, TRACE_REQUESTS, TRACE_TOKENS = "mixtral-like", 1, 64, 
 MEASURED_BATCH_GLOB = "batch_*_8x7b_mixtral_like_*.json"
 # the arrival runs drawn: 2026-11-30's (prefill-first, 16 requests) and 2026-12-01's (mixed, 12 requests, each
 # policy warmed up on a full batch first, attention on the memory-efficient kernel; then duoserve, and later
-# on-demand and lru, with 24 requests and CUDA graphs); not that day's earlier runs, whose first rows paid a cold
-# start or cuDNN's plan builds (docs/simulator.md), nor on-demand's 128-token run, which these rates overload
+# on-demand and lru, with 24 requests and CUDA graphs; then the three policies with 128 tokens at 0.1-0.3/s, 12
+# requests, on one machine); not that day's earlier runs, whose first rows paid a cold start or cuDNN's plan builds
+# (docs/simulator.md), nor on-demand's 128-token run at 0.5-2/s, which those rates overload, nor duoserve's first
+# 128-token run (another machine: one curve a label)
 MEASURED_ARRIVALS = ("arrivals_h200_8x7b_mixtral_like.json", "arrivals_h200_8x7b_mixtral_like_12req_attention_fix.json",
                      "arrivals_h200_8x7b_mixtral_like_24req_graphs.json",
                      "arrivals_h200_8x7b_mixtral_like_24req_graphs_on-demand_lru.json",
-                     "arrivals_h200_8x7b_mixtral_like_12req_gen128_graphs_duoserve.json")
+                     *(f"arrivals_h200_8x7b_mixtral_like_12req_gen128_graphs_{run}.json"
+                       for run in ("duoserve_rerun", "on-demand", "lru", "rate0.3")))
 PERCENTILES = ("p50", "p99")
 
 
