@@ -105,10 +105,11 @@ def test_figures_tables_and_labels():
     runs = qv.simulated_arrivals(("on-demand",), 15, (0.5, 1.0), 4, 4, 2)
     arrivals = qv.arrival_table(runs, 2.0, 0.5)
     fig = qv.latency_figure(arrivals, "measured on X", 2, qv.measured_arrivals())
-    # 2 panels, each: the p50 and p99 lines, and p50 and p99 markers of each of on-demand's three measured runs
-    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2 * 3)
+    # 2 panels, each: the p50 and p99 lines, and p50 and p99 markers of each of on-demand's four measured runs
+    assert "measured on X" in fig.layout.title.text and len(fig.data) == 2 * (2 + 2 * 4)
     assert {t.marker.symbol for t in fig.data if t.mode == "markers"} == {"circle", "circle-open", "square", "square-open",
-                                                                        "diamond", "diamond-open"}
+                                                                        "diamond", "diamond-open", "triangle-up",
+                                                                        "triangle-up-open"}
     fig = qv.attainment_figure(arrivals, qv.SIMULATED, slo_ttft_ms=2000, slo_tpot_ms=500, max_batch=2)
     assert len(fig.data) == 1 and list(fig.data[0].x) == [0.5, 1.0]
     fig = qv.requests_figure(runs, 1.0, qv.SIMULATED)
