@@ -56,6 +56,22 @@ def test_calibration_file_is_written_and_valid(calibration_file):
     assert all(s > 0 for _, s in rows["decode"]) and cal.attention_rows is not None
 
 
+def test_the_host_fit_can_be_redone_from_the_file(calibration_file):
+    """``host_fit`` keeps what ``host_terms`` fitted (every timed layer of both modes and phases, and the terms
+    measured outright): fitting it again off the machine gives the file's host terms."""
+    from duoserve_core.calibrate import host_terms
+
+    raw = json.loads(calibration_file.read_text())
+    fit = raw["host_fit"]
+    assert set(fit["layers"]) == {"resident", "offloaded"}
+    for mode, rows in fit["layers"].items():
+        assert {r["phase"] for r in rows} == {"prefill", "decode"} and all(r["post_s"] >= 0 for r in rows), mode
+    assert all(r["copies"] == 0 for r in fit["layers"]["resident"]) and any(r["copies"] for r in fit["layers"]["offloaded"])
+    again = host_terms({mode: (rows, []) for mode, rows in fit["layers"].items()}, fit["pre_copy_s"], fit["per_expert_s"])
+    for key in ("layer_base_s", "per_expert_s", "per_copy_s"):
+        assert again[key] == pytest.approx(raw["host"][key]), key
+
+
 def test_calibration_records_whether_the_runtime_ran_with_cuda_graphs(tmp_path, calibration_file):
     """``--cuda-graphs``: the runtime's runs (the host terms) replay the decode graphs, as a ``--cuda-graphs``
     bench run does, and the file says so (on the CPU: their static functions, run eagerly)."""

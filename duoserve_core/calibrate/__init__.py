@@ -73,6 +73,7 @@ from ..sim.calibration import FORMAT, PHASES, SHAPE_KEYS, Calibration, Calibrati
 from ..traces import read_trace
 
 MIB = 2**20
+FIT_KEYS = ("phase", "step", "layer", "experts", "copies", "post_s")  # a layer's row of host_fit
 DEFAULT_SIZES_MIB = (1, 4, 16, 64, 256)
 DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BUNDLED_TRACE = Path(__file__).resolve().parents[2] / "data" / "traces" / "small-moe-heldout.parquet"
@@ -797,7 +798,12 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         routed = measured["routed_layer"]
         log(f"a layer routed on the device: router {routed['router_s'] * 1e3:.3f} ms, gather and experts "
             f"{routed['experts_s'] * 1e3:.3f} ms")
-    host = host_terms(per_mode, pre_copy_host_s(measured["timelines"]["offloaded"]), per_expert_host)
+    pre_copy = pre_copy_host_s(measured["timelines"]["offloaded"])
+    host = host_terms(per_mode, pre_copy, per_expert_host)
+    # what that fit read, kept so it can be inspected and redone off the GPU (``host_terms`` on these gives
+    # the same terms): a layer's host time after its router's sync, by mode, phase, experts and copies
+    host_fit = {"layers": {mode: [{k: r[k] for k in FIT_KEYS} for r in layers] for mode, (layers, _) in per_mode.items()},
+                "pre_copy_s": pre_copy, "per_expert_s": per_expert_host}
     out = {
         "format": FORMAT, "device": device_name(device), "device_type": device.type,
         "synchronous": device.type != "cuda", "date": datetime.date.today().isoformat(),
@@ -813,6 +819,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
         "attention_launch": {p: _curve(offloaded_layers, "attention_launch_s", p) for p in ("prefill", "decode")},
         "router": {p: _curve(offloaded_layers, "router_s", p) for p in ("prefill", "decode")},
         "host": {**host, "reference_s": host_reference_s()},
+        "host_fit": host_fit,
         "device_time": device_time,
         "routing_trace": routing_trace(args),
         "overhead_summary": overhead_summary(per_mode, runtime.config.num_hidden_layers),

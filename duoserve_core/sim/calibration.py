@@ -28,6 +28,8 @@ Format ``duoserve-calibration/1``::
     host: {layer_base_s: {resident, offloaded}, per_expert_s (seconds, or {prefill, decode}), per_copy_s,
            step_pre_s: {prefill, decode}, step_post_s: {prefill, decode},
            reference_s (optional): ``host_reference_s()`` on that host, to scale policy time}
+    host_fit (optional, not read here): {layers: {resident, offloaded: [{phase, step, layer, experts, copies,
+           post_s}...]}, pre_copy_s, per_expert_s}: what ``calibrate.host_terms`` fitted the host terms to
     device_time (optional): {attention: {phase: [[x, s]...]}, router: {phase: [[x, s]...]},
                              expert: {phase: {format: [[tokens, s]...]}},
                              attention_rows (optional): {width: keys, decode: [[rows, s]...]},
