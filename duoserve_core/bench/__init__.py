@@ -534,9 +534,11 @@ def device_label(device: str = "auto", devices: str | list[str] | None = None, g
     return ", ".join(device_name(d) for d in resolve_devices(device, devices, gpus))
 
 
-def default_out(record: dict, kind: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", record["device"])
-    return Path(f"benchmarks/results/{kind}_{slug}_{record['date']}.json")
+def default_out(device: str, kind: str) -> Path:
+    """``benchmarks/results/<kind>_<device>_<today>.json``: where a run without ``--out`` writes (the date a
+    ``bench_record`` made today holds)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device)
+    return Path(f"benchmarks/results/{kind}_{slug}_{datetime.date.today().isoformat()}.json")
 
 
 def format_table(results: dict, skipped: dict) -> str:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def output_path(args: argparse.Namespace, kind: str) -> Path:
     """``--out``, or the default named after the device and today's date (the one the result is written to)."""
-    return Path(args.out) if args.out else default_out(bench_record(device_label(**devices_from_args(args)), "", {}), kind)
+    return Path(args.out) if args.out else default_out(device_label(**devices_from_args(args)), kind)
 
 
 def timeline_paths(folder: str | None, stem: str, policies: list[str]) -> dict[str, Path]:
