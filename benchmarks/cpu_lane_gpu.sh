@@ -2,11 +2,15 @@
 # Issue 13 on the GPU machine: the CPU lane's costs and decode with --cpu-experts off/auto.
 # Synthesized Mixtral-8x7B, int4 experts (the format both lanes compute from), NF4 attention, 15%,
 # prompt 512, mixtral-like routing. Each step has its own timeout and log under $OUT; a table last.
-#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto   (carry [".whl"])
-# GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings.
+#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep   (carry [".whl"])
+# sweep: benchmarks/cpu_lane_sweep.py --measure (threads 4/8/16 x budgets 8 slots, 15%, 64 slots;
+# POLICIES; GEN_SWEEP tokens, 32 unless set; one run a cell), rows kept as they come.
+# GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
+# GRAPHS=1 adds --cuda-graphs (the host-overhead cut). Files: ..._cpu_off[_graphs].json, ..._cpu_auto_t<threads>[_graphs].json.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-128}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; THREADS=${THREADS:-16}
+GRAPHS=${GRAPHS:-}
 lscpu | grep -E "Model name|^CPU\(s\)|Core|Socket|NUMA node\(s\)" > "$OUT/lscpu.txt"
 trace() {
   [[ -f /tmp/mixtral_like.parquet ]] || timeout 60 python3 -m duoserve_core.traces synth --preset mixtral-like --seed 1 \
@@ -19,18 +23,23 @@ costs)
   timeout 240 python3 benchmarks/cpu_lane_costs.py --formats int4 --threads 4,8,16 --out "$OUT/cpu_lane_costs_${TAG}.json" \
       > "$OUT/costs.log" 2>&1; tail -4 "$OUT/costs.log" ;;
 check)
-  timeout 200 python3 -m pytest -q -x tests/test_int4_format.py -k cuda > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
+  timeout 200 python3 -m pytest -q -x tests/test_stream_gate.py tests/test_int4_format.py -k "cuda or held" \
+      > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
 calibrate)
   timeout 400 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
       --formats nf4 --max-tokens 512 --cpu-threads 4,8,16 --repeats 3 --out "$OUT/${TAG}_mixtral-8x7b_int4.json" --quiet \
       > "$OUT/calibrate.log" 2>&1; tail -2 "$OUT/calibrate.log" ;;
+sweep)
+  timeout 560 python3 benchmarks/cpu_lane_sweep.py --measure --gen "${GEN_SWEEP:-32}" --policies "$POLICIES" \
+      --out "$OUT/cpu_lane_sweep_${TAG}.json" --force > "$OUT/sweep.log" 2>&1; tail -14 "$OUT/sweep.log" ;;
 off|auto)
   trace
+  name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs
   timeout 560 python3 -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
       --memory-budget 15% --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
-      --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet \
-      --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_cpu_$stage.json" > "$OUT/bench_cpu_$stage.log" 2>&1
-  tail -4 "$OUT/bench_cpu_$stage.log" ;;
+      --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} \
+      --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" > "$OUT/bench_$name.log" 2>&1
+  tail -4 "$OUT/bench_$name.log" ;;
 esac
 done
 ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 - "$OUT"/bench_*_cpu_*.json <<'PY'

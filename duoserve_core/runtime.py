@@ -8,7 +8,6 @@ the pinned host store, everything else on the device, expert slots sized by the 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,7 +31,7 @@ from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
 from .decode_graph import DecodeGraphs
 from .experts.slot_graph import SlotGraphs
 from .kv_cache import RowKVCache
-from .mixtral import OffloadedMixtral, attend, build_skeleton, dense_bytes, materialize
+from .mixtral import OffloadedMixtral, build_skeleton, dense_bytes, materialize
 from .policy import Phase, Policy, PolicyKnobs, load_policy
 from .policy.host_lane import HostLane
 from .timeline import Timeline
@@ -378,7 +377,7 @@ class Runtime:
         if kept is None:
             kv = RowKVCache(c, self.plan.max_batch, self.max_context, self.dtype, self.device)
             kept = kv, DecodeGraphs(self.skeleton, kv, capture=self.device.type == "cuda") if self.cuda_graphs else None
-        self.host_lane = self._build_host_lane(kept[0])
+        self.host_lane = self._build_host_lane()
         self.layer_step = LayerStep(self.cache, self.policy, self.events, self.host_lane)
         layers = self.skeleton.model.layers
         self.executor = ExpertExecutor(self.layer_step, self.engine, self.format, self.events, c.num_experts_per_tok,
@@ -412,10 +411,9 @@ class Runtime:
             return None, f"host ({why})"
         return DeviceRoutedMoE(self.executor, self.dtype, capture=self.device.type == "cuda"), "device"
 
-    def _build_host_lane(self, kv: RowKVCache) -> HostLane:
+    def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
-        1/4/16 tokens, one copy, a decode layer's host work on ``kv``: the model is not built yet); on a
-        CPU device there is nothing to split, so ``auto`` is off and ``describe()`` says why. The worker
+        1/4/16 tokens while copies run, one copy, one expert from a slot); on a CPU device there is nothing to split, so ``auto`` is off and ``describe()`` says why. The worker
         thread is kept while the thread count stays."""
         mode, threads = self.knobs.cpu_experts, self.knobs.cpu_threads
         self.host_lane_note = None
@@ -431,28 +429,8 @@ class Runtime:
             return HostLane("off")
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
-        costs = measure_costs(worker, self.store, self.engine, self.dtype, self._decode_layer_host_s(kv)) \
-            if mode == "auto" else None
+        costs = measure_costs(worker, self.store, self.engine, self.dtype) if mode == "auto" else None
         return HostLane(mode, costs)
-
-    @torch.inference_mode()
-    def _decode_layer_host_s(self, kv: RowKVCache, repeats: int = 3) -> float:
-        """Seconds to run one decode token through the first layer's norm, attention and router (queued
-        and finished), on row 0 of ``kv``: the host work the CPU lane's wait delays (``LaneCosts.blocked_s``)."""
-        layer = self.skeleton.model.layers[0]
-        x = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
-        times = []
-        for _ in range(repeats + 1):
-            sync(self.device)
-            t0 = time.perf_counter()
-            at = kv.place([0], 1, self.config.sliding_window)
-            rotary = self.skeleton.model.rotary_emb(x, position_ids=at.positions)
-            attn = attend(layer.self_attn, layer.input_layernorm(x), rotary, at, kv, 0)
-            layer.mlp.gate(layer.post_attention_layernorm(x + attn).reshape(1, -1))
-            sync(self.device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:

@@ -1,19 +1,19 @@
 """Notebook 05's CPU-lane section: a missed expert computed on the host while others cross PCIe.
 
 With ``cpu_experts="auto"`` (``policy.host_lane``) a layer's missed experts are split between the
-copy stream and the host: one int4 expert copies in 1.71 ms on the H200's link and computes one
-token on its 16 host cores in 1.81 ms idle, so two misses of a layer can finish in about the time
-of one copy instead of two. This view shows what the simulator makes of that (Mixtral-8x7B, int4
-experts, NF4 attention, the committed H200 calibration ``CALIBRATION``, whose ``host_lane`` section
-was measured under concurrent copies at 4, 8 and 16 threads) beside what the H200 measured
-(``MEASURED``, the bench at 15%, a 512-token prompt, 128 tokens, median of 3, 16 lane threads).
+copy stream and the host: one int4 expert copies in about 1.8 ms on the H200's link and computes one
+token on its 16 host cores in 1.81 ms idle (2.9-3.4 ms while copies run), so two misses of a layer
+can finish in about the time of the slower of the two instead of their sum. This view shows what the
+simulator makes of that (Mixtral-8x7B, int4 experts, NF4 attention, the committed H200 calibration
+``CALIBRATION``, whose ``host_lane`` section was measured under concurrent copies at 4, 8 and 16
+threads) beside what the H200 measured (``MEASURED``: the bench at 15%, a 512-token prompt, 128
+tokens, median of 3, CUDA graphs, 16 lane threads, 2026-12-02).
 
-On the H200 the lane lost (the runs used the first decision rule, which sent half of the experts
-to the host): its 16 threads share the host's 16 cores with the main thread, whose Python launches
-every kernel, and the host waits at each layer's end for the lane. The simulator has no term for
-that contention, yet even it has the forced half (``half``) lose: a host expert under copies is
-slower than a copy, and the layer waits for it. The decision rule now prices that wait, and
-``auto`` takes no expert here (it equals off); ``half`` shows what the lane's work looks like.
+The lane first lost on the H200 (2026-11-30: the host thread waited at each layer's end for the
+lane, so the next layer's attention could not be queued while it ran). Now the compute stream waits
+for the lane instead (``experts.stream_gate``) and the lane wins: on-demand 169.2 -> 127.3 ms,
+duoserve 163.2 -> 132.8 ms. The simulator models that hand-off; it does not model the cores the
+lane's threads take from the host thread, and is optimistic by about 4-9% on these runs.
 
 Short requests keep a run to a fraction of a second on a CPU: one request of the measured prompt
 length (512 tokens) and ``GEN`` tokens, routing from ``lab.routing_view`` (seed 1, not the
@@ -41,8 +41,8 @@ from .figures import KIND_COLOURS
 from .gpu_results import RESULTS
 
 CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_int4.json"
-MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off.json",
-            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto.json"}
+MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs.json",
+            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto_t16_graphs.json"}
 SOURCES = routing_view.SOURCES
 POLICIES = ("on-demand", "lru", "duoserve")
 MODES = ("off", "auto", "half")  # half: a seeded random half of the needed experts forced onto the lane
@@ -216,9 +216,10 @@ def measured_slots(paths: dict[str, Path] | None = None) -> int:
 
 
 def lane_effect(table: pd.DataFrame, mode: str = "auto") -> pd.DataFrame:
-    """Per policy, TPOT with the lane off and at ``mode`` and the change (positive: the lane made decode slower)."""
+    """Per policy of ``POLICIES`` that ``table`` has, TPOT with the lane off and at ``mode`` and the change
+    (positive: the lane made decode slower)."""
     tpot = table.pivot_table(index="policy", columns="CPU lane", values="TPOT (ms)", aggfunc="first")
-    out = pd.DataFrame({"off (ms)": tpot["off"], f"{mode} (ms)": tpot[mode]}).loc[list(POLICIES)]
+    out = pd.DataFrame({"off (ms)": tpot["off"], f"{mode} (ms)": tpot[mode]}).loc[[p for p in POLICIES if p in tpot.index]]
     out[f"{mode} - off (ms)"] = out[f"{mode} (ms)"] - out["off (ms)"]
     return out.round(1)
 
@@ -238,14 +239,14 @@ def at_setting(simulated: pd.DataFrame, mode: str, threads: int | None) -> pd.Da
 
 
 def comparison(simulated: pd.DataFrame, measured_runs: pd.DataFrame) -> pd.DataFrame:
-    """Per policy: TPOT measured (lane off and auto) and simulated (off, auto and the forced half), at
-    the measured threads."""
+    """Per measured policy: TPOT measured (lane off and auto) and simulated (off, auto and the forced
+    half), at the measured threads."""
     threads = int(measured_runs.loc[measured_runs["CPU lane"] == "auto", "threads"].iloc[0])
     sim = simulated[(simulated["CPU lane"] == "off") | (simulated["threads"] == threads)]
     m, s, h = lane_effect(measured_runs), lane_effect(sim), lane_effect(sim, "half")
     out = pd.DataFrame({"measured off (ms)": m["off (ms)"], f"measured auto, {threads} threads (ms)": m["auto (ms)"],
                         "simulated off (ms)": s["off (ms)"], f"simulated auto, {threads} threads (ms)": s["auto (ms)"],
-                        f"simulated half, {threads} threads (ms)": h["half (ms)"]})
+                        f"simulated half, {threads} threads (ms)": h["half (ms)"]}).loc[m.index]
     out.columns.name = f"{_measured_label(measured_runs)}; {SIMULATED}"
     return out
 
@@ -283,6 +284,8 @@ def share_figure(simulated: pd.DataFrame, measured_runs: pd.DataFrame, highlight
     label = _measured_label(m)
     for policy in POLICIES:
         part = m[m["policy"] == policy]
+        if part.empty:  # a policy the measured runs did not include
+            continue
         fig.add_trace(go.Scatter(
             x=part["CPU share"], y=part["TPOT (ms)"], mode="markers+lines", name=f"{policy} ({label})",
             legendgroup=policy, line=dict(color=COLOURS[policy], dash="dot", width=1),

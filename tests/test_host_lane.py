@@ -43,20 +43,15 @@ def test_auto_gives_the_host_what_finishes_sooner_there():
     assert lane.choose([(3, 16)], held=lambda e: False, queued=0) == set()
 
 
-def test_auto_counts_the_hosts_wait_and_the_gpus_compute():
-    # The lane's wait delays the next layer's host work by 0.5 ms: the first miss is copied (1.8 ms
-    # against 0.5 + 1.5), the second goes to the host (2.0 against 3.6).
-    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, blocked_s=0.5 * MS))
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {5}
-    # A slow GPU expert after each copy (0.5 ms) makes the host worth it for the first miss (2.0 against
-    # 2.3), and then not for the second (3.5 against 2.3).
-    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, lambda t: 0.5 * MS, blocked_s=0.5 * MS))
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
-    lane = HostLane("auto", LaneCosts(1.8 * MS, lambda t: 1.5 * t * MS, lambda t: 0.3 * MS))
+def test_auto_counts_the_gpus_compute():
+    # A copy (1.0 ms) beats the host (1.2 ms) while the GPU computes the copied expert at once...
+    lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 1.2 * t * MS))
+    assert lane.choose([(2, 1)], held=lambda e: False, queued=0) == set()
+    # ...but not once the copied expert still takes 0.5 ms on the GPU (1.5 ms against 1.2).
+    lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 1.2 * t * MS, lambda t: 0.5 * MS))
     assert lane.choose([(2, 1)], held=lambda e: False, queued=0) == {2}
-    # The lane's wait is counted once a layer, not per expert.
-    lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 0.2 * t * MS, blocked_s=0.5 * MS))
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2, 5}
+    # The host's experts run one after another: the second would end at 2.4 ms, the copy path at 1.5.
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
 
 
 def test_auto_takes_the_cheapest_experts_first():
@@ -181,15 +176,16 @@ def test_simulator_needs_the_lane_in_the_calibration(tmp_path):
 
 
 def test_auto_measures_its_costs_at_load_and_at_configure(monkeypatch):
-    """``auto`` times a decode layer's host work before the model it serves is built, at load and again at
-    ``configure`` (a new batch size makes a new KV cache): the GPU path, run here on the CPU by letting
-    the lane split a CPU device's experts. Whatever it picks, the tokens are the lane-less run's."""
+    """``auto`` measures its costs at load and again at ``configure`` (a new batch size rebuilds the
+    runtime's parts): the GPU path, run here on the CPU by letting the lane split a CPU device's
+    experts. Whatever it picks, the tokens are the lane-less run's."""
     monkeypatch.setattr(duoserve_core.runtime, "splits_experts", lambda device: True)
     kw = dict(device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
     auto = duoserve_core.load(DATA / "small-moe", cpu_experts="auto", **kw)
-    assert auto.host_lane.mode == "auto" and auto.host_lane.costs.blocked_s > 0
+    first = auto.host_lane.costs
+    assert auto.host_lane.mode == "auto" and first.copy_s > 0
     auto.configure(max_batch=2)
-    assert auto.host_lane.mode == "auto" and auto.model.kv.rows == 2
+    assert auto.host_lane.mode == "auto" and auto.model.kv.rows == 2 and auto.host_lane.costs is not first
     off = duoserve_core.load(DATA / "small-moe", **kw)
     prompt = [1, 5, 9, 2, 7]
     assert auto.generate(prompt_ids=prompt, max_new_tokens=6).tokens == \
@@ -198,17 +194,16 @@ def test_auto_measures_its_costs_at_load_and_at_configure(monkeypatch):
 
 def test_the_runtimes_own_costs_are_measured(runtime):
     """What ``auto`` weighs on a GPU, measured here on the CPU (where ``auto`` itself stays off): every
-    cost positive, the host lane's growing with tokens, the delayed host work a layer's attention."""
+    cost positive, the host lane's growing with tokens."""
     from duoserve_core.experts.host_lane import HostLaneWorker, measure_costs
 
     runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="off")
     worker = HostLaneWorker(runtime.format, 1)
     try:
-        costs = measure_costs(worker, runtime.store, runtime.engine, runtime.dtype,
-                              runtime._decode_layer_host_s(runtime.model.kv))
+        costs = measure_costs(worker, runtime.store, runtime.engine, runtime.dtype)
     finally:
         worker.close()
-    assert costs.copy_s > 0 and costs.blocked_s > 0 and costs.threads == 1
+    assert costs.copy_s > 0 and costs.threads == 1
     assert 0 < costs.host_s(1) <= costs.host_s(64) and costs.device_s(4) > 0
     described = costs.describe()
-    assert set(described["host_ms"]) == {1, 4, 16} and described["blocked_ms"] > 0
+    assert set(described["host_ms"]) == {1, 4, 16} and described["device_ms"][4] > 0

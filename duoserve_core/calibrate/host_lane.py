@@ -16,44 +16,14 @@ The result is the calibration file's ``host_lane`` section (``sim.calibration``)
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 
 import torch
 
 from ..experts.formats import ExpertFormat
-from ..experts.host_lane import HostLaneWorker
+from ..experts.host_lane import BackgroundCopies, HostLaneWorker
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32)
-
-
-class _BackgroundCopies:
-    """Copies ``record`` into a device buffer on a side stream, back to back, until stopped."""
-
-    def __init__(self, record: torch.Tensor, device: torch.device):
-        self.record, self.device = record, device
-        self.buffer = torch.empty_like(record, device=device)
-        self.stream = torch.cuda.Stream(device)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.copies = 0
-
-    def _run(self) -> None:
-        with torch.cuda.stream(self.stream):
-            while not self._stop.is_set():
-                for _ in range(4):
-                    self.buffer.copy_(self.record, non_blocking=True)
-                self.stream.synchronize()
-                self.copies += 4
-
-    def __enter__(self) -> "_BackgroundCopies":
-        self._thread.start()
-        time.sleep(0.05)  # the copies are running before the first timed call
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure_host_lane(fmt: ExpertFormat, record: torch.Tensor, threads: list[int], dtype: torch.dtype,
@@ -71,7 +41,7 @@ def measure_host_lane(fmt: ExpertFormat, record: torch.Tensor, threads: list[int
         try:
             idle[str(n)] = [[t, worker.time_expert(record, t, dtype, repeats)] for t in tokens]
             if busy:
-                with _BackgroundCopies(record, device) as copies:
+                with BackgroundCopies(record, torch.empty_like(record, device=device)) as copies:
                     t0 = time.perf_counter()
                     loaded[str(n)] = [[t, worker.time_expert(record, t, dtype, repeats)] for t in tokens]
                     elapsed = time.perf_counter() - t0

@@ -8,7 +8,8 @@
 2. ``LayerStep.run`` (``experts.layer_step``): every scheduling decision, carried out on a
    ``_TorchLayer``, the ``ExpertDevice`` that queues each expert's kernels once its copy landed,
    or hands an expert to the CPU lane (``experts.host_lane``), which computes it on the host from
-   its host-store record while the GPU works;
+   its host-store record while the GPU works; the compute stream, not the host, waits for the
+   lane's results (``experts.stream_gate``), so the host queues the next layer meanwhile;
 3. ``combine``: the k contributions of each token summed in ascending expert order.
 
 Numbers never depend on the schedule: each expert writes its weighted output to its own rows
@@ -73,6 +74,7 @@ class ExpertExecutor:
         self._phase = None
         self.devices = [e.device for e in engine.engines]  # slot devices, the first runs the dense part
         self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
+        self.lane_jobs: list[tuple[int, int, object]] = []  # (layer, expert, future) held, not yet on the timeline
 
     def side_stream(self):
         if self._side is None:
@@ -85,6 +87,9 @@ class ExpertExecutor:
         then the step."""
         self.segments = segments
         self._phase = phase
+        if self.host_worker is not None:
+            self.host_worker.settle()
+            self.timeline_lane_jobs(wait=True)
         self.layer_step.begin_step(step, phase)
 
     def route(self, layer: int, gate: nn.Module, x: torch.Tensor) -> Routing:
@@ -135,8 +140,20 @@ class ExpertExecutor:
         self.layer_step.run(layer, routing.topk, routing.probs, routing.speculation, device)
         device.join()
         out = combine(device.contrib, routing.top_idx).reshape(shape)
+        if self.lane_jobs:  # the last layer's wait costs nothing: the step's logits are read next
+            self.timeline_lane_jobs(wait=layer == len(self.gates) - 1)
         self.events.emit(StepEvent("layer_done", self.layer_step.step, self.layer_step.phase, layer))
         return out
+
+    def timeline_lane_jobs(self, wait: bool) -> None:
+        """Each finished CPU-lane job becomes a span on the timeline's ``cpu`` lane (``wait``: all of
+        them, after they finish); a job's error is raised here."""
+        ready = [wait or future.done() for _, _, future in self.lane_jobs]  # read once: a job may finish meanwhile
+        finished = [job for job, done in zip(self.lane_jobs, ready) if done]
+        self.lane_jobs[:] = [job for job, done in zip(self.lane_jobs, ready) if not done]
+        for layer, expert, future in finished:
+            start, end = future.result()
+            self.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=end))
 
 
 class _DeviceShare:
@@ -186,7 +203,8 @@ class _TorchLayer:
         self.tokens = self.rows // k  # each row's token, on the first device
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
-        self.on_host: list[tuple[int, int, object]] = []  # (layer, expert, future) of the CPU lane
+        self.on_host: list[tuple[int, int, object, torch.Tensor]] = []  # (layer, expert, future, output) of the CPU lane
+        self.lane_jobs = executor.lane_jobs
         self.devices = executor.devices
         self.shares: list[_DeviceShare | None] = [None] * len(self.devices)  # made at each device's first expert
         self.side, self.routed = None, None
@@ -239,18 +257,21 @@ class _TorchLayer:
         rows = self.host_rows[self.starts[expert]:self.starts[expert + 1]]
         x = self.routing.x_host.index_select(0, rows // self.k)
         weights = self.routing.weights.reshape(-1).index_select(0, rows)
-        future = self.host_worker.submit(self.engine.store.record(layer, expert), x, weights, self.x.dtype,
-                                         pin=self.x.device.type == "cuda")
-        self.on_host.append((layer, expert, future))
+        # pinned on a GPU: the copy that reads it is queued now and runs once the stream's hold lets it
+        out = torch.empty(x.shape, dtype=self.x.dtype, pin_memory=self.x.device.type == "cuda")
+        future = self.host_worker.submit(self.engine.store.record(layer, expert), x, weights, out)
+        self.on_host.append((layer, expert, future, out))
 
     def finish_host(self) -> None:
-        """Wait for the CPU lane's experts (the GPU's are queued already) and queue their rows' copy
-        into ``contrib``; each becomes a span on the timeline's ``cpu`` lane."""
-        for layer, expert, future in self.on_host:
-            y, start, end = future.result()
-            self.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=end))
+        """Queue, per CPU-lane expert, a hold on the compute stream until the lane posts it, then its
+        rows' copy into ``contrib`` (the GPU's experts are queued already); the host does not wait
+        (on a CPU device it does: there the host is the stream)."""
+        stream = torch.cuda.current_stream(self.x.device) if self.x.device.type == "cuda" else None
+        for layer, expert, future, out in self.on_host:
+            self.host_worker.hold(stream)
             rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
-            self.contrib.index_copy_(0, rows, y.to(self.x.device, non_blocking=True))
+            self.contrib.index_copy_(0, rows, out.to(self.x.device, non_blocking=True))
+            self.lane_jobs.append((layer, expert, future))
         self.on_host.clear()
 
 

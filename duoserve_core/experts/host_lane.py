@@ -6,20 +6,25 @@ release the GIL, so the two overlap. ``cpu_threads`` sets the worker thread's in
 (OpenMP's thread count is per calling thread, so the main thread keeps its own); ``None`` keeps
 torch's default.
 
-Each job returns the expert's weighted output for its rows and the host times it ran between, so
-the executor can put the span on the timeline's ``cpu`` lane from the main thread (the event bus
-is not shared across threads).
+Each job writes the expert's weighted output into a buffer the host allocated when it submitted
+the job (pinned, on a GPU, so the copy that reads it is queued at once), then posts the worker's
+``StreamGate``: the host queues, per job, a hold on the compute stream and that copy, and goes on
+to the next layer while the lane computes (``experts.stream_gate``). The job's future gives the
+host times it ran between, so the executor puts the span on the timeline's ``cpu`` lane from the
+main thread (the event bus is not shared across threads), and raises the job's error there.
 
 ``measure_costs`` gives the auto decision (``policy.host_lane``) its costs on this machine: one
-expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads), one
-record's copy into a device slot, the same expert computed from that slot, and the host work the
-lane's wait delays (``blocked_s``, timed by the runtime on its first layer), each the median of a
-few runs, taken when the runtime is built (a few tens of ms at Mixtral-8x7B size).
+expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads; on a GPU
+while copies run, since the two share the host's memory bandwidth), one record's copy into a
+device slot, and the same expert computed from that slot, each the median of a few runs, taken
+when the runtime is built (a few tens of ms at Mixtral-8x7B size).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,6 +33,7 @@ import torch
 from ..policy.host_lane import LaneCosts
 from .formats import ExpertFormat
 from .host_store import HostExpertStore
+from .stream_gate import StreamGate
 from .transfer import TransferEngine, TransferEngines
 
 COST_TOKENS = (1, 4, 16)
@@ -38,6 +44,8 @@ class HostLaneWorker:
 
     def __init__(self, fmt: ExpertFormat, threads: int | None = None):
         self.fmt, self.threads = fmt, threads
+        self.gate = StreamGate()
+        self.unheld = 0  # jobs submitted whose post no hold has taken yet (the main thread counts both)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duoserve-cpu-lane",
                                         initializer=self._init_thread)
 
@@ -45,19 +53,32 @@ class HostLaneWorker:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
 
-    def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype,
-               pin: bool) -> Future:
-        """Start ``record``'s expert on ``x [T, H]`` (host tensors); the future gives
-        ``(weights[:, None] * y in out_dtype, start, end)`` with ``time.perf_counter`` times."""
-        return self._pool.submit(self._run, record, x, weights, out_dtype, pin)
+    def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> Future:
+        """Start ``record``'s expert on ``x [T, H]`` (host tensors), its weighted output to go into
+        ``out``; the future gives ``(start, end)`` in ``time.perf_counter`` times. Take its post with
+        ``hold``, in submission order, before reading ``out``."""
+        self.unheld += 1
+        return self._pool.submit(self._run, record, x, weights, out)
 
-    def _run(self, record, x, weights, out_dtype, pin):
+    def hold(self, stream: torch.cuda.Stream | None) -> None:
+        """The next job's result is ready for what ``stream`` queues after this (``None``: here, now)."""
+        self.gate.hold(stream)
+        self.unheld -= 1
+
+    def settle(self) -> None:
+        """Take the posts of jobs whose hold was never queued (a run stopped between a layer's
+        submits and its holds: Ctrl-C in a notebook), so the next holds pair with their own jobs."""
+        while self.unheld:
+            self.hold(None)
+
+    def _run(self, record, x, weights, out):
         start = time.perf_counter()
-        with torch.inference_mode():
-            y = (self.fmt.forward(record, x) * weights[:, None].to(x.dtype)).to(out_dtype)
-        if pin:  # a pinned result lets its copy to the device be queued without blocking the host
-            y = y.pin_memory()
-        return y, start, time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out.copy_(self.fmt.forward(record, x) * weights[:, None].to(x.dtype))
+        finally:  # a failed job posts too, so no stream waits forever; its future raises on the host
+            self.gate.post()
+        return start, time.perf_counter()
 
     def time_expert(self, record: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
         """Median seconds of one expert on this lane for ``tokens`` tokens (on the worker's thread)."""
@@ -75,6 +96,35 @@ class HostLaneWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class BackgroundCopies:
+    """Copies ``record`` into ``into`` (a device buffer) on a side stream, back to back, until stopped:
+    the copy stream of a copy-bound decode, for timing what runs beside it."""
+
+    def __init__(self, record: torch.Tensor, into: torch.Tensor):
+        self.record, self.buffer = record, into
+        self.stream = torch.cuda.Stream(into.device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.copies = 0
+
+    def _run(self) -> None:
+        with torch.cuda.stream(self.stream):
+            while not self._stop.is_set():
+                for _ in range(4):
+                    self.buffer.copy_(self.record, non_blocking=True)
+                self.stream.synchronize()
+                self.copies += 4
+
+    def __enter__(self) -> "BackgroundCopies":
+        self._thread.start()
+        time.sleep(0.05)  # the copies are running before the first timed call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def measure_copy_s(engine: TransferEngine | TransferEngines, repeats: int = 3) -> float:
@@ -121,14 +171,17 @@ def time_device_expert(fmt: ExpertFormat, slot: torch.Tensor, tokens: int, dtype
     return statistics.median(times[1:])
 
 
-def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine | TransferEngines, dtype: torch.dtype,
-                  blocked_s: float) -> LaneCosts:
-    """The lane's costs on this machine (see the module doc); slot 0 is used and left holding nothing."""
+def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: TransferEngine | TransferEngines,
+                  dtype: torch.dtype) -> LaneCosts:
+    """The lane's costs on this machine (see the module doc); slot 0 is used and left holding nothing
+    (the copies running beside the host's timing write into it)."""
     record = store.record(0, 0)
-    host = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
+    beside = BackgroundCopies(record, engine.slot(0)) if engine.cuda else contextlib.nullcontext()
+    with beside:
+        host = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
     copy_s = measure_copy_s(engine)  # slot 0 now holds expert (0, 0), relaid for the device
     device = [(t, time_device_expert(worker.fmt, engine.slot(0), t, dtype)) for t in COST_TOKENS]
-    return LaneCosts(copy_s=copy_s, host_s=_piecewise(host), device_s=_piecewise(device), blocked_s=blocked_s,
+    return LaneCosts(copy_s=copy_s, host_s=_piecewise(host), device_s=_piecewise(device),
                      threads=worker.threads or torch.get_num_threads(),
-                     source="measured when the runtime was built (host "
+                     source=f"measured when the runtime was built (host{' under copies' if engine.cuda else ''} "
                             + ", ".join(f"{t} tok {s * 1e3:.2f} ms" for t, s in host) + ")")

@@ -14,14 +14,14 @@ the runtime and the simulator make the same decisions from the same costs):
 - ``host_s(tokens)``: one expert on the host lane for that many tokens, at the lane's threads
   (measured: ``experts.host_lane.measure_costs`` for the runtime, the calibration file's
   ``host_lane`` curve for the simulator);
-- ``device_s(tokens)``: one expert on the GPU once its copy landed;
-- ``blocked_s``: the host work of the next layer up to its router (attention's launch, the
-  router) that the lane delays: without the lane the host queues it while the copies run, with
-  it the host first waits for the lane's outputs (``finish_host``).
+- ``device_s(tokens)``: one expert on the GPU once its copy landed.
 
 ``auto`` takes the missed experts fewest tokens first and gives each to the lane that ends the
 layer sooner: the copy path ends when the last copied expert is computed; the host path when the
-lane is done plus ``blocked_s``. An expert the host computes is not copied, so it does not enter
+lane is done. The host does not wait for the lane (the compute stream does,
+``experts.stream_gate``), so the next layer's attention and router are queued while either path
+runs and cost neither; when the host did wait, they came after the lane (about 1.8 ms a layer on
+the H200), and this rule priced that wait (docs/cpu_lane.md has the figures of both). An expert the host computes is not copied, so it does not enter
 the cache: the lane trades future hits for this layer's time, which is what a copy-bound layer
 wants when the cache cannot keep a layer's experts anyway (the rule does not price the lost
 entry; at large budgets that is where it can still lose: docs/cpu_lane.md).
@@ -47,13 +47,12 @@ class LaneCosts:
     copy_s: float
     host_s: Callable[[int], float]
     device_s: Callable[[int], float] = lambda tokens: 0.0
-    blocked_s: float = 0.0
     threads: int | None = None
     source: str = "measured"
 
     def describe(self) -> dict:
         return {"copy_ms": self.copy_s * 1e3, "host_ms": {t: self.host_s(t) * 1e3 for t in (1, 4, 16)},
-                "device_ms": {t: self.device_s(t) * 1e3 for t in (1, 4, 16)}, "blocked_ms": self.blocked_s * 1e3,
+                "device_ms": {t: self.device_s(t) * 1e3 for t in (1, 4, 16)},
                 "threads": self.threads, "source": self.source}
 
 
@@ -88,7 +87,7 @@ class HostLane:
         chosen: set[int] = set()
         for expert, tokens in sorted(((e, t) for e, t in needed if not held(e)), key=lambda et: et[1]):
             via_copy = max(copy_end, copy_done + c.copy_s + c.device_s(tokens))
-            via_host = (host_end or c.blocked_s) + c.host_s(tokens)
+            via_host = host_end + c.host_s(tokens)
             if max(copy_end, via_host) < max(via_copy, host_end):
                 chosen.add(expert)
                 host_end = via_host

@@ -40,9 +40,10 @@ Timing rules (every term comes from the calibration, ``sim.calibration``):
   (``Calibration.host_scale``);
 - the CPU lane (``--cpu-experts``; ``policy.host_lane`` decides from the calibration's
   ``host_lane`` curve and the copy time) starts an expert at max(its clock, the host clock) and
-  runs the calibrated time for its tokens; at the layer's end the host waits for the lane and
-  queues each result's copy into the layer's output (``per_expert`` host time each), which the
-  compute stream runs after everything queued before it;
+  runs the calibrated time for its tokens; at the layer's end the host queues, per result, the
+  compute stream's hold until the lane is done and the result's copy into the layer's output
+  (``per_expert`` host time each) and goes on: the compute stream, not the host, waits for the
+  lane (``experts.stream_gate``);
 - on a synchronous device (the CPU) the host waits for every operation.
 """
 
@@ -248,8 +249,8 @@ class _SimLayer:
 
     def finish_host(self) -> None:
         c = self.sim.clocks
-        c.host = max(c.host, c.cpu) + self.sim.cal.per_expert(self.phase) * self.on_host
-        c.compute = max(c.compute, c.host)
+        c.host += self.sim.cal.per_expert(self.phase) * self.on_host
+        c.compute = max(c.compute, c.host, c.cpu)
         self.on_host = 0
 
 
@@ -337,10 +338,8 @@ class Simulator:
             return HostLane("off")
         curve, threads = calibration.host_lane_curve(self.fmt, self.knobs.cpu_threads)
         self.host_lane_s = lambda tokens: curve.at(tokens)
-        context = self.model.max_context  # the host work the lane's wait delays, at a long context
-        blocked_s = calibration.attention_launch["decode"].at(context) + calibration.router_device_s("decode", context)
         costs = LaneCosts(self.engine.copy_s, self.host_lane_s,
-                          lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens), blocked_s,
+                          lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens),
                           threads, source=f"calibration {calibration.where}")
         return HostLane(mode, costs)
 

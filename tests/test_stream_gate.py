@@ -1,0 +1,95 @@
+"""The CPU lane's hand-off (``experts.stream_gate``): the compute stream, not the host, waits for the lane.
+
+Holds pair with posts in order, a failed job still posts (nothing hangs) and raises on the host, a
+run stopped between a layer's submits and its holds leaves nothing that would pair a later hold with
+an old job, and on a GPU a held stream runs nothing queued after the hold until the post.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import duoserve_core
+from duoserve_core.experts import executor as executor_module
+from duoserve_core.experts.host_lane import HostLaneWorker
+from duoserve_core.experts.stream_gate import StreamGate
+from test_layer_step import DATA
+
+
+def test_a_hold_waits_for_its_post():
+    gate = StreamGate()
+    posted = []
+
+    def worker():
+        for i in range(3):
+            time.sleep(0.02)
+            posted.append(i)
+            gate.post()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for i in range(3):
+        gate.hold()
+        assert len(posted) >= i + 1  # never before the i-th post
+    thread.join()
+
+
+def test_a_failed_job_posts_and_raises_on_the_host():
+    runtime = duoserve_core.load("synthetic:tiny", device="cpu", memory_budget="all")
+    worker = HostLaneWorker(runtime.format, 1)
+    try:
+        record = runtime.store.record(0, 0)
+        bad = torch.zeros(2, runtime.format.hidden + 1)  # the wrong width: the kernel raises
+        out = torch.empty(2, runtime.format.hidden)
+        future = worker.submit(record, bad, torch.ones(2), out)
+        done = threading.Event()
+        threading.Thread(target=lambda: (worker.hold(None), done.set()), daemon=True).start()
+        assert done.wait(10), "the hold of a failed job never returned"
+        with pytest.raises(RuntimeError):
+            future.result()
+        assert worker.unheld == 0
+    finally:
+        worker.close()
+
+
+def test_a_run_stopped_mid_layer_leaves_no_stray_post(monkeypatch):
+    """Ctrl-C between a layer's submits and its holds: the next run's holds must pair with its own jobs."""
+    kw = dict(device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
+    runtime = duoserve_core.load(DATA / "small-moe", cpu_experts="all", **kw)
+    reference = duoserve_core.load(DATA / "small-moe", **kw).generate(prompt_ids=[1, 5, 9], max_new_tokens=4,
+                                                                        stop_at_eos=False)
+    finish = executor_module._TorchLayer.finish_host
+
+    def interrupted(self):
+        monkeypatch.setattr(executor_module._TorchLayer, "finish_host", finish)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor_module._TorchLayer, "finish_host", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.generate(prompt_ids=[1, 5, 9], max_new_tokens=4, stop_at_eos=False)
+    assert runtime.host_worker.unheld > 0  # the stopped layer's jobs: posted, never held
+    again = runtime.generate(prompt_ids=[1, 5, 9], max_new_tokens=4, stop_at_eos=False)
+    assert again.tokens == reference.tokens and runtime.host_worker.unheld == 0
+    assert again.host_computes > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_held_stream_runs_nothing_after_the_hold_until_the_post():
+    gate = StreamGate()
+    assert gate.holds_streams
+    stream = torch.cuda.Stream()
+    target = torch.zeros(1024, device="cuda")
+    done = torch.cuda.Event()
+    with torch.cuda.stream(stream):
+        gate.hold(stream)
+        target.fill_(1.0)
+        done.record()
+    time.sleep(0.2)  # the host went on at once; the stream is still held (read nothing on the device
+    assert not done.query()  # here: a stream that waits for the held one would wait for the post)
+    gate.post()
+    done.synchronize()
+    assert float(target.sum()) == 1024.0
