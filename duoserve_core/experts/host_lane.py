@@ -57,8 +57,9 @@ class HostLaneWorker:
         """Start ``record``'s expert on ``x [T, H]`` (host tensors), its weighted output to go into
         ``out``; the future gives ``(start, end)`` in ``time.perf_counter`` times. Take its post with
         ``hold``, in submission order, before reading ``out``."""
-        self.unheld += 1
-        return self._pool.submit(self._run, record, x, weights, out)
+        future = self._pool.submit(self._run, record, x, weights, out)
+        self.unheld += 1  # counted once queued: a refused submit leaves no post to wait for
+        return future
 
     def hold(self, stream: torch.cuda.Stream | None) -> None:
         """The next job's result is ready for what ``stream`` queues after this (``None``: here, now)."""
