@@ -41,6 +41,7 @@ from sim_vs_measured import _command_args, check_graphs  # noqa: E402
 from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
+from duoserve_core.host_reference import hosts as host_speeds, hosts_line  # noqa: E402
 from duoserve_core.knob_args import Parser, knobs_from_args, whole  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
 from duoserve_core.sim.calibration import load_calibration  # noqa: E402
@@ -242,10 +243,8 @@ def summary(rows: list[dict], target: float = TARGET) -> dict:
 
 
 def hosts(configs: list[dict], calibration) -> dict:
-    """The calibration's host speed and each file's that recorded one (``host_reference_s``, seconds): a
-    simulator pricing a faster or slower host than the run had misses by the host work's share."""
-    files = {c["file"]: c["host_reference_s"] for c in configs if c.get("host_reference_s")}
-    return {"calibration": calibration.host_reference_s, "files": files}
+    """The calibration's host speed and each file's that recorded one (``host_reference.hosts``)."""
+    return host_speeds(calibration.host_reference_s, {c["file"]: c.get("host_reference_s") for c in configs})
 
 
 def markdown(rows: list[dict], summ: dict, calibration: str, host: dict | None = None) -> str:
@@ -268,10 +267,8 @@ def markdown(rows: list[dict], summ: dict, calibration: str, host: dict | None =
 
     lines = [f"Simulated against measured batched serving (calibration `{calibration}`). "
              "Each cell: measured / simulated (relative error).", ""]
-    if host and host["files"] and host["calibration"]:
-        runs = ", ".join(f"`{name}` {1e3 * s:.2f} ms ({s / host['calibration']:.2f}x)" for name, s in host["files"].items())
-        lines += [f"Hosts (`host_reference_s`, a policy's kind of host work): the calibration's "
-                  f"{1e3 * host['calibration']:.2f} ms; the runs': {runs}.", ""]
+    if host and hosts_line(host):
+        lines += [hosts_line(host), ""]
     lines += ["Batch rows (B requests at once, `bench --max-batch`):", "",
              "| policy | B | slots | decode tok/s | tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms "
              "| decode step ms | copies |",

@@ -26,6 +26,7 @@ from duoserve_core.bench.__main__ import parse_args as bench_args  # noqa: E402
 from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.calibrate import device_terms  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
+from duoserve_core.host_reference import hosts as host_speeds, hosts_line  # noqa: E402
 from duoserve_core.policy import policy_class  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.sim.runner import simulate  # noqa: E402
@@ -63,7 +64,8 @@ def configurations(path: Path, trace_override: str | None = None) -> list[dict]:
                     "speculative_gate": bool(rt.get("speculative_gate")), "measured": r, "label": "bench",
                     "cuda_graphs": bool(rt.get("cuda_graphs", ran_with_cuda_graphs(record))),
                     # files before 2026-12-01 routed every layer on the host
-                    "device_routing": str(rt.get("decode_routing", "host")).startswith("device")})
+                    "device_routing": str(rt.get("decode_routing", "host")).startswith("device"),
+                    "host_reference_s": record.get("host_reference_s")})  # files before 2026-12-02 lack it
     return out
 
 
@@ -95,7 +97,8 @@ def sweep_configurations(path: Path, record: dict, trace_override: str | None = 
                     "predictor_threshold": (row["predictor_threshold"] if row.get("predictor_threshold") is not None
                                             else args.predictor_threshold),
                     "speculative_gate": bool(row.get("speculative_gate")) if predicts else False,
-                    "measured": measured, "label": f"sweep:{row['sweep']}", "cuda_graphs": ran_with_cuda_graphs(record)})
+                    "measured": measured, "label": f"sweep:{row['sweep']}", "cuda_graphs": ran_with_cuda_graphs(record),
+                    "host_reference_s": record.get("host_reference_s")})
     return out
 
 
@@ -172,7 +175,7 @@ def compare(config: dict, calibration) -> dict:
             "hit_rate_measured": m.get("hit_rate"), "hit_rate_sim": sim["hit_rate"]}
 
 
-def markdown(rows: list[dict], calibration: str) -> str:
+def markdown(rows: list[dict], calibration: str, host: dict | None = None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:+.1f}%"
 
@@ -184,8 +187,10 @@ def markdown(rows: list[dict], calibration: str) -> str:
             return "-"
         return f"d{r['prefetch_depth']} t{r['predictor_threshold']:g}" + (" +pred" if r.get("predictor") else "")
 
-    lines = [f"Simulated against measured (calibration `{calibration}`).", "",
-             "| file | run | policy | knobs | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err "
+    lines = [f"Simulated against measured (calibration `{calibration}`).", ""]
+    if host and hosts_line(host):
+        lines += [hosts_line(host), ""]
+    lines += ["| file | run | policy | knobs | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err "
              "| TPOT meas. ms | TPOT sim ms | TPOT err | copies meas./sim |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -246,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    host = host_speeds(calibration.host_reference_s, {c["file"]: c["host_reference_s"] for c in configs})
     atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "derived_terms": derived,
-                                           "host_terms_from": borrowed, "bench_files": args.bench, "rows": rows})
+                                           "host_terms_from": borrowed, "bench_files": args.bench, "hosts": host,
+                                           "rows": rows})
     table = markdown(rows, args.calibration + (f" + device terms derived from `{args.device_times_from}`"
                                                if args.device_times_from else "")
                      + (f" + host time per expert and per copy from `{args.host_terms_from}`"
-                        if args.host_terms_from else ""))
+                        if args.host_terms_from else ""), host)
     atomic_write_text(f"{args.out}.md", table)
     print(table, end="")
     return 0

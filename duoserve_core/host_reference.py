@@ -40,3 +40,19 @@ def host_reference_s(repeats: int = 5) -> float:
 @functools.lru_cache(maxsize=1)
 def local_host_reference_s() -> float:
     return host_reference_s()
+
+
+def hosts(calibration_s: float | None, files: dict[str, float | None]) -> dict:
+    """The calibration's host speed beside each result file's that recorded one (seconds): a simulator
+    pricing a faster or slower host than a run had misses by the host work's share of that run."""
+    return {"calibration": calibration_s, "files": {name: s for name, s in files.items() if s}}
+
+
+def hosts_line(host: dict) -> str | None:
+    """``hosts``' Markdown sentence (each run's speed and its ratio to the calibration's), or ``None``
+    when either side lacks a figure."""
+    if not host["files"] or not host["calibration"]:
+        return None
+    runs = ", ".join(f"`{name}` {1e3 * s:.2f} ms ({s / host['calibration']:.2f}x)" for name, s in host["files"].items())
+    return (f"Hosts (`host_reference_s`, a policy's kind of host work): the calibration's "
+            f"{1e3 * host['calibration']:.2f} ms; the runs': {runs}.")

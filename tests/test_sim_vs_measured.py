@@ -34,8 +34,11 @@ def test_every_measured_configuration_is_simulated(measured, capsys):
     out = measured / "table"
     assert benchmark_script("sim_vs_measured").main([str(measured / "bench_cpu.json"), "--calibration", str(measured / "cal.json"),
                            "--out", str(out)]) == 0
-    rows = json.loads(Path(f"{out}.json").read_text())["rows"]
+    written = json.loads(Path(f"{out}.json").read_text())
+    rows = written["rows"]
     assert [r["policy"] for r in rows] == ["duoserve", "on-demand", "lru-speculative"]
+    # the run's host speed beside the calibration's: both measured here, on this machine
+    assert written["hosts"]["calibration"] > 0 and set(written["hosts"]["files"]) == {"bench_cpu.json"}
     for r in rows:
         assert r["prompt_len"] == 24 and r["gen"] == 6 and r["ttft_sim_s"] > 0 and r["tpot_sim_s"] > 0
         assert r["ttft_rel_error"] == pytest.approx((r["ttft_sim_s"] - r["ttft_measured_s"]) / r["ttft_measured_s"])
@@ -43,6 +46,7 @@ def test_every_measured_configuration_is_simulated(measured, capsys):
         assert r["h2d_copies_sim"] == r["h2d_copies_measured"] and r["hit_rate_sim"] == r["hit_rate_measured"]
     table = Path(f"{out}.md").read_text()
     assert table.count("| bench_cpu.json |") == 3 and "TPOT err" in table
+    assert "Hosts (`host_reference_s`" in table and "`bench_cpu.json` " in table
     assert "on-demand" in capsys.readouterr().out
 
 
