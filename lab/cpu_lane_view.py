@@ -39,6 +39,7 @@ from duoserve_core.traces import RoutingReplay
 from . import routing_view
 from .figures import KIND_COLOURS
 from .gpu_results import RESULTS
+from .runs import BUNDLED, MIXTRAL_8_LAYERS_INT4, LiveRun, ModelChoice, live_run
 
 CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_int4.json"
 MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs.json",
@@ -132,7 +133,11 @@ def token_timeline(source: str = "mixtral-like", slots: int = 23, policy: str = 
     step = gen // 2 if step is None else step
     if not 1 <= step < gen:
         raise ValueError(f"decode step {step}: the run decodes steps 1 to {gen - 1}")
-    rows = _run(source, slots, policy, mode, threads, prompt_len, gen)["timeline"]
+    return _one_step(_run(source, slots, policy, mode, threads, prompt_len, gen)["timeline"], step)
+
+
+def _one_step(rows: list[dict], step: int) -> pd.DataFrame:
+    """Timeline rows of decode step ``step``, in ms from the step's first span, each row's lane named."""
     df = pd.DataFrame([r for r in rows if r["phase"] == "decode" and r["step"] == step])
     t0 = df["start_ms"].min()
     df["start_ms"] -= t0
@@ -149,17 +154,22 @@ def timeline_figure(source: str = "mixtral-like", slots: int = 23, policy: str =
                     step: int | None = None, prompt_len: int = PROMPT, gen: int = GEN, mode: str = "half") -> go.Figure:
     """One decode token on the three lanes, the CPU lane off (top) and ``mode`` (below), one time axis."""
     step = gen // 2 if step is None else step
-    runs = [("off", None), (mode, threads)]
-    titles = []
-    for mode, t in runs:
+    titles, frames = [], []
+    for mode, t in (("off", None), (mode, threads)):
         df = token_timeline(source, slots, policy, mode, t, step, prompt_len, gen)
         tpot = _run(source, slots, policy, mode, t, prompt_len, gen)["tpot_s"] * 1e3
         titles.append(f"{_label(mode, t)}: this token's spans end at {df['end_ms'].max():.1f} ms "
                       f"(run's TPOT {tpot:.1f} ms); {(df['stream'] == 'cpu').sum()} experts on the CPU lane")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, subplot_titles=titles)
+        frames.append(df)
+    return _panels(titles, frames, step, f"One decode token, {policy} at {slots} slots on {source} routing "
+                                         f"({SIMULATED}, Mixtral-8x7B int4)")
+
+
+def _panels(titles: list[str], frames: list[pd.DataFrame], step: int, title: str) -> go.Figure:
+    """One decode token's spans on the three lanes, one panel per frame, on one time axis."""
+    fig = make_subplots(rows=len(frames), cols=1, shared_xaxes=True, vertical_spacing=0.12, subplot_titles=titles)
     shown = set()
-    for i, (mode, t) in enumerate(runs, start=1):
-        df = token_timeline(source, slots, policy, mode, t, step, prompt_len, gen)
+    for i, df in enumerate(frames, start=1):
         for kind, colour, part in _coloured(df):
             labels = [f"L{l}" + ("" if pd.isna(e) else f" E{int(e)}") for l, e in zip(part["layer"], part["expert"])]
             fig.add_trace(go.Bar(base=part["start_ms"], x=part["duration_ms"], y=part["lane"], orientation="h",
@@ -169,10 +179,8 @@ def timeline_figure(source: str = "mixtral-like", slots: int = 23, policy: str =
             shown.add(kind)
         fig.update_yaxes(categoryorder="array", categoryarray=list(LANES.values())[::-1], row=i, col=1)
     fig.update_annotations(font_size=12)   # the panel titles
-    fig.update_xaxes(title_text=f"time since the token's first span (ms), decode step {step}", row=2, col=1)
-    fig.update_layout(barmode="overlay", height=460, legend_title="work",
-                      title=f"One decode token, {policy} at {slots} slots on {source} routing "
-                            f"({SIMULATED}, Mixtral-8x7B int4)")
+    fig.update_xaxes(title_text=f"time since the token's first span (ms), decode step {step}", row=len(frames), col=1)
+    fig.update_layout(barmode="overlay", height=460, legend_title="work", title=title)
     return fig
 
 
@@ -185,6 +193,41 @@ def _coloured(df: pd.DataFrame):
             yield ("copy" if kind == "h2d" else kind), colour, part
     if on_cpu.any():
         yield "expert on the CPU", CPU_EXPERT_COLOUR, df[on_cpu]
+
+
+# -- measured here -----------------------------------------------------------------------------------
+LIVE_SLOTS, LIVE_TOKENS = 16, 12   # of the live model's 64 experts (8 layers x 8); a short request
+
+
+def live_model(device: str) -> ModelChoice:
+    """Int4 Mixtral-size experts (8 layers) on a GPU, where the lane races real copies; the bundled
+    model on a CPU, where the same code runs (``auto`` is off there: the forced modes show the work)."""
+    return MIXTRAL_8_LAYERS_INT4 if device.startswith("cuda") else BUNDLED
+
+
+def live_token(device: str, policy: str = "duoserve", mode: str = "half", threads: int | None = 16,
+               slots: int = LIVE_SLOTS, new_tokens: int = LIVE_TOKENS) -> tuple[pd.DataFrame, LiveRun]:
+    """One request on the real runtime (``lab.runs.live_run``) with the CPU lane at ``mode``: its middle
+    decode token's measured spans (as ``token_timeline``) and the run."""
+    if mode not in MODES:
+        raise ValueError(f"unknown CPU-lane mode {mode!r}; choose one of {', '.join(MODES)}")
+    run = live_run(live_model(device), policy=policy, slots=slots, new_tokens=new_tokens, device=device,
+                   cpu_experts=mode, cpu_threads=None if mode == "off" else threads)
+    return _one_step(run.rows, new_tokens // 2), run
+
+
+def live_timeline_figure(device: str, policy: str = "duoserve", threads: int = 16, mode: str = "half") -> go.Figure:
+    """One decode token measured on this machine's runtime, the CPU lane off (top) and ``mode`` (below)."""
+    titles, frames = [], []
+    for m in ("off", mode):
+        df, run = live_token(device, policy, m, threads)
+        lane = run.runtime.describe()["cpu_lane"]  # what ran, where it differs from what was asked
+        titles.append(f"{_label(m, threads)}{'' if lane == m else ' (ran: off)'}: this token's spans end at {df['end_ms'].max():.1f} ms "
+                      f"(run's TPOT {run.result.tpot_s * 1e3:.1f} ms); {(df['stream'] == 'cpu').sum()} experts on the CPU lane")
+        frames.append(df)
+    return _panels(titles, frames, LIVE_TOKENS // 2,
+                   f"One decode token measured on {run.device}: {policy}, {run.slots} of {run.plan.total_experts} slots, "
+                   f"{run.choice.label.split(' (')[0]}")
 
 
 # -- the H200 measurements ----------------------------------------------------------------------------
@@ -254,12 +297,13 @@ def comparison(simulated: pd.DataFrame, measured_runs: pd.DataFrame) -> pd.DataF
 def live_path_note(device: str) -> str:
     """One sentence on where this section's figures come from on ``device``."""
     if device.startswith("cuda"):
-        return ("A GPU is present, but this section still draws the simulator (its figures are for an H200 host "
-                "with Mixtral-8x7B); to measure the lane on this machine, load with "
-                "`duoserve_core.load(model, quant=\"int4\", cpu_experts=\"auto\", cpu_threads=16)` or run "
-                "`python -m duoserve_core.bench ... --cpu-experts auto`.")
+        return ("A GPU is present: the figures below are the simulator (an H200 host with Mixtral-8x7B) beside the "
+                "committed H200 measurements, and the \"measured here\" timeline runs the runtime on this GPU "
+                "(Mixtral-size int4 experts, first 8 layers; the first run synthesizes them, tens of seconds).")
     return (f"No GPU here: the figures below are the simulator on this CPU ({SIMULATED}, "
-            f"`{CALIBRATION.relative_to(DATA.parent)}`), beside the committed H200 measurements.")
+            f"`{CALIBRATION.relative_to(DATA.parent)}`), beside the committed H200 measurements; the \"measured "
+            "here\" timeline runs the bundled model on this CPU, where `auto` is off and the forced modes show "
+            "the lane's work.")
 
 
 def _measured_label(m: pd.DataFrame) -> str:

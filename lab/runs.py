@@ -39,12 +39,13 @@ class ModelChoice:
     routing_trace: str | None = None   # routing replayed from a trace (synthesized weights)
     predictor: str | None = None       # a predictor of the same shape (layers, experts, top-k)
     gpu_only: bool = False
+    quant: str = "nf4"                 # the experts' format (int4: the one the CPU lane computes fast)
 
     def load(self, **kw) -> duoserve_core.Runtime:
         with warnings.catch_warnings():
             # the bundled predictor serves the synthetic model's trace routing: same shape, other name
             warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
-            return duoserve_core.load(self.model, quant="nf4", num_layers=self.num_layers,
+            return duoserve_core.load(self.model, quant=self.quant, num_layers=self.num_layers,
                                       routing_trace=self.routing_trace, **kw)
 
 
@@ -53,6 +54,10 @@ BUNDLED = ModelChoice("small-moe (bundled, trained; 8 layers x 8 experts)", BUND
 MIXTRAL_8_LAYERS = ModelChoice(
     "Mixtral-8x7B experts, first 8 layers (synthesized weights, routing of the bundled trace)",
     "synthetic:mixtral-8x7b", num_layers=8, routing_trace=HELDOUT_TRACE, predictor=BUNDLED_PREDICTOR, gpu_only=True)
+MIXTRAL_8_LAYERS_INT4 = ModelChoice(  # notebook 05's live CPU lane: the format with a fast host kernel
+    "Mixtral-8x7B experts in int4, first 8 layers (synthesized weights, routing of the bundled trace)",
+    "synthetic:mixtral-8x7b", num_layers=8, routing_trace=HELDOUT_TRACE, predictor=BUNDLED_PREDICTOR, gpu_only=True,
+    quant="int4")
 MODELS = (BUNDLED, MIXTRAL_8_LAYERS)
 
 
@@ -158,17 +163,20 @@ class LiveRun:
 
 def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: int = 16,
              depth: int = DEFAULT_KNOBS.prefetch_depth, threshold: float = DEFAULT_KNOBS.predictor_threshold, gate: bool = True, prompt_tokens: int = 32, new_tokens: int = 24,
-             device: str | None = None, prompt_offset: int = 0) -> LiveRun:
+             device: str | None = None, prompt_offset: int = 0, cpu_experts: str = "off",
+             cpu_threads: int | None = None) -> LiveRun:
     """Generate ``new_tokens`` after ``prompt_tokens`` held-out tokens under the knobs, greedily.
 
     ``new_tokens=1`` is a prefill alone. ``gate`` (the speculative gate for layer l+1) and the
-    predictor apply to the predicting policies only.
+    predictor apply to the predicting policies only. ``cpu_experts``/``cpu_threads``: the CPU lane
+    (``policy.host_lane``; on a CPU device ``auto`` is off, the forced modes run).
     """
     device = device or default_device()
     max_context = max(256, prompt_tokens + new_tokens)
     _warm_up(choice, device, max_context)
     knobs = PolicyKnobs(policy=policy, predictor=choice.predictor, prefetch_depth=depth, predictor_threshold=threshold,
-                        speculative_gate=gate).effective()  # what the policy does not use is left at its default
+                        speculative_gate=gate, cpu_experts=cpu_experts,
+                        cpu_threads=cpu_threads).effective()  # what the policy does not use is left at its default
     runtime = shared_runtime(choice, device, max_context)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="predictor .* was trained on traces of")
@@ -180,7 +188,7 @@ def live_run(choice: ModelChoice = BUNDLED, *, policy: str = "duoserve", slots: 
     log.detach()
     rows = runtime.timeline.rows()
     shown = dict(policy=policy, slots=slots, depth=depth, threshold=threshold, gate=knobs.speculative_gate,
-                 prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, cpu_experts=cpu_experts, cpu_threads=cpu_threads)
     run = LiveRun(choice, shown, runtime, runtime.plan, result, rows, log)
     run.bounds = bounds(rows, run.plan.num_slots, run.plan.expert_bytes, run.decode_tokens, devices=run.plan.devices)
     return run
@@ -205,6 +213,6 @@ def describe_budget(choice: ModelChoice, slots: int, device: str, max_context: i
             f"(budget {format_bytes(s['fixed_bytes'] + slots * s['expert_bytes'])})")
 
 
-__all__ = ["BUNDLED", "MIXTRAL_8_LAYERS", "LiveRun", "ModelChoice", "budget_bytes", "default_model", "describe_budget",
+__all__ = ["BUNDLED", "MIXTRAL_8_LAYERS", "MIXTRAL_8_LAYERS_INT4", "LiveRun", "ModelChoice", "budget_bytes", "default_model", "describe_budget",
            "device_note", "live_run", "model_choices", "model_shape", "prompt_ids"]
 

@@ -114,3 +114,22 @@ def test_an_unknown_source_or_mode_is_refused():
         cv.sweep("mixtral", SLOTS, gen=GEN)
     with pytest.raises(ValueError, match="unknown CPU-lane mode"):
         cv.token_timeline(SOURCE, SLOTS, "duoserve", "sometimes", 16, gen=GEN)
+
+
+def test_the_live_token_runs_the_runtime_on_this_device():
+    """The "measured here" panel: the real runtime (the bundled model on a CPU), the lane forced onto half
+    of the experts in the token and onto none when off, and the tokens unchanged (one processor here)."""
+    off, off_run = cv.live_token("cpu", "duoserve", "off")
+    half, half_run = cv.live_token("cpu", "duoserve", "half", 2)
+    assert set(off["stream"]) == {"compute", "copy"} and "cpu" in set(half["stream"])
+    assert set(half["step"]) == {cv.LIVE_TOKENS // 2} and half["start_ms"].min() == 0
+    assert off_run.result.host_computes == 0 < half_run.result.host_computes
+    assert half_run.result.tokens == off_run.result.tokens
+    assert cv.live_model("cpu").quant == "nf4" and cv.live_model("cuda:0").quant == "int4"
+
+
+def test_the_live_figure_says_when_auto_ran_as_off():
+    fig = cv.live_timeline_figure("cpu", "on-demand", 2, mode="auto")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[1].startswith("lane auto, 2 threads (ran: off)") and "0 experts on the CPU lane" in titles[1]
+    assert "measured on cpu" in fig.layout.title.text
