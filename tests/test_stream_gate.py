@@ -93,3 +93,18 @@ def test_a_held_stream_runs_nothing_after_the_hold_until_the_post():
     gate.post()
     done.synchronize()
     assert float(target.sum()) == 1024.0
+
+
+@pytest.mark.parametrize("schedule", ["mixed", "prefill-first"])
+def test_batched_serving_with_the_lane_pairs_every_hold(schedule):
+    """Batched steps (decode rows, prompt chunks, both in one forward) hand off as single requests do:
+    the tokens are the lane-less run's and no job is left without its hold or off the timeline."""
+    kw = dict(device="cpu", quant="nf4", memory_budget="6slots", max_context=64, max_batch=4)
+    prompts = [[1, 5, 9, 2], [3, 4, 5], [7, 8, 9, 10, 11], [2, 2]]
+    lane = duoserve_core.load(DATA / "small-moe", cpu_experts="half", **kw)
+    off = duoserve_core.load(DATA / "small-moe", **kw)
+    run = lane.generate_many(prompts, max_batch=4, max_new_tokens=6, stop_at_eos=False, prefill_schedule=schedule)
+    reference = off.generate_many(prompts, max_batch=4, max_new_tokens=6, stop_at_eos=False, prefill_schedule=schedule)
+    assert [r.tokens for r in run.requests] == [r.tokens for r in reference.requests]
+    assert run.host_computes > 0 and lane.host_worker.unheld == 0 and not lane.executor.lane_jobs
+    assert (lane.timeline.to_dataframe()["stream"] == "cpu").sum() == run.host_computes
