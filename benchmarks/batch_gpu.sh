@@ -12,6 +12,8 @@
 #   serve: fastapi starlette uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
+# a bench cut by its timeout gets SIGABRT, and python's faulthandler writes every thread's stack into its log
+# (where a run was stuck, if it was: a batched run with the CPU lane did not finish a row on 2026-12-02);
 # TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS (1, the GPU's default since
 # 2026-12-01): the calibrate, batch and arrivals stages run with --cuda-graphs (decode steps' dense part replayed from
 # CUDA graphs), their files named ..._graphs; GRAPHS=0 runs them eagerly (--no-cuda-graphs), files without the suffix.
@@ -47,7 +49,7 @@ calibrate)
 batch)
   mixtral_like_trace
   for policy in ${POLICIES//,/ }; do
-    timeout "$BATCH_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
+    timeout -s ABRT "$BATCH_TIMEOUT" python3 -X faulthandler -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --repeats 1 --policies "$policy" \
         --max-batch "$BATCHES" ${TIMELINES:+--timelines "$OUT/timelines"} \
         --out "$OUT/batch_${TAG}_8x7b_mixtral_like_$policy$SUFFIX.json" > "$OUT/batch_$policy.log" 2>&1
     tail -n +1 "$OUT/batch_$policy.log" | grep -v "^wrote" | tail -5
@@ -55,7 +57,7 @@ batch)
   done ;;
 arrivals)
   mixtral_like_trace
-  timeout "$ARRIVALS_TIMEOUT" python3 -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
+  timeout -s ABRT "$ARRIVALS_TIMEOUT" python3 -X faulthandler -m duoserve_core.bench "${COMMON[@]}" --gen "$GEN" --policies "$POLICIES" --arrival-rate "$RATES" \
       --requests "$REQUESTS" --max-batch "$MAXB" --prefill-schedule "$SCHEDULES" $SLO \
       --out "$OUT/arrivals_${TAG}_8x7b_mixtral_like_${SCHEDULES//,/_}$SUFFIX.json" \
       > "$OUT/arrivals.log" 2>&1; tail -8 "$OUT/arrivals.log"
