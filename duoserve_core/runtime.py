@@ -413,8 +413,9 @@ class Runtime:
 
     def _build_host_lane(self) -> HostLane:
         """The CPU lane the knobs ask for. ``auto`` measures its costs here (one expert on the lane at
-        1/4/16 tokens while copies run, one copy, one expert from a slot); on a CPU device there is nothing to split, so ``auto`` is off and ``describe()`` says why. The worker
-        thread is kept while the thread count stays."""
+        1/4/16 tokens while copies run, one copy, one expert from a slot); on a CPU device there is
+        nothing to split, so ``auto`` is off and ``describe()`` says why. The worker thread is kept
+        while the thread count stays."""
         mode, threads = self.knobs.cpu_experts, self.knobs.cpu_threads
         self.host_lane_note = None
         if mode == "auto" and not splits_experts(self.device):
@@ -423,7 +424,9 @@ class Runtime:
         worker = getattr(self, "host_worker", None)
         if mode == "off" or (worker is not None and worker.threads != threads):
             if worker is not None:
-                worker.close()
+                worker.close()  # its jobs finish and post, so every hold still queued on a stream passes
+                if self.device.type == "cuda":  # and has returned before the worker's semaphore goes
+                    torch.cuda.synchronize(self.device)
             self.host_worker = worker = None
         if mode == "off":
             return HostLane("off")
