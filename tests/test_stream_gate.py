@@ -7,6 +7,7 @@ an old job, and on a GPU a held stream runs nothing queued after the hold until 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -15,7 +16,7 @@ import torch
 
 import duoserve_core
 from duoserve_core.experts import executor as executor_module
-from duoserve_core.experts.host_lane import HostLaneWorker
+from duoserve_core.experts.host_lane import LANE_SWITCH_INTERVAL_S, HostLaneWorker
 from duoserve_core.experts.stream_gate import StreamGate
 from test_layer_step import DATA
 
@@ -108,3 +109,18 @@ def test_batched_serving_with_the_lane_pairs_every_hold(schedule):
     assert [r.tokens for r in run.requests] == [r.tokens for r in reference.requests]
     assert run.host_computes > 0 and lane.host_worker.unheld == 0 and not lane.executor.lane_jobs
     assert (lane.timeline.to_dataframe()["stream"] == "cpu").sum() == run.host_computes
+
+
+def test_the_gil_switch_interval_is_short_while_a_lane_worker_lives():
+    """The lane's thread takes the GIL back after every kernel; with the host thread running Python it
+    would wait 5 ms each time (benchmarks/diagnostics/lane_gil.py), so a worker shortens the interval
+    while it lives and the last one to close puts it back."""
+    runtime = duoserve_core.load("synthetic:tiny", device="cpu", memory_budget="all")
+    before = sys.getswitchinterval()
+    first, second = HostLaneWorker(runtime.format, 1), HostLaneWorker(runtime.format, 1)
+    assert sys.getswitchinterval() <= LANE_SWITCH_INTERVAL_S
+    first.close()
+    first.close()  # closing twice releases once
+    assert sys.getswitchinterval() <= LANE_SWITCH_INTERVAL_S
+    second.close()
+    assert sys.getswitchinterval() == before

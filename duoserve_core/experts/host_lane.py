@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,12 +40,45 @@ from .transfer import TransferEngine, TransferEngines
 COST_TOKENS = (1, 4, 16)
 
 
+LANE_SWITCH_INTERVAL_S = 1e-4  # how soon the lane's thread gets the GIL back from a host thread running Python
+
+
+class _SwitchInterval:
+    """Python's GIL switch interval lowered while any lane worker lives, restored after the last one.
+
+    Why: the lane's job is a few dozen torch calls, and after each kernel its thread must take the GIL
+    back. Since the host thread runs on beside the lane (``stream_gate``), it may be running Python
+    then, and a thread that wants the GIL waits the switch interval (5 ms by default) for it: one int4
+    Mixtral-8x7B expert took 12.1 ms alone and 306 ms beside a thread running Python on a 2-core
+    machine, 17.7 ms at 0.1 ms (``benchmarks/diagnostics/lane_gil.py``, 2026-12-02). Process-wide, as the
+    interval is: restored when the last worker closes (a runtime closes its own when the lane goes off)."""
+
+    def __init__(self):
+        self.workers, self.saved = 0, None
+
+    def acquire(self) -> None:
+        if self.workers == 0:
+            self.saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(self.saved, LANE_SWITCH_INTERVAL_S))
+        self.workers += 1
+
+    def release(self) -> None:
+        self.workers -= 1
+        if self.workers == 0:
+            sys.setswitchinterval(self.saved)
+
+
+SWITCH_INTERVAL = _SwitchInterval()
+
+
 class HostLaneWorker:
     """Runs expert computations on a dedicated host thread."""
 
     def __init__(self, fmt: ExpertFormat, threads: int | None = None):
         self.fmt, self.threads = fmt, threads
         self.gate = StreamGate()
+        SWITCH_INTERVAL.acquire()
+        self._closed = False
         self.unheld = 0  # jobs submitted whose post no hold has taken yet (the main thread counts both)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duoserve-cpu-lane",
                                         initializer=self._init_thread)
@@ -97,6 +131,9 @@ class HostLaneWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if not self._closed:
+            self._closed = True
+            SWITCH_INTERVAL.release()
 
 
 class BackgroundCopies:
