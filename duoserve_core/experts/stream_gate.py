@@ -29,11 +29,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import threading
 
 import torch
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name, use_errno=True) if name else None
@@ -85,15 +87,10 @@ class StreamGate:
                 raise OSError(ctypes.get_errno(), "sem_wait failed")
 
 
-
-_DRIVER: list = []
-
-
+@functools.cache
 def _cuda_driver() -> ctypes.CDLL | None:
     """libcuda, loaded once (``None`` without a CUDA driver)."""
-    if not _DRIVER:
-        try:
-            _DRIVER.append(ctypes.CDLL("libcuda.so.1") if torch.cuda.is_available() else None)
-        except OSError:
-            _DRIVER.append(None)
-    return _DRIVER[0]
+    try:
+        return ctypes.CDLL("libcuda.so.1") if torch.cuda.is_available() else None
+    except OSError:
+        return None
