@@ -50,6 +50,9 @@ class StreamGate:
         if self._libc is None or self._libc.sem_init(self._sem, 0, 0) != 0:
             self._libc = None  # no POSIX semaphores (macOS): a Python one serves the host-side wait
             self._python = threading.Semaphore(0)
+        else:  # what each stream hold passes to the driver: the function and its argument
+            self._wait_fn = ctypes.cast(self._libc.sem_wait, ctypes.c_void_p)
+            self._sem_ptr = ctypes.cast(self._sem, ctypes.c_void_p)
 
     @property
     def holds_streams(self) -> bool:
@@ -71,10 +74,8 @@ class StreamGate:
         driver = _cuda_driver()
         if driver is None or self._libc is None:
             raise RuntimeError("a CUDA stream can wait on the CPU lane only with libcuda and POSIX semaphores")
-        function = ctypes.cast(self._libc.sem_wait, ctypes.c_void_p)
         with torch.cuda.device(stream.device):  # the driver call runs in the stream's device's context
-            status = driver.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), function,
-                                             ctypes.cast(self._sem, ctypes.c_void_p))
+            status = driver.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), self._wait_fn, self._sem_ptr)
         if status != 0:
             raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {status}")
 
