@@ -21,10 +21,11 @@ layer sooner: the copy path ends when the last copied expert is computed; the ho
 lane is done. The host does not wait for the lane (the compute stream does,
 ``experts.stream_gate``), so the next layer's attention and router are queued while either path
 runs and cost neither; when the host did wait, they came after the lane (about 1.8 ms a layer on
-the H200), and this rule priced that wait (docs/cpu_lane.md has the figures of both). An expert the host computes is not copied, so it does not enter
-the cache: the lane trades future hits for this layer's time, which is what a copy-bound layer
-wants when the cache cannot keep a layer's experts anyway (the rule does not price the lost
-entry; at large budgets that is where it can still lose: docs/cpu_lane.md).
+the H200), and this rule priced that wait (docs/cpu_lane.md has the figures of both). An expert
+the host computes is not copied, so it does not enter the cache: the lane trades future hits for
+this layer's time, which is what a copy-bound layer wants when the cache cannot keep a layer's
+experts anyway (the rule does not price the lost entry; at large budgets that is where it can
+still lose: docs/cpu_lane.md).
 
 The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
 (resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
