@@ -36,12 +36,12 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sim_vs_measured import _command_args, check_graphs  # noqa: E402
+from sim_vs_measured import _command_args, check_graphs, hosts  # noqa: E402
 
 from duoserve_core.bench import ran_with_cuda_graphs  # noqa: E402
 from duoserve_core.atomic import atomic_write_json, atomic_write_text, check_writable  # noqa: E402
 from duoserve_core.errors import DuoServeError  # noqa: E402
-from duoserve_core.host_reference import hosts as host_speeds, hosts_line  # noqa: E402
+from duoserve_core.host_reference import hosts_line  # noqa: E402
 from duoserve_core.knob_args import Parser, knobs_from_args, whole  # noqa: E402
 from duoserve_core.runtime import BatchRun  # noqa: E402
 from duoserve_core.sim.calibration import load_calibration  # noqa: E402
@@ -242,11 +242,6 @@ def summary(rows: list[dict], target: float = TARGET) -> dict:
     return out
 
 
-def hosts(configs: list[dict], calibration) -> dict:
-    """The calibration's host speed and each file's that recorded one (``host_reference.hosts``)."""
-    return host_speeds(calibration.host_reference_s, {c["file"]: c.get("host_reference_s") for c in configs})
-
-
 def markdown(rows: list[dict], summ: dict, calibration: str, host: dict | None = None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:+.1f}%"
@@ -267,8 +262,8 @@ def markdown(rows: list[dict], summ: dict, calibration: str, host: dict | None =
 
     lines = [f"Simulated against measured batched serving (calibration `{calibration}`). "
              "Each cell: measured / simulated (relative error).", ""]
-    if host and hosts_line(host):
-        lines += [hosts_line(host), ""]
+    if host and (line := hosts_line(host)):
+        lines += [line, ""]
     lines += ["Batch rows (B requests at once, `bench --max-batch`):", "",
              "| policy | B | slots | decode tok/s | tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms "
              "| decode step ms | copies |",

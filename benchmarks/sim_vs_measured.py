@@ -175,6 +175,11 @@ def compare(config: dict, calibration) -> dict:
             "hit_rate_measured": m.get("hit_rate"), "hit_rate_sim": sim["hit_rate"]}
 
 
+def hosts(configs: list[dict], calibration) -> dict:
+    """The calibration's host speed and each file's that recorded one (``host_reference.hosts``)."""
+    return host_speeds(calibration.host_reference_s, {c["file"]: c.get("host_reference_s") for c in configs})
+
+
 def markdown(rows: list[dict], calibration: str, host: dict | None = None) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:+.1f}%"
@@ -188,8 +193,8 @@ def markdown(rows: list[dict], calibration: str, host: dict | None = None) -> st
         return f"d{r['prefetch_depth']} t{r['predictor_threshold']:g}" + (" +pred" if r.get("predictor") else "")
 
     lines = [f"Simulated against measured (calibration `{calibration}`).", ""]
-    if host and hosts_line(host):
-        lines += [hosts_line(host), ""]
+    if host and (line := hosts_line(host)):
+        lines += [line, ""]
     lines += ["| file | run | policy | knobs | prompt | gen | slots | TTFT meas. ms | TTFT sim ms | TTFT err "
              "| TPOT meas. ms | TPOT sim ms | TPOT err | copies meas./sim |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except DuoServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    host = host_speeds(calibration.host_reference_s, {c["file"]: c["host_reference_s"] for c in configs})
+    host = hosts(configs, calibration)
     atomic_write_json(f"{args.out}.json", {"calibration": args.calibration, "derived_terms": derived,
                                            "host_terms_from": borrowed, "bench_files": args.bench, "hosts": host,
                                            "rows": rows})
