@@ -2,7 +2,8 @@
 # Issue 13 on the GPU machine: the CPU lane's costs and decode with --cpu-experts off/auto.
 # Synthesized Mixtral-8x7B, int4 experts (the format both lanes compute from), NF4 attention, 15%,
 # prompt 512, mixtral-like routing. Each step has its own timeout and log under $OUT; a table last.
-#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep   (carry [".whl"])
+#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep gil relayout   (carry [".whl"])
+# gil: benchmarks/diagnostics/lane_gil.py at THREADS; relayout: benchmarks/diagnostics/relayout_cost.py.
 # sweep: benchmarks/cpu_lane_sweep.py --measure (threads 4/8/16 x budgets 8 slots, 15%, 64 slots;
 # POLICIES; GEN_SWEEP tokens, 32 unless set; one run a cell), rows kept as they come.
 # GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
@@ -23,7 +24,7 @@ costs)
   timeout 240 python3 benchmarks/cpu_lane_costs.py --formats int4 --threads 4,8,16 --out "$OUT/cpu_lane_costs_${TAG}.json" \
       > "$OUT/costs.log" 2>&1; tail -4 "$OUT/costs.log" ;;
 check)
-  timeout 200 python3 -m pytest -q -x tests/test_stream_gate.py tests/test_int4_format.py -k "cuda or held" \
+  timeout 300 python3 -m pytest -q -x tests/test_stream_gate.py tests/test_int4_format.py tests/test_gpu.py -k "cuda or held or gpu" \
       > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
 calibrate)
   timeout 400 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
@@ -32,6 +33,11 @@ calibrate)
 sweep)
   timeout 560 python3 benchmarks/cpu_lane_sweep.py --measure --gen "${GEN_SWEEP:-32}" --policies "$POLICIES" \
       --out "$OUT/cpu_lane_sweep_${TAG}.json" --force > "$OUT/sweep.log" 2>&1; tail -14 "$OUT/sweep.log" ;;
+gil)
+  timeout 240 python3 benchmarks/diagnostics/lane_gil.py --threads "$THREADS" > "$OUT/gil.log" 2>&1; tail -8 "$OUT/gil.log" ;;
+relayout)
+  timeout 240 python3 benchmarks/diagnostics/relayout_cost.py --json "$OUT/relayout_cost_${TAG}.json" \
+      > "$OUT/relayout.log" 2>&1; tail -14 "$OUT/relayout.log" ;;
 off|auto)
   trace
   name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs

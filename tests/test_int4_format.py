@@ -254,6 +254,39 @@ def test_k_pairs_repairs_any_layout_along_k(layout, rows):
     assert torch.equal(int4.k_pairs(int4.pack(q, layout), layout), want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", [layout for layout in int4.LAYOUTS if layout.pairing == "half"], ids=lambda l: l.name)
+def test_k_pairs_fused_on_cuda_gives_the_eager_bytes(layout):
+    """On CUDA the fast path runs compiled (``int4._FusedOnCuda``); its bytes are the eager ops', on
+    Mixtral-8x7B's w2 shape and a small one, and it did compile (no fallback)."""
+    for rows, cols in ((256, 512), (4096, 14336)):
+        q = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
+        packed = int4.pack(q, layout).cuda()
+        assert torch.equal(int4.k_pairs(packed, layout).cpu(), int4._half_k_pairs(packed.cpu(), layout.block_n))
+    assert int4._FUSED_HALF_K_PAIRS.failed is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tokens", [(torch.float32, 3), (torch.bfloat16, 1), (torch.float32, 16)])
+def test_lane_job_in_torchscript_is_the_forward_bit_for_bit(dtype, tokens):
+    """The CPU lane's job runs as one TorchScript call (no GIL between its ops); it computes exactly what
+    ``forward`` and the weighting compute op by op, repeated calls included (TorchScript optimizes a graph
+    after its first runs; a fusion there would change the bits)."""
+    hidden, intermediate = 256, 512
+    fmt = make_format("int4", hidden, intermediate, torch.float32)
+    assert fmt.cpu_kernel
+    record = torch.empty(fmt.nbytes, dtype=torch.uint8)
+    fmt.pack(_expert(hidden, intermediate), record, torch.device("cpu"))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    weights = torch.rand(tokens, generator=torch.Generator().manual_seed(1))
+    want = fmt.forward(record, x) * weights[:, None].to(dtype)
+    assert isinstance(int4.cpu_expert_into(), torch.jit.ScriptFunction)
+    for _ in range(5):
+        out = torch.full((tokens, hidden), float("nan"), dtype=dtype)
+        fmt.host_job(record, x, weights, out)
+        assert torch.equal(out, want)
+
+
 def test_only_a_format_that_relays_a_landed_record_gets_the_relayout_stream():
     """Int4 re-packs a landed record for tinygemm on a GPU; NF4, bf16 and int4 on the CPU compute the copied
     bytes as they are, so their copies skip the relayout stream's wait, event and timeline span (on the

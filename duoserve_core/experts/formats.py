@@ -96,6 +96,10 @@ class ExpertFormat(ABC):
         """Dense ``(w13, w2)`` in ``dtype``: what the record computes with."""
         raise NotImplementedError
 
+    def host_job(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The CPU lane's job: ``out = forward(record, x) * weights[:, None]``, all on the host."""
+        out.copy_(self.forward(record, x) * weights[:, None].to(x.dtype))
+
     def computes_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether ``forward`` of one token in ``dtype`` on ``device`` reads the weights where they lie,
         with no weight-sized temporary: only such a call may be captured in a CUDA graph
@@ -201,6 +205,9 @@ class Int4Format(ExpertFormat):
             parts += [(f"{name}.q", torch.uint8, (rows, cols // 2)),
                       (f"{name}.sz", int4.SCALE_DTYPE, (cols // group, rows, 2))]
         self.segments, self.nbytes = _layout(parts)
+        # ``[offset, bytes, dim 0, dim 1]`` of each segment, for ``int4.cpu_expert_into``
+        self._segment_spans = [[self.segments[n].offset, self.segments[n].nbytes, *self.segments[n].shape[:2]]
+                               for n in ("w13.q", "w13.sz", "w2.q", "w2.sz")]
 
     def describe(self) -> dict:
         return {**super().describe(), "group_size": self.group, "cpu_layout": self.layout.name,
@@ -230,6 +237,13 @@ class Int4Format(ExpertFormat):
 
     def relayouts_on(self, device: torch.device) -> bool:
         return device.type == "cuda" and self.cuda_tiles is not None
+
+    def host_job(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The lane's job as one TorchScript call (``int4.cpu_expert_into``: no GIL between its ops), the
+        same ops as ``forward`` and the base class's weighting."""
+        if record.device.type != "cpu" or not self.cpu_kernel:
+            return super().host_job(record, x, weights, out)
+        int4.cpu_expert_into()(record, record.view(int4.SCALE_DTYPE), self._segment_spans, self.group, x, weights, out)
 
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if record.device.type == "cuda" and self.cuda_tiles is not None:  # a slot ``arrive`` converted

@@ -47,7 +47,9 @@ dtype, and rounds activations to bf16 on the way in and the result on the way ou
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -171,20 +173,100 @@ def k_pairs(packed: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
     """The CPU kernel's bytes ``[N, K/2]`` re-paired along ``K``: byte ``(n, m)`` holds input ``2m`` of
     row ``n`` in its high nibble and ``2m+1`` in its low one (what ``_convert_weight_to_int4pack`` reads).
 
-    For a "half" layout whose blocks fill ``N`` this is a handful of elementwise ops on views (a block
-    is ``[K, B/2]`` bytes, row ``j`` in the low nibble and row ``j + B/2`` in the high one): it runs on
-    every copy into a GPU slot, where the general unpack (an index gather over twice the bytes) took
-    about 2 ms for a Mixtral expert. Other layouts take the general path."""
-    n, half_k = packed.shape
-    b = layout.block_n
-    if layout.pairing != "half" or n % b:
+    For a "half" layout whose blocks fill ``N`` this is a handful of elementwise ops on views
+    (``_half_k_pairs``), fused into one kernel on CUDA (``_FUSED_HALF_K_PAIRS``); it runs on every
+    copy into a GPU slot, where the general unpack (an index gather over twice the bytes) took about
+    2 ms for a Mixtral expert. Other layouts take the general path."""
+    n, _ = packed.shape
+    if layout.pairing != "half" or n % layout.block_n:
         q = unpack(packed, layout)
         return ((q[:, ::2] << 4) | q[:, 1::2]).contiguous()
-    blocks = packed.reshape(n // b, half_k, 2, b // 2)  # [block, m, input 2m or 2m+1, byte j]
+    if packed.is_cuda:
+        return _FUSED_HALF_K_PAIRS(packed, layout.block_n)
+    return _half_k_pairs(packed, layout.block_n)
+
+
+def _half_k_pairs(packed: torch.Tensor, block_n: int) -> torch.Tensor:
+    """``k_pairs`` of a "half" layout whose blocks fill ``N``: a block is ``[K, B/2]`` bytes, row ``j``
+    in the low nibble and row ``j + B/2`` in the high one."""
+    n, half_k = packed.shape
+    blocks = packed.reshape(n // block_n, half_k, 2, block_n // 2)  # [block, m, input 2m or 2m+1, byte j]
     even, odd = blocks[:, :, 0], blocks[:, :, 1]
     first = ((even & 0xF) << 4) | (odd & 0xF)  # rows j of each block
     second = (even & 0xF0) | (odd >> 4)        # rows j + B/2
     return torch.stack([first, second], dim=1).permute(0, 1, 3, 2).reshape(n, half_k)
+
+
+class _FusedOnCuda:
+    """``_half_k_pairs`` compiled by ``torch.compile`` into one kernel, for CUDA tensors.
+
+    Why: eagerly its eight elementwise passes and a transposing copy took 0.83 ms of the 0.98 ms
+    relayout of one Mixtral-8x7B int4 expert on the H200 (the converter itself 0.14 ms), and the
+    relayout of a layer's last copy delays that layer by all of it; compiled, 0.17 ms
+    (``benchmarks/diagnostics/relayout_cost.py``, 2026-12-02). The bytes are the same. Compiled at
+    the first call per shape (a few seconds, once per process; ``TransferEngine`` makes that call
+    when it is built); where compiling fails (no Triton, an old GPU), a warning says why and the eager
+    ops run from then on."""
+
+    def __init__(self):
+        self._compiled, self.failed = None, None
+
+    def __call__(self, packed: torch.Tensor, block_n: int) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(_half_k_pairs, dynamic=False)
+                return self._compiled(packed, block_n)
+            except Exception as exc:  # noqa: BLE001 -- any compiler failure: the eager ops give the same bytes
+                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                warnings.warn(f"int4 relayout: torch.compile failed ({self.failed}); relaying copies with "
+                              "eager torch ops (same bytes, about 0.7 ms more per Mixtral-size expert)", stacklevel=2)
+        return _half_k_pairs(packed, block_n)
+
+
+_FUSED_HALF_K_PAIRS = _FusedOnCuda()
+
+
+def _cpu_expert_into(record: torch.Tensor, halves: torch.Tensor, segments: List[List[int]], group: int,
+                     x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = expert(x) * weights[:, None]`` by the CPU kernel from an int4 record (``halves``: the same
+    bytes viewed as bf16, as TorchScript cannot reinterpret a dtype) whose segments are ``segments``
+    (``[offset, bytes, dim 0, dim 1]`` of ``w13.q``, ``w13.sz``, ``w2.q``, ``w2.sz``): the same ops, in
+    the same order, as ``Int4Format.forward`` on the CPU and the lane's weighting."""
+    o, b, r, c = segments[0]
+    w13 = record.narrow(0, o, b).view(r, c)
+    o, b, r, c = segments[1]
+    sz13 = halves.narrow(0, o // 2, b // 2).view(r, c, 2)
+    o, b, r, c = segments[2]
+    w2 = record.narrow(0, o, b).view(r, c)
+    o, b, r, c = segments[3]
+    sz2 = halves.narrow(0, o // 2, b // 2).view(r, c, 2)
+    h = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w13, group, sz13).to(x.dtype)
+    gate, up = h.chunk(2, -1)
+    mid = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(mid, w2, group, sz2).to(x.dtype)
+    out.copy_(y * weights[:, None].to(x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_expert_into():
+    """``_cpu_expert_into`` under TorchScript, which runs the whole graph without taking the GIL.
+
+    Why TorchScript (deprecated since torch 2.13, and still the one torch mechanism that runs a graph
+    of ops with the GIL released throughout): the CPU lane's thread runs beside the host thread, which
+    runs Python while the lane computes (``stream_gate``). Called op by op, the job takes the GIL back
+    after each of its ~25 ops, waiting up to the switch interval each time the host thread holds it:
+    one int4 Mixtral-8x7B expert took 2.71 ms alone and 5.78 ms beside a thread running Python on the
+    H200's 16-core host at a 0.1 ms interval (2026-12-02, ``benchmarks/diagnostics/lane_gil.py``).
+    Where scripting fails, the plain function runs (same ops, same bytes)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_cpu_expert_into)
+    except Exception as exc:  # noqa: BLE001 -- TorchScript removed or refusing: the eager function is the same math
+        warnings.warn(f"CPU lane: TorchScript unavailable ({type(exc).__name__}); lane jobs run op by op, "
+                      "slower while the host thread runs Python", stacklevel=2)
+        return _cpu_expert_into
 
 
 def to_cuda_layout(packed: torch.Tensor, layout: CpuLayout, inner_k_tiles: int) -> torch.Tensor:

@@ -52,6 +52,11 @@ class TransferEngine:
         self._free_recorded = [False] * num_slots
         self._copied = [False] * num_slots
         self._all_read = False  # the compute stream may read any slot: the next copy waits for it (``wait_all_ready``)
+        if self.cuda and arrive is not None and num_slots:
+            # The first relayout compiles the format's fused kernels (``int4._FusedOnCuda``, seconds once
+            # a process): done here, on an empty slot, so no request's first copy waits for it.
+            arrive(self.buffer[0])
+            torch.cuda.synchronize(device)
 
     def slot(self, index: int) -> torch.Tensor:
         return self.buffer[index]
