@@ -7,6 +7,7 @@
 # sweep: benchmarks/cpu_lane_sweep.py --measure (threads 4/8/16 x budgets 8 slots, 15%, 64 slots;
 # POLICIES; GEN_SWEEP tokens, 32 unless set; one run a cell), rows kept as they come.
 # GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
+# BENCH_TIMEOUT (560 s; then SIGABRT: faulthandler prints every thread's stack to the log);
 # GRAPHS=1 adds --cuda-graphs (the host-overhead cut). Files: ..._cpu_off[_graphs].json, ..._cpu_auto_t<threads>[_graphs].json.
 set -uo pipefail
 source benchmarks/gpu_env.sh
@@ -41,7 +42,7 @@ relayout)
 off|auto)
   trace
   name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs
-  timeout 560 python3 -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
+  timeout -s ABRT "${BENCH_TIMEOUT:-560}" python3 -X faulthandler -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
       --memory-budget 15% --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
       --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} \
       --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" > "$OUT/bench_$name.log" 2>&1

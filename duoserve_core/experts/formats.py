@@ -100,6 +100,9 @@ class ExpertFormat(ABC):
         """The CPU lane's job: ``out = forward(record, x) * weights[:, None]``, all on the host."""
         out.copy_(self.forward(record, x) * weights[:, None].to(x.dtype))
 
+    def prepare_host_job(self) -> None:
+        """Build whatever ``host_job`` compiles, before a lane's first job (which must not stall on it)."""
+
     def computes_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether ``forward`` of one token in ``dtype`` on ``device`` reads the weights where they lie,
         with no weight-sized temporary: only such a call may be captured in a CUDA graph
@@ -244,6 +247,10 @@ class Int4Format(ExpertFormat):
         if record.device.type != "cpu" or not self.cpu_kernel:
             return super().host_job(record, x, weights, out)
         int4.cpu_expert_into()(record, record.view(int4.SCALE_DTYPE), self._segment_spans, self.group, x, weights, out)
+
+    def prepare_host_job(self) -> None:
+        if self.cpu_kernel:
+            int4.cpu_expert_into()
 
     def forward(self, record: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if record.device.type == "cuda" and self.cuda_tiles is not None:  # a slot ``arrive`` converted
