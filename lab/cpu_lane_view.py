@@ -1,8 +1,8 @@
 """Notebook 05's CPU-lane section: a missed expert computed on the host while others cross PCIe.
 
 With ``cpu_experts="auto"`` (``policy.host_lane``) a layer's missed experts are split between the
-copy stream and the host: one int4 expert copies in about 1.8 ms on the H200's link and computes one
-token on its 16 host cores in 1.81 ms idle (2.9-3.4 ms while copies run), so two misses of a layer
+copy stream and the host: one int4 expert copies in about 1.75 ms on the H200's link and computes one
+token on its 16 host cores in 1.78 ms idle (2.7-2.9 ms while copies run), so two misses of a layer
 can finish in about the time of the slower of the two instead of their sum. This view shows what the
 simulator makes of that (Mixtral-8x7B, int4 experts, NF4 attention, the committed H200 calibration
 ``CALIBRATION``, whose ``host_lane`` section was measured under concurrent copies at 4, 8 and 16
@@ -11,9 +11,10 @@ tokens, median of 3, CUDA graphs, 16 lane threads, 2026-12-02).
 
 The lane first lost on the H200 (2026-11-30: the host thread waited at each layer's end for the
 lane, so the next layer's attention could not be queued while it ran). Now the compute stream waits
-for the lane instead (``experts.stream_gate``) and the lane wins: on-demand 169.2 -> 127.3 ms,
-duoserve 163.2 -> 132.8 ms. The simulator models that hand-off; it does not model the cores the
-lane's threads take from the host thread, and is optimistic by about 4-9% on these runs.
+for the lane instead (``experts.stream_gate``) and the lane wins: on-demand 140.4 -> 114.1 ms,
+duoserve 134.1 -> 118.9 ms (the second runs of 2026-12-02, with the fused int4 relayout and the
+lane's job in one TorchScript call). The simulator models the hand-off; its calibration predates
+those two fixes, so it is 20-23% high with the lane off and 3-8% high with it on (docs/cpu_lane.md).
 
 Short requests keep a run to a fraction of a second on a CPU: one request of the measured prompt
 length (512 tokens) and ``GEN`` tokens, routing from ``lab.routing_view`` (seed 1, not the
