@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,37 @@ def test_lane_job_in_torchscript_is_the_forward_bit_for_bit(dtype, tokens):
         out = torch.full((tokens, hidden), float("nan"), dtype=dtype)
         fmt.host_job(record, x, weights, out)
         assert torch.equal(out, want)
+
+
+@needs_kernel
+def test_the_lane_job_is_scripted_when_the_worker_is_built_not_in_its_first_job():
+    """Compiling the job inside the lane's first job stalled a GPU run (the compute stream waited for that
+    job's post, 2026-12-02): a worker builds it on the caller's thread."""
+    from duoserve_core.experts.host_lane import HostLaneWorker
+    int4.cpu_expert_into.cache_clear()
+    worker = HostLaneWorker(make_format("int4", 256, 512, torch.float32), threads=1)
+    try:
+        assert int4.cpu_expert_into.cache_info().currsize == 1
+    finally:
+        worker.close()
+
+
+def test_a_relayout_whose_compile_fails_warns_and_gives_the_eager_bytes(monkeypatch):
+    """Where ``torch.compile`` cannot build the fused relayout (no Triton, an old GPU), the eager ops run,
+    with a warning naming the failure, and the bytes are the same."""
+    def refuse(fn, **kwargs):
+        raise RuntimeError("no backend here")
+    monkeypatch.setattr(torch, "compile", refuse)
+    fused = int4._FusedOnCuda()
+    layout = int4.LAYOUT_BY_NAME["avx512"]
+    packed = int4.pack(torch.randint(0, 16, (128, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8), layout)
+    with pytest.warns(UserWarning, match="no backend here"):
+        got = fused(packed, layout.block_n)
+    assert torch.equal(got, int4._half_k_pairs(packed, layout.block_n))
+    assert fused.failed == "RuntimeError: no backend here"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert torch.equal(fused(packed, layout.block_n), got)
 
 
 def test_only_a_format_that_relays_a_landed_record_gets_the_relayout_stream():
