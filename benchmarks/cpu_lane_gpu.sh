@@ -8,7 +8,7 @@
 # POLICIES; GEN_SWEEP tokens, 32 unless set; one run a cell), rows kept as they come.
 # GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
 # BENCH_TIMEOUT (560 s; then SIGABRT: faulthandler prints every thread's stack to the log);
-# GRAPHS=1 adds --cuda-graphs (the host-overhead cut). Files: ..._cpu_off[_graphs].json, ..._cpu_auto_t<threads>[_graphs].json.
+# GRAPHS=1 adds --cuda-graphs (the host-overhead cut) to the benches and the calibration ("..._int4_graphs.json"). Files: ..._cpu_off[_graphs].json, ..._cpu_auto_t<threads>[_graphs].json.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-128}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; THREADS=${THREADS:-16}
@@ -29,7 +29,8 @@ check)
       > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
 calibrate)
   timeout 400 python3 -m duoserve_core.calibrate --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
-      --formats nf4 --max-tokens 512 --cpu-threads 4,8,16 --repeats 3 --out "$OUT/${TAG}_mixtral-8x7b_int4.json" --quiet \
+      --formats nf4 --max-tokens 512 --cpu-threads 4,8,16 --repeats 3 ${GRAPHS:+--cuda-graphs} \
+      --out "$OUT/${TAG}_mixtral-8x7b_int4${GRAPHS:+_graphs}.json" --quiet \
       > "$OUT/calibrate.log" 2>&1; tail -2 "$OUT/calibrate.log" ;;
 sweep)
   timeout 560 python3 benchmarks/cpu_lane_sweep.py --measure --gen "${GEN_SWEEP:-32}" --policies "$POLICIES" \
@@ -45,7 +46,7 @@ off|auto)
   timeout -s ABRT "${BENCH_TIMEOUT:-560}" python3 -X faulthandler -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
       --memory-budget 15% --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
       --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} \
-      --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" > "$OUT/bench_$name.log" 2>&1
+      --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" --force > "$OUT/bench_$name.log" 2>&1
   tail -4 "$OUT/bench_$name.log" ;;
 esac
 done
