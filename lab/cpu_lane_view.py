@@ -51,7 +51,8 @@ MODES = ("off", "auto", "half")  # half: a seeded random half of the needed expe
 COLOURS = routing_view.COLOURS
 PROMPT, GEN = 512, 32
 QUANT, ATTENTION_QUANT = "int4", "nf4"   # what the calibration and the measured runs used
-LANES = {"compute": "compute stream", "copy": "copy stream", "cpu": "CPU lane"}
+LANES = {"compute": "compute stream", "copy": "copy stream", "cpu": "CPU lane",
+         "relayout": "relayout stream"}   # int4 copies on a GPU (and a calibration that times them)
 CPU_EXPERT_COLOUR = "#54a24b"
 SIMULATED = "simulated, H200 calibration"
 # one marker per lane setting in the TPOT-against-share figure

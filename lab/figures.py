@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from duoserve_core.traces import Trace
 
 STREAM_ORDER = ["copy", "compute"]
-KIND_COLOURS = {"h2d": "#e45756", "attention": "#4c78a8", "router": "#72b7b2", "expert": "#f58518"}
+KIND_COLOURS = {"h2d": "#e45756", "attention": "#4c78a8", "router": "#72b7b2", "expert": "#f58518",
+                "relayout": "#b279a2"}   # relayout: an int4 record re-laid for the GPU's kernel on landing
 
 
 def stream_timeline(df: pd.DataFrame, *, floors_ms: dict[str, float] | None = None, title: str = "") -> go.Figure:

@@ -165,6 +165,26 @@ def test_simulated_lane_halves_a_copy_bound_layer(tmp_path):
     assert ((copies.start_ms < first.end_ms) & (copies.end_ms > first.start_ms)).any()
 
 
+def test_a_relayout_delays_the_layers_last_copy_not_the_next_copy(tmp_path):
+    # The int4 relayout (``calibration.relayout_s``) runs on its own stream after each copy lands: the
+    # second copy of a layer starts as the first lands (its relayout overlaps it), so a layer of two
+    # misses waits for one relayout, the last one's: 1 ms copies, 0.3 ms relayouts, ~2.16 -> ~2.46 ms.
+    tokens = [[[0, 1]], [[2, 3]]] * 4
+    request = [{"prefill": [[[0, 1]]], "decode": tokens}]
+    plain = Simulator(*setup(tmp_path / "a", request, 1, 4, 2, budget="2slots"), "on-demand",
+                      policy_time=False).generate(1, 8)
+    relaid = Simulator(*setup(tmp_path / "b", request, 1, 4, 2, budget="2slots", relayout_s=0.3 * MS), "on-demand",
+                       policy_time=False).generate(1, 8)
+    assert relaid.tpot_s == pytest.approx(plain.tpot_s + 0.3 * MS, rel=0.03)
+    df = pd.DataFrame(relaid.rows, columns=COLUMNS)
+    copies, relayouts = df[df.kind == "h2d"].reset_index(), df[df.stream == "relayout"].reset_index()
+    assert len(relayouts) == len(copies) and (relayouts.start_ms >= copies.end_ms - 1e-9).all()
+    # copies run back to back: the second of a layer does not wait for the first one's relayout
+    decode = copies[copies.phase == "decode"]
+    pairs = decode.groupby("step")
+    assert all(g.start_ms.iloc[1] == pytest.approx(g.end_ms.iloc[0]) for _, g in pairs)
+
+
 def test_simulator_needs_the_lane_in_the_calibration(tmp_path):
     model, cal, replay = setup(tmp_path, [{"prefill": [[[0, 1]]], "decode": [[[2, 3]]]}], 1, 4, 2)
     with pytest.raises(CalibrationError, match="no CPU-lane measurements"):

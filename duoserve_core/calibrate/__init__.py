@@ -430,6 +430,7 @@ class _Probe:
                 "attention_launch_s": m["router"] - m["start"],
                 "post_s": post, "experts": len(experts), "copies": len(copies),
                 "copy_s": [r["duration_ms"] / 1e3 for r in copies],
+                "relayout_s": [r["duration_ms"] / 1e3 for r in by_key[(s, layer, "relayout")]],
                 "compute_end_ms": max([r["end_ms"] for r in experts] or [0.0]),
                 "moe_exit_ms": ms(m["moe_exit"]),
             })
@@ -764,6 +765,9 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     runtime_copies = [d for r in offloaded_layers for d in r["copy_s"]]
     if runtime_copies:
         h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
+    relayouts = [d for r in offloaded_layers for d in r["relayout_s"]]
+    if relayouts:  # int4 on CUDA: each landed record is relaid for the GPU's kernel before it is read
+        h2d["relayout_s"] = statistics.fmean(relayouts)
     quant_format = make_format(args.quant, config.hidden_size, config.intermediate_size, checkpoint_dtype).name
     log(f"batched decode attention: {', '.join(map(str, BATCH_ROWS))} rows at {BATCH_WIDTH} keys")
     attention_rows = measure_batched_attention(runtime, repeats=args.repeats)

@@ -16,6 +16,8 @@ Format ``duoserve-calibration/1``::
     expert_bytes: {format: bytes of one expert record}
     h2d: {pinned: [[bytes, s]...], pageable: [[bytes, s]...]}       back-to-back copies, per copy
          runtime (optional): [[record bytes, s]]          mean of the runtime's own copies of a record
+         relayout_s (optional): s   mean of the runtime's relayout spans (a format whose device kernel reads
+                                    another layout, int4 on CUDA): a landed record is usable that much later
          links (optional): {count: n, pinned: [[bytes, s]...]}   per copy on each of n GPUs' links when
                                                            all n copy at once (a machine with n GPUs)
     peer (optional): [[bytes, s]...]    one device-to-device hand-over (hidden states to another GPU and back)
@@ -141,6 +143,7 @@ class Calibration:
             self.h2d = {k: Curve(_points(raw["h2d"][k], f"{where}: h2d.{k}")) for k in ("pinned", "pageable")}
             runtime = raw["h2d"].get("runtime")
             self.runtime_copy_s = {int(b): s for b, s in _points(runtime, f"{where}: h2d.runtime")} if runtime else {}
+            self.relayout_s = float(raw["h2d"].get("relayout_s", 0.0))
             links = raw["h2d"].get("links")
             self.links = (int(links["count"]), Curve(_points(links["pinned"], f"{where}: h2d.links.pinned"))) \
                 if links else None

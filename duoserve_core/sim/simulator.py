@@ -171,11 +171,15 @@ class SimTransferEngine:
         self.clocks, self.events, self.synchronous = clocks, events, synchronous
         self.copy_s = calibration.link_copy_s(record_bytes, self.devices)
         self.per_copy_s = calibration.per_copy_s
+        # a landed record's relayout (int4 on CUDA), one after another on each device's relayout stream
+        # while the copy stream goes on: it delays the record's use, not the next copy
+        self.relayout_s = 0.0 if synchronous else calibration.relayout_s
         self.reset()
 
     def reset(self) -> None:
-        self.ready = [0.0] * self.num_slots   # when each slot's last copy lands
+        self.ready = [0.0] * self.num_slots   # when each slot's last copy lands (and is relaid)
         self.free = [0.0] * self.num_slots    # when each slot's last reader finishes
+        self.relayouts = [0.0] * self.devices  # when each device's relayout stream is free
 
     def copy_in(self, index: int, key: tuple[int, int]) -> None:
         c, d = self.clocks, self.device_of_slot[index]
@@ -186,6 +190,11 @@ class SimTransferEngine:
             c.host = c.copies[d]
         self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.store.record_bytes,
                                    start_s=start, end_s=c.copies[d], device=d))
+        if self.relayout_s:
+            begin = max(c.copies[d], self.relayouts[d])
+            self.relayouts[d] = self.ready[index] = begin + self.relayout_s
+            self.events.emit(SpanEvent("whole", "relayout", "relayout", key[0], key[1],
+                                       start_s=begin, end_s=self.ready[index], device=d))
 
 
 class _SimLayer:
@@ -338,7 +347,7 @@ class Simulator:
             return HostLane("off")
         curve, threads = calibration.host_lane_curve(self.fmt, self.knobs.cpu_threads)
         self.host_lane_s = lambda tokens: curve.at(tokens)
-        costs = LaneCosts(self.engine.copy_s, self.host_lane_s,
+        costs = LaneCosts(self.engine.copy_s + self.engine.relayout_s, self.host_lane_s,  # as the runtime times a copy
                           lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens),
                           threads, source=f"calibration {calibration.where}")
         return HostLane(mode, costs)
