@@ -14,7 +14,7 @@ lane, so the next layer's attention could not be queued while it ran). Now the c
 for the lane instead (``experts.stream_gate``) and the lane wins: on-demand 140.4 -> 114.1 ms,
 duoserve 134.1 -> 118.9 ms (the second runs of 2026-12-02, with the fused int4 relayout and the
 lane's job in one TorchScript call). The simulator models the hand-off; its calibration predates
-those two fixes, so it is 20-23% high with the lane off and 3-8% high with it on (docs/cpu_lane.md).
+those two fixes, so it is 19-23% high with the lane off and 2-8% high with it on (docs/cpu_lane.md).
 
 Short requests keep a run to a fraction of a second on a CPU: one request of the measured prompt
 length (512 tokens) and ``GEN`` tokens, routing from ``lab.routing_view`` (seed 1, not the
