@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/diagnostics/lane_gil.py --hidden 1024 --intermediate 3584 --threads 1
 
 Since the stream hand-off (``experts/stream_gate.py``) the host thread runs on while the lane computes, so
-the two now run Python at the same time. The lane's job is a few dozen torch calls; each gives the GIL up
-while its kernel runs and must take it back, and a thread that wants the GIL while another runs Python
-waits for the switch interval (``sys.getswitchinterval()``, 5 ms) before the holder is made to drop it.
+the two now run Python at the same time. The lane's thread takes the GIL back each time it returns to
+Python (after every op of a job run op by op; a few times a job since an int4 job is one TorchScript call,
+``int4.cpu_expert_into``), and a thread that wants the GIL while another runs Python waits for the switch
+interval (``sys.getswitchinterval()``, 5 ms) before the holder is made to drop it.
 This times the lane's own job (``HostLaneWorker`` on an int4 record of the given shape, one warm-up, the
 median of ``--repeats``) with nothing else running, and beside a thread that runs pure Python the whole
 time, at a few switch intervals (the lane now runs at ``host_lane.LANE_SWITCH_INTERVAL_S``). The host thread is not busy all the time in a real run (it waits for

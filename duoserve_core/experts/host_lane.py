@@ -46,12 +46,15 @@ LANE_SWITCH_INTERVAL_S = 1e-4  # how soon the lane's thread gets the GIL back fr
 class _SwitchInterval:
     """Python's GIL switch interval lowered while any lane worker lives, restored after the last one.
 
-    Why: the lane's job is a few dozen torch calls, and after each kernel its thread must take the GIL
-    back. Since the host thread runs on beside the lane (``stream_gate``), it may be running Python
-    then, and a thread that wants the GIL waits the switch interval (5 ms by default) for it: one int4
-    Mixtral-8x7B expert took 12.1 ms alone and 306 ms beside a thread running Python on a 2-core
-    machine, 17.7 ms at 0.1 ms (``benchmarks/diagnostics/lane_gil.py``, 2026-12-02). Process-wide, as the
-    interval is: restored when the last worker closes (a runtime closes its own when the lane goes off)."""
+    Why: the lane's thread must take the GIL back each time it returns to Python: after each op of a
+    job run op by op (about 25), and still a few times a job when the job is one TorchScript call
+    (``Int4Format.host_job``: its start, its return, the post). Since the host thread runs on beside
+    the lane (``stream_gate``), it may be running Python then, and a thread that wants the GIL waits
+    the switch interval (5 ms by default) for it: one int4 Mixtral-8x7B expert at 16 threads on the
+    H200's host took 1.78 ms alone and, beside a thread running Python, 34 ms at 5 ms and 3.4 ms at
+    0.1 ms as one TorchScript call (op by op: 236 and 5.8 ms; ``benchmarks/diagnostics/lane_gil.py``,
+    2026-12-02). Process-wide, as the interval is: restored when the last worker closes (a runtime
+    closes its own when the lane goes off)."""
 
     def __init__(self):
         self.workers, self.saved = 0, None
