@@ -15,7 +15,8 @@ the expert's SwiGLU MLP straight from a record on the compute device.
   parameter at group 128, 0.5625 at 64. The values are stored once, in the layout torch's CPU
   int4 kernel reads (``_weight_int4pack_mm_for_cpu``), and both lanes compute from those bytes:
   the host by that kernel (1.53 ms for one Mixtral-8x7B expert and token on the GPU host's
-  16-core Xeon), the GPU by unpacking them with torch ops, dequantize + linear.
+  16-core Xeon), the GPU by torch's CUDA int4 kernel once a landed record is relaid for it
+  (``Int4Format.arrive``; by dequantize + linear where that kernel cannot take the shape).
 """
 
 from __future__ import annotations

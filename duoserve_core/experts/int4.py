@@ -202,8 +202,9 @@ class _FusedOnCuda:
 
     Why: eagerly its eight elementwise passes and a transposing copy took 0.83 ms of the 0.98 ms
     relayout of one Mixtral-8x7B int4 expert on the H200 (the converter itself 0.14 ms), and the
-    relayout of a layer's last copy delays that layer by all of it; compiled, 0.17 ms
-    (``benchmarks/diagnostics/relayout_cost.py``, 2026-12-02). The bytes are the same. Compiled at
+    relayout of a layer's last copy delays that layer by all of it; compiled, 0.24 ms, and the whole
+    relayout 0.33 ms (``benchmarks/diagnostics/relayout_cost.py``, 2026-12-02). The bytes are the
+    same (tested on the GPU). Compiled at
     the first call per shape (a few seconds, once per process; ``TransferEngine`` makes that call
     when it is built); where compiling fails (no Triton, an old GPU), a warning says why and the eager
     ops run from then on."""
@@ -257,8 +258,9 @@ def cpu_expert_into():
     runs Python while the lane computes (``stream_gate``). Called op by op, the job takes the GIL back
     after each of its ~25 ops, waiting up to the switch interval each time the host thread holds it:
     one int4 Mixtral-8x7B expert took 2.71 ms alone and 5.78 ms beside a thread running Python on the
-    H200's 16-core host at a 0.1 ms interval (2026-12-02, ``benchmarks/diagnostics/lane_gil.py``).
-    Where scripting fails, the plain function runs (same ops, same bytes)."""
+    H200's 16-core host at a 0.1 ms interval; as one TorchScript call, 1.78 and 3.44 ms (2026-12-02,
+    ``benchmarks/diagnostics/lane_gil.py``). Where scripting fails, the plain function runs (same
+    ops, same bytes)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
