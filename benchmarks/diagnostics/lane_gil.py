@@ -9,7 +9,7 @@ Python (after every op of a job run op by op; a few times a job since an int4 jo
 ``int4.cpu_expert_into``), and a thread that wants the GIL while another runs Python waits for the switch
 interval (``sys.getswitchinterval()``, 5 ms) before the holder is made to drop it.
 This times the lane's own job (``HostLaneWorker`` on an int4 record of the given shape, one warm-up, the
-median of ``--repeats``) with nothing else running, and beside a thread that runs pure Python the whole
+median of ``--repeats``), as the lane runs it and op by op, with nothing else running, and beside a thread that runs pure Python the whole
 time, at a few switch intervals (the lane now runs at ``host_lane.LANE_SWITCH_INTERVAL_S``). The host thread is not busy all the time in a real run (it waits for
 each layer's router, without the GIL), so this is the worst case; it says how far a long stretch of host
 Python (a batched step's bookkeeping) can delay the lane. On a 2-core machine, Mixtral-8x7B's shape, one
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from duoserve_core.checkpoint import ExpertTensors  # noqa: E402
-from duoserve_core.experts.formats import make_format  # noqa: E402
+from duoserve_core.experts.formats import ExpertFormat, Int4Format, make_format  # noqa: E402
 from duoserve_core.experts.host_lane import HostLaneWorker  # noqa: E402
 from duoserve_core.experts.host_store import HostExpertStore  # noqa: E402
 
@@ -68,6 +68,13 @@ def job_s(worker: HostLaneWorker, record: torch.Tensor, tokens: int, repeats: in
     return statistics.median(times[1:])
 
 
+class OpByOp(Int4Format):
+    """The int4 format with the lane's job run op by op (the base class's ``host_job``), as before the
+    job became one TorchScript call: for the comparison."""
+
+    host_job = ExpertFormat.host_job
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -84,21 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     store = HostExpertStore(1, 1, fmt.nbytes, pin=False)
     fmt.pack(tensors, store.record(0, 0), torch.device("cpu"))
     default = sys.getswitchinterval()  # before the worker lowers it (``host_lane.SWITCH_INTERVAL``)
-    worker = HostLaneWorker(fmt, a.threads)
-    try:
-        alone = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
-        print(f"one int4 expert ({a.hidden} x {a.intermediate}), {a.tokens} token(s), {a.threads} lane thread(s), "
-              f"{torch.get_num_threads()} cores' worth of torch threads here")
-        print(f"  alone: {alone * 1e3:8.2f} ms")
-        for interval in (float(v) for v in a.intervals.split(",")):
-            sys.setswitchinterval(interval)
-            with BusyPython():
-                beside = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
-            print(f"  beside a thread running Python, switch interval {interval * 1e3:g} ms: {beside * 1e3:8.2f} ms "
-                  f"({beside / alone:.1f}x)")
-    finally:
-        sys.setswitchinterval(default)
-        worker.close()
+    print(f"one int4 expert ({a.hidden} x {a.intermediate}), {a.tokens} token(s), {a.threads} lane thread(s), "
+          f"{torch.get_num_threads()} cores' worth of torch threads here")
+    for name, job_format in (("one TorchScript call (the lane's job)", fmt),
+                             ("op by op", OpByOp(a.hidden, a.intermediate, fmt.layout))):
+        worker = HostLaneWorker(job_format, a.threads)
+        try:
+            alone = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
+            print(f"{name}\n  alone: {alone * 1e3:8.2f} ms")
+            for interval in (float(v) for v in a.intervals.split(",")):
+                sys.setswitchinterval(interval)
+                with BusyPython():
+                    beside = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
+                print(f"  beside a thread running Python, switch interval {interval * 1e3:g} ms: {beside * 1e3:8.2f} ms "
+                      f"({beside / alone:.1f}x)")
+        finally:
+            sys.setswitchinterval(default)
+            worker.close()
     return 0
 
 
