@@ -12,10 +12,11 @@ One decode token at layer l, in order:
    (``ExpertCache.begin_layer``); the policy's plan is applied (prefill: the window's next layers queue).
 2. attention and the router run on the compute stream; the top-k comes to the host (the one
    device->host sync of the layer) and ``run`` starts.
-3. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
+3. the CPU lane, where it is on (``policy.host_lane``), takes the experts the host computes
+   instead of copying; their work starts at once, beside everything below (first: at batch 1 the
+   lane's expert is the layer's longest path).
+4. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
    this layer's demand copies go first on the in-order copy stream.
-4. the CPU lane, where it is on (``policy.host_lane``), takes the experts the host computes
-   instead of copying; their work starts at once, beside everything below.
 5. the other needed experts, resident (or intact) first, are acquired while a slot can be freed:
    a hit pins the slot, a miss also queues its copy (``ExpertDevice.copy_in`` via the cache).
 6. the held plans are applied: prefetches queue behind the demand copies.
@@ -96,18 +97,20 @@ class LayerStep:
             device: ExpertDevice) -> None:
         """Steps 3-9 of the module doc for layer ``layer``; ``topk`` ``[tokens, k]`` on the host."""
         self.events.emit(StepEvent("routed", self.step, self.phase, layer))
-        held = [self.policy.router_done(layer, topk, probs)]
-        if speculation is not None and self.policy.wants_speculation:
-            held.append(self.policy.speculated(layer + 1, speculation))
         cache = self.cache
         needed = [(e, c) for e, c in enumerate(device.counts) if c]
         on_host: set[int] = set()
         if self.host_lane is not None:
+            # Before the policy's bookkeeping: the lane's expert is the layer's longest path, and its
+            # choice reads nothing ``router_done`` changes (its plans are held until step 6).
             queued = cache.stats.prefetches - self._prefetch_mark
             on_host = self.host_lane.choose(needed, lambda e: cache.holds((layer, e)), queued)
             for expert in sorted(on_host):
                 cache.computed_on_host((layer, expert))
                 device.compute_on_host(layer, expert)
+        held = [self.policy.router_done(layer, topk, probs)]
+        if speculation is not None and self.policy.wants_speculation:
+            held.append(self.policy.speculated(layer + 1, speculation))
         pending = deque(sorted((e for e, _ in needed if e not in on_host), key=lambda e: not cache.holds((layer, e))))
         in_flight: deque[tuple[int, int]] = deque()
         while pending or in_flight:
