@@ -105,6 +105,21 @@ def test_tokens_and_logits_do_not_depend_on_the_lane(runtime, policy, mode):
     assert out.policy["cpu_lane"] == mode
 
 
+def test_the_lane_starts_before_the_policys_router_bookkeeping(runtime, monkeypatch):
+    """A layer's lane experts are submitted before the policy hears ``router_done`` (the lane's expert is
+    a batch-1 layer's longest path; the policy's work must not delay its start)."""
+    runtime.configure(policy="duoserve", memory_budget="6slots", cpu_experts="all", predictor=PREDICTOR)
+    order = []
+    router_done, submit = runtime.policy.router_done, runtime.host_worker.submit
+    monkeypatch.setattr(runtime.policy, "router_done", lambda *a: order.append("policy") or router_done(*a))
+    monkeypatch.setattr(runtime.host_worker, "submit", lambda *a: order.append("lane") or submit(*a))
+    runtime.generate(prompt_ids=[5, 6, 7], max_new_tokens=3, stop_at_eos=False)
+    heard = [i for i, kind in enumerate(order) if kind == "policy"]
+    assert len(heard) == 3 * runtime.config.num_hidden_layers  # every layer of the three steps
+    # with every expert on the lane, each router_done comes right after its own layer's submissions
+    assert order[0] == "lane" and all(order[i - 1] == "lane" for i in heard)
+
+
 def test_auto_on_a_cpu_device_is_off_and_says_why(runtime):
     runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="auto")
     described = runtime.describe()
