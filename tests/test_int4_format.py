@@ -319,6 +319,18 @@ def test_a_relayout_whose_compile_fails_warns_and_gives_the_eager_bytes(monkeypa
         assert torch.equal(fused(packed, layout.block_n), got)
 
 
+def test_a_fused_relayout_whose_run_fails_raises_and_stays_compiled():
+    """Only a compiler's failure turns the fused relayout off; an error of the compiled kernel's run (out
+    of memory, say) is raised as any op's would be, and the next call tries the compiled kernel again."""
+    fused = int4._FusedOnCuda()
+    def out_of_memory(packed, block_n):
+        raise torch.OutOfMemoryError("no room for the relayout's temporaries")
+    fused._compiled = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        fused(torch.zeros(64, 4, dtype=torch.uint8), 64)
+    assert fused.failed is None and fused._compiled is out_of_memory
+
+
 def test_only_a_format_that_relays_a_landed_record_gets_the_relayout_stream():
     """Int4 re-packs a landed record for tinygemm on a GPU; NF4, bf16 and int4 on the CPU compute the copied
     bytes as they are, so their copies skip the relayout stream's wait, event and timeline span (on the

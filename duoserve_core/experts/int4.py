@@ -204,10 +204,10 @@ class _FusedOnCuda:
     relayout of one Mixtral-8x7B int4 expert on the H200 (the converter itself 0.14 ms), and the
     relayout of a layer's last copy delays that layer by all of it; compiled, 0.24 ms, and the whole
     relayout 0.33 ms (``benchmarks/diagnostics/relayout_cost.py``, 2026-12-02). The bytes are the
-    same (tested on the GPU). Compiled at
-    the first call per shape (a few seconds, once per process; ``TransferEngine`` makes that call
-    when it is built); where compiling fails (no Triton, an old GPU), a warning says why and the eager
-    ops run from then on."""
+    same (tested on the GPU). Compiled at the first call per shape (a few seconds, once per process;
+    ``TransferEngine`` makes that call when it is built); where compiling fails (no Triton, an old
+    GPU), a warning says why and the eager ops run from then on. Only a compiler's failure does
+    that: an error of the kernel's own run (out of memory, say) is raised as any op's would be."""
 
     def __init__(self):
         self._compiled, self.failed = None, None
@@ -218,7 +218,9 @@ class _FusedOnCuda:
                 if self._compiled is None:
                     self._compiled = torch.compile(_half_k_pairs, dynamic=False)
                 return self._compiled(packed, block_n)
-            except Exception as exc:  # noqa: BLE001 -- any compiler failure: the eager ops give the same bytes
+            except Exception as exc:  # noqa: BLE001 -- torch.compile refusing, or dynamo/inductor failing
+                if self._compiled is not None and not isinstance(exc, torch._dynamo.exc.TorchDynamoException):
+                    raise
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 warnings.warn(f"int4 relayout: torch.compile failed ({self.failed}); relaying copies with "
                               "eager torch ops (same bytes, about 0.7 ms more per Mixtral-size expert)", stacklevel=2)
