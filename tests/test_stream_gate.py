@@ -57,6 +57,63 @@ def test_a_failed_job_posts_and_raises_on_the_host():
         worker.close()
 
 
+class _GatedFormat:
+    """A format whose lane job waits until the test lets it finish."""
+
+    def __init__(self, fmt):
+        self.fmt, self.go, self.optimizing = fmt, threading.Event(), []
+
+    def __getattr__(self, name):
+        return getattr(self.fmt, name)
+
+    def host_job(self, record, x, weights, out):
+        self.optimizing.append(torch._C._get_graph_executor_optimize())
+        assert self.go.wait(10)
+        self.fmt.host_job(record, x, weights, out)
+
+
+def test_the_lanes_thread_frees_none_of_a_jobs_tensors():
+    """Freeing a pinned buffer is a CUDA call, and the lane's thread must make none (a stream may be
+    holding for its next post): every tensor of a job is freed on the host thread, at a hold, even when
+    the caller dropped its own references while the job ran (fails where the job's end frees them)."""
+    import weakref
+
+    runtime = duoserve_core.load("synthetic:tiny", device="cpu", memory_budget="all")
+    gated = _GatedFormat(runtime.format)
+    worker = HostLaneWorker(gated, 1)
+    freed_on = []
+    try:
+        x, weights, out = torch.randn(2, runtime.format.hidden), torch.ones(2), torch.empty(2, runtime.format.hidden)
+        for tensor in (x, weights, out):
+            weakref.finalize(tensor, lambda: freed_on.append(threading.current_thread().name))
+        future = worker.submit(runtime.store.record(0, 0), x, weights, out)
+        del x, weights, out, tensor  # the job holds the only references now
+        gated.go.set()
+        future.result(timeout=10)
+        time.sleep(0.05)  # past the job: the lane's thread is back waiting for work
+        assert freed_on == []
+        worker.hold(None)
+        assert freed_on == [threading.current_thread().name] * 3
+    finally:
+        worker.close()
+
+
+def test_the_lanes_thread_runs_torchscript_unoptimized():
+    """The lane's thread runs scripted jobs in TorchScript's plain interpreter (no profiling and
+    re-specializing inside a job on each new token count); the host thread's setting is its own."""
+    runtime = duoserve_core.load("synthetic:tiny", device="cpu", memory_budget="all")
+    gated = _GatedFormat(runtime.format)
+    gated.go.set()
+    worker = HostLaneWorker(gated, 1)
+    try:
+        hidden = runtime.format.hidden
+        worker.submit(runtime.store.record(0, 0), torch.randn(1, hidden), torch.ones(1), torch.empty(1, hidden))
+        worker.hold(None)
+    finally:
+        worker.close()
+    assert gated.optimizing == [False] and torch._C._get_graph_executor_optimize()
+
+
 def test_a_run_stopped_mid_layer_leaves_no_stray_post(monkeypatch):
     """Ctrl-C between a layer's submits and its holds: the next run's holds must pair with its own jobs."""
     kw = dict(device="cpu", quant="nf4", memory_budget="6slots", max_context=64)
@@ -94,6 +151,27 @@ def test_a_held_stream_runs_nothing_after_the_hold_until_the_post():
     gate.post()
     done.synchronize()
     assert float(target.sum()) == 1024.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_several_lane_experts_a_layer_finish_on_a_gpu():
+    """On the H200 every run with several lane experts in a layer hung (2026-12-02: the lane's thread
+    freed a pinned buffer while the stream held for its next post); a prompt and a batch with half of
+    the experts on the lane must finish, every hold paired."""
+    kw = dict(device="cuda", quant="int4", memory_budget="6slots", max_context=64, max_batch=4)
+    runtime = duoserve_core.load(DATA / "small-moe", cpu_experts="half", cpu_threads=4, **kw)
+    runs = []
+
+    def work():
+        runs.append(runtime.generate(prompt_ids=[1, 5, 9, 2, 7, 3, 8, 4], max_new_tokens=4, stop_at_eos=False))
+        runs.append(runtime.generate_many([[1, 5, 9, 2], [3, 4, 5], [7, 8, 9, 10, 11], [2, 2]], max_batch=4,
+                                          max_new_tokens=4, stop_at_eos=False))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "a run with the lane forced on half of the experts hung"
+    assert len(runs) == 2 and all(r.host_computes > 0 for r in runs) and runtime.host_worker.unheld == 0
 
 
 @pytest.mark.parametrize("schedule", ["mixed", "prefill-first"])

@@ -11,7 +11,9 @@ the job (pinned, on a GPU, so the copy that reads it is queued at once), then po
 ``StreamGate``: the host queues, per job, a hold on the compute stream and that copy, and goes on
 to the next layer while the lane computes (``experts.stream_gate``). The job's future gives the
 host times it ran between, so the executor puts the span on the timeline's ``cpu`` lane from the
-main thread (the event bus is not shared across threads), and raises the job's error there.
+main thread (the event bus is not shared across threads), and raises the job's error there. The
+job's tensors are freed on the host thread, not the lane's, which makes no CUDA call
+(``HostLaneWorker.release_spent``).
 
 ``measure_costs`` gives the auto decision (``policy.host_lane``) its costs on this machine: one
 expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads; on a GPU
@@ -27,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -84,18 +87,25 @@ class HostLaneWorker:
         SWITCH_INTERVAL.acquire()
         self._closed = False
         self.unheld = 0  # jobs submitted whose post no hold has taken yet (the main thread counts both)
+        self._spent: deque[list[torch.Tensor]] = deque()  # finished jobs' tensors, freed by the host thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duoserve-cpu-lane",
                                         initializer=self._init_thread)
 
     def _init_thread(self) -> None:
+        """The lane thread's torch settings: its thread count, and TorchScript's graph executor without
+        its profiling and optimizing passes (a thread-local switch). Why: the profiling executor
+        instruments a scripted graph's first calls and re-specializes it for new token counts inside
+        the job (a Mixtral-size job's first call: 92 ms with them, 35 ms without, on a 2-core host;
+        later calls the same); the job is a handful of ATen calls with nothing to fuse on the CPU."""
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        torch._C._set_graph_executor_optimize(False)
 
     def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> Future:
         """Start ``record``'s expert on ``x [T, H]`` (host tensors), its weighted output to go into
         ``out``; the future gives ``(start, end)`` in ``time.perf_counter`` times. Take its post with
         ``hold``, in submission order, before reading ``out``."""
-        future = self._pool.submit(self._run, record, x, weights, out)
+        future = self._pool.submit(self._run, [record, x, weights, out])
         self.unheld += 1  # counted once queued: a refused submit leaves no post to wait for
         return future
 
@@ -103,6 +113,21 @@ class HostLaneWorker:
         """The next job's result is ready for what ``stream`` queues after this (``None``: here, now)."""
         self.gate.hold(stream)
         self.unheld -= 1
+        self.release_spent()
+
+    def release_spent(self) -> None:
+        """Drop, on the calling (host) thread, the tensors of the jobs done so far.
+
+        Why not where the job ends: the lane's thread must make no CUDA call, since the compute stream
+        may be holding for its next post, and freeing the pinned output buffer is one (torch's host
+        allocator records an event on the streams that read the block). On the H200 on 2026-12-02 every
+        run with several lane experts in a layer (a forced prefill, a batch-4 or batch-16 decode) hung
+        with job n posted and job n+1 never finished, the lane's thread past job n, where its only CUDA
+        call was that free (``benchmarks/diagnostics/lane_stall.py``); one lane expert a layer (``auto``
+        at batch 1) never hung. The host thread frees such buffers throughout a run (the router's
+        pinned copies) without stalling."""
+        while self._spent:
+            self._spent.popleft()
 
     def settle(self) -> None:
         """Take the posts of jobs whose hold was never queued (a run stopped between a layer's
@@ -110,13 +135,15 @@ class HostLaneWorker:
         while self.unheld:
             self.hold(None)
 
-    def _run(self, record, x, weights, out):
+    def _run(self, job: list[torch.Tensor]) -> tuple[float, float]:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                self.fmt.host_job(record, x, weights, out)
+                self.fmt.host_job(*job)
         finally:  # a failed job posts too, so no stream waits forever; its future raises on the host
             self.gate.post()
+            self._spent.append(job.copy())  # the job's tensors are freed on the host thread (``hold``)
+            job.clear()
         return start, time.perf_counter()
 
     def time_expert(self, record: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -136,6 +163,7 @@ class HostLaneWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.release_spent()
         if not self._closed:
             self._closed = True
             SWITCH_INTERVAL.release()
