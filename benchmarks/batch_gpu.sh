@@ -4,7 +4,8 @@
 # context prompt + GEN, routing replayed from a mixtral-like trace (request i replays trace request i).
 #   bash benchmarks/batch_gpu.sh STAGE...   stages: check, calibrate, batch, arrivals, gap, serve   (carry [".whl"]; serve also
 #   ".whl-serve": the FastAPI, Starlette, uvicorn, pydantic and opentelemetry-api wheels the GPU image lacks);
-#   notebook: notebook 07 on the GPU without Jupyter (benchmarks/notebook_cells.py), carrying ".whl-cells": IPython,
+#   notebook: notebook NB (07_serving_qos unless set; NB_TIMEOUT 560 s) on the GPU without Jupyter (benchmarks/notebook_cells.py),
+#   carrying ".whl-cells" (or the same wheels inside ".whl", under 64 MiB with the tree): IPython,
 #   ipywidgets, plotly and their pure-Python needs, about 12 MB; NB_THEN sets knobs after the first cell). Fetch them with
 #   ../shared/tools/device-wheels.sh's pip line into .whl-cells (or .whl-serve) instead of .whl:
 #   cells: asttokens comm executing ipython ipython_pygments_lexers ipywidgets matplotlib-inline pexpect plotly
@@ -13,7 +14,7 @@
 # GEN (32), POLICIES (on-demand,lru,duoserve), BATCHES (1,4,16,64), RATES (0.5,1,2), REQUESTS (24),
 # BATCH_TIMEOUT (400 s per policy), ARRIVALS_TIMEOUT (560 s), MAXB (16), SCHEDULES (mixed), SLO ("--slo-ttft-ms 2000 --slo-tpot-ms 500") override the bench's settings;
 # a bench cut by its timeout gets SIGABRT, and python's faulthandler writes every thread's stack into its log
-# (where a run was stuck, if it was: a batched run with the CPU lane did not finish a row on 2026-12-02);
+# (where a run was stuck, if it was: batched runs with the CPU lane hung on 2026-12-02; benchmarks/diagnostics/lane_stall.py);
 # TIMELINES=1: the batch stage also writes each row's timeline under $OUT/timelines; GRAPHS (1, the GPU's default since
 # 2026-12-01): the calibrate, batch and arrivals stages run with --cuda-graphs (decode steps' dense part replayed from
 # CUDA graphs), their files named ..._graphs; GRAPHS=0 runs them eagerly (--no-cuda-graphs), files without the suffix.
@@ -27,6 +28,7 @@ source benchmarks/gpu_env.sh
 GEN=${GEN:-32}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; BATCHES=${BATCHES:-1,4,16,64}
 RATES=${RATES:-0.5,1,2}; REQUESTS=${REQUESTS:-24}; MAXB=${MAXB:-16}; SCHEDULES=${SCHEDULES:-mixed}
 SLO=${SLO:---slo-ttft-ms 2000 --slo-tpot-ms 500}
+NB=${NB:-notebooks/07_serving_qos.ipynb}
 if [ "${GRAPHS:-1}" = 1 ]; then GRAPH_FLAG=--cuda-graphs; GRAPH_SUFFIX=_graphs; else GRAPH_FLAG=--no-cuda-graphs; GRAPH_SUFFIX=; fi
 # per policy in the batch stage (one short warm-up and one full run per batch size): batches 1,4,16,64 at GEN=128 take
 # about 4-5 minutes (batch 64: 64 prefills of about 0.5 s, then 128 steps of about 0.5 s); one policy per device call there
@@ -72,10 +74,14 @@ gap)
       --max-batch 1,4 --timelines "$OUT/timelines" --out "$OUT/gap_${TAG}_batch.json" > "$OUT/gap_batch.log" 2>&1
   python3 benchmarks/step_split_table.py "$OUT"/gap_*.json || tail -3 "$OUT"/gap_*.log ;;
 notebook)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
-    || exit 1
-  timeout 560 python3 benchmarks/notebook_cells.py notebooks/07_serving_qos.ipynb ${NB_THEN:+--then "$NB_THEN"} \
-      --out "$OUT/notebook07_cells_$TAG.json" > "$OUT/notebook07.log" 2>&1; tail -14 "$OUT/notebook07.log" ;;
+  if [[ -d .whl-cells ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-cells/*.whl \
+      || exit 1
+  fi
+  nb=$(basename "$NB" | cut -c1-2)
+  timeout "${NB_TIMEOUT:-560}" python3 -X faulthandler benchmarks/notebook_cells.py "$NB" ${NB_THEN:+--then "$NB_THEN"} \
+      --out "$OUT/notebook${nb}_cells_$TAG.json" > "$OUT/notebook$nb.log" 2>&1; echo "exit $?" >> "$OUT/notebook$nb.log"
+  tail -14 "$OUT/notebook$nb.log" ;;
 serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-serve/*.whl \
     || exit 1

@@ -2,8 +2,9 @@
 # Issue 13 on the GPU machine: the CPU lane's costs and decode with --cpu-experts off/auto.
 # Synthesized Mixtral-8x7B, int4 experts (the format both lanes compute from), NF4 attention, 15%,
 # prompt 512, mixtral-like routing. Each step has its own timeout and log under $OUT; a table last.
-#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep gil relayout   (carry [".whl"])
-# gil: benchmarks/diagnostics/lane_gil.py at THREADS; relayout: benchmarks/diagnostics/relayout_cost.py.
+#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep gil relayout stall   (carry [".whl"])
+# gil: benchmarks/diagnostics/lane_gil.py at THREADS; relayout: benchmarks/diagnostics/relayout_cost.py;
+# stall: benchmarks/diagnostics/lane_stall.py's cases (STALL_CASES, STALL_TIMEOUT 110 s each).
 # sweep: benchmarks/cpu_lane_sweep.py --measure (threads 4/8/16 x budgets 8 slots, 15%, 64 slots;
 # POLICIES; GEN_SWEEP tokens, 32 unless set; one run a cell), rows kept as they come.
 # GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
@@ -37,6 +38,13 @@ sweep)
       --out "$OUT/cpu_lane_sweep_${TAG}.json" --force > "$OUT/sweep.log" 2>&1; tail -14 "$OUT/sweep.log" ;;
 gil)
   timeout 240 python3 benchmarks/diagnostics/lane_gil.py --threads "$THREADS" > "$OUT/gil.log" 2>&1; tail -8 "$OUT/gil.log" ;;
+stall)  # STALL_CASES: "mode:order:batch" items (benchmarks/diagnostics/lane_stall.py), each under its own timeout
+  for case in ${STALL_CASES:-half:new:1 half:old:1 auto:new:1 half:new:4}; do
+    IFS=: read -r mode order batch <<< "$case"
+    timeout -s ABRT "${STALL_TIMEOUT:-110}" python3 -X faulthandler benchmarks/diagnostics/lane_stall.py --mode "$mode" \
+        --order "$order" --batch "$batch" --threads "$THREADS" > "$OUT/stall_${mode}_${order}_b$batch.log" 2>&1
+    echo "$case: exit $?; $(grep -E '^(batch|done)' "$OUT/stall_${mode}_${order}_b$batch.log" | tr '\n' ' ')"
+  done ;;
 relayout)
   timeout 240 python3 benchmarks/diagnostics/relayout_cost.py --json "$OUT/relayout_cost_${TAG}.json" \
       > "$OUT/relayout.log" 2>&1; tail -14 "$OUT/relayout.log" ;;

@@ -51,6 +51,8 @@ def run_cells(path: Path, then: str | None = None) -> list[dict]:
             rows.append({"cell": index, "seconds": round(time.perf_counter() - t0, 2), "ok": error is None,
                          "error": None if error is None else f"{type(error).__name__}: {error}",
                          "printed": printed.getvalue()[-2000:]})
+            # progress on stderr as it happens: a run killed by a signal (no summary) still says how far it got
+            print(f"cell {index} {'ok' if error is None else 'FAILED'} in {rows[-1]['seconds']} s", file=sys.stderr, flush=True)
             if error is not None:
                 break
     finally:
