@@ -120,12 +120,12 @@ class HostLaneWorker:
 
         Why not where the job ends: the lane's thread must make no CUDA call, since the compute stream
         may be holding for its next post, and freeing the pinned output buffer is one (torch's host
-        allocator records an event on the streams that read the block). On the H200 on 2026-12-02 every
-        run with several lane experts in a layer (a forced prefill, a batch-4 or batch-16 decode) hung
-        with job n posted and job n+1 never finished, the lane's thread past job n, where its only CUDA
-        call was that free (``benchmarks/diagnostics/lane_stall.py``); one lane expert a layer (``auto``
-        at batch 1) never hung. The host thread frees such buffers throughout a run (the router's
-        pinned copies) without stalling."""
+        allocator records an event on the streams that read the block). On the H200 on 2026-12-02
+        every run with several lane experts in a layer (a prompt with the lane forced, a batch-16
+        decode with ``auto``) hung with job n posted and job n+1 never finished, the lane's thread past
+        job n, where its only CUDA call was that free (``benchmarks/diagnostics/lane_stall.py``); one
+        lane expert a layer (``auto`` at batch 1) never hung. The host thread frees such buffers
+        throughout a run (the router's pinned copies) without stalling."""
         while self._spent:
             self._spent.popleft()
 
