@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from duoserve_core.calibrate import _device_time_per_call, _time_per_call, measure_experts
+from duoserve_core.calibrate import _device_time_per_call, _time_per_call, measure_experts, relayout_terms
 from duoserve_core.calibrate.__main__ import main
 from duoserve_core.checkpoint import open_source
 from duoserve_core.sim.calibration import CalibrationError, load_calibration
@@ -200,3 +200,12 @@ def test_host_terms_take_measured_terms_out_of_the_fit():
     assert measured["per_copy_s"] == pytest.approx(3e-5, abs=1e-9)
     fitted = host_terms(per_mode)  # one per-expert figure over both phases: between the two
     assert 2e-4 < fitted["per_expert_s"] < 4e-4
+
+
+def test_relayout_terms_give_the_mean_and_each_phases_mean():
+    layers = [{"phase": "prefill", "relayout_s": [3e-3, 1e-3]}, {"phase": "decode", "relayout_s": [4e-4]},
+              {"phase": "decode", "relayout_s": [2e-4]}, {"phase": "decode", "relayout_s": []}]
+    terms = relayout_terms(layers)
+    assert terms["relayout_s"] == pytest.approx(4.6e-3 / 4)
+    assert terms["relayout_by_phase_s"] == pytest.approx({"prefill": 2e-3, "decode": 3e-4})
+    assert relayout_terms([{"phase": "decode", "relayout_s": []}]) == {}  # nothing relaid: no term

@@ -581,6 +581,23 @@ def host_terms(per_mode: dict, pre_copy_s: float | None = None, per_expert_s: di
             "step_post_s": {p: median_of("post_s", p) for p in ("prefill", "decode")}}
 
 
+def relayout_terms(layers: list[dict]) -> dict:
+    """The runtime's relayout spans (int4 on CUDA: each landed record relaid for the GPU's kernel before
+    it is read) in the on-demand run's layers: ``relayout_s``, their mean, which the simulator charges,
+    and ``relayout_by_phase_s``, the mean per phase. Why both: the H200's int4 calibration of 2026-12-02
+    (``benchmarks/results/calibration_h200_mixtral-8x7b_int4_graphs.json``) has a mean of 1.21 ms,
+    far above the relayout's GPU time measured alone (0.33 ms,
+    ``benchmarks/diagnostics/relayout_cost.py``), and a prompt's relayouts run beside its large expert
+    matmuls where a decode token's run beside little; the split says whether the simulator should
+    charge decode copies the decode figure. ``{}`` where nothing was relaid."""
+    by_phase = {phase: [d for r in layers if r["phase"] == phase for d in r["relayout_s"]] for phase in ("prefill", "decode")}
+    spans = by_phase["prefill"] + by_phase["decode"]
+    if not spans:
+        return {}
+    return {"relayout_s": statistics.fmean(spans),
+            "relayout_by_phase_s": {phase: statistics.fmean(d) for phase, d in by_phase.items() if d}}
+
+
 def overhead_summary(per_mode: dict, num_layers: int) -> dict:
     """The simple residual figure: (wall per decode token - compute-stream busy time) / layers."""
     out = {}
@@ -765,9 +782,7 @@ def calibrate(args: CalibrationSpec, command: str = "python -m duoserve_core.cal
     runtime_copies = [d for r in offloaded_layers for d in r["copy_s"]]
     if runtime_copies:
         h2d["runtime"] = [[record, statistics.fmean(runtime_copies)]]
-    relayouts = [d for r in offloaded_layers for d in r["relayout_s"]]
-    if relayouts:  # int4 on CUDA: each landed record is relaid for the GPU's kernel before it is read
-        h2d["relayout_s"] = statistics.fmean(relayouts)
+    h2d.update(relayout_terms(offloaded_layers))
     quant_format = make_format(args.quant, config.hidden_size, config.intermediate_size, checkpoint_dtype).name
     log(f"batched decode attention: {', '.join(map(str, BATCH_ROWS))} rows at {BATCH_WIDTH} keys")
     attention_rows = measure_batched_attention(runtime, repeats=args.repeats)

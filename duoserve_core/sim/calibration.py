@@ -18,6 +18,7 @@ Format ``duoserve-calibration/1``::
          runtime (optional): [[record bytes, s]]          mean of the runtime's own copies of a record
          relayout_s (optional): s   mean of the runtime's relayout spans (a format whose device kernel reads
                                     another layout, int4 on CUDA): a landed record is usable that much later
+         relayout_by_phase_s (optional): {prefill, decode}: the same spans' mean per phase (recorded, not read)
          links (optional): {count: n, pinned: [[bytes, s]...]}   per copy on each of n GPUs' links when
                                                            all n copy at once (a machine with n GPUs)
     peer (optional): [[bytes, s]...]    one device-to-device hand-over (hidden states to another GPU and back)
