@@ -160,7 +160,8 @@ def weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, lay
 def cpu_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """``x @ W.T`` by the CPU kernel: activations rounded to bf16, fp32 accumulation, bf16 result in
     ``x``'s dtype. ``packed`` must be in this host's kernel layout (``host_layout()``)."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(SCALE_DTYPE).contiguous(), packed, group, scales_and_zeros)
+    # bf16 spelled out, not ``SCALE_DTYPE``: TorchScript (``cpu_expert_into``) cannot read a dtype global
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, group, scales_and_zeros)
     return y.to(x.dtype)
 
 
@@ -244,10 +245,8 @@ def _cpu_expert_into(record: torch.Tensor, halves: torch.Tensor, segments: List[
     w2 = record.narrow(0, o, b).view(r, c)
     o, b, r, c = segments[3]
     sz2 = halves.narrow(0, o // 2, b // 2).view(r, c, 2)
-    h = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w13, group, sz13).to(x.dtype)
-    gate, up = h.chunk(2, -1)
-    mid = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(mid, w2, group, sz2).to(x.dtype)
+    gate, up = cpu_linear(x, w13, sz13, group).chunk(2, -1)
+    y = cpu_linear(torch.nn.functional.silu(gate) * up, w2, sz2, group)
     out.copy_(y * weights[:, None].to(x.dtype))
 
 
