@@ -14,7 +14,6 @@ converter per matrix, and the whole ``arrive``, so the fix goes where the time i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from duoserve_core.atomic import atomic_write_json  # noqa: E402
 from duoserve_core.checkpoint import ExpertTensors  # noqa: E402
 from duoserve_core.experts import int4  # noqa: E402
 from duoserve_core.experts.formats import make_format  # noqa: E402
@@ -80,11 +80,10 @@ def main() -> None:
     rows["arrive + reset"] = gpu_ms(arrive, args.repeats)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, expert {h}x{i}, {fmt.nbytes / 2**20:.1f} MiB")
     for k, v in rows.items():
-        print(f"  {k:<28} {v:8.3f}" if isinstance(v, float) else f"  {k:<28} {v}")
+        print(f"  {k:<28} {v:8.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                                         "torch": torch.__version__, "hidden": h, "intermediate": i,
-                                         "ms": rows}, indent=1))
+        atomic_write_json(args.json, {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                      "torch": torch.__version__, "hidden": h, "intermediate": i, "ms": rows})
 
 
 if __name__ == "__main__":
