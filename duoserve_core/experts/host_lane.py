@@ -142,7 +142,9 @@ class HostLaneWorker:
                 self.fmt.host_job(*job)
         finally:  # a failed job posts too, so no stream waits forever; its future raises on the host
             self.gate.post()
-            self._spent.append(job.copy())  # the job's tensors are freed on the host thread (``hold``)
+            # the tensors move to the host thread's queue (``release_spent``); the job's own list is
+            # emptied, not handed over, as the pool's work item holds it until this thread moves on
+            self._spent.append(job.copy())
             job.clear()
         return start, time.perf_counter()
 
