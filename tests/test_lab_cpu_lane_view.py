@@ -22,8 +22,12 @@ def test_the_calibration_gives_the_measured_thread_counts():
 
 def test_a_token_with_the_lane_forced_has_work_on_all_three_lanes():
     df = cv.token_timeline(SOURCE, SLOTS, "duoserve", "half", 16, gen=GEN)
-    assert set(df["stream"]) == {"compute", "copy", "cpu"}
-    assert set(df["lane"]) == {cv.LANES[s] for s in ("compute", "copy", "cpu")}  # no relayout: that calibration has none
+    # and the int4 copies' relayouts on their own stream, as the calibration measured them in decode
+    assert cv.calibration().relayout("decode") > 0
+    assert set(df["stream"]) == {"compute", "copy", "cpu", "relayout"}
+    assert set(df["lane"]) == {cv.LANES[s] for s in ("compute", "copy", "cpu", "relayout")}
+    relayouts = df[df["stream"] == "relayout"]
+    assert (relayouts["end_ms"] - relayouts["start_ms"]).round(6).eq(round(cv.calibration().relayout("decode") * 1e3, 6)).all()
     assert set(df["step"]) == {GEN // 2} and set(df["phase"]) == {"decode"}
     assert df["start_ms"].min() == 0
     # the lane computes experts only, and they overlap the copy stream's work in the same token
@@ -38,7 +42,7 @@ def test_auto_puts_experts_on_the_cpu_at_16_threads_and_none_at_4():
     off = cv.token_timeline(SOURCE, SLOTS, "duoserve", "off", None, gen=GEN)
     at16 = cv.token_timeline(SOURCE, SLOTS, "duoserve", "auto", 16, gen=GEN)
     at4 = cv.token_timeline(SOURCE, SLOTS, "duoserve", "auto", 4, gen=GEN)
-    assert set(off["stream"]) == set(at4["stream"]) == {"compute", "copy"}
+    assert set(off["stream"]) == set(at4["stream"]) == {"compute", "copy", "relayout"}
     assert "cpu" in set(at16["stream"]) and (at16["stream"] == "copy").sum() < (off["stream"] == "copy").sum()
 
 
@@ -86,8 +90,8 @@ def test_the_measured_points_come_from_the_committed_files_with_device_and_date(
             assert tpot_ms == pytest.approx(record["results"][policy]["tpot_s"] * 1e3)
     assert set(m["device"]) == {"NVIDIA H200"} and set(m["date"]) == {"2026-12-02"}
     effect = cv.lane_effect(m)
-    assert list(effect.index) == ["on-demand", "duoserve"]  # the policies measured, in the view's order
-    assert effect.loc["duoserve", "off (ms)"] == 134.1 and effect.loc["duoserve", "auto (ms)"] == 118.9
+    assert list(effect.index) == ["on-demand", "lru", "duoserve"]  # the policies measured, in the view's order
+    assert effect.loc["duoserve", "off (ms)"] == 136.5 and effect.loc["duoserve", "auto (ms)"] == 114.9
     assert (m.loc[m["CPU lane"] == "off", "CPU share"] == 0).all()
     assert m.loc[(m["CPU lane"] == "auto") & (m["policy"] == "on-demand"), "CPU share"].item() == 0.5
     assert cv.measured_slots() == SLOTS
@@ -96,7 +100,7 @@ def test_the_measured_points_come_from_the_committed_files_with_device_and_date(
 def test_the_share_figure_marks_the_measured_points(sweep):
     fig = cv.share_figure(sweep, cv.measured(), ("half", 16))
     measured = [t for t in fig.data if "measured, NVIDIA H200, 2026-12-02" in t.name]
-    assert len(measured) == 2  # on-demand and duoserve were measured
+    assert len(measured) == 3  # on-demand, lru and duoserve were measured
     assert all(t.marker.symbol == "star-open" for t in measured)
     ring = fig.data[-1]
     assert ring.name == "lane half, 16 threads" and len(ring.x) == len(cv.POLICIES)

@@ -22,12 +22,22 @@ def test_the_committed_h200_measurements_are_read_from_their_files():
                                      "measured H200, 2026-12-01, 128 tokens, CUDA graphs",
                                      "measured H200, 2026-12-01, 128 tokens, CUDA graphs, CPU lane auto",
                                      "measured H200, 2026-12-01, 128 tokens, CUDA graphs, int4",
-                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, int4, CPU lane auto"}
-    for suffix in ("CPU lane auto", "int4", "int4, CPU lane auto"):  # the CPU lane's runs and their int4 match: duoserve, B 1-16
-        lane = batches[batches["label"] == f"measured H200, 2026-12-01, 128 tokens, CUDA graphs, {suffix}"]
+                                     "measured H200, 2026-12-01, 128 tokens, CUDA graphs, int4, CPU lane auto",
+                                     # the same two after the CPU lane's hang was fixed (docs/cpu_lane.md)
+                                     "measured H200, 2026-12-02, 128 tokens, CUDA graphs, int4",
+                                     "measured H200, 2026-12-02, 128 tokens, CUDA graphs, int4, CPU lane auto"}
+    for date, suffix in [("2026-12-01", "CPU lane auto"), ("2026-12-01", "int4"), ("2026-12-01", "int4, CPU lane auto"),
+                         ("2026-12-02", "int4"), ("2026-12-02", "int4, CPU lane auto")]:
+        # the CPU lane's runs and their int4 match: duoserve, B 1-16
+        lane = batches[batches["label"] == f"measured H200, {date}, 128 tokens, CUDA graphs, {suffix}"]
         assert set(lane["policy"]) == {"duoserve"} and sorted(lane["max_batch"]) == [1, 4, 16], suffix
     assert set(batches.loc[batches["gen"] == 128, "policy"]) == set(qv.MEASURED_POLICIES) and set(batches["gen"]) == {32, 128}
-    assert (batches["decode_tokens_per_s"] < batches["copy_floor_tokens_per_s"]).all()
+    # the copy floor bounds what copies allow; the CPU lane computes some experts without a copy, so it may pass it
+    # (2026-12-02, batch 4: 1.13 of it)
+    copied_only = ~batches["label"].str.contains("CPU lane")
+    assert (batches.loc[copied_only, "decode_tokens_per_s"] < batches.loc[copied_only, "copy_floor_tokens_per_s"]).all()
+    lane_fix = batches[batches["label"] == "measured H200, 2026-12-02, 128 tokens, CUDA graphs, int4, CPU lane auto"]
+    assert (lane_fix["decode_tokens_per_s"] > lane_fix["copy_floor_tokens_per_s"]).any()
     arrivals = qv.measured_arrivals()
     assert sorted(set(arrivals["arrival_rate"])) == [0.1, 0.2, 0.3, 0.5, 1.0, 2.0] and set(arrivals["max_batch"]) == {16}
     assert arrivals["label"].iloc[0] == "measured H200, 2026-11-30, 32 tokens (max batch 16, 16 requests, prefill-first)"

@@ -35,10 +35,12 @@ def model_config(path: Path, num_layers: int, num_experts: int, top_k: int) -> P
 
 def fake_calibration(path: Path, num_experts: int, top_k: int, *, copy_s=1 * MS, expert_s=0.1 * MS,
                      attention_s=0.05 * MS, router_s=0.01 * MS, synchronous=False, attention_quant="none",
-                     shape: dict | None = None, host_lane_s: float | None = None, relayout_s: float = 0.0) -> Path:
+                     shape: dict | None = None, host_lane_s: float | None = None, relayout_s: float = 0.0,
+                     relayout_by_phase_s: dict | None = None) -> Path:
     """A calibration with constant times (copy, expert, attention, router) and no host cost; with
     ``host_lane_s``, a CPU lane taking that long per expert at 4 threads (the default); with
-    ``relayout_s``, each landed record relaid that long before it is read (int4 on CUDA)."""
+    ``relayout_s``, each landed record relaid that long before it is read (int4 on CUDA), and with
+    ``relayout_by_phase_s`` ({phase: s}) that long in that phase."""
     def const(y):
         return [[1, y], [2**40, y]]
 
@@ -55,6 +57,8 @@ def fake_calibration(path: Path, num_experts: int, top_k: int, *, copy_s=1 * MS,
                     "step_pre_s": zero, "step_post_s": zero}}
     if relayout_s:
         raw["h2d"]["relayout_s"] = relayout_s
+    if relayout_by_phase_s:
+        raw["h2d"]["relayout_by_phase_s"] = relayout_by_phase_s
     if host_lane_s is not None:
         raw["host_lane"] = {"default_threads": 4, "expert": {"nf4": {"4": const(host_lane_s)}}}
     path.write_text(json.dumps(raw))

@@ -583,13 +583,12 @@ def host_terms(per_mode: dict, pre_copy_s: float | None = None, per_expert_s: di
 
 def relayout_terms(layers: list[dict]) -> dict:
     """The runtime's relayout spans (int4 on CUDA: each landed record relaid for the GPU's kernel before
-    it is read) in the on-demand run's layers: ``relayout_s``, their mean, which the simulator charges,
-    and ``relayout_by_phase_s``, the mean per phase. Why both: the H200's int4 calibration of 2026-12-02
-    (``benchmarks/results/calibration_h200_mixtral-8x7b_int4_graphs.json``) has a mean of 1.21 ms,
-    far above the relayout's GPU time measured alone (0.33 ms,
-    ``benchmarks/diagnostics/relayout_cost.py``), and a prompt's relayouts run beside its large expert
-    matmuls where a decode token's run beside little; the split says whether the simulator should
-    charge decode copies the decode figure. ``{}`` where nothing was relaid."""
+    it is read) in the on-demand run's layers: ``relayout_s``, their mean, and ``relayout_by_phase_s``,
+    the mean per phase, which the simulator charges in each phase (``Calibration.relayout``). Why per
+    phase: a prompt's relayouts run beside its large expert matmuls, a decode token's beside little; on
+    the H200 (``data/calibration/h200_mixtral-8x7b_int4.json``, 2026-12-02) the mean is 1.21 ms, the
+    prompt's 1.93 ms and decode's 0.26 ms, against 0.33 ms of GPU time for a relayout measured alone
+    (``benchmarks/diagnostics/relayout_cost.py``). ``{}`` where nothing was relaid."""
     by_phase = {phase: [d for r in layers if r["phase"] == phase for d in r["relayout_s"]] for phase in ("prefill", "decode")}
     spans = by_phase["prefill"] + by_phase["decode"]
     if not spans:

@@ -172,8 +172,10 @@ class SimTransferEngine:
         self.copy_s = calibration.link_copy_s(record_bytes, self.devices)
         self.per_copy_s = calibration.per_copy_s
         # a landed record's relayout (int4 on CUDA), one after another on each device's relayout stream
-        # while the copy stream goes on: it delays the record's use, not the next copy
-        self.relayout_s = 0.0 if synchronous else calibration.relayout_s
+        # while the copy stream goes on: it delays the record's use, not the next copy; its time is the
+        # phase's (``phase``, set by the simulator at each step)
+        self.relayout_s = {p: 0.0 if synchronous else calibration.relayout(p) for p in ("prefill", "decode")}
+        self.phase = "prefill"
         self.reset()
 
     def reset(self) -> None:
@@ -190,9 +192,10 @@ class SimTransferEngine:
             c.host = c.copies[d]
         self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.store.record_bytes,
                                    start_s=start, end_s=c.copies[d], device=d))
-        if self.relayout_s:
+        relayout_s = self.relayout_s[self.phase]
+        if relayout_s:
             begin = max(c.copies[d], self.relayouts[d])
-            self.relayouts[d] = self.ready[index] = begin + self.relayout_s
+            self.relayouts[d] = self.ready[index] = begin + relayout_s
             self.events.emit(SpanEvent("whole", "relayout", "relayout", key[0], key[1],
                                        start_s=begin, end_s=self.ready[index], device=d))
 
@@ -347,7 +350,7 @@ class Simulator:
             return HostLane("off")
         curve, threads = calibration.host_lane_curve(self.fmt, self.knobs.cpu_threads)
         self.host_lane_s = lambda tokens: curve.at(tokens)
-        costs = LaneCosts(self.engine.copy_s + self.engine.relayout_s, self.host_lane_s,  # as the runtime times a copy
+        costs = LaneCosts(self.engine.copy_s + self.engine.relayout_s["decode"], self.host_lane_s,  # as the runtime times a copy
                           lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens),
                           threads, source=f"calibration {calibration.where}")
         return HostLane(mode, costs)
@@ -423,6 +426,7 @@ class Simulator:
         (``OffloadedMixtral.mixed``)."""
         cal, c, p = self.cal, self.clocks, phase.value
         self.layer_step.begin_step(step, phase)
+        self.engine.phase = p
         c.host += cal.step_pre_s[p]
         n_tokens = sum(n for _, _, n in segments)
         # A step's attention is one call per group and layer (``mixtral.attend``): a prompt chunk (the last
