@@ -32,7 +32,7 @@ from .decode_graph import DecodeGraphs
 from .experts.slot_graph import SlotGraphs
 from .kv_cache import RowKVCache
 from .mixtral import OffloadedMixtral, build_skeleton, dense_bytes, materialize
-from .policy import Phase, Policy, PolicyKnobs, load_policy
+from .policy import Phase, Policy, PolicyKnobs, load_policy, routing_source
 from .policy.host_lane import HostLane
 from .timeline import Timeline
 from .traces import RoutingReplay, read_trace
@@ -288,7 +288,7 @@ class Runtime:
         self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
         self.memory_budget = memory_budget
         self.plan: MemoryPlan = self._plan(memory_budget, self.max_context, max_batch)  # fail before anything heavy
-        self.knobs = knobs
+        self.knobs, self.replay = knobs, replay
         self.policy = self._load_policy(knobs)
 
         cuda = self.device.type == "cuda"
@@ -303,7 +303,7 @@ class Runtime:
         if cuda:
             torch.cuda.empty_cache()
         materialize(skeleton, source, self.device)
-        self.skeleton, self.replay = skeleton, replay
+        self.skeleton = skeleton
         self.engine = None
         self._build_scheduler()
 
@@ -348,7 +348,8 @@ class Runtime:
 
     def _load_policy(self, knobs: PolicyKnobs) -> Policy:
         c = self.config
-        return load_policy(knobs, (self.source.name, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok))
+        return load_policy(knobs, (routing_source(self.source.name, self.replay, c.num_hidden_layers),
+                                   c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok))
 
     def _build_scheduler(self) -> None:
         """Slots, cache, layer step and executor for the current plan; the old slots are freed first. The KV

@@ -127,6 +127,39 @@ def test_other_shapes_are_refused_and_other_names_warned(tmp_path, small):
         load_predictor(tmp_path / "absent.safetensors")
 
 
+def test_a_replayed_trace_is_the_routing_the_predictor_is_checked_against(tmp_path, recwarn):
+    """A predictor trained on the bundled model's traces, on a tiny checkpoint of the same shape (8 layers
+    x 8 experts, top-2) named otherwise: a warning when the checkpoint routes, none when it replays the
+    bundled model's routing (what notebook 05 does with Mixtral-size experts), in the runtime and the
+    simulator alike."""
+    import warnings
+
+    import duoserve_core
+    from conftest import make_reference, save_checkpoint
+    from duoserve_core.sim import Simulator, build_model, load_calibration
+    from duoserve_core.traces import RoutingReplay, read_trace
+    from test_sim import fake_calibration, model_config
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    predictor, trace = data / "predictors" / "small-moe-depth2.safetensors", data / "traces" / "small-moe-heldout.parquet"
+    checkpoint = save_checkpoint(make_reference(num_hidden_layers=8, num_local_experts=8), tmp_path / "other-moe")
+    knobs = dict(policy="duoserve", predictor=str(predictor))
+    with pytest.warns(UserWarning, match="trained on traces of 'small-moe', used with 'other-moe'"):
+        duoserve_core.load(checkpoint, device="cpu", **knobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        duoserve_core.load(checkpoint, device="cpu", routing_trace=trace, **knobs)
+        model = build_model(model_config(tmp_path / "hand", 8, 8, 2), quant="nf4", memory_budget="all", max_context=64)
+        calibration = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2))
+        Simulator(model, calibration, RoutingReplay(read_trace(trace), 8, 8, 2), **knobs)
+    # the same routing under another model's name: the simulator warns as the runtime does
+    renamed = read_trace(trace)
+    write_trace(tmp_path / "renamed.parquet", renamed.df, TraceMeta("renamed-moe", 8, 8, 2))
+    with pytest.warns(UserWarning, match="trained on traces of 'small-moe', used with 'renamed-moe'"):
+        Simulator(model, calibration, RoutingReplay(read_trace(tmp_path / "renamed.parquet"), 8, 8, 2), **knobs)
+
+
+
 # two hidden layers check the block-diagonal fusion of later layers; none is a linear correction
 @pytest.mark.parametrize("hidden", [(16, 8), ()])
 def test_fused_forward_equals_each_model(small, hidden):

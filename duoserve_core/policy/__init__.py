@@ -15,6 +15,17 @@ from .knobs import DEFAULT_KNOBS, POLICIES, PolicyKnobs, make_policy, policy_cla
 from .simple import LRUPolicy, LRUSpeculativePolicy, OnDemandPolicy, PerLayerLRUPolicy, ResidentPolicy
 
 
+def routing_source(model_name: str, replay, num_layers: int) -> str:
+    """Whose routing the policy sees: the trace's model where a routing trace is replayed layer for
+    layer (``replay``, a ``traces.RoutingReplay``), else the model's. Why: a predictor learns routing,
+    so one trained on a trace's model fits that trace replayed on synthesized weights of another name
+    (notebook 05's Mixtral-size experts on the bundled model's routing), and warning there would be
+    noise; a trace tiled over more layers than it has is routing no model made, so the model's name."""
+    if replay is not None and replay.trace_layers == num_layers:
+        return replay.trace_model
+    return model_name
+
+
 def load_policy(knobs: PolicyKnobs, model: tuple[str, int, int, int]) -> Policy:
     """``make_policy`` after reading the predictor file, checked against ``model`` = (name, layers,
     experts, top-k); the file is read only when the policy uses a predictor."""
@@ -28,4 +39,4 @@ def load_policy(knobs: PolicyKnobs, model: tuple[str, int, int, int]) -> Policy:
 
 __all__ = ["DEFAULT_KNOBS", "NO_PLAN", "POLICIES", "CacheView", "DuoServePolicy", "ExpertKey", "LRUPolicy", "LRUSpeculativePolicy",
            "OnDemandPolicy", "PerLayerLRUPolicy", "Phase", "Plan", "Policy", "PolicyKnobs", "ResidentPolicy", "UniformPolicy",
-           "load_policy", "make_policy", "policy_class"]
+           "load_policy", "make_policy", "policy_class", "routing_source"]

@@ -60,7 +60,7 @@ from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
 from ..experts.device_routing import RanOnDevice, host_routing_reason
 from ..experts.layer_step import LayerStep, PhaseCounts
-from ..policy import Phase, Policy, PolicyKnobs, load_policy
+from ..policy import Phase, Policy, PolicyKnobs, load_policy, routing_source
 from ..policy.host_lane import HostLane, LaneCosts
 from ..timeline import Timeline
 from ..traces import RoutingReplay, replayed_probabilities
@@ -316,7 +316,7 @@ class Simulator:
         self.L, self.E, self.k = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
         knobs = policy if isinstance(policy, PolicyKnobs) else PolicyKnobs(policy=policy)
         self.knobs = knobs.changed(**knob_values)
-        inner = load_policy(self.knobs, (model.name, self.L, self.E, self.k))
+        inner = load_policy(self.knobs, (routing_source(model.name, replay, self.L), self.L, self.E, self.k))
         self.mode = "resident" if inner.holds_every_expert else "offloaded"
         self.clocks = Clocks()
         self.policy = TimedPolicy(inner, self.clocks, calibration.host_scale() if policy_time else 0.0)

@@ -248,7 +248,7 @@ class RoutingReplay:
         if len(trace.df) == 0:
             raise TraceError("the routing trace holds no tokens: nothing to replay; record one with "
                              "python -m duoserve_core.traces record (or synth)")
-        self.trace_layers = m.num_layers
+        self.trace_layers, self.trace_model = m.num_layers, m.model
         generator = torch.Generator().manual_seed(seed)
         blocks = -(-num_layers // m.num_layers)
         self.relabel = [torch.arange(num_experts) if b == 0 else torch.randperm(num_experts, generator=generator)
