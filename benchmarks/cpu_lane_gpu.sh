@@ -10,6 +10,8 @@
 # GEN (128), REPEATS (3), POLICIES (on-demand,lru,duoserve), THREADS (16) override the bench's settings;
 # BENCH_TIMEOUT (560 s; then SIGABRT: faulthandler prints every thread's stack to the log);
 # GRAPHS=1 adds --cuda-graphs (the host-overhead cut) to the benches and the calibration ("..._int4_graphs.json"). Files: ..._cpu_off[_graphs].json, ..._cpu_auto_t<threads>[_graphs].json.
+# BUDGET (15%) for off/auto (files get _b<budget> when set: BUDGET=64slots is where auto lost with duoserve on 2026-12-02);
+# TIMELINES=1 writes each run's timeline under $OUT/timelines (benchmarks/step_split_table.py reads the result files).
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-128}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; THREADS=${THREADS:-16}
@@ -50,14 +52,16 @@ relayout)
       > "$OUT/relayout.log" 2>&1; tail -14 "$OUT/relayout.log" ;;
 off|auto)
   trace
-  name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs
+  name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs; [[ -n ${BUDGET:-} ]] && name+=_b${BUDGET%\%}
   timeout -s ABRT "${BENCH_TIMEOUT:-560}" python3 -X faulthandler -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
-      --memory-budget 15% --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
+      --memory-budget "${BUDGET:-15%}" --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
       --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} \
+      ${TIMELINES:+--timelines "$OUT/timelines"} \
       --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" --force > "$OUT/bench_$name.log" 2>&1
   tail -4 "$OUT/bench_$name.log" ;;
 esac
 done
+ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 benchmarks/step_split_table.py "$OUT"/bench_*_cpu_*.json
 ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 - "$OUT"/bench_*_cpu_*.json <<'PY'
 import json, sys
 for path in sys.argv[1:]:

@@ -5,10 +5,12 @@
 Reads the ``decode_split`` every bench run records (``timeline.step_split``): a plain ``bench`` file gives
 one line per policy (``generate``, one request), a ``--max-batch`` or ``--arrival-rate`` file one per
 row. Per decode step: its mean time, the copies, the copy and compute streams' busy time (the latter also by
-kind: attention, router, experts), and the rest of the step, which the copy stream spent idle (host work,
-syncs, waits on compute). Why: the simulator
-matched duoserve's single-request decode on the H200 within 0.6% but its batched decode steps only
-within 7-20%, with the same copies; this says which of the three the GPU spent the difference on.
+kind: attention, router, experts), the rest of the step, which the copy stream spent idle (host work,
+syncs, waits on compute), and the CPU lane's busy time and time per expert where the run used it. Why: the
+simulator matched duoserve's single-request decode on the H200 within 0.6% but its batched decode steps only
+within 7-20%, with the same copies; this says which of the three the GPU spent the difference on. And the
+CPU lane's experts took 2.9 ms each through ``generate`` and 4.8 ms through the batched loop at batch 1 on the
+H200 (2026-12-02, the same decisions): the per-expert column of the ``gap`` stage's two files says it again.
 """
 
 from __future__ import annotations
@@ -26,21 +28,22 @@ def lines(path: Path) -> list[dict]:
     for name, r in (record.get("results") or {}).items():
         split = r.get("decode_split")
         if split and r.get("tpot_s"):
-            out.append({"file": path.name, "run": f"{name}, generate", "step_s": r["tpot_s"], **split})
+            out.append({"file": path.name, "run": f"{name}, generate", "step_s": r["tpot_s"], **split,
+                        "lane_experts_per_step": r.get("host_computes", 0) / max(len(r.get("tokens") or [0, 0]) - 1, 1)})
     for r in record.get("rows") or []:
         split = r.get("decode_split")
         if not split or not r.get("decode_steps"):
             continue
         where = f"B {r['max_batch']}" if "arrival_rate" not in r else f"{r['arrival_rate']:g}/s"
         out.append({"file": path.name, "run": f"{r['policy']}, {where}", "step_s": r["decode_s"] / r["decode_steps"],
-                    **split})
+                    **split, "lane_experts_per_step": r.get("host_computes", 0) / r["decode_steps"]})
     return out
 
 
 def table(entries: list[dict]) -> str:
     rows = ["| file | run | step ms | copies | copy busy ms | compute busy ms | attention ms | router ms "
-            "| experts ms | copy stream idle ms |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| experts ms | copy stream idle ms | CPU lane busy ms | lane ms per expert |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(e: dict, key: str) -> str:  # runs recorded before the split by kind lack it
         return "-" if e.get(key) is None else f"{e[key] * 1e3:.1f}"
@@ -48,8 +51,15 @@ def table(entries: list[dict]) -> str:
         rows.append(f"| {e['file']} | {e['run']} | {e['step_s'] * 1e3:.1f} | {e['copies_per_step']:.1f} "
                     f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} | {ms(e, 'attention_busy_s')} "
                     f"| {ms(e, 'router_busy_s')} | {ms(e, 'expert_busy_s')} "
-                    f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} |")
+                    f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} | {ms(e, 'cpu_busy_s')} | {lane_per_expert(e)} |")
     return "\n".join(rows)
+
+
+def lane_per_expert(e: dict) -> str:
+    """The lane's busy time a step over its experts a step (the prompt's lane experts, if any, counted
+    in too: a small error, as the rule gives prompt experts to the lane rarely); '-' without the lane."""
+    experts = e.get("lane_experts_per_step") or 0
+    return f"{e['cpu_busy_s'] / experts * 1e3:.2f}" if experts and e.get("cpu_busy_s") else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

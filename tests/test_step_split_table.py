@@ -27,6 +27,15 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n| ") == 4 and "| experts ms |" in out  # a line per run under the header
     assert f"| {entries[2]['expert_busy_s'] * 1e3:.1f} |" in out
+    assert all(line.endswith("| 0.0 | - |") for line in out.splitlines()[2:])  # no CPU lane: nothing per expert
+
+    # with the CPU lane (half of the experts forced onto it): its busy time over its experts a step
+    assert bench(common + ["--cpu-experts", "half", "--out", str(tmp_path / "lane.json")]) == 0
+    capsys.readouterr()
+    lane = script.lines(tmp_path / "lane.json")
+    result = json.loads((tmp_path / "lane.json").read_text())["results"]["lru"]
+    assert lane[0]["lane_experts_per_step"] == result["host_computes"] / (len(result["tokens"]) - 1) > 0
+    assert script.lane_per_expert(lane[0]) == f"{lane[0]['cpu_busy_s'] / lane[0]['lane_experts_per_step'] * 1e3:.2f}"
 
     (tmp_path / "old.json").write_text(json.dumps({"rows": [{"max_batch": 1, "policy": "lru"}]}))
     assert script.main([str(tmp_path / "old.json")]) == 2
