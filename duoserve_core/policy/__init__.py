@@ -8,16 +8,20 @@ uniform strawman).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import NO_PLAN, CacheView, ExpertKey, Phase, Plan, Policy
 from .duoserve import DuoServePolicy, UniformPolicy
 from .knobs import DEFAULT_KNOBS, POLICIES, PolicyKnobs, make_policy, policy_class
 from .simple import LRUPolicy, LRUSpeculativePolicy, OnDemandPolicy, PerLayerLRUPolicy, ResidentPolicy
 
+if TYPE_CHECKING:  # for the hint only: the traces package loads pandas and pyarrow, which policies never need
+    from ..traces import RoutingReplay
 
-def routing_source(model_name: str, replay, num_layers: int) -> str:
+
+def routing_source(model_name: str, replay: RoutingReplay | None, num_layers: int) -> str:
     """Whose routing the policy sees: the trace's model where a routing trace is replayed layer for
-    layer (``replay``, a ``traces.RoutingReplay``), else the model's. Why: a predictor learns routing,
+    layer (``replay``), else the model's. Why: a predictor learns routing,
     so one trained on a trace's model fits that trace replayed on synthesized weights of another name
     (notebook 05's Mixtral-size experts on the bundled model's routing), and warning there would be
     noise; a trace tiled over more layers than it has is routing no model made, so the model's name."""
