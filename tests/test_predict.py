@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import duoserve_core
 from duoserve_core.predict import FeatureSpec, PredictorError, layer_features, load_predictor, train_predictor
 from duoserve_core.predict.baselines import fit_baselines
 from duoserve_core.predict.cli import main
@@ -21,9 +23,11 @@ from duoserve_core.predict.evaluate import calibration, count, evaluate, metrics
 from duoserve_core.predict.graph import GraphedPredictor
 from duoserve_core.predict.features import prev_token_similarity, prev_token_targets
 from duoserve_core.predict.layer_predictor import FORMAT_V1, fit_predictor
-from duoserve_core.traces import TraceMeta, write_trace
+from duoserve_core.sim import Simulator, build_model, load_calibration
+from duoserve_core.traces import RoutingReplay, TraceMeta, read_trace, write_trace
 
-from conftest import requires_cuda
+from conftest import make_reference, requires_cuda, save_checkpoint
+from test_sim import fake_calibration, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,19 +131,11 @@ def test_other_shapes_are_refused_and_other_names_warned(tmp_path, small):
         load_predictor(tmp_path / "absent.safetensors")
 
 
-def test_a_replayed_trace_is_the_routing_the_predictor_is_checked_against(tmp_path, recwarn):
+def test_a_replayed_trace_is_the_routing_the_predictor_is_checked_against(tmp_path):
     """A predictor trained on the bundled model's traces, on a tiny checkpoint of the same shape (8 layers
     x 8 experts, top-2) named otherwise: a warning when the checkpoint routes, none when it replays the
     bundled model's routing (what notebook 05 does with Mixtral-size experts), in the runtime and the
     simulator alike."""
-    import warnings
-
-    import duoserve_core
-    from conftest import make_reference, save_checkpoint
-    from duoserve_core.sim import Simulator, build_model, load_calibration
-    from duoserve_core.traces import RoutingReplay, read_trace
-    from test_sim import fake_calibration, model_config
-
     data = Path(__file__).resolve().parents[1] / "data"
     predictor, trace = data / "predictors" / "small-moe-depth2.safetensors", data / "traces" / "small-moe-heldout.parquet"
     checkpoint = save_checkpoint(make_reference(num_hidden_layers=8, num_local_experts=8), tmp_path / "other-moe")
@@ -150,13 +146,13 @@ def test_a_replayed_trace_is_the_routing_the_predictor_is_checked_against(tmp_pa
         warnings.simplefilter("error")
         duoserve_core.load(checkpoint, device="cpu", routing_trace=trace, **knobs)
         model = build_model(model_config(tmp_path / "hand", 8, 8, 2), quant="nf4", memory_budget="all", max_context=64)
-        calibration = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2))
-        Simulator(model, calibration, RoutingReplay(read_trace(trace), 8, 8, 2), **knobs)
+        timing = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2))
+        Simulator(model, timing, RoutingReplay(read_trace(trace), 8, 8, 2), **knobs)
     # the same routing under another model's name: the simulator warns as the runtime does
     renamed = read_trace(trace)
     write_trace(tmp_path / "renamed.parquet", renamed.df, TraceMeta("renamed-moe", 8, 8, 2))
     with pytest.warns(UserWarning, match="trained on traces of 'small-moe', used with 'renamed-moe'"):
-        Simulator(model, calibration, RoutingReplay(read_trace(tmp_path / "renamed.parquet"), 8, 8, 2), **knobs)
+        Simulator(model, timing, RoutingReplay(read_trace(tmp_path / "renamed.parquet"), 8, 8, 2), **knobs)
 
 
 
