@@ -6,7 +6,8 @@ Reads the ``decode_split`` every bench run records (``timeline.step_split``): a 
 one line per policy (``generate``, one request), a ``--max-batch`` or ``--arrival-rate`` file one per
 row. Per decode step: its mean time, the copies, the copy and compute streams' busy time (the latter also by
 kind: attention, router, experts), the rest of the step, which the copy stream spent idle (host work,
-syncs, waits on compute), and the CPU lane's busy time and time per expert where the run used it. Why: the
+syncs, waits on compute), the CPU lane's busy time and time per expert where the run used it, the longest
+step and the time a step lost to stalls (beyond twice the median step; ``timeline.step_split``). Why: the
 simulator matched duoserve's single-request decode on the H200 within 0.6% but its batched decode steps only
 within 7-20%, with the same copies; this says which of the three the GPU spent the difference on. And the
 CPU lane's experts took 2.9 ms each through ``generate`` and 4.8 ms through the batched loop at batch 1 on the
@@ -42,8 +43,8 @@ def lines(path: Path) -> list[dict]:
 
 def table(entries: list[dict]) -> str:
     rows = ["| file | run | step ms | copies | copy busy ms | compute busy ms | attention ms | router ms "
-            "| experts ms | copy stream idle ms | CPU lane busy ms | lane ms per expert |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| experts ms | copy stream idle ms | CPU lane busy ms | lane ms per expert | longest step ms | stall ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(e: dict, key: str) -> str:  # runs recorded before the split by kind lack it
         return "-" if e.get(key) is None else f"{e[key] * 1e3:.1f}"
@@ -51,7 +52,8 @@ def table(entries: list[dict]) -> str:
         rows.append(f"| {e['file']} | {e['run']} | {e['step_s'] * 1e3:.1f} | {e['copies_per_step']:.1f} "
                     f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} | {ms(e, 'attention_busy_s')} "
                     f"| {ms(e, 'router_busy_s')} | {ms(e, 'expert_busy_s')} "
-                    f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} | {ms(e, 'cpu_busy_s')} | {lane_per_expert(e)} |")
+                    f"| {(e['step_s'] - e['copy_busy_s']) * 1e3:.1f} | {ms(e, 'cpu_busy_s')} | {lane_per_expert(e)} "
+                    f"| {ms(e, 'longest_step_s')} | {ms(e, 'stall_s')} |")
     return "\n".join(rows)
 
 

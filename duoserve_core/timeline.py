@@ -18,6 +18,7 @@ chrome://tracing open.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -161,13 +162,33 @@ def step_split(rows: list[dict], phase: str, steps: int) -> dict:
     experts) and the CPU lane's, in seconds; with several GPUs the streams of all of them add up. Beside a step's own time it
     says what a latency alone does not: whether a step was long because it copied more, computed more,
     or because the streams idled (host work, syncs) for the rest. The runtime's timeline and the
-    simulator's rows have the same columns, so measured and simulated steps split alike."""
+    simulator's rows have the same columns, so measured and simulated steps split alike.
+
+    ``longest_step_s`` and ``stall_s``: each step's span on the timeline (its first span's start to its
+    last one's end), the longest, and the time steps spent beyond twice the median span, per step. Why:
+    a mean hides a stall; on the H200 one decode step of a CPU-lane run took 474 ms among steps of
+    about 110 ms (the host held up for 350 ms, its relayout launch and the lane's post with it), and
+    its three runs' E2E spread 1.21x where the GPU-only runs' spread 1.09x (docs/cpu_lane.md)."""
     mine = [r for r in rows if r["phase"] == phase]
     n = steps or 1
 
     def busy(stream: str, kind: str | None = None) -> float:
         return sum(r["duration_ms"] for r in mine if r["stream"] == stream and kind in (None, r["kind"])) / 1e3 / n
+    spans = step_spans_s(mine)
+    median = statistics.median(spans) if spans else 0.0
     return {"copies_per_step": sum(r["kind"] == "h2d" for r in mine) / n, "copy_busy_s": busy("copy"),
             "compute_busy_s": busy("compute"), "cpu_busy_s": busy("cpu"),
+            "cpu_jobs_per_step": sum(r["stream"] == "cpu" for r in mine) / n,
             # the compute streams' time by kind: which part of a step grew (they add up to compute_busy_s)
-            **{f"{kind}_busy_s": busy("compute", kind) for kind in COMPUTE_KINDS}}
+            **{f"{kind}_busy_s": busy("compute", kind) for kind in COMPUTE_KINDS},
+            "longest_step_s": max(spans, default=0.0),
+            "stall_s": sum(max(0.0, span - 2 * median) for span in spans) / n}
+
+
+def step_spans_s(rows: list[dict]) -> list[float]:
+    """Each step's span in seconds, from its first span's start to its last one's end, in step order."""
+    bounds: dict[int, list[float]] = {}
+    for r in rows:
+        b = bounds.setdefault(r["step"], [r["start_ms"], r["end_ms"]])
+        b[0], b[1] = min(b[0], r["start_ms"]), max(b[1], r["end_ms"])
+    return [(end - start) / 1e3 for _, (start, end) in sorted(bounds.items())]

@@ -44,6 +44,8 @@ def test_bench_runs_policies_and_skips_what_does_not_fit(tmp_path, capsys):
     split = duo["decode_split"]  # where a decode step's time went, from the same timeline
     assert split["copies_per_step"] * decode_tokens == pytest.approx(duo["phases"]["decode"]["h2d_copies"])
     assert 0 < split["compute_busy_s"] <= duo["tpot_s"] * (1 + 1e-9) and split["copy_busy_s"] > 0
+    assert len(duo["repeats_decode_split"]) == len(duo["repeats_e2e_s"])  # every run's split, fastest first
+    assert split in duo["repeats_decode_split"]
     on_demand = results["on-demand"]["phases"]["decode"]  # keeps nothing: every decode use is a copy
     assert on_demand["hits"] == 0 and on_demand["h2d_copies"] == on_demand["misses"] > 0
     assert "TTFT ms" in capsys.readouterr().out
@@ -150,6 +152,8 @@ def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy()
     assert [name for name, _ in seen] == ["duoserve", "on-demand"] * 3
     assert len({id(policy) for _, policy in seen}) == len(seen)
     assert all(len(r["repeats_e2e_s"]) == 2 for r in results.values())
+    for r in results.values():  # of two runs the median is the slower: its split is the second
+        assert r["repeats_e2e_s"] == sorted(r["repeats_e2e_s"]) and r["decode_split"] == r["repeats_decode_split"][1]
 
 
 def test_resident_is_measured_loaded_and_the_others_cold():

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import benchmark_script
 from duoserve_core.bench.__main__ import main as bench
+from duoserve_core.timeline import step_split
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -27,7 +28,9 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n| ") == 4 and "| experts ms |" in out  # a line per run under the header
     assert f"| {entries[2]['expert_busy_s'] * 1e3:.1f} |" in out
-    assert all(line.endswith("| 0.0 | - |") for line in out.splitlines()[2:])  # no CPU lane: nothing per expert
+    assert all("| 0.0 | - |" in line for line in out.splitlines()[2:])  # no CPU lane: nothing per expert
+    split = record["decode_split"]
+    assert 0 < split["longest_step_s"] and f"| {split['longest_step_s'] * 1e3:.1f} | {split['stall_s'] * 1e3:.1f} |" in out
 
     # with the CPU lane (half of the experts forced onto it): its busy time over its experts a step
     assert bench(common + ["--cpu-experts", "half", "--out", str(tmp_path / "lane.json")]) == 0
@@ -35,6 +38,8 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     lane = script.lines(tmp_path / "lane.json")
     result = json.loads((tmp_path / "lane.json").read_text())["results"]["lru"]
     assert lane[0]["lane_experts_per_step"] == result["host_computes"] / (len(result["tokens"]) - 1) > 0
+    decode_steps = len(result["tokens"]) - 1  # the timeline's lane jobs a step: the decode's lane experts
+    assert lane[0]["cpu_jobs_per_step"] * decode_steps == pytest.approx(result["phases"]["decode"]["host_computes"])
     assert script.lane_per_expert(lane[0]) == f"{lane[0]['cpu_busy_s'] / lane[0]['lane_experts_per_step'] * 1e3:.2f}"
 
     (tmp_path / "old.json").write_text(json.dumps({"rows": [{"max_batch": 1, "policy": "lru"}]}))
@@ -43,3 +48,17 @@ def test_a_line_per_run_with_its_decode_step_split(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert script.main([str(tmp_path / "bad.json")]) == 2
     assert "is not a bench result" in capsys.readouterr().err
+
+
+def test_a_stalled_step_counts_beyond_twice_the_median():
+    """Steps of 10 ms and one of 45 ms: the longest is 45 ms, and it lost 45 - 2 x 10 = 25 ms to a stall,
+    5 ms a step over the five; steps of another phase do not count."""
+    def span(step, start, end, stream="compute", phase="decode"):
+        return {"stream": stream, "kind": "expert", "phase": phase, "step": step, "layer": 0, "expert": 0,
+                "start_ms": start, "end_ms": end, "duration_ms": end - start}
+    rows = [span(s, 10 * s, 10 * s + 4) for s in range(4)] + [span(s, 10 * s + 4, 10 * s + 10, "copy") for s in range(4)]
+    rows += [span(4, 40, 85), span(5, 0, 500, phase="prefill")]
+    split = step_split(rows, "decode", 5)
+    assert split["longest_step_s"] == pytest.approx(0.045)
+    assert split["stall_s"] == pytest.approx(0.025 / 5)
+    assert step_split(rows[:4], "decode", 4)["stall_s"] == 0.0  # equal steps: no stall

@@ -9,19 +9,24 @@ Python (after every op of a job run op by op; a few times a job since an int4 jo
 ``int4.cpu_expert_into``), and a thread that wants the GIL while another runs Python waits for the switch
 interval (``sys.getswitchinterval()``, 5 ms) before the holder is made to drop it.
 This times the lane's own job (``HostLaneWorker`` on an int4 record of the given shape, one warm-up, the
-median of ``--repeats``), as the lane runs it and op by op, with nothing else running, and beside a thread that runs pure Python the whole
-time, at a few switch intervals (the lane now runs at ``host_lane.LANE_SWITCH_INTERVAL_S``). The host thread is not busy all the time in a real run (it waits for
+median of ``--repeats``), as the lane runs it and op by op, with nothing else running, beside another
+process spinning on one core (a core taken, no GIL: as a host thread spinning in a CUDA sync takes one),
+and beside a thread that runs pure Python the whole time, at a few switch intervals (the lane now runs
+at ``host_lane.LANE_SWITCH_INTERVAL_S``). The host thread is not busy all the time in a real run (it waits for
 each layer's router, without the GIL), so this is the worst case; it says how far a long stretch of host
 Python (a batched step's bookkeeping) can delay the lane. On a 2-core machine, Mixtral-8x7B's shape, one
-lane thread, 2026-12-02: see docs/cpu_lane.md.
+lane thread, 2026-12-02, and on the H200's host at 16 and 15 threads (a spinning process: 1.0x; a thread
+running Python: 1.5x and 1.1x): see docs/cpu_lane.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +73,21 @@ def job_s(worker: HostLaneWorker, record: torch.Tensor, tokens: int, repeats: in
     return statistics.median(times[1:])
 
 
+class BusyProcess:
+    """Another process spinning on one core: it takes a core from the lane's threads but not the GIL, so
+    the lane's slowdown beside it is the cores' share alone (a host thread spinning in a CUDA sync is
+    such a core, and holds no GIL while it spins)."""
+
+    def __enter__(self) -> "BusyProcess":
+        self._process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)  # let it start spinning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
 class OpByOp(Int4Format):
     """The int4 format with the lane's job run op by op (the base class's ``host_job``), as before the
     job became one TorchScript call: for the comparison."""
@@ -99,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             alone = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
             print(f"{name}\n  alone: {alone * 1e3:8.2f} ms")
+            with BusyProcess():
+                spun = job_s(worker, store.record(0, 0), a.tokens, a.repeats)
+            print(f"  beside a process spinning on one core (no GIL): {spun * 1e3:8.2f} ms ({spun / alone:.1f}x)")
             for interval in (float(v) for v in a.intervals.split(",")):
                 sys.setswitchinterval(interval)
                 with BusyPython():

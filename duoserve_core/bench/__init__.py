@@ -178,7 +178,10 @@ def _run_once(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: 
 
 
 def _median_run(runs: list[_Run]) -> dict:
-    """The figures of the run with the median E2E, with every run's E2E beside them."""
+    """The figures of the run with the median E2E, with every run's E2E and decode split beside them
+    (fastest first). Why every run's split: on the H200 the CPU lane's runs spread up to 1.28x in E2E
+    where GPU-only runs spread 1.01-1.09x, and only the runs' own splits say whether a slow one was
+    slow throughout (the lane's time per expert) or stalled (``stall_s``)."""
     runs = sorted(runs, key=lambda r: r.result.e2e_s)
     run = runs[len(runs) // 2]
     result = run.result
@@ -188,7 +191,9 @@ def _median_run(runs: list[_Run]) -> dict:
             **derived(ttft_s=result.ttft_s, tpot_s=result.tpot_s, decode_tokens=len(result.tokens) - 1,
                       phases=phases, rows=run.rows, plan=run.plan, peak_gpu_bytes=result.peak_gpu_bytes,
                       peak_gpu_bytes_by_device=result.peak_gpu_bytes_by_device),
-            "repeats_e2e_s": [r.result.e2e_s for r in runs], "timeline": run.rows}
+            "repeats_e2e_s": [r.result.e2e_s for r in runs],
+            "repeats_decode_split": [step_split(r.rows, "decode", len(r.result.tokens) - 1) for r in runs],
+            "timeline": run.rows}
 
 
 def run_policy(runtime: Runtime, knobs: PolicyKnobs, prompt_ids: list[int], gen: int, *,

@@ -18,7 +18,7 @@ job's tensors are freed on the host thread, not the lane's, which makes no CUDA 
 ``measure_costs`` gives the auto decision (``policy.host_lane``) its costs on this machine: one
 expert on the lane at 1, 4 and 16 tokens (the format's host kernel, the lane's threads; on a GPU
 while copies run, since the two share the host's memory bandwidth), one record's copy into a
-device slot, and the same expert computed from that slot, each the median of a few runs, taken
+device slot, and the same expert computed from that slot, each the median of ``COST_REPEATS`` runs, taken
 when the runtime is built (a few tens of ms at Mixtral-8x7B size).
 """
 
@@ -41,6 +41,11 @@ from .stream_gate import StreamGate
 from .transfer import TransferEngine, TransferEngines
 
 COST_TOKENS = (1, 4, 16)
+# Runs per cost at load (their median): the auto rule compares one host expert with one copy, and
+# where the two are close one slow sample flips the run's decisions (the H200's host timed the same
+# 1-token expert under copies at 2.57-3.80 ms across runs with 3 samples, 2026-12-02); 9 cost about
+# 0.3 s at Mixtral-8x7B size.
+COST_REPEATS = 9
 
 
 LANE_SWITCH_INTERVAL_S = 1e-4  # how soon the lane's thread gets the GIL back from a host thread running Python
@@ -251,9 +256,9 @@ def measure_costs(worker: HostLaneWorker, store: HostExpertStore, engine: Transf
     record = store.record(0, 0)
     beside = BackgroundCopies(record, engine.slot(0)) if engine.cuda else contextlib.nullcontext()
     with beside:
-        host = [(t, worker.time_expert(record, t, dtype)) for t in COST_TOKENS]
-    copy_s = measure_copy_s(engine)  # slot 0 now holds expert (0, 0), relaid for the device
-    device = [(t, time_device_expert(worker.fmt, engine.slot(0), t, dtype)) for t in COST_TOKENS]
+        host = [(t, worker.time_expert(record, t, dtype, COST_REPEATS)) for t in COST_TOKENS]
+    copy_s = measure_copy_s(engine, COST_REPEATS)  # slot 0 now holds expert (0, 0), relaid for the device
+    device = [(t, time_device_expert(worker.fmt, engine.slot(0), t, dtype, COST_REPEATS)) for t in COST_TOKENS]
     return LaneCosts(copy_s=copy_s, host_s=_piecewise(host), device_s=_piecewise(device),
                      threads=worker.threads or torch.get_num_threads(),
                      source=f"measured when the runtime was built (host{' under copies' if engine.cuda else ''} "
