@@ -7,8 +7,10 @@ Issue 13's sweep (CPU threads 4, 8, 16; budgets 8 slots, 15% = 21 slots, 64 slot
 the committed int4 calibration of the H200 (``data/calibration/h200_mixtral-8x7b_int4.json``: its
 CPU-lane curve was measured while copies ran) on mixtral-like routing. Each row: the split the lane
 chose (the share of decode experts it computed), decode TPOT, and the gain over the same policy
-without the lane. The simulator does not model the host cores the lane's threads take from the host
-thread (docs/cpu_lane.md): read its rows as what the overlap alone would give.
+without the lane. The simulator charges every lane expert the calibration's time; it does not model
+the GIL the lane's job shares with a host thread running Python, nor a host that computes the lane's
+experts slower in some stretches of a run than in others (both measured on the H200: docs/cpu_lane.md,
+fifth runs): read its rows as what the overlap alone would give.
 
 ``--measure`` measures the same rows on this machine's device (the GPU): synthesized Mixtral-8x7B, int4 experts, NF4
 attention, CUDA graphs, the same routing replayed from a trace, each cell one warm-up and one run
