@@ -14,7 +14,7 @@ import pytest
 import duoserve_core
 from duoserve_core.errors import KnobError
 from duoserve_core.policy import PolicyKnobs
-from duoserve_core.policy.host_lane import HostLane, LaneCosts
+from duoserve_core.policy.host_lane import MAX_RATIO, RELAX_LAYERS, SPEED_MEMORY, HostLane, LaneCosts
 from duoserve_core.sim import Simulator, build_model, load_calibration
 from duoserve_core.sim.calibration import CalibrationError
 from duoserve_core.timeline import COLUMNS
@@ -60,6 +60,36 @@ def test_auto_takes_the_cheapest_experts_first():
     assert lane.choose([(0, 3), (1, 1)], held=lambda e: False, queued=0) == {1}
 
 
+def test_auto_follows_the_lanes_measured_speed():
+    """The H200's host ran the lane's expert at 2.2-2.7 ms in some stretches and 3.6-4.5 ms in others:
+    once the lane's jobs take twice their cost, a layer's second miss ends sooner behind a copy, so the
+    lane gets nothing; layers without a lane expert move the estimate back, and the lane gets one again."""
+    lane = _lane(1.0, 1.2)  # two misses: one copied (1.0 ms), the other on the host (1.2) beats two copies (2.0)
+    misses = [(2, 1), (5, 1)]
+    assert lane.choose(misses, held=lambda e: False, queued=0) == {5}
+    for _ in range(4 * SPEED_MEMORY):
+        lane.observe(1, 2.4 * MS)  # each job took 2.4 ms: more than the two copies
+    assert lane.slowdown == pytest.approx(2.0, rel=0.03) and lane.jobs_timed == 4 * SPEED_MEMORY
+    assert lane.choose(misses, held=lambda e: False, queued=0) == set()
+    layers = 0
+    while not lane.choose(misses, held=lambda e: False, queued=0):
+        layers += 1
+    # back under 2.0 / 1.2 = 1.67 after about RELAX_LAYERS x ln(1.0 / 0.67) layers without the lane
+    assert 0.2 * RELAX_LAYERS < layers < RELAX_LAYERS and lane.slowdown < 2.0 / 1.2
+
+
+def test_a_stall_moves_the_lanes_speed_only_so_far():
+    """A job that took a hundred times its cost (the host stood still: a 350 ms step on the H200) counts as
+    ``MAX_RATIO`` times it; the lane keeps its expert. Forced modes measure nothing (no costs)."""
+    lane = _lane(1.0, 1.2)
+    lane.observe(1, 120 * MS)
+    assert lane.slowdown == pytest.approx(1 + (MAX_RATIO - 1) / SPEED_MEMORY)
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {5}
+    forced = HostLane("half")
+    forced.observe(1, 120 * MS)
+    assert forced.slowdown == 1.0 and forced.jobs_timed == 0
+
+
 def test_forced_modes_and_off():
     needed = [(e, 1) for e in range(8)]
     assert HostLane("off").choose(needed, lambda e: False, 0) == set()
@@ -103,6 +133,19 @@ def test_tokens_and_logits_do_not_depend_on_the_lane(runtime, policy, mode):
     lane_rows = [r for r in runtime.timeline.rows() if r["stream"] == "cpu"]
     assert len(lane_rows) == out.host_computes and all(r["duration_ms"] >= 0 for r in lane_rows)
     assert out.policy["cpu_lane"] == mode
+
+
+def test_the_runtime_tells_the_decision_each_lane_jobs_time(runtime, monkeypatch):
+    """Every lane job's time reaches ``HostLane.observe`` with its token count, as its span reaches the
+    timeline (the same start and end)."""
+    runtime.configure(policy="on-demand", memory_budget="6slots", cpu_experts="half")
+    heard = []
+    monkeypatch.setattr(runtime.host_lane, "observe", lambda tokens, seconds: heard.append((tokens, seconds)))
+    out = runtime.generate(prompt_ids=[5, 6, 7, 8], max_new_tokens=4, stop_at_eos=False)
+    spans = sorted(r["duration_ms"] for r in runtime.timeline.rows() if r["stream"] == "cpu")
+    assert len(heard) == out.host_computes == len(spans) > 0
+    assert sorted(s * 1e3 for _, s in heard) == pytest.approx(spans, abs=1e-3)
+    assert {t for t, _ in heard} <= {1, 2, 3, 4} and any(t > 1 for t, _ in heard)  # the prompt's jobs carry its tokens
 
 
 def test_the_lane_starts_before_the_policys_router_bookkeeping(runtime, monkeypatch):

@@ -74,7 +74,7 @@ class ExpertExecutor:
         self._phase = None
         self.devices = [e.device for e in engine.engines]  # slot devices, the first runs the dense part
         self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
-        self.lane_jobs: list[tuple[int, int, object]] = []  # (layer, expert, future) held, not yet on the timeline
+        self.lane_jobs: list[tuple[int, int, int, object]] = []  # (layer, expert, tokens, future) held, not yet timed
 
     def side_stream(self):
         if self._side is None:
@@ -147,13 +147,17 @@ class ExpertExecutor:
 
     def timeline_lane_jobs(self, wait: bool) -> None:
         """Each finished CPU-lane job becomes a span on the timeline's ``cpu`` lane (``wait``: all of
-        them, after they finish); a job's error is raised here."""
-        ready = [wait or future.done() for _, _, future in self.lane_jobs]  # read once: a job may finish meanwhile
+        them, after they finish), and the lane's decision hears its time (``HostLane.observe``: the
+        lane's speed as it runs); a job's error is raised here."""
+        ready = [wait or future.done() for *_, future in self.lane_jobs]  # read once: a job may finish meanwhile
         finished = [job for job, done in zip(self.lane_jobs, ready) if done]
         self.lane_jobs[:] = [job for job, done in zip(self.lane_jobs, ready) if not done]
-        for layer, expert, future in finished:
+        lane = self.layer_step.host_lane
+        for layer, expert, tokens, future in finished:
             start, end = future.result()
             self.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=end))
+            if lane is not None:
+                lane.observe(tokens, end - start)
 
 
 class _DeviceShare:
@@ -271,7 +275,7 @@ class _TorchLayer:
             self.host_worker.hold(stream)
             rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
             self.contrib.index_copy_(0, rows, out.to(self.x.device, non_blocking=True))
-            self.lane_jobs.append((layer, expert, future))
+            self.lane_jobs.append((layer, expert, out.shape[0], future))
         self.on_host.clear()
 
 

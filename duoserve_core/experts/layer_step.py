@@ -27,7 +27,9 @@ One decode token at layer l, in order:
 
 No decision here reads a clock. The CPU lane's choice reads a modeled state kept the same way by
 both executors (the prefetches still queued on the copy stream, counted from the cache's
-decisions) and a cost model, so decisions stay reproducible on the CPU.
+decisions) and a cost model, so decisions stay reproducible on the CPU. (On a GPU the runtime's
+``auto`` lane also scales its host cost by the lane's measured speed, which the executor reports
+after each job: ``HostLane.observe``; the simulator's lane runs at its cost, so nothing changes there.)
 """
 
 from __future__ import annotations

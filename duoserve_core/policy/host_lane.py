@@ -27,6 +27,18 @@ this layer's time, which is what a copy-bound layer wants when the cache cannot 
 experts anyway (the rule does not price the lost entry; at large budgets that is where it can
 still lose: docs/cpu_lane.md).
 
+The lane's speed is not the one measured at load throughout a run: on the H200's host the same
+1-token expert took 2.2-2.7 ms in some runs and 3.6-4.5 ms in others, in stretches of seconds to
+minutes (docs/cpu_lane.md, fifth runs), and at 4.5 ms a lane expert ends a layer later than a second
+copy would. So ``auto`` scales ``host_s`` by ``slowdown``: the lane's measured job times over the
+costs', a moving average over its recent jobs (``observe``, fed by the runtime with each finished
+job's time). A job over ``MAX_RATIO`` times its cost counts as that ratio (a stall of the whole host,
+a garbage collection, says nothing of the lane's speed); and each layer whose misses all went to the
+copies moves the estimate back towards the costs at load (by ``1 / RELAX_LAYERS`` of the gap), so a
+lane that was dropped in a slow stretch gets an expert again later and is measured anew. The
+simulator's lane runs at its calibrated speed and feeds nothing, so its decisions are the cost
+model's alone; a runtime on a CPU device never uses ``auto``, so CPU runs stay reproducible.
+
 The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
 (resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
 exactly (no decision is asked for).
@@ -39,6 +51,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 HOST_LANE_MODES = ("off", "auto", "all", "half")
+SPEED_MEMORY = 32   # lane jobs the measured slowdown averages over (an exponential average's 1/32)
+MAX_RATIO = 4.0     # a job's time over its cost counts as at most this (a stall is not the lane's speed)
+RELAX_LAYERS = 64   # layers without a lane expert over which the slowdown's excess decays by e
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,17 @@ class HostLane:
             raise ValueError("the auto CPU lane needs its costs (LaneCosts)")
         self.mode, self.costs = mode, costs
         self._random = random.Random(seed)
+        self.slowdown = 1.0   # the lane's measured job time over ``costs.host_s``, recent jobs weighing most
+        self.jobs_timed = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A lane job of ``tokens`` tokens took ``seconds`` (from its start to its end on the lane)."""
+        expected = self.costs.host_s(tokens) if self.costs is not None else 0.0
+        if expected <= 0:
+            return
+        ratio = min(seconds / expected, MAX_RATIO)
+        self.slowdown += (ratio - self.slowdown) / SPEED_MEMORY
+        self.jobs_timed += 1
 
     @property
     def enabled(self) -> bool:
@@ -81,24 +107,27 @@ class HostLane:
             return {e for e, _ in needed}
         if self.mode == "half":
             return {e for e, _ in needed if self._random.random() < 0.5}
-        c = self.costs
+        c, slowdown = self.costs, self.slowdown
         copy_done = queued * c.copy_s   # the copy stream's queue
         copy_end = 0.0                  # the GPU path's end: the last copied expert computed
         host_end = 0.0                  # the host path's end: the lane done, then the host's delayed work
         chosen: set[int] = set()
         for expert, tokens in sorted(((e, t) for e, t in needed if not held(e)), key=lambda et: et[1]):
             via_copy = max(copy_end, copy_done + c.copy_s + c.device_s(tokens))
-            via_host = host_end + c.host_s(tokens)
+            via_host = host_end + c.host_s(tokens) * slowdown
             if max(copy_end, via_host) < max(via_copy, host_end):
                 chosen.add(expert)
                 host_end = via_host
             else:
                 copy_done += c.copy_s
                 copy_end = via_copy
+        if not chosen:  # nothing measured this layer: drift back towards the costs at load
+            self.slowdown = 1.0 + (self.slowdown - 1.0) * (1.0 - 1.0 / RELAX_LAYERS)
         return chosen
 
     def describe(self) -> dict:
         out: dict = {"cpu_experts": self.mode}
         if self.costs is not None:
             out["cpu_lane_costs"] = self.costs.describe()
+            out["cpu_lane_slowdown"] = {"now": self.slowdown, "jobs_timed": self.jobs_timed}
         return out
