@@ -30,14 +30,15 @@ still lose: docs/cpu_lane.md).
 The lane's speed is not the one measured at load throughout a run: on the H200's host the same
 1-token expert took 2.2-2.7 ms in some runs and 3.6-4.5 ms in others, in stretches of seconds to
 minutes (docs/cpu_lane.md, fifth runs), and at 4.5 ms a lane expert ends a layer later than a second
-copy would. So ``auto`` scales ``host_s`` by ``slowdown``: the lane's measured job times over the
-costs', a moving average over its recent jobs (``observe``, fed by the runtime with each finished
-job's time). A job over ``MAX_RATIO`` times its cost counts as that ratio (a stall of the whole host,
-a garbage collection, says nothing of the lane's speed); and each layer whose misses all went to the
-copies moves the estimate back towards the costs at load (by ``1 / RELAX_LAYERS`` of the gap), so a
-lane that was dropped in a slow stretch gets an expert again later and is measured anew. The
-simulator's lane runs at its calibrated speed and feeds nothing, so its decisions are the cost
-model's alone; a runtime on a CPU device never uses ``auto``, so CPU runs stay reproducible.
+copy would. So ``auto`` scales ``host_s`` by ``slowdown``: the median of the lane's last ``WINDOW`` job times
+over their costs (``observe``, fed by the runtime with each finished job's time; a median, so one
+stall of the whole host, a garbage collection, does not move it). A lane that the slowdown left
+without experts is measured no more, so after ``PROBE_LAYERS`` layers without a lane expert the
+window is stale: it is cleared, and the next layer decides with the costs at load again (one job,
+whose time starts a new window). In a slow stretch that costs one lane expert every ``PROBE_LAYERS``
+layers; when the host is fast again the lane is back within one probe. The simulator's lane runs at
+its calibrated speed (ratio 1), so its decisions are the cost model's alone; a runtime on a CPU
+device never uses ``auto``, so CPU runs stay reproducible.
 
 The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
 (resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
@@ -47,13 +48,14 @@ exactly (no decision is asked for).
 from __future__ import annotations
 
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 HOST_LANE_MODES = ("off", "auto", "all", "half")
-SPEED_MEMORY = 32   # lane jobs the measured slowdown averages over (an exponential average's 1/32)
-MAX_RATIO = 4.0     # a job's time over its cost counts as at most this (a stall is not the lane's speed)
-RELAX_LAYERS = 64   # layers without a lane expert over which the slowdown's excess decays by e
+WINDOW = 8          # recent lane jobs whose median time over cost scales the host cost
+PROBE_LAYERS = 64   # layers without a lane expert after which that window is stale (two Mixtral tokens)
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,21 @@ class HostLane:
             raise ValueError("the auto CPU lane needs its costs (LaneCosts)")
         self.mode, self.costs = mode, costs
         self._random = random.Random(seed)
-        self.slowdown = 1.0   # the lane's measured job time over ``costs.host_s``, recent jobs weighing most
+        self.ratios: deque[float] = deque(maxlen=WINDOW)  # recent lane jobs' time over their cost
         self.jobs_timed = 0
+        self._idle_layers = 0  # layers since the lane last got an expert
+
+    @property
+    def slowdown(self) -> float:
+        """How much slower the lane runs than its costs say: the median of its recent jobs (1 with none)."""
+        return statistics.median(self.ratios) if self.ratios else 1.0
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A lane job of ``tokens`` tokens took ``seconds`` (from its start to its end on the lane)."""
         expected = self.costs.host_s(tokens) if self.costs is not None else 0.0
-        if expected <= 0:
-            return
-        ratio = min(seconds / expected, MAX_RATIO)
-        self.slowdown += (ratio - self.slowdown) / SPEED_MEMORY
-        self.jobs_timed += 1
+        if expected > 0:
+            self.ratios.append(seconds / expected)
+            self.jobs_timed += 1
 
     @property
     def enabled(self) -> bool:
@@ -121,8 +127,10 @@ class HostLane:
             else:
                 copy_done += c.copy_s
                 copy_end = via_copy
-        if not chosen:  # nothing measured this layer: drift back towards the costs at load
-            self.slowdown = 1.0 + (self.slowdown - 1.0) * (1.0 - 1.0 / RELAX_LAYERS)
+        self._idle_layers = 0 if chosen else self._idle_layers + 1
+        if self._idle_layers >= PROBE_LAYERS:  # the window is stale: the next layer tries the costs at load
+            self.ratios.clear()
+            self._idle_layers = 0
         return chosen
 
     def describe(self) -> dict:

@@ -258,6 +258,9 @@ class _SimLayer:
             c.host = c.compute = c.cpu
         self.on_host += 1
         self.sim.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=c.cpu))
+        # as the runtime reports each lane job's time (a layer later there): at the calibrated speed the
+        # rule's slowdown stays 1, so only a lane made slower than its costs (a study, a test) moves it
+        self.sim.host_lane.observe(self.counts[expert], lane_s)
 
     def finish_host(self) -> None:
         c = self.sim.clocks
