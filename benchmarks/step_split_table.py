@@ -58,9 +58,11 @@ def table(entries: list[dict]) -> str:
 
 
 def lane_per_expert(e: dict) -> str:
-    """The lane's busy time a step over its experts a step (the prompt's lane experts, if any, counted
-    in too: a small error, as the rule gives prompt experts to the lane rarely); '-' without the lane."""
-    experts = e.get("lane_experts_per_step") or 0
+    """The lane's busy time a step over its jobs a step, both from the decode's timeline; files from
+    before the split counted the jobs (``cpu_jobs_per_step``) divide by the run's lane experts a step
+    instead (the prompt's counted in too: a small error, as ``auto`` gives prompt experts to the lane
+    rarely); '-' without the lane."""
+    experts = e.get("cpu_jobs_per_step") or e.get("lane_experts_per_step") or 0
     return f"{e['cpu_busy_s'] / experts * 1e3:.2f}" if experts and e.get("cpu_busy_s") else "-"
 
 
