@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .checkpoint import ExpertTensors, TensorSource, open_source
 from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
 from .events import EventBus, StepEvent
+from .gc_freeze import long_lived_objects_frozen
 from .experts.cache import ExpertCache, stats_delta
 from .experts.device_routing import DeviceRoutedMoE, host_routing_reason
 from .experts.executor import ExpertExecutor
@@ -566,8 +567,9 @@ class Runtime:
         if recorder is not None:
             self.executor.observers.append(recorder)
         try:
-            run = self._decode_loop(ids, max_new_tokens, temperature, torch.Generator().manual_seed(seed), eos,
-                                    return_logits, recorder, request_id)
+            with long_lived_objects_frozen():
+                run = self._decode_loop(ids, max_new_tokens, temperature, torch.Generator().manual_seed(seed), eos,
+                                        return_logits, recorder, request_id)
         finally:
             if recorder is not None:
                 self.executor.observers.remove(recorder)
@@ -630,9 +632,10 @@ class Runtime:
         t0 = time.perf_counter()
         batcher = self.batcher(max_batch, eos, return_logits, lambda: time.perf_counter() - t0, prefill_schedule,
                                prefill_chunk)
-        done = batcher.run([Request(i, ids, max_new_tokens, temperature, seed, arrivals[i])
-                            for i, ids in enumerate(encoded)],
-                           wait=lambda t: time.sleep(max(0.0, t - batcher.clock())))  # real time
+        with long_lived_objects_frozen():
+            done = batcher.run([Request(i, ids, max_new_tokens, temperature, seed, arrivals[i])
+                                for i, ids in enumerate(encoded)],
+                               wait=lambda t: time.sleep(max(0.0, t - batcher.clock())))  # real time
         e2e = time.perf_counter() - t0
         total = stats_delta(start, self.cache.stats.as_dict())
         results = [request_result(done[i], self.tokenizer) for i in range(len(encoded))]

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from .batching import DEFAULT_SCHEDULE
 from .errors import DuoServeError, PromptError
+from .gc_freeze import long_lived_objects_frozen
 from .serving.engine import Engine, EngineFailure
 from .serving.generation import ClientGone, Generation, unless_disconnected
 from .serving.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
@@ -52,11 +53,12 @@ def create_app(runtime, *, max_batch: int, model_name: str | None = None, prefil
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        engine.start()
-        try:
-            yield
-        finally:
-            engine.stop()
+        with long_lived_objects_frozen():  # what start-up made, out of the collector's way (gc_freeze.py)
+            engine.start()
+            try:
+                yield
+            finally:
+                engine.stop()
 
     app = FastAPI(title="duoserve", lifespan=lifespan)
     app.state.engine, app.state.model_name = engine, name

@@ -1,5 +1,7 @@
 """Logs every garbage collection that takes over ``GC_LOG_MS`` (5 ms) to stderr: its generation, time,
-thread and what it collected. Loaded at interpreter start by putting this folder first on
+thread, what it collected and how many objects were frozen (``duoserve_core/gc_freeze.py`` freezes
+every older object for a generation's length, so a collection inside one shows a large frozen count
+and a small generation 2). Loaded at interpreter start by putting this folder first on
 ``PYTHONPATH`` (``GC_LOG=1`` in ``benchmarks/cpu_lane_gpu.sh`` does that for its bench stages).
 
 Why: on the H200 (2026-12-02) CPU-lane runs spread 1.11-1.28x in E2E over three runs where the same
@@ -28,7 +30,7 @@ def _log(phase: str, info: dict) -> None:
     if took >= _LIMIT_S:
         print(f"gc: at {time.perf_counter() - _T0:.3f} s, generation {info['generation']} took {took * 1e3:.1f} ms on thread "
               f"{threading.current_thread().name} (collected {info['collected']}, "
-              f"{len(gc.get_objects(info['generation']))} objects left in it)", file=sys.stderr, flush=True)
+              f"{len(gc.get_objects(info['generation']))} objects left in it, {gc.get_freeze_count()} frozen)", file=sys.stderr, flush=True)
 
 
 gc.callbacks.append(_log)
