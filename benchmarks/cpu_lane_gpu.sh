@@ -67,7 +67,8 @@ off|auto)
   tail -4 "$OUT/bench_$name.log"; grep -c "^gc:" "$OUT/bench_$name.log" | sed 's/^/collections over GC_LOG_MS: /' ;;
 esac
 done
-ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 benchmarks/step_split_table.py "$OUT"/bench_*_cpu_*.json
+ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 benchmarks/step_split_table.py "$OUT"/bench_*_cpu_*.json \
+  && python3 benchmarks/step_split_table.py --runs "$OUT"/bench_*_cpu_*.json
 ls "$OUT"/bench_*_cpu_*.json >/dev/null 2>&1 && python3 - "$OUT"/bench_*_cpu_*.json <<'PY'
 import json, sys
 for path in sys.argv[1:]:
@@ -76,8 +77,4 @@ for path in sys.argv[1:]:
     for k, v in r.items():
         print(f"  {k:>10}: TPOT {v['tpot_s'] * 1e3:6.1f} ms  TTFT {v['ttft_s'] * 1e3:6.0f} ms  host computes {v['host_computes']:5d}"
               f"  copies {v['h2d_copies']:5d}  tokens[:6] {v['tokens'][:6]}")
-        for e2e, split in zip(v["repeats_e2e_s"], v.get("repeats_decode_split") or []):
-            jobs = split.get("cpu_jobs_per_step") or 0
-            print(f"      run E2E {e2e:6.2f} s: lane {split['cpu_busy_s'] / jobs * 1e3 if jobs else 0:5.2f} ms an expert,"
-                  f" longest step {split['longest_step_s'] * 1e3:6.1f} ms, stall {split['stall_s'] * 1e3:5.1f} ms a step")
 PY

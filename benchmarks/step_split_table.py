@@ -1,6 +1,7 @@
 """Where each run's decode steps spent their time, one line per run, from bench result files.
 
     python benchmarks/step_split_table.py benchmarks/results/gap_h200_*.json
+    python benchmarks/step_split_table.py --runs benchmarks/results/bench_h200_*_follow.json
 
 Reads the ``decode_split`` every bench run records (``timeline.step_split``): a plain ``bench`` file gives
 one line per policy (``generate``, one request), a ``--max-batch`` or ``--arrival-rate`` file one per
@@ -12,6 +13,9 @@ simulator matched duoserve's single-request decode on the H200 within 0.6% but i
 within 7-20%, with the same copies; this says which of the three the GPU spent the difference on. And the
 CPU lane's experts took 2.9 ms each through ``generate`` and 4.8 ms through the batched loop at batch 1 on the
 H200 (2026-12-02, the same decisions): the per-expert column of the ``gap`` stage's two files says it again.
+``--runs``: every measured run of a plain bench file (``repeats_decode_split``, fastest first), with its
+E2E, lane time per expert, longest step and stall, since a lane run's E2E spread up to 1.28x over three
+where the median alone hides whether a slow run was slow throughout or stalled once.
 """
 
 from __future__ import annotations
@@ -39,6 +43,24 @@ def lines(path: Path) -> list[dict]:
         out.append({"file": path.name, "run": f"{r['policy']}, {where}", "step_s": r["decode_s"] / r["decode_steps"],
                     **split, "lane_experts_per_step": r.get("host_computes", 0) / r["decode_steps"]})
     return out
+
+
+def run_lines(path: Path) -> list[dict]:
+    """One entry per measured run of each policy in a plain bench file (fastest first): its E2E and split."""
+    out = []
+    for name, r in (json.loads(path.read_text()).get("results") or {}).items():
+        repeats = list(zip(r.get("repeats_e2e_s") or [], r.get("repeats_decode_split") or []))
+        out += [{"file": path.name, "run": f"{name}, run {i + 1} of {len(repeats)}", "e2e_s": e2e, **split}
+                for i, (e2e, split) in enumerate(repeats)]
+    return out
+
+
+def runs_table(entries: list[dict]) -> str:
+    rows = ["| file | run (fastest first) | E2E s | lane ms per expert | longest step ms | stall ms a step |",
+            "|---|---|---:|---:|---:|---:|"]
+    rows += [f"| {e['file']} | {e['run']} | {e['e2e_s']:.2f} | {lane_per_expert(e)} | {e['longest_step_s'] * 1e3:.1f} "
+             f"| {e['stall_s'] * 1e3:.1f} |" for e in entries]
+    return "\n".join(rows)
 
 
 def table(entries: list[dict]) -> str:
@@ -69,19 +91,21 @@ def lane_per_expert(e: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path, help="bench result JSON files")
+    p.add_argument("--runs", action="store_true", help="every measured run of a plain bench file, not each median")
     args = p.parse_args(argv)
     entries = []
     for path in args.files:
         try:
-            entries += lines(path)
+            entries += run_lines(path) if args.runs else lines(path)
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: {path} is not a bench result with decode_split ({exc})", file=sys.stderr)
             return 2
     if not entries:
-        print("error: none of the files has a decode_split (bench results of 2026-12-01 or later have it)",
-              file=sys.stderr)
+        what = ("every run's split (repeats_decode_split: bench results of 2026-12-02 or later)" if args.runs
+                else "a decode_split (bench results of 2026-12-01 or later have it)")
+        print(f"error: none of the files has {what}", file=sys.stderr)
         return 2
-    print(table(entries))
+    print(runs_table(entries) if args.runs else table(entries))
     return 0
 
 

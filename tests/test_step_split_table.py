@@ -64,3 +64,23 @@ def test_a_stalled_step_counts_beyond_twice_the_median():
     assert split["longest_step_s"] == pytest.approx(0.045)
     assert split["stall_s"] == pytest.approx(0.025 / 5)
     assert step_split(rows[:4], "decode", 4)["stall_s"] == 0.0  # equal steps: no stall
+
+
+def test_runs_prints_every_measured_run_fastest_first(tmp_path, capsys):
+    assert bench(["--model", str(DATA / "small-moe"), "--device", "cpu", "--memory-budget", "8slots", "--prompt-len", "6",
+                  "--gen", "3", "--repeats", "2", "--policies", "lru", "--cpu-experts", "half",
+                  "--out", str(tmp_path / "two.json")]) == 0
+    capsys.readouterr()
+    script = benchmark_script("step_split_table")
+    result = json.loads((tmp_path / "two.json").read_text())["results"]["lru"]
+    entries = script.run_lines(tmp_path / "two.json")
+    assert [e["run"] for e in entries] == ["lru, run 1 of 2", "lru, run 2 of 2"]
+    assert [e["e2e_s"] for e in entries] == result["repeats_e2e_s"] == sorted(result["repeats_e2e_s"])
+    assert entries[1]["longest_step_s"] == result["repeats_decode_split"][1]["longest_step_s"]
+    assert script.main(["--runs", str(tmp_path / "two.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[3].startswith(f"| two.json | lru, run 2 of 2 | {entries[1]['e2e_s']:.2f} | "
+                                               f"{script.lane_per_expert(entries[1])} |")
+    (tmp_path / "old.json").write_text(json.dumps({"results": {"lru": {"tpot_s": 0.1}}}))
+    assert script.main(["--runs", str(tmp_path / "old.json")]) == 2
+    assert "repeats_decode_split" in capsys.readouterr().err
