@@ -14,7 +14,7 @@ within 7-20%, with the same copies; this says which of the three the GPU spent t
 CPU lane's experts took 2.9 ms each through ``generate`` and 4.8 ms through the batched loop at batch 1 on the
 H200 (2026-12-02, the same decisions): the per-expert column of the ``gap`` stage's two files says it again.
 ``--runs``: every measured run of a plain bench file (``repeats_decode_split``, fastest first), with its
-E2E, lane time per expert, longest step and stall, since a lane run's E2E spread up to 1.28x over three
+E2E, lane time per expert, longest step, stall and longest garbage collection, since a lane run's E2E spread up to 1.28x over three
 where the median alone hides whether a slow run was slow throughout or stalled once.
 """
 
@@ -45,21 +45,27 @@ def lines(path: Path) -> list[dict]:
     return out
 
 
+def ms(e: dict, key: str) -> str:
+    """``e[key]`` seconds in ms; '-' where a file from before that figure lacks it."""
+    return "-" if e.get(key) is None else f"{e[key] * 1e3:.1f}"
+
+
 def run_lines(path: Path) -> list[dict]:
     """One entry per measured run of each policy in a plain bench file (fastest first): its E2E and split."""
     out = []
     for name, r in (json.loads(path.read_text()).get("results") or {}).items():
         repeats = list(zip(r.get("repeats_e2e_s") or [], r.get("repeats_decode_split") or []))
-        out += [{"file": path.name, "run": f"{name}, run {i + 1} of {len(repeats)}", "e2e_s": e2e, **split}
-                for i, (e2e, split) in enumerate(repeats)]
+        pauses = r.get("repeats_gc_longest_pause_s") or [None] * len(repeats)  # files before 2026-12-02's sixth runs lack it
+        out += [{"file": path.name, "run": f"{name}, run {i + 1} of {len(repeats)}", "e2e_s": e2e, **split,
+                 "gc_longest_pause_s": pause} for i, ((e2e, split), pause) in enumerate(zip(repeats, pauses))]
     return out
 
 
 def runs_table(entries: list[dict]) -> str:
-    rows = ["| file | run (fastest first) | E2E s | lane ms per expert | longest step ms | stall ms a step |",
-            "|---|---|---:|---:|---:|---:|"]
+    rows = ["| file | run (fastest first) | E2E s | lane ms per expert | longest step ms | stall ms a step "
+            "| longest GC ms |", "|---|---|---:|---:|---:|---:|---:|"]
     rows += [f"| {e['file']} | {e['run']} | {e['e2e_s']:.2f} | {lane_per_expert(e)} | {e['longest_step_s'] * 1e3:.1f} "
-             f"| {e['stall_s'] * 1e3:.1f} |" for e in entries]
+             f"| {e['stall_s'] * 1e3:.1f} | {ms(e, 'gc_longest_pause_s')} |" for e in entries]
     return "\n".join(rows)
 
 
@@ -68,8 +74,6 @@ def table(entries: list[dict]) -> str:
             "| experts ms | copy stream idle ms | CPU lane busy ms | lane ms per expert | longest step ms | stall ms |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def ms(e: dict, key: str) -> str:  # runs recorded before the split by kind lack it
-        return "-" if e.get(key) is None else f"{e[key] * 1e3:.1f}"
     for e in entries:
         rows.append(f"| {e['file']} | {e['run']} | {e['step_s'] * 1e3:.1f} | {e['copies_per_step']:.1f} "
                     f"| {e['copy_busy_s'] * 1e3:.1f} | {e['compute_busy_s'] * 1e3:.1f} | {ms(e, 'attention_busy_s')} "

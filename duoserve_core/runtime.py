@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .checkpoint import ExpertTensors, TensorSource, open_source
 from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
 from .events import EventBus, StepEvent
-from .gc_freeze import long_lived_objects_frozen
+from .collector import CollectorMeter, long_lived_objects_frozen
 from .experts.cache import ExpertCache, stats_delta
 from .experts.device_routing import DeviceRoutedMoE, host_routing_reason
 from .experts.executor import ExpertExecutor
@@ -70,6 +70,8 @@ class GenerationResult(_Result):
     text: str | None = None
     logits: list[torch.Tensor] | None = field(default=None, repr=False)
     peak_gpu_bytes_by_device: list[int] | None = None  # each GPU's peak (several GPUs), the first's first
+    gc_pause_s: float = 0.0         # the garbage collector's time during the call (``collector.CollectorMeter``)
+    gc_longest_pause_s: float = 0.0  # its longest collection: a decode step this long beside it was the collector's
 
 
 @dataclass
@@ -112,6 +114,8 @@ class BatchRun:
     peak_gpu_bytes_by_device: list[int] | None = None
     prompt_steps: int = 0           # steps that ran a prompt (or a chunk of one), riding decode tokens included
     prompt_s: float = 0.0           # their time
+    gc_pause_s: float = 0.0         # the garbage collector's time during the run (``collector.CollectorMeter``)
+    gc_longest_pause_s: float = 0.0  # its longest collection
 
     def as_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "requests"},
@@ -567,7 +571,7 @@ class Runtime:
         if recorder is not None:
             self.executor.observers.append(recorder)
         try:
-            with long_lived_objects_frozen():
+            with long_lived_objects_frozen(), CollectorMeter() as collector:
                 run = self._decode_loop(ids, max_new_tokens, temperature, torch.Generator().manual_seed(seed), eos,
                                         return_logits, recorder, request_id)
         finally:
@@ -588,6 +592,7 @@ class Runtime:
             phases={"prefill": phases["prefill"], "decode": phases["decode"]},
             text=self.tokenizer.decode(tokens) if self.tokenizer is not None else None,
             logits=logits_out if return_logits else None, peak_gpu_bytes_by_device=self._peaks(),
+            gc_pause_s=collector.seconds, gc_longest_pause_s=collector.longest_s,
         )
 
     def generate_many(self, prompts: list[str | list[int]], *, max_batch: int | None = None, max_new_tokens: int = 32,
@@ -632,7 +637,7 @@ class Runtime:
         t0 = time.perf_counter()
         batcher = self.batcher(max_batch, eos, return_logits, lambda: time.perf_counter() - t0, prefill_schedule,
                                prefill_chunk)
-        with long_lived_objects_frozen():
+        with long_lived_objects_frozen(), CollectorMeter() as collector:
             done = batcher.run([Request(i, ids, max_new_tokens, temperature, seed, arrivals[i])
                                 for i, ids in enumerate(encoded)],
                                wait=lambda t: time.sleep(max(0.0, t - batcher.clock())))  # real time
@@ -649,7 +654,8 @@ class Runtime:
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             h2d_bytes=total["h2d_bytes"], h2d_copies=total["h2d_copies"], expert_hits=total["hits"],
             expert_misses=total["misses"], host_computes=total["host_computes"], device=self.device_names(),
-            policy={**self.policy.describe(), **self._lane_description()}, peak_gpu_bytes_by_device=self._peaks())
+            policy={**self.policy.describe(), **self._lane_description()}, peak_gpu_bytes_by_device=self._peaks(),
+            gc_pause_s=collector.seconds, gc_longest_pause_s=collector.longest_s)
 
     def batcher(self, max_batch: int, eos: set[int], keep_logits: bool = False,
                 clock=time.perf_counter, prefill_schedule: str = DEFAULT_SCHEDULE,

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from .batching import DEFAULT_SCHEDULE
 from .errors import DuoServeError, PromptError
-from .gc_freeze import long_lived_objects_frozen
+from .collector import long_lived_objects_frozen
 from .serving.engine import Engine, EngineFailure
 from .serving.generation import ClientGone, Generation, unless_disconnected
 from .serving.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
@@ -53,7 +53,7 @@ def create_app(runtime, *, max_batch: int, model_name: str | None = None, prefil
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        with long_lived_objects_frozen():  # what start-up made, out of the collector's way (gc_freeze.py)
+        with long_lived_objects_frozen():  # what start-up made, out of the collector's way (collector.py)
             engine.start()
             try:
                 yield

@@ -12,10 +12,10 @@ tokens, median of 3, CUDA graphs, 16 lane threads, 2026-12-02).
 The lane first lost on the H200 (2026-11-30: the host thread waited at each layer's end for the
 lane, so the next layer's attention could not be queued while it ran). Now the compute stream waits
 for the lane instead (``experts.stream_gate``) and the lane wins for a single request: on-demand
-142.0 -> 113.9 ms, lru 148.7 -> 123.0, duoserve 136.5 -> 114.9 ms (the fourth runs of 2026-12-02,
-after the fix of a hang with several lane experts a layer). The simulator models the hand-off; with
-the calibration taken the same day (CUDA graphs, the relayout's time by phase) it is 6-11% above the
-lane-off runs and 1-8% below the lane-on ones (docs/cpu_lane.md).
+147.2 -> 116.1 ms, lru 152.8 -> 124.2, duoserve 140.1 -> 116.0 ms (the sixth runs of 2026-12-02, with
+``auto`` following the lane's measured speed). The simulator models the hand-off; with the
+calibration of that day (CUDA graphs, the relayout's time by phase) its 128-token runs are 4-7% above
+the lane-off runs and 3-9% below the lane-on ones (docs/cpu_lane.md).
 
 Short requests keep a run to a fraction of a second on a CPU: one request of the measured prompt
 length (512 tokens) and ``GEN`` tokens, routing from ``lab.routing_view`` (seed 1, not the
@@ -44,8 +44,8 @@ from .gpu_results import RESULTS
 from .runs import BUNDLED, MIXTRAL_8_LAYERS_INT4, LiveRun, ModelChoice, live_run
 
 CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_int4.json"
-MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs_lane_fix.json",
-            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto_t16_graphs_lane_fix.json"}
+MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs_follow.json",
+            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto_t16_graphs_follow.json"}
 SOURCES = routing_view.SOURCES
 POLICIES = ("on-demand", "lru", "duoserve")
 MODES = ("off", "auto", "half")  # half: a seeded random half of the needed experts forced onto the lane

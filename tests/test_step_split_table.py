@@ -81,6 +81,8 @@ def test_runs_prints_every_measured_run_fastest_first(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and out[3].startswith(f"| two.json | lru, run 2 of 2 | {entries[1]['e2e_s']:.2f} | "
                                                f"{script.lane_per_expert(entries[1])} |")
+    pause = result["repeats_gc_longest_pause_s"][1]  # each run's longest collection, last column
+    assert len(result["repeats_gc_longest_pause_s"]) == 2 and out[3].endswith(f"| {pause * 1e3:.1f} |")
     (tmp_path / "old.json").write_text(json.dumps({"results": {"lru": {"tpot_s": 0.1}}}))
     assert script.main(["--runs", str(tmp_path / "old.json")]) == 2
     assert "repeats_decode_split" in capsys.readouterr().err

@@ -181,7 +181,8 @@ def _median_run(runs: list[_Run]) -> dict:
     """The figures of the run with the median E2E, with every run's E2E and decode split beside them
     (fastest first). Why every run's split: on the H200 the CPU lane's runs spread up to 1.28x in E2E
     where GPU-only runs spread 1.01-1.09x, and only the runs' own splits say whether a slow one was
-    slow throughout (the lane's time per expert) or stalled (``stall_s``)."""
+    slow throughout (the lane's time per expert) or stalled (``stall_s``), and each run's longest garbage
+    collection whether a stall was the collector's."""
     runs = sorted(runs, key=lambda r: r.result.e2e_s)
     run = runs[len(runs) // 2]
     result = run.result
@@ -193,6 +194,7 @@ def _median_run(runs: list[_Run]) -> dict:
                       peak_gpu_bytes_by_device=result.peak_gpu_bytes_by_device),
             "repeats_e2e_s": [r.result.e2e_s for r in runs],
             "repeats_decode_split": [step_split(r.rows, "decode", len(r.result.tokens) - 1) for r in runs],
+            "repeats_gc_longest_pause_s": [r.result.gc_longest_pause_s for r in runs],
             "timeline": run.rows}
 
 

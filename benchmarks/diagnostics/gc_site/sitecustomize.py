@@ -1,5 +1,5 @@
 """Logs every garbage collection that takes over ``GC_LOG_MS`` (5 ms) to stderr: its generation, time,
-thread, what it collected and how many objects were frozen (``duoserve_core/gc_freeze.py`` freezes
+thread, what it collected and how many objects were frozen (``duoserve_core/collector.py`` freezes
 every older object for a generation's length, so a collection inside one shows a large frozen count
 and a small generation 2). Loaded at interpreter start by putting this folder first on
 ``PYTHONPATH`` (``GC_LOG=1`` in ``benchmarks/cpu_lane_gpu.sh`` does that for its bench stages).

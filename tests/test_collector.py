@@ -1,4 +1,4 @@
-"""A generation runs with the objects made before it out of the garbage collector's way (gc_freeze.py)."""
+"""A generation runs with the objects made before it out of the garbage collector's way (collector.py)."""
 
 import gc
 import weakref
@@ -7,7 +7,7 @@ import pytest
 
 import duoserve_core
 from duoserve_core.events import StepEvent
-from duoserve_core.gc_freeze import long_lived_objects_frozen
+from duoserve_core.collector import CollectorMeter, long_lived_objects_frozen
 
 
 @pytest.fixture(autouse=True)
@@ -73,15 +73,31 @@ def test_the_block_freezes_after_a_callers_own_freeze_too():
     assert gc.get_freeze_count() == 0
 
 
-def test_generate_and_generate_many_run_frozen(tiny_checkpoint):
+def test_the_meter_times_the_collections_inside_its_block_only():
+    with CollectorMeter() as meter:
+        gc.collect()
+        gc.collect(0)
+    assert meter.collections == 2 and 0 < meter.longest_s <= meter.seconds
+    gc.collect()
+    assert meter.collections == 2 and meter._on_collection not in gc.callbacks
+
+
+def test_generate_and_generate_many_run_frozen_and_report_the_collectors_time(tiny_checkpoint):
     rt = duoserve_core.load(tiny_checkpoint, device="cpu", quant="none", memory_budget="100%")
     during = []
-    rt.events.subscribe(lambda e: during.append(gc.get_freeze_count())
-                        if isinstance(e, StepEvent) and e.kind == "layer_done" else None)
-    rt.generate(prompt_ids=[3, 4, 5], max_new_tokens=3, stop_at_eos=False)
+
+    def at_each_layer(event):
+        if isinstance(event, StepEvent) and event.kind == "layer_done":
+            during.append(gc.get_freeze_count())
+            if len(during) == 3:  # one full collection inside the call, which its result must count
+                gc.collect()
+    rt.events.subscribe(at_each_layer)
+    result = rt.generate(prompt_ids=[3, 4, 5], max_new_tokens=3, stop_at_eos=False)
     assert during and min(during) > 0
     assert gc.get_freeze_count() == 0
+    assert 0 < result.gc_longest_pause_s <= result.gc_pause_s == result.as_dict()["gc_pause_s"]
     during.clear()
-    rt.generate_many([[3, 4, 5], [6, 7]], max_new_tokens=2, stop_at_eos=False)
+    run = rt.generate_many([[3, 4, 5], [6, 7]], max_new_tokens=2, stop_at_eos=False)
     assert during and min(during) > 0
     assert gc.get_freeze_count() == 0
+    assert 0 < run.gc_longest_pause_s <= run.gc_pause_s
