@@ -154,6 +154,7 @@ def test_compare_policies_interleaves_runs_and_starts_each_with_a_fresh_policy()
     assert all(len(r["repeats_e2e_s"]) == 2 for r in results.values())
     for r in results.values():  # of two runs the median is the slower: its split is the second
         assert r["repeats_e2e_s"] == sorted(r["repeats_e2e_s"]) and r["decode_split"] == r["repeats_decode_split"][1]
+        assert r["ttft_s"] == r["repeats_ttft_s"][1] and r["gc_longest_pause_s"] == r["repeats_gc_longest_pause_s"][1]
 
 
 def test_resident_is_measured_loaded_and_the_others_cold():

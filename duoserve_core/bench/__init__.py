@@ -182,7 +182,8 @@ def _median_run(runs: list[_Run]) -> dict:
     (fastest first). Why every run's split: on the H200 the CPU lane's runs spread up to 1.28x in E2E
     where GPU-only runs spread 1.01-1.09x, and only the runs' own splits say whether a slow one was
     slow throughout (the lane's time per expert) or stalled (``stall_s``), and each run's longest garbage
-    collection whether a stall was the collector's."""
+    collection whether a stall was the collector's; each run's TTFT, since the median E2E's run's TTFT
+    moved -7% to +9% between lane-off and lane-on runs whose prompts made the same decisions."""
     runs = sorted(runs, key=lambda r: r.result.e2e_s)
     run = runs[len(runs) // 2]
     result = run.result
@@ -195,6 +196,7 @@ def _median_run(runs: list[_Run]) -> dict:
             "repeats_e2e_s": [r.result.e2e_s for r in runs],
             "repeats_decode_split": [step_split(r.rows, "decode", len(r.result.tokens) - 1) for r in runs],
             "repeats_gc_longest_pause_s": [r.result.gc_longest_pause_s for r in runs],
+            "repeats_ttft_s": [r.result.ttft_s for r in runs],
             "timeline": run.rows}
 
 
