@@ -2,7 +2,7 @@
 # Issue 13 on the GPU machine: the CPU lane's costs and decode with --cpu-experts off/auto.
 # Synthesized Mixtral-8x7B, int4 experts (the format both lanes compute from), NF4 attention, 15%,
 # prompt 512, mixtral-like routing. Each step has its own timeout and log under $OUT; a table last.
-#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check calibrate off auto sweep gil relayout stall   (carry [".whl"])
+#   bash benchmarks/cpu_lane_gpu.sh STAGE...   stages: costs check splitcheck bandwidth calibrate off auto sweep gil relayout stall   (carry [".whl"])
 # gil: benchmarks/diagnostics/lane_gil.py at each of THREADS (a list: 16,15); relayout: benchmarks/diagnostics/relayout_cost.py;
 # stall: benchmarks/diagnostics/lane_stall.py's cases (STALL_CASES, STALL_TIMEOUT 110 s each).
 # sweep: benchmarks/cpu_lane_sweep.py --measure (threads 4/8/16 x budgets 8 slots, 15%, 64 slots;
@@ -13,6 +13,9 @@
 # BUDGET (15%) for off/auto (files get _b<budget> when set: BUDGET=64slots is where auto lost with duoserve on 2026-12-02);
 # TIMELINES=1 writes each run's timeline under $OUT/timelines (benchmarks/step_split_table.py reads the result files).
 # GC_LOG=1: the benches log each garbage collection over GC_LOG_MS (5) ms into their logs (benchmarks/diagnostics/gc_site).
+# SPLIT=F: records laid out so that the lane may share one expert a layer (--cpu-split F; files get _s<F*100>);
+# bandwidth: benchmarks/diagnostics/host_bandwidth.py (the lane and the copies against host memory bandwidth);
+# splitcheck: tests/test_split_int4.py's GPU tests (a reassembled slot is the unsplit slot; shared experts on the GPU).
 set -uo pipefail
 source benchmarks/gpu_env.sh
 GEN=${GEN:-128}; REPEATS=${REPEATS:-3}; POLICIES=${POLICIES:-on-demand,lru,duoserve}; THREADS=${THREADS:-16}
@@ -28,6 +31,12 @@ case $stage in
 costs)
   timeout 240 python3 benchmarks/cpu_lane_costs.py --formats int4 --threads 4,8,16 --out "$OUT/cpu_lane_costs_${TAG}.json" \
       > "$OUT/costs.log" 2>&1; tail -4 "$OUT/costs.log" ;;
+bandwidth)  # the lane and the copies against host memory bandwidth (benchmarks/diagnostics/host_bandwidth.py)
+  timeout 200 python3 benchmarks/diagnostics/host_bandwidth.py --threads "$THREADS" --share "${SPLIT:-0.85}" \
+      --json "$OUT/host_bandwidth_${TAG}_t$THREADS.json" > "$OUT/bandwidth_t$THREADS.log" 2>&1; tail -8 "$OUT/bandwidth_t$THREADS.log" ;;
+splitcheck)
+  timeout 240 python3 -m pytest -q -x tests/test_split_int4.py -k "reassembled or gpu" > "$OUT/splitcheck.log" 2>&1
+  tail -2 "$OUT/splitcheck.log" ;;
 check)
   timeout 300 python3 -m pytest -q -x tests/test_stream_gate.py tests/test_int4_format.py tests/test_gpu.py -k "cuda or held or gpu" \
       > "$OUT/check.log" 2>&1; tail -2 "$OUT/check.log" ;;
@@ -57,11 +66,11 @@ relayout)
       > "$OUT/relayout.log" 2>&1; tail -14 "$OUT/relayout.log" ;;
 off|auto)
   trace
-  name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs; [[ -n ${BUDGET:-} ]] && name+=_b${BUDGET%\%}
+  name=cpu_$stage; [[ $stage == auto ]] && name+=_t$THREADS; [[ -n $GRAPHS ]] && name+=_graphs; [[ -n ${BUDGET:-} ]] && name+=_b${BUDGET%\%}; [[ -n ${SPLIT:-} ]] && name+=_s$(python3 -c "print(round(${SPLIT} * 100))")
   env ${GC_LOG:+PYTHONPATH=$PWD/benchmarks/diagnostics/gc_site:$PYTHONPATH} \
   timeout -s ABRT "${BENCH_TIMEOUT:-560}" python3 -X faulthandler -m duoserve_core.bench --model synthetic:mixtral-8x7b --quant int4 --quant-attention nf4 \
       --memory-budget "${BUDGET:-15%}" --prompt-len 512 --gen "$GEN" --repeats "$REPEATS" --policies "$POLICIES" --cpu-experts $stage \
-      --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} \
+      --cpu-threads "$THREADS" --routing-trace /tmp/mixtral_like.parquet ${GRAPHS:+--cuda-graphs} ${SPLIT:+--cpu-split $SPLIT} \
       ${TIMELINES:+--timelines "$OUT/timelines"} \
       --out "$OUT/bench_${TAG}_8x7b_int4_mixtral_like_$name.json" --force > "$OUT/bench_$name.log" 2>&1
   tail -4 "$OUT/bench_$name.log"; grep -c "^gc:" "$OUT/bench_$name.log" | sed 's/^/collections over GC_LOG_MS: /' ;;

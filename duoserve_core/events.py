@@ -21,9 +21,10 @@ ExpertKey = tuple[int, int]  # (layer, expert); the one definition, re-exported 
 # without a copy; ``reclaim_ahead``: the same, asked for by a plan before its use; ``miss``: needed and
 # copied on demand; ``prefetch``: copied ahead of need by a plan; ``evict``: pushed out to make room;
 # ``release``: let go by a plan; ``wasted``: a prefetched expert evicted or released before any use;
-# ``host``: needed and computed on the host by the CPU lane (no slot, no copy).
+# ``host``: needed and computed on the host by the CPU lane (no slot, no copy); ``shared``: needed, its
+# head computed by the CPU lane and its tail copied to a buffer outside the slots (``--cpu-split``).
 CacheEventKind = Literal["hit", "prefetch_hit", "reclaim", "reclaim_ahead", "miss", "prefetch", "evict", "release",
-                         "wasted", "host"]
+                         "wasted", "host", "shared"]
 CACHE_EVENTS: tuple[str, ...] = CacheEventKind.__args__  # type: ignore[attr-defined]
 
 

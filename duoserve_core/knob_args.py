@@ -204,6 +204,9 @@ def add_knob_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                              "or forced (all, half; for tests and studies)")
     parser.add_argument("--cpu-threads", type=int, default=DEFAULT_KNOBS.cpu_threads,
                         help="threads of the CPU lane (default: torch's)")
+    parser.add_argument("--cpu-split", type=float, default=DEFAULT_KNOBS.cpu_split,
+                        help="--quant int4: records laid out so that the CPU lane may compute this share of one "
+                             "expert while the copy path moves the rest (0: never share an expert)")
 
 
 def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> PolicyKnobs:
@@ -211,7 +214,8 @@ def knobs_from_args(args: argparse.Namespace, policy: str | None = None) -> Poli
     return PolicyKnobs(policy=policy or DEFAULT_KNOBS.policy, predictor=args.predictor,
                        prefetch_depth=args.prefetch_depth, predictor_threshold=args.predictor_threshold,
                        speculative_gate=args.speculative_gate, copy_slack=args.copy_slack,
-                       cpu_experts=args.cpu_experts, cpu_threads=args.cpu_threads)
+                       cpu_experts=args.cpu_experts, cpu_threads=args.cpu_threads,
+                       cpu_split=args.cpu_split)
 
 
 def add_graph_argument(parser: argparse.ArgumentParser, routing: bool = True) -> None:

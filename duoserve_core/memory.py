@@ -19,7 +19,7 @@ import torch
 from transformers import MixtralConfig
 
 from .errors import BudgetError
-from .experts.formats import ExpertFormat, Int4Format, NF4Format
+from .experts.formats import ExpertFormat, Int4Format, NF4Format, SplitInt4Format
 from .units import format_bytes, parse_bytes, parse_slots
 
 # Room for what torch holds on a GPU outside the model's tensors: cuBLAS's workspace for each stream that
@@ -100,9 +100,14 @@ def workspace_bytes(fmt: ExpertFormat, dtype: torch.dtype, device_type: str) -> 
     matrix for tinygemm (``Int4Format.arrive``: the matrix re-paired, then converted: two temporaries
     of its size, on the relayout stream while the compute stream works; the H200 runs of 2026-11-30,
     planned without them, peaked 43 MB above their plans). Int4's group sizes (multiples of 32) always
-    suit tinygemm's tiles, so it is never dequantized on a GPU."""
+    suit tinygemm's tiles, so it is never dequantized on a GPU. A split int4 record (``--cpu-split``) is
+    reassembled before that (``SplitInt4Format.arrive``: ``w13`` re-paired, concatenated and converted while
+    ``w2``'s re-paired half waits: 2.5 times ``w13``'s bytes at most), and a shared expert's tail lands in
+    a buffer of its own."""
     if isinstance(fmt, NF4Format):
         return fmt.params * _size(dtype)
+    if isinstance(fmt, SplitInt4Format):
+        return fmt.tail_bytes + (5 * fmt.whole.segments["w13.q"].nbytes // 2 if device_type == "cuda" else 0)
     if isinstance(fmt, Int4Format) and device_type == "cuda":
         return 2 * max(fmt.segments[f"{name}.q"].nbytes for name in ("w13", "w2"))
     return 0

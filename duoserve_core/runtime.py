@@ -16,17 +16,17 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import ExpertTensors, TensorSource, open_source
-from .errors import BudgetError, CheckpointError, DeviceError, PromptError, SettingError
+from .errors import BudgetError, CheckpointError, DeviceError, KnobError, PromptError, SettingError
 from .events import EventBus, StepEvent
 from .collector import CollectorMeter, long_lived_objects_frozen
 from .experts.cache import ExpertCache, stats_delta
 from .experts.device_routing import DeviceRoutedMoE, host_routing_reason
 from .experts.executor import ExpertExecutor
 from .experts.layer_step import LayerStep, PhaseCounts
-from .experts.formats import make_format
+from .experts.formats import SplitInt4Format, make_format
 from .experts.host_lane import HostLaneWorker, measure_costs
 from .experts.host_store import HostExpertStore
-from .experts.transfer import TransferEngine, TransferEngines
+from .experts.transfer import TailLayout, TransferEngine, TransferEngines
 from .memory import MemoryPlan, kv_cache_bytes, plan_memory, resolve_budget
 from .batching import DEFAULT_SCHEDULE, Batcher, Request, sample
 from .decode_graph import DecodeGraphs
@@ -290,7 +290,8 @@ class Runtime:
         checkpoint_dtype = getattr(source, "dtype", None) or self.config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
-        self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype)
+        self.format = make_format(quant, self.config.hidden_size, self.config.intermediate_size, checkpoint_dtype,
+                                  knobs.cpu_split)
         self.memory_budget = memory_budget
         self.plan: MemoryPlan = self._plan(memory_budget, self.max_context, max_batch)  # fail before anything heavy
         self.knobs, self.replay = knobs, replay
@@ -324,6 +325,10 @@ class Runtime:
         ``events`` stay subscribed. If the new setting cannot be built, the old one is restored.
         """
         knobs = (knobs or self.knobs).changed(**knob_changes)
+        if knobs.cpu_split != self.knobs.cpu_split:
+            raise KnobError(f"cpu_split {knobs.cpu_split} differs from this runtime's {self.knobs.cpu_split}: it is the "
+                            "layout of the expert records in host memory, fixed when they are packed; build a new "
+                            "runtime (duoserve_core.load(..., cpu_split=...)) to change it")
         budget = self.memory_budget if memory_budget is None else memory_budget
         context = self.max_context
         if max_context is not None:
@@ -375,8 +380,12 @@ class Runtime:
         c = self.config
         slots = self.plan.device_slots or [self.plan.num_slots]
         fmt = self.format
+        tail = None
+        if isinstance(fmt, SplitInt4Format):  # a shared expert's tail lands on the first device
+            tail = TailLayout(fmt.tail_offset, fmt.tail_bytes, fmt.tail.arrive if fmt.relayouts_on(self.device) else None)
         self.engine = TransferEngines([TransferEngine(self.store, n, device, self.events,
-                                                      fmt.arrive if fmt.relayouts_on(device) else None, d)
+                                                      fmt.arrive if fmt.relayouts_on(device) else None, d,
+                                                      tail if d == 0 else None)
                                        for d, (n, device) in enumerate(zip(slots, self.devices))])
         self.cache = ExpertCache(self.engine, self.policy, c.num_hidden_layers, c.num_local_experts, self.events)
         self.policy.attach(self.cache)
@@ -439,7 +448,7 @@ class Runtime:
         if worker is None:
             self.host_worker = worker = HostLaneWorker(self.format, threads)
         costs = measure_costs(worker, self.store, self.engine, self.dtype) if mode == "auto" else None
-        return HostLane(mode, costs)
+        return HostLane(mode, costs, split=self.format.fraction)
 
     # -- loading -----------------------------------------------------------------------------
     def _budget_bytes(self, memory_budget: str | int | None, unbounded: MemoryPlan) -> int | None:
@@ -723,6 +732,7 @@ class Runtime:
     def _lane_description(self) -> dict:
         out = self.host_lane.describe()
         out["cpu_experts"] = self.knobs.cpu_experts  # as asked; ``cpu_lane`` says what runs
+        out["cpu_split"] = self.format.fraction  # the records' layout: the lane's share of a shared expert
         out["cpu_lane"] = self.host_lane.mode if self.host_lane_note is None else f"off ({self.host_lane_note})"
         return out
 

@@ -12,10 +12,11 @@ tokens, median of 3, CUDA graphs, 16 lane threads, 2026-12-02).
 The lane first lost on the H200 (2026-11-30: the host thread waited at each layer's end for the
 lane, so the next layer's attention could not be queued while it ran). Now the compute stream waits
 for the lane instead (``experts.stream_gate``) and the lane wins for a single request: on-demand
-147.2 -> 116.1 ms, lru 152.8 -> 124.2, duoserve 140.1 -> 116.0 ms (the sixth runs of 2026-12-02, with
-``auto`` following the lane's measured speed). The simulator models the hand-off; with the
-calibration of that day (CUDA graphs, the relayout's time by phase) its 128-token runs are 4-7% above
-the lane-off runs and 3-9% below the lane-on ones (docs/cpu_lane.md).
+141.5 -> 108.0 ms, lru 140.9 -> 112.1, duoserve 129.6 -> 106.5 ms (the seventh runs of 2026-12-02, with
+``auto`` following the lane's measured speed and the collector's old objects frozen during a
+generation). The simulator models the hand-off; with the committed int4 calibration (CUDA graphs, the
+relayout's time by phase) its 128-token runs are 11-15% above these lane-off runs (4-7% above the
+sixth runs') and 1-5% above the lane-on ones (docs/cpu_lane.md).
 
 Short requests keep a run to a fraction of a second on a CPU: one request of the measured prompt
 length (512 tokens) and ``GEN`` tokens, routing from ``lab.routing_view`` (seed 1, not the
@@ -44,8 +45,8 @@ from .gpu_results import RESULTS
 from .runs import BUNDLED, MIXTRAL_8_LAYERS_INT4, LiveRun, ModelChoice, live_run
 
 CALIBRATION = DATA / "calibration" / "h200_mixtral-8x7b_int4.json"
-MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs_follow.json",
-            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto_t16_graphs_follow.json"}
+MEASURED = {"off": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_off_graphs_freeze.json",
+            "auto": RESULTS / "bench_h200_8x7b_int4_mixtral_like_cpu_auto_t16_graphs_freeze.json"}
 SOURCES = routing_view.SOURCES
 POLICIES = ("on-demand", "lru", "duoserve")
 MODES = ("off", "auto", "half")  # half: a seeded random half of the needed experts forced onto the lane

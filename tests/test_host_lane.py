@@ -7,6 +7,7 @@ gives the host exactly the experts that finish sooner there than behind the copi
 
 from __future__ import annotations
 
+import json
 
 import pandas as pd
 import pytest
@@ -34,30 +35,30 @@ def test_auto_gives_the_host_what_finishes_sooner_there():
     # Two misses of one token: the host (1.5 ms) beats the copy (1.8 ms) for the first; the second
     # would finish at 3.0 ms on the host and 1.8 ms behind no copy: it is copied.
     lane = _lane(1.8, 1.5)
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0).host == {2}
     # Resident experts are never taken: they cost no copy.
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: e == 2, queued=0) == {5}
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: e == 2, queued=0).host == {5}
     # Two prefetches still on the copy stream: the demand copies would wait 3.6 ms, so the host takes both.
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=2) == {2, 5}
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=2).host == {2, 5}
     # A many-token expert is slow on the host: copied.
-    assert lane.choose([(3, 16)], held=lambda e: False, queued=0) == set()
+    assert lane.choose([(3, 16)], held=lambda e: False, queued=0).host == set()
 
 
 def test_auto_counts_the_gpus_compute():
     # A copy (1.0 ms) beats the host (1.2 ms) while the GPU computes the copied expert at once...
     lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 1.2 * t * MS))
-    assert lane.choose([(2, 1)], held=lambda e: False, queued=0) == set()
+    assert lane.choose([(2, 1)], held=lambda e: False, queued=0).host == set()
     # ...but not once the copied expert still takes 0.5 ms on the GPU (1.5 ms against 1.2).
     lane = HostLane("auto", LaneCosts(1.0 * MS, lambda t: 1.2 * t * MS, lambda t: 0.5 * MS))
-    assert lane.choose([(2, 1)], held=lambda e: False, queued=0) == {2}
+    assert lane.choose([(2, 1)], held=lambda e: False, queued=0).host == {2}
     # The host's experts run one after another: the second would end at 2.4 ms, the copy path at 1.5.
-    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0) == {2}
+    assert lane.choose([(2, 1), (5, 1)], held=lambda e: False, queued=0).host == {2}
 
 
 def test_auto_takes_the_cheapest_experts_first():
     lane = _lane(1.8, 1.0)
     # 1 token (1 ms) goes to the host first; 3 tokens (3 ms more) would end at 4 ms: copied.
-    assert lane.choose([(0, 3), (1, 1)], held=lambda e: False, queued=0) == {1}
+    assert lane.choose([(0, 3), (1, 1)], held=lambda e: False, queued=0).host == {1}
 
 
 def test_auto_follows_the_lanes_measured_speed():
@@ -67,15 +68,15 @@ def test_auto_follows_the_lanes_measured_speed():
     costs at load, and a fast job puts it back."""
     lane = _lane(1.0, 1.2)  # two misses: one copied (1.0 ms), the other on the host (1.2) beats two copies (2.0)
     misses, nothing_held = [(2, 1), (5, 1)], lambda e: False
-    assert lane.choose(misses, nothing_held, queued=0) == {5}
+    assert lane.choose(misses, nothing_held, queued=0).host == {5}
     for _ in range(WINDOW):
         lane.observe(1, 2.4 * MS)  # each job took 2.4 ms: more than the two copies
     assert lane.slowdown == pytest.approx(2.0) and lane.jobs_timed == WINDOW
-    idle = [lane.choose(misses, nothing_held, queued=0) for _ in range(PROBE_LAYERS)]
+    idle = [lane.choose(misses, nothing_held, queued=0).host for _ in range(PROBE_LAYERS)]
     assert idle == [set()] * PROBE_LAYERS and lane.slowdown == 1.0  # the stale window is dropped
-    assert lane.choose(misses, nothing_held, queued=0) == {5}       # the probe
+    assert lane.choose(misses, nothing_held, queued=0).host == {5}       # the probe
     lane.observe(1, 1.3 * MS)  # the host is fast again
-    assert lane.choose(misses, nothing_held, queued=0) == {5}
+    assert lane.choose(misses, nothing_held, queued=0).host == {5}
 
 
 def test_a_stall_does_not_move_the_lanes_speed():
@@ -85,7 +86,7 @@ def test_a_stall_does_not_move_the_lanes_speed():
     for ms in (1.2, 1.3, 120.0, 1.2, 1.25):
         lane.observe(1, ms * MS)
     assert lane.slowdown == pytest.approx(1.25 / 1.2)
-    assert lane.choose([(2, 1), (5, 1)], lambda e: False, queued=0) == {5}
+    assert lane.choose([(2, 1), (5, 1)], lambda e: False, queued=0).host == {5}
     forced = HostLane("half")
     forced.observe(1, 120 * MS)
     assert forced.slowdown == 1.0 and forced.jobs_timed == 0
@@ -93,10 +94,10 @@ def test_a_stall_does_not_move_the_lanes_speed():
 
 def test_forced_modes_and_off():
     needed = [(e, 1) for e in range(8)]
-    assert HostLane("off").choose(needed, lambda e: False, 0) == set()
-    assert HostLane("all").choose(needed, lambda e: True, 0) == set(range(8))  # resident ones too
-    half = HostLane("half", seed=1).choose(needed, lambda e: False, 0)
-    assert 0 < len(half) < 8 and half == HostLane("half", seed=1).choose(needed, lambda e: False, 0)
+    assert HostLane("off").choose(needed, lambda e: False, 0).host == set()
+    assert HostLane("all").choose(needed, lambda e: True, 0).host == set(range(8))  # resident ones too
+    half = HostLane("half", seed=1).choose(needed, lambda e: False, 0).host
+    assert 0 < len(half) < 8 and half == HostLane("half", seed=1).choose(needed, lambda e: False, 0).host
 
 
 def test_knobs_refuse_bad_lane_settings():
@@ -185,24 +186,32 @@ def test_chrome_trace_has_a_cpu_lane_track(runtime):
 # -- the simulator -----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["all", "half"])
 @pytest.mark.parametrize("policy", ["on-demand", "duoserve"])
-def test_runtime_and_simulator_decide_the_same_with_the_lane(tmp_path, mode, policy):
+@pytest.mark.parametrize("quant, split", [("nf4", 0.0), ("int4", 0.5)], ids=["whole", "shared"])
+def test_runtime_and_simulator_decide_the_same_with_the_lane(tmp_path, mode, policy, quant, split):
     budget_slots = 10
-    knobs = PolicyKnobs(policy=policy, cpu_experts=mode,
+    knobs = PolicyKnobs(policy=policy, cpu_experts=mode, cpu_split=split,
                         **({"predictor": PREDICTOR, "predictor_threshold": 0.3} if policy == "duoserve" else {}))
-    runtime = duoserve_core.load(DATA / "small-moe", device="cpu", quant="nf4", max_context=CONTEXT,
-                                 routing_trace=TRACE)
+    runtime = duoserve_core.load(DATA / "small-moe", device="cpu", quant=quant, max_context=CONTEXT,
+                                 routing_trace=TRACE, cpu_split=split)
     budget = runtime.plan.fixed_bytes + budget_slots * runtime.format.nbytes
     runtime.configure(memory_budget=budget, knobs=knobs)
     from duoserve_core.bench import make_prompt
     prompt = [t % runtime.config.vocab_size for t in make_prompt(PROMPT)]
     real, _ = decisions(runtime, lambda: runtime.generate(prompt_ids=prompt, max_new_tokens=GEN,
                                                           stop_at_eos=False).phases)
-    cal = load_calibration(fake_calibration(tmp_path / "cal.json", 8, 2, host_lane_s=1 * MS, shape=dict(
-        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2)))
-    model = build_model(DATA / "small-moe", quant="nf4", memory_budget=budget, max_context=CONTEXT, device_type="cpu")
+    path = fake_calibration(tmp_path / "cal.json", 8, 2, host_lane_s=1 * MS, shape=dict(
+        hidden_size=256, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2))
+    raw = json.loads(path.read_text())
+    for table in (raw["expert_bytes"], raw["expert_compute"], raw["host_lane"]["expert"]):
+        table["int4"] = table["nf4"]  # the same constant times: the decisions are what is compared
+    path.write_text(json.dumps(raw))
+    cal = load_calibration(path)
+    model = build_model(DATA / "small-moe", quant=quant, memory_budget=budget, max_context=CONTEXT, device_type="cpu",
+                        cpu_split=split)
     sim = Simulator(model, cal, RoutingReplay(read_trace(TRACE), 8, 8, 2), knobs, policy_time=False)
     simulated, _ = decisions(sim, lambda: sim.generate(PROMPT, GEN).phases)
     assert simulated == real and any(row[5] == "host" for row in real)
+    assert any(row[5] == "shared" for row in real) == bool(split)
 
 
 def test_simulated_lane_halves_a_copy_bound_layer(tmp_path):

@@ -91,7 +91,7 @@ def test_the_measured_points_come_from_the_committed_files_with_device_and_date(
     assert set(m["device"]) == {"NVIDIA H200"} and set(m["date"]) == {"2026-12-02"}
     effect = cv.lane_effect(m)
     assert list(effect.index) == ["on-demand", "lru", "duoserve"]  # the policies measured, in the view's order
-    assert effect.loc["duoserve", "off (ms)"] == 140.1 and effect.loc["duoserve", "auto (ms)"] == 116.0
+    assert effect.loc["duoserve", "off (ms)"] == 129.6 and effect.loc["duoserve", "auto (ms)"] == 106.5
     assert (m.loc[m["CPU lane"] == "off", "CPU share"] == 0).all()
     assert m.loc[(m["CPU lane"] == "auto") & (m["policy"] == "on-demand"), "CPU share"].item() == 0.5
     assert cv.measured_slots() == SLOTS

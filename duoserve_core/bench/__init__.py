@@ -141,6 +141,7 @@ class BenchSetup:
     gpus: int | str | None = None           # N GPUs from cuda:0 / "auto" (``runtime.resolve_devices``)
     cuda_graphs: bool | None = None         # ``load(cuda_graphs=...)``: decode's dense part and one-token experts
     device_routing: bool = True             # ``load(device_routing=...)``: resident one-request decode routed on the device
+    cpu_split: float = 0.0                  # ``load(cpu_split=...)``: records laid out for a shared expert (the knob's value)
 
 
 def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context: int) -> Runtime:
@@ -148,7 +149,7 @@ def open_runtime(setup: BenchSetup, memory_budget: str | int | None, max_context
     return load(setup.model, device=setup.device, devices=setup.devices, gpus=setup.gpus, quant=setup.quant, attention_quant=setup.attention_quant,
                 memory_budget=memory_budget, policy="on-demand", num_layers=setup.num_layers,
                 max_context=max_context, routing_trace=setup.routing_trace, cuda_graphs=setup.cuda_graphs,
-                device_routing=setup.device_routing)
+                device_routing=setup.device_routing, cpu_split=setup.cpu_split)
 
 
 @dataclass(frozen=True)

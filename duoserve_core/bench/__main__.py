@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def setup_of(args: argparse.Namespace) -> BenchSetup:
     return BenchSetup(model=args.model, quant=args.quant, attention_quant=args.quant_attention,
                       num_layers=args.num_layers, routing_trace=args.routing_trace, cuda_graphs=args.cuda_graphs,
-                      device_routing=args.device_routing,
+                      device_routing=args.device_routing, cpu_split=args.cpu_split,
                       **devices_from_args(args))
 
 

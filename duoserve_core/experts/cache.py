@@ -46,6 +46,7 @@ class CacheStats:
     prefetch_wasted: int = 0   # prefetched experts evicted or released without being needed
     reclaims: int = 0          # released experts taken back from their still-intact slot, no copy
     host_computes: int = 0     # needed and computed on the host (the CPU lane): no slot, no copy
+    shared_computes: int = 0   # needed, head on the CPU lane, tail copied outside the slots (its bytes in h2d_bytes)
     evictions: int = 0
     h2d_copies: int = 0
     h2d_bytes: int = 0
@@ -144,6 +145,13 @@ class ExpertCache:
         """The layer step gave ``key`` to the CPU lane: counted, announced, the slots untouched."""
         self.stats.host_computes += 1
         self._emit("host", key)
+
+    def shared_with_host(self, key: ExpertKey, tail_bytes: int) -> None:
+        """The layer step shares ``key`` between the CPU lane (its head) and a copy of its tail into the
+        tail buffer (``--cpu-split``): counted, its tail's bytes among the copied, announced; no slot."""
+        self.stats.shared_computes += 1
+        self.stats.h2d_bytes += tail_bytes
+        self._emit("shared", key)
 
     def unpin(self, key: ExpertKey) -> None:
         self._pinned.discard(key)

@@ -74,7 +74,8 @@ class ExpertExecutor:
         self._phase = None
         self.devices = [e.device for e in engine.engines]  # slot devices, the first runs the dense part
         self._side = None  # several GPUs: the first device's stream that sends a layer's inputs to the others
-        self.lane_jobs: list[tuple[int, int, int, object]] = []  # (layer, expert, tokens, future) held, not yet timed
+        # (layer, expert, tokens, share of the expert, future) held, not yet timed
+        self.lane_jobs: list[tuple[int, int, int, float, object]] = []
 
     def side_stream(self):
         if self._side is None:
@@ -153,11 +154,11 @@ class ExpertExecutor:
         finished = [job for job, done in zip(self.lane_jobs, ready) if done]
         self.lane_jobs[:] = [job for job, done in zip(self.lane_jobs, ready) if not done]
         lane = self.layer_step.host_lane
-        for layer, expert, tokens, future in finished:
+        for layer, expert, tokens, share, future in finished:
             start, end = future.result()
             self.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=end))
-            if lane is not None:
-                lane.observe(tokens, end - start)
+            if lane is not None:  # a shared expert's head, as the whole expert it stands for
+                lane.observe(tokens, (end - start) / share)
 
 
 class _DeviceShare:
@@ -207,7 +208,10 @@ class _TorchLayer:
         self.tokens = self.rows // k  # each row's token, on the first device
         self.k, self.weights = k, routing.top_w.reshape(-1)
         self.contrib = torch.empty((x.shape[0] * k, x.shape[1]), dtype=x.dtype, device=x.device)
-        self.on_host: list[tuple[int, int, object, torch.Tensor]] = []  # (layer, expert, future, output) of the CPU lane
+        # (layer, expert, future, output, head only) of the CPU lane
+        self.on_host: list[tuple[int, int, object, torch.Tensor, bool]] = []
+        self.tail_bytes = self.engine.tail_bytes
+        self.tail_y: torch.Tensor | None = None  # a shared expert's tail output, unweighted
         self.lane_jobs = executor.lane_jobs
         self.devices = executor.devices
         self.shares: list[_DeviceShare | None] = [None] * len(self.devices)  # made at each device's first expert
@@ -257,25 +261,42 @@ class _TorchLayer:
                 part = share.contrib.index_select(0, torch.cat([share.rows[a:b] for a, b in spans]))
             self.contrib.index_copy_(0, torch.cat([self.rows[a:b] for a, b in spans]), part.to(self.x.device))
 
-    def compute_on_host(self, layer: int, expert: int) -> None:
+    def compute_on_host(self, layer: int, expert: int, head_only: bool = False) -> None:
         rows = self.host_rows[self.starts[expert]:self.starts[expert + 1]]
         x = self.routing.x_host.index_select(0, rows // self.k)
         weights = self.routing.weights.reshape(-1).index_select(0, rows)
         # pinned on a GPU: the copy that reads it is queued now and runs once the stream's hold lets it
         out = torch.empty(x.shape, dtype=self.x.dtype, pin_memory=self.x.device.type == "cuda")
-        future = self.host_worker.submit(self.engine.store.record(layer, expert), x, weights, out)
-        self.on_host.append((layer, expert, future, out))
+        future = self.host_worker.submit(self.engine.store.record(layer, expert), x, weights, out, head_only)
+        self.on_host.append((layer, expert, future, out, head_only))
+
+    def copy_tail(self, layer: int, expert: int) -> None:
+        self.engine.copy_tail((layer, expert))
+
+    def compute_tail(self, layer: int, expert: int) -> None:
+        """A shared expert's tail from the tail buffer, on the first device, once landed; unweighted until
+        ``finish_host`` adds the lane's head."""
+        self.engine.wait_tail_ready()
+        self.events.emit(SpanEvent("begin", "compute", "expert", layer, expert))
+        tokens = self.tokens[self.starts[expert]:self.starts[expert + 1]]
+        self.tail_y = self.fmt.tail.forward(self.engine.tail(), self.x.index_select(0, tokens))
+        self.events.emit(SpanEvent("end", "compute", "expert", layer, expert))
+        self.engine.mark_tail_read()
 
     def finish_host(self) -> None:
         """Queue, per CPU-lane expert, a hold on the compute stream until the lane posts it, then its
-        rows' copy into ``contrib`` (the GPU's experts are queued already); the host does not wait
-        (on a CPU device it does: there the host is the stream)."""
+        rows' copy into ``contrib`` (a shared expert's: head plus tail, weighted, as ``forward`` sums a
+        split record; the GPU's experts are queued already); the host does not wait (on a CPU device
+        it does: there the host is the stream)."""
         stream = torch.cuda.current_stream(self.x.device) if self.x.device.type == "cuda" else None
-        for layer, expert, future, out in self.on_host:
+        for layer, expert, future, out, head_only in self.on_host:
             self.host_worker.hold(stream)
             rows = self.rows[self.starts[expert]:self.starts[expert + 1]]
-            self.contrib.index_copy_(0, rows, out.to(self.x.device, non_blocking=True))
-            self.lane_jobs.append((layer, expert, out.shape[0], future))
+            lane = out.to(self.x.device, non_blocking=True)
+            if head_only:
+                lane = ((self.tail_y + lane) * self.weights.index_select(0, rows)[:, None]).to(self.x.dtype)
+            self.contrib.index_copy_(0, rows, lane)
+            self.lane_jobs.append((layer, expert, out.shape[0], self.fmt.fraction if head_only else 1.0, future))
         self.on_host.clear()
 
 

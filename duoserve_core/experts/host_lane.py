@@ -106,11 +106,13 @@ class HostLaneWorker:
             torch.set_num_threads(self.threads)
         torch._C._set_graph_executor_optimize(False)
 
-    def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> Future:
+    def submit(self, record: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+               head_only: bool = False) -> Future:
         """Start ``record``'s expert on ``x [T, H]`` (host tensors), its weighted output to go into
-        ``out``; the future gives ``(start, end)`` in ``time.perf_counter`` times. Take its post with
-        ``hold``, in submission order, before reading ``out``."""
-        future = self._pool.submit(self._run, [record, x, weights, out])
+        ``out`` (``head_only``: a shared expert's head, unweighted: ``SplitInt4Format.head_job``); the
+        future gives ``(start, end)`` in ``time.perf_counter`` times. Take its post with ``hold``, in
+        submission order, before reading ``out``."""
+        future = self._pool.submit(self._run, [record, x, weights, out], head_only)
         self.unheld += 1  # counted once queued: a refused submit leaves no post to wait for
         return future
 
@@ -140,11 +142,15 @@ class HostLaneWorker:
         while self.unheld:
             self.hold(None)
 
-    def _run(self, job: list[torch.Tensor]) -> tuple[float, float]:
+    def _run(self, job: list[torch.Tensor], head_only: bool) -> tuple[float, float]:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                self.fmt.host_job(*job)
+                if head_only:
+                    record, x, _, out = job
+                    self.fmt.head_job(record, x, out)
+                else:
+                    self.fmt.host_job(*job)
         finally:  # a failed job posts too, so no stream waits forever; its future raises on the host
             self.gate.post()
             # the tensors move to the host thread's queue (``release_spent``); the job's own list is

@@ -231,12 +231,11 @@ class _FusedOnCuda:
 _FUSED_HALF_K_PAIRS = _FusedOnCuda()
 
 
-def _cpu_expert_into(record: torch.Tensor, halves: torch.Tensor, segments: List[List[int]], group: int,
-                     x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = expert(x) * weights[:, None]`` by the CPU kernel from an int4 record (``halves``: the same
-    bytes viewed as bf16, as TorchScript cannot reinterpret a dtype) whose segments are ``segments``
-    (``[offset, bytes, dim 0, dim 1]`` of ``w13.q``, ``w13.sz``, ``w2.q``, ``w2.sz``): the same ops, in
-    the same order, as ``Int4Format.forward`` on the CPU and the lane's weighting."""
+def _cpu_part(record: torch.Tensor, halves: torch.Tensor, segments: List[List[int]], group: int,
+              x: torch.Tensor) -> torch.Tensor:
+    """One record part's SwiGLU output by the CPU kernel: ``segments`` are ``[offset, bytes, dim 0, dim 1]``
+    of its ``w13.q``, ``w13.sz``, ``w2.q``, ``w2.sz`` (``halves``: the record's bytes viewed as bf16, as
+    TorchScript cannot reinterpret a dtype)."""
     o, b, r, c = segments[0]
     w13 = record.narrow(0, o, b).view(r, c)
     o, b, r, c = segments[1]
@@ -246,7 +245,18 @@ def _cpu_expert_into(record: torch.Tensor, halves: torch.Tensor, segments: List[
     o, b, r, c = segments[3]
     sz2 = halves.narrow(0, o // 2, b // 2).view(r, c, 2)
     gate, up = cpu_linear(x, w13, sz13, group).chunk(2, -1)
-    y = cpu_linear(torch.nn.functional.silu(gate) * up, w2, sz2, group)
+    return cpu_linear(torch.nn.functional.silu(gate) * up, w2, sz2, group)
+
+
+def _cpu_expert_into(record: torch.Tensor, halves: torch.Tensor, parts: List[List[List[int]]], group: int,
+                     x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = expert(x) * weights[:, None]`` by the CPU kernel from an int4 record whose expert is the sum
+    of ``parts`` (one for a whole record; a split record's head and tail, ``SplitInt4Format``), summed in
+    their order: the same ops, in the same order, as the format's ``forward`` on the CPU and the lane's
+    weighting."""
+    y = _cpu_part(record, halves, parts[0], group, x)
+    for i in range(1, len(parts)):
+        y = y + _cpu_part(record, halves, parts[i], group, x)
     out.copy_(y * weights[:, None].to(x.dtype))
 
 

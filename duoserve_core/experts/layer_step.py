@@ -13,16 +13,18 @@ One decode token at layer l, in order:
 2. attention and the router run on the compute stream; the top-k comes to the host (the one
    device->host sync of the layer) and ``run`` starts.
 3. the CPU lane, where it is on (``policy.host_lane``), takes the experts the host computes
-   instead of copying; their work starts at once, beside everything below (first: at batch 1 the
-   lane's expert is the layer's longest path).
+   instead of copying (and the head of a shared one, ``--cpu-split``); their work starts at once,
+   beside everything below (first: at batch 1 the lane's expert is the layer's longest path).
 4. the policy hears ``router_done(l)`` (and ``speculated(l+1)``); the plans it returns are held:
    this layer's demand copies go first on the in-order copy stream.
 5. the other needed experts, resident (or intact) first, are acquired while a slot can be freed:
    a hit pins the slot, a miss also queues its copy (``ExpertDevice.copy_in`` via the cache).
-6. the held plans are applied: prefetches queue behind the demand copies.
+6. a shared expert's tail is queued behind the first demand copies, then the held plans are
+   applied: prefetches queue behind them.
 7. each acquired expert in turn: wait until its copy landed, compute its tokens, mark the slot
    read (no copy may overwrite it before), unpin; then acquire more if a slot came free.
-8. the host lane's results join the layer's output (``finish_host``).
+8. a shared expert's tail is computed once landed; the host lane's results join the layer's output
+   (``finish_host``).
 9. ``layer_done(l)``: the policy's releases (prefill: the finished layer leaves the window).
 
 No decision here reads a clock. The CPU lane's choice reads a modeled state kept the same way by
@@ -41,7 +43,7 @@ import torch
 
 from ..events import EventBus, StepEvent
 from ..policy.base import Phase, Plan, Policy
-from ..policy.host_lane import HostLane
+from ..policy.host_lane import HostLane, LaneChoice
 from .cache import ExpertCache, stats_delta
 
 
@@ -53,15 +55,20 @@ class ExpertDevice(Protocol):
     reader is queued). ``counts`` is how many of the layer's tokens each expert serves: the device
     needs it to lay out (or time) the work, and the step reads which experts are needed from it.
     The CPU lane: ``compute_on_host`` starts an expert on the host from its host-store record (no
-    slot, no copy); ``finish_host`` waits for those and adds their outputs to the layer's.
+    slot, no copy; ``head_only``: a shared expert's head); ``copy_tail`` queues a shared expert's tail
+    into the tail buffer (``tail_bytes``) and ``compute_tail`` computes it once landed; ``finish_host``
+    waits for the lane and adds its outputs to the layer's (a shared expert's head to its tail's).
     """
 
     counts: list[int]
+    tail_bytes: int
 
     def wait_ready(self, slot: int) -> None: ...
     def compute(self, layer: int, expert: int, slot: int) -> None: ...
     def mark_read(self, slot: int) -> None: ...
-    def compute_on_host(self, layer: int, expert: int) -> None: ...
+    def compute_on_host(self, layer: int, expert: int, head_only: bool = False) -> None: ...
+    def copy_tail(self, layer: int, expert: int) -> None: ...
+    def compute_tail(self, layer: int, expert: int) -> None: ...
     def finish_host(self) -> None: ...
 
 
@@ -101,15 +108,19 @@ class LayerStep:
         self.events.emit(StepEvent("routed", self.step, self.phase, layer))
         cache = self.cache
         needed = [(e, c) for e, c in enumerate(device.counts) if c]
-        on_host: set[int] = set()
+        choice = LaneChoice()
         if self.host_lane is not None:
             # Before the policy's bookkeeping: the lane's expert is the layer's longest path, and its
             # choice reads nothing ``router_done`` changes (its plans are held until step 6).
             queued = cache.stats.prefetches - self._prefetch_mark
-            on_host = self.host_lane.choose(needed, lambda e: cache.holds((layer, e)), queued)
-            for expert in sorted(on_host):
+            choice = self.host_lane.choose(needed, lambda e: cache.holds((layer, e)), queued)
+            for expert in sorted(choice.host):
                 cache.computed_on_host((layer, expert))
                 device.compute_on_host(layer, expert)
+            if choice.shared is not None:
+                cache.shared_with_host((layer, choice.shared), device.tail_bytes)
+                device.compute_on_host(layer, choice.shared, head_only=True)
+        on_host = choice.host | ({choice.shared} if choice.shared is not None else set())
         held = [self.policy.router_done(layer, topk, probs)]
         if speculation is not None and self.policy.wants_speculation:
             held.append(self.policy.speculated(layer + 1, speculation))
@@ -120,18 +131,25 @@ class LayerStep:
                 expert = pending.popleft()
                 slot, _ = cache.acquire((layer, expert))
                 in_flight.append((expert, slot))
-            if held:
+            if held:  # behind the layer's first demand copies: a shared expert's tail, then the prefetches
+                if choice.shared is not None:
+                    device.copy_tail(layer, choice.shared)
                 self._prefetch_mark = cache.stats.prefetches
-            for plan in held:
-                self.apply(plan)
-            held = []
+                for plan in held:
+                    self.apply(plan)
+                held = []
             expert, slot = in_flight.popleft()
             device.wait_ready(slot)
             device.compute(layer, expert, slot)
             device.mark_read(slot)
             cache.unpin((layer, expert))
-        for plan in held:  # every needed expert went to the host lane: the plans still apply
-            self.apply(plan)
+        if held:  # every needed expert went to the host lane: the tail and the plans still apply
+            if choice.shared is not None:
+                device.copy_tail(layer, choice.shared)
+            for plan in held:
+                self.apply(plan)
+        if choice.shared is not None:
+            device.compute_tail(layer, choice.shared)
         if on_host:
             device.finish_host()
         self.apply(self.policy.layer_done(layer))

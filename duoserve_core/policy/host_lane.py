@@ -43,6 +43,14 @@ device never uses ``auto``, so CPU runs stay reproducible.
 The forced modes exist for tests and studies: ``all`` computes every needed expert on the host
 (resident ones included), ``half`` a seeded random half of them; ``off`` is the GPU-only runtime
 exactly (no decision is asked for).
+
+**A shared expert** (``split``, where the records are laid out for it: ``--cpu-split``,
+``experts.formats.SplitInt4Format``): the lane computes a share ``split`` of one expert's intermediate units while
+the copy path moves the rest (a ``1 - split`` copy) and the GPU computes it. ``auto`` considers it after
+the choice above: where the lane got an expert, sharing the one with fewest tokens shortens the host
+path by ``1 - split`` of its time and lengthens the copy path by ``1 - split`` of a copy (queued after
+the layer's other copies); it is shared when the layer then ends sooner. The forced modes with a split
+share the lowest-numbered expert they chose, so tests cover the path.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 HOST_LANE_MODES = ("off", "auto", "all", "half")
@@ -74,15 +82,25 @@ class LaneCosts:
                 "threads": self.threads, "source": self.source}
 
 
-class HostLane:
-    """``choose`` returns the experts of a layer that the host computes; ``mode`` as the module doc."""
+@dataclass
+class LaneChoice:
+    """A layer's split of work: ``host``, experts the lane computes whole; ``shared``, one expert whose
+    head the lane computes while its tail is copied (``None``: none)."""
 
-    def __init__(self, mode: str, costs: LaneCosts | None = None, seed: int = 0):
+    host: set[int] = field(default_factory=set)
+    shared: int | None = None
+
+
+class HostLane:
+    """``choose`` returns the experts of a layer that the host computes; ``mode`` as the module doc;
+    ``split``: the lane's share of a shared expert (0: the records cannot be shared)."""
+
+    def __init__(self, mode: str, costs: LaneCosts | None = None, seed: int = 0, split: float = 0.0):
         if mode not in HOST_LANE_MODES:
             raise ValueError(f"unknown CPU-lane mode {mode!r}; choose one of {', '.join(HOST_LANE_MODES)}")
         if mode == "auto" and costs is None:
             raise ValueError("the auto CPU lane needs its costs (LaneCosts)")
-        self.mode, self.costs = mode, costs
+        self.mode, self.costs, self.split = mode, costs, split
         self._random = random.Random(seed)
         self.ratios: deque[float] = deque(maxlen=WINDOW)  # recent lane jobs' time over their cost
         self.jobs_timed = 0
@@ -104,25 +122,25 @@ class HostLane:
     def enabled(self) -> bool:
         return self.mode != "off"
 
-    def choose(self, needed: list[tuple[int, int]], held: Callable[[int], bool], queued: int) -> set[int]:
-        """Experts of ``needed`` ((expert, tokens) pairs) the host computes; ``held(expert)``: usable
-        from a slot without a copy; ``queued``: copies on the copy stream ahead of this layer's."""
+    def choose(self, needed: list[tuple[int, int]], held: Callable[[int], bool], queued: int) -> LaneChoice:
+        """The lane's work of a layer: ``needed``, (expert, tokens) pairs; ``held(expert)``: usable from a
+        slot without a copy; ``queued``: copies on the copy stream ahead of this layer's."""
         if self.mode == "off":
-            return set()
-        if self.mode == "all":
-            return {e for e, _ in needed}
-        if self.mode == "half":
-            return {e for e, _ in needed if self._random.random() < 0.5}
+            return LaneChoice()
+        if self.mode in ("all", "half"):
+            picked = {e for e, _ in needed if self.mode == "all" or self._random.random() < 0.5}
+            shared = min(picked) if self.split and picked else None
+            return LaneChoice(picked - {shared}, shared)
         c, slowdown = self.costs, self.slowdown
         copy_done = queued * c.copy_s   # the copy stream's queue
         copy_end = 0.0                  # the GPU path's end: the last copied expert computed
         host_end = 0.0                  # the host path's end: the lane done, then the host's delayed work
-        chosen: set[int] = set()
+        chosen: dict[int, int] = {}     # expert -> tokens
         for expert, tokens in sorted(((e, t) for e, t in needed if not held(e)), key=lambda et: et[1]):
             via_copy = max(copy_end, copy_done + c.copy_s + c.device_s(tokens))
             via_host = host_end + c.host_s(tokens) * slowdown
             if max(copy_end, via_host) < max(via_copy, host_end):
-                chosen.add(expert)
+                chosen[expert] = tokens
                 host_end = via_host
             else:
                 copy_done += c.copy_s
@@ -131,10 +149,19 @@ class HostLane:
         if self._idle_layers >= PROBE_LAYERS:  # the window is stale: the next layer tries the costs at load
             self.ratios.clear()
             self._idle_layers = 0
-        return chosen
+        shared = None
+        if self.split and chosen:
+            expert, tokens = min(chosen.items(), key=lambda et: (et[1], et[0]))
+            rest = 1.0 - self.split
+            host_shared = host_end - rest * c.host_s(tokens) * slowdown
+            copy_shared = max(copy_end, copy_done + rest * (c.copy_s + c.device_s(tokens)))
+            if max(host_shared, copy_shared) < max(host_end, copy_end):
+                shared = expert
+                del chosen[expert]
+        return LaneChoice(set(chosen), shared)
 
     def describe(self) -> dict:
-        out: dict = {"cpu_experts": self.mode}
+        out: dict = {"cpu_experts": self.mode, "cpu_split": self.split}
         if self.costs is not None:
             out["cpu_lane_costs"] = self.costs.describe()
             out["cpu_lane_slowdown"] = {"now": self.slowdown, "jobs_timed": self.jobs_timed}

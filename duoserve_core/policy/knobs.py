@@ -25,7 +25,7 @@ _CLASSES: dict[str, type[Policy]] = {"duoserve": DuoServePolicy, "uniform": Unif
                                      "resident": ResidentPolicy, "lru": LRUPolicy,
                                      "per-layer-lru": PerLayerLRUPolicy}
 POLICIES = tuple(_CLASSES)
-LANE_KNOBS = ("cpu_experts", "cpu_threads")  # every policy runs with them: ``effective`` keeps them
+LANE_KNOBS = ("cpu_experts", "cpu_threads", "cpu_split")  # every policy runs with them: ``effective`` keeps them
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class PolicyKnobs:
     router on layer l's input; ``copy_slack``: how many expert copies fit, in decode, between one layer's
     demand copies and the next layer's (the copy stream's idle stretch; see ``policy.duoserve``);
     ``cpu_experts``: the CPU lane (``policy.host_lane``: off, auto, or the forced all/half) and
-    ``cpu_threads`` its intra-op threads (None: torch's default), for every policy alike.
+    ``cpu_threads`` its intra-op threads (None: torch's default), for every policy alike; ``cpu_split``
+    the share of one expert the lane may compute while the copy path moves the rest (int4 records laid
+    out for it, ``experts.formats.SplitInt4Format``; 0: none), fixed when a runtime is built (it is the records' layout).
     A policy ignores the knobs it does not use (``Policy.uses``); the lane's knobs apply to all."""
 
     policy: str | Policy = "on-demand"
@@ -47,6 +49,7 @@ class PolicyKnobs:
     copy_slack: float = 1.0
     cpu_experts: str = "off"
     cpu_threads: int | None = None
+    cpu_split: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, str) and self.policy not in POLICIES:
@@ -71,6 +74,11 @@ class PolicyKnobs:
         n = self.cpu_threads
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise KnobError(f"cpu threads {n!r}: give a whole number of threads, at least 1 (e.g. --cpu-threads 8)")
+        f = self.cpu_split
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.0 <= f < 1.0:
+            raise KnobError(f"cpu split {f!r}: give the lane's share of a shared expert, 0 (none) or more and below 1 "
+                            "(e.g. --cpu-split 0.75)")
+        object.__setattr__(self, "cpu_split", float(f))
 
     def changed(self, **changes) -> "PolicyKnobs":
         """A copy with ``changes`` applied; a change of ``None`` keeps the current value (so a

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     replay = RoutingReplay(trace, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
     model = build_model(args.model_preset, quant=args.quant, attention_quant=args.quant_attention,
                         memory_budget=args.memory_budget, max_context=context, device_type=cal.raw["device_type"],
-                        num_layers=args.num_layers, devices=args.gpus)
+                        num_layers=args.num_layers, devices=args.gpus, cpu_split=args.cpu_split)
     assumptions = cal.assumptions(model.plan.devices)  # what each Simulator says in ``assumptions``
     for note in assumptions:
         print(f"note: {note}", file=sys.stderr)

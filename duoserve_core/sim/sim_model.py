@@ -94,16 +94,16 @@ def build_model(model: str | Path, *, quant: str = "nf4", attention_quant: str =
                 memory_budget: str | int = "all", max_context: int = 4096, device_type: str = "cuda",
                 dtype: torch.dtype | None = None, num_layers: int | None = None,
                 num_slots: int | None = None, devices: int = 1,
-                device_slots: list[int] | None = None) -> SimModel:
+                device_slots: list[int] | None = None, cpu_split: float = 0.0) -> SimModel:
     """The simulated model at a budget (on each of ``devices`` devices); ``num_slots`` (one device) or
     ``device_slots`` (one count per device) overrides the plan's slots, to mirror a measured run whose
-    slots are known."""
+    slots are known; ``cpu_split``: records laid out for a shared expert (``--cpu-split``, int4)."""
     name, config, checkpoint_dtype = open_config(model, num_layers)
     dtype = dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
     if max_context > config.max_position_embeddings:
         raise BudgetError(f"max_context {max_context} exceeds the model's context of "
                           f"{config.max_position_embeddings} tokens")
-    fmt = make_format(quant, config.hidden_size, config.intermediate_size, checkpoint_dtype)
+    fmt = make_format(quant, config.hidden_size, config.intermediate_size, checkpoint_dtype, cpu_split)
     dense = dense_bytes(build_skeleton(_ConfigOnly(config), dtype, attention_quant))
     unbounded = plan_memory(config, dense, fmt, None, max_context, dtype, device_type)
     full = unbounded.total_experts * fmt.nbytes + dense

@@ -43,7 +43,9 @@ Timing rules (every term comes from the calibration, ``sim.calibration``):
   runs the calibrated time for its tokens; at the layer's end the host queues, per result, the
   compute stream's hold until the lane is done and the result's copy into the layer's output
   (``per_expert`` host time each) and goes on: the compute stream, not the host, waits for the
-  lane (``experts.stream_gate``);
+  lane (``experts.stream_gate``); a shared expert (``--cpu-split``) runs its head on the lane at the
+  head's share of that time, and its tail's copy, relayout and kernels take the tail's share of a
+  record's (an assumption the H200 did not bear out: docs/cpu_lane.md, "A shared expert");
 - on a synchronous device (the CPU) the host waits for every operation.
 """
 
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batching import DEFAULT_SCHEDULE, Batcher, Request
+from ..errors import KnobError
 from ..events import CacheEvent, Event, EventBus, SpanEvent, StepEvent
 from ..runtime import check_arrivals
 from ..experts.cache import ExpertCache, stats_delta
@@ -165,11 +168,13 @@ class SimTransferEngine:
     (``device_slots``: slots per device, numbered as ``experts.transfer.TransferEngines`` does)."""
 
     def __init__(self, device_slots: list[int], record_bytes: int, clocks: Clocks, calibration: Calibration,
-                 events: EventBus, synchronous: bool):
+                 events: EventBus, synchronous: bool, tail_bytes: int = 0):
         self.device_of_slot = [d for d, n in enumerate(device_slots) for _ in range(n)]
         self.num_slots, self.devices, self.store = len(self.device_of_slot), len(device_slots), _Store(record_bytes)
         self.clocks, self.events, self.synchronous = clocks, events, synchronous
         self.copy_s = calibration.link_copy_s(record_bytes, self.devices)
+        # a shared expert's tail (``--cpu-split``): its share of a record's copy and of its relayout
+        self.tail_bytes, self.tail_share = tail_bytes, tail_bytes / record_bytes
         self.per_copy_s = calibration.per_copy_s
         # a landed record's relayout (int4 on CUDA), one after another on each device's relayout stream
         # while the copy stream goes on: it delays the record's use, not the next copy; its time is the
@@ -182,6 +187,24 @@ class SimTransferEngine:
         self.ready = [0.0] * self.num_slots   # when each slot's last copy lands (and is relaid)
         self.free = [0.0] * self.num_slots    # when each slot's last reader finishes
         self.relayouts = [0.0] * self.devices  # when each device's relayout stream is free
+        self.tail_ready = self.tail_free = 0.0  # the tail buffer's, as a slot's
+
+    def copy_tail(self, key: tuple[int, int]) -> None:
+        """A shared expert's tail into the first device's tail buffer: ``tail_share`` of a copy and a relayout."""
+        c = self.clocks
+        c.host += self.per_copy_s
+        start = max(c.copies[0], c.host, self.tail_free)
+        c.copies[0] = self.tail_ready = start + self.copy_s * self.tail_share
+        if self.synchronous:
+            c.host = c.copies[0]
+        self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.tail_bytes,
+                                   start_s=start, end_s=c.copies[0], device=0))
+        relayout_s = self.relayout_s[self.phase] * self.tail_share
+        if relayout_s:
+            begin = max(c.copies[0], self.relayouts[0])
+            self.relayouts[0] = self.tail_ready = begin + relayout_s
+            self.events.emit(SpanEvent("whole", "relayout", "relayout", key[0], key[1],
+                                       start_s=begin, end_s=self.tail_ready, device=0))
 
     def copy_in(self, index: int, key: tuple[int, int]) -> None:
         c, d = self.clocks, self.device_of_slot[index]
@@ -213,6 +236,7 @@ class _SimLayer:
         self.sim, self.phase, self.counts = sim, phase, counts
         self.not_before = 0.0
         self.on_host = 0  # experts given to the CPU lane this layer
+        self.tail_bytes = sim.engine.tail_bytes
         self.routed, self.peer_in_s, self.peer_out_s = routed, peer_in_s, peer_out_s
         self.peer_in = [0.0] * sim.devices  # when the layer's inputs reached each device
         self.used: set[int] = set()
@@ -220,13 +244,14 @@ class _SimLayer:
     def wait_ready(self, slot: int) -> None:
         self.not_before = self.sim.engine.ready[slot]
 
-    def compute(self, layer: int, expert: int, slot: int) -> None:
+    def compute(self, layer: int, expert: int, slot: int, share: float = 1.0) -> None:
+        """Expert ``expert`` from ``slot`` (-1: the tail buffer, ``share`` of an expert's work)."""
         cal, c = self.sim.cal, self.sim.clocks
-        d = self.sim.engine.device_of_slot[slot]
+        d = self.sim.engine.device_of_slot[slot] if slot >= 0 else 0
         if d and d not in self.used:  # the layer's inputs leave on the side stream once the router is done
             self.used.add(d)
             self.peer_in[d] = max(self.routed, c.host) + self.peer_in_s
-        device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert])
+        device_s = cal.expert_device_s(self.sim.fmt, self.phase, self.counts[expert]) * share
         if cal.synchronous:
             c.host += cal.per_expert(self.phase)
         start = max(c.computes[d], c.host, self.not_before + (cal.peer_in_s if d else 0.0), self.peer_in[d])
@@ -250,8 +275,19 @@ class _SimLayer:
             if self.sim.cal.synchronous:
                 c.host = c.compute
 
-    def compute_on_host(self, layer: int, expert: int) -> None:
-        c, lane_s = self.sim.clocks, self.sim.host_lane_s(self.counts[expert])
+    def copy_tail(self, layer: int, expert: int) -> None:
+        self.sim.engine.copy_tail((layer, expert))
+
+    def compute_tail(self, layer: int, expert: int) -> None:
+        self.not_before = self.sim.engine.tail_ready
+        self.compute(layer, expert, -1, self.sim.engine.tail_share)
+        self.sim.engine.tail_free = self.sim.clocks.computes[0]
+
+    def compute_on_host(self, layer: int, expert: int, head_only: bool = False) -> None:
+        """An expert on the CPU lane at its calibrated time (``head_only``: a shared expert's head, the
+        lane's share of that time)."""
+        share = self.sim.model.format.fraction if head_only else 1.0
+        c, lane_s = self.sim.clocks, self.sim.host_lane_s(self.counts[expert]) * share
         start = max(c.cpu, c.host)
         c.cpu = start + lane_s
         if self.sim.cal.synchronous:
@@ -260,7 +296,7 @@ class _SimLayer:
         self.sim.events.emit(SpanEvent("whole", "cpu", "expert", layer, expert, start_s=start, end_s=c.cpu))
         # as the runtime reports each lane job's time (a layer later there): at the calibrated speed the
         # rule's slowdown stays 1, so only a lane made slower than its costs (a study, a test) moves it
-        self.sim.host_lane.observe(self.counts[expert], lane_s)
+        self.sim.host_lane.observe(self.counts[expert], lane_s / share)
 
     def finish_host(self) -> None:
         c = self.sim.clocks
@@ -328,8 +364,13 @@ class Simulator:
         self.events.subscribe(self.timeline.on_event)
         self.events.subscribe(self._track_peak)
         self.devices = model.plan.devices
+        if bool(self.knobs.cpu_split) != bool(model.format.fraction):
+            raise KnobError(f"cpu_split {self.knobs.cpu_split} but the model's records are "
+                            + (f"split at {model.format.fraction:.3g}" if model.format.fraction else "not split")
+                            + ": build the model with build_model(..., cpu_split=...) as the knob says")
         self.engine = SimTransferEngine(model.plan.device_slots or [model.plan.num_slots], model.format.nbytes,
-                                        self.clocks, calibration, self.events, calibration.synchronous)
+                                        self.clocks, calibration, self.events, calibration.synchronous,
+                                        model.format.tail_bytes)
         self.assumptions = calibration.assumptions(self.devices)  # what several GPUs' timing assumes
         self.cache = ExpertCache(self.engine, self.policy, self.L, self.E, self.events)
         inner.attach(self.cache)
@@ -356,7 +397,7 @@ class Simulator:
         costs = LaneCosts(self.engine.copy_s + self.engine.relayout_s["decode"], self.host_lane_s,  # as the runtime times a copy
                           lambda tokens: calibration.expert_device_s(self.fmt, "decode", tokens),
                           threads, source=f"calibration {calibration.where}")
-        return HostLane(mode, costs)
+        return HostLane(mode, costs, split=self.model.format.fraction)
 
     def _track_peak(self, event: Event) -> None:
         if isinstance(event, CacheEvent):
