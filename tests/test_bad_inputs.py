@@ -116,6 +116,9 @@ KNOBS = [  # every CLI that takes the schedule's knobs
     (("--predictor-threshold", "-0.1"), "threshold"),
     (("--copy-slack", "-1"), "slack"),
     (("--copy-slack", "inf"), "slack"),
+    (("--cpu-threads", "0"), "cpu threads"),
+    (("--cpu-split", "1.5"), "cpu split"),
+    (("--cpu-split", "0.5"), "needs --quant int4"),  # every base run uses NF4 experts
 ]
 DEVICES = [
     (("--device", "cuda:7"), "cuda:7"),

@@ -153,9 +153,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         raise DuoServeError("--sweep estimates one GPU's caches at every slot count; drop --gpus, or compare "
                             "GPUs in the replay or QoS view")
     replay = RoutingReplay(trace, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok)
+    knobs = knobs_from_args(args)  # checked before the model: --cpu-split also shapes its records
     model = build_model(args.model_preset, quant=args.quant, attention_quant=args.quant_attention,
                         memory_budget=args.memory_budget, max_context=context, device_type=cal.raw["device_type"],
-                        num_layers=args.num_layers, devices=args.gpus, cpu_split=args.cpu_split)
+                        num_layers=args.num_layers, devices=args.gpus, cpu_split=knobs.cpu_split)
     assumptions = cal.assumptions(model.plan.devices)  # what each Simulator says in ``assumptions``
     for note in assumptions:
         print(f"note: {note}", file=sys.stderr)
@@ -174,7 +175,6 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         _print_sweep(rows, model.plan.num_slots)
         return record
     policies = args.policy.split(",")
-    knobs = knobs_from_args(args)
     for policy in policies:  # every name and knob checked before any run
         knobs.changed(policy=policy)
     results, skipped = {}, {}
