@@ -276,8 +276,6 @@ class SplitInt4Format(ExpertFormat):
     """``Int4Format``'s values as a head of ``split`` intermediate units and a tail of the rest
     (``--cpu-split``): the CPU lane and the copy path can share one expert.
 
-    Int4 records laid out as two sub-experts, so that the CPU lane and the copy path can share one expert.
-
     Why: at batch 1 a layer with two missed experts waits for the longer of one copy (1.91 ms with its
     relayout on the H200) and one expert on the CPU lane (2.84 ms): the lane's expert is the layer's
     longest path (docs/cpu_lane.md). An expert's output is a sum over its intermediate units,
@@ -397,10 +395,10 @@ class SplitInt4Format(ExpertFormat):
 
     def head_job(self, record: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         """A shared expert's lane part: ``out = head(x)``, unweighted (the GPU adds the tail, then weights)."""
-        ones = torch.ones(x.shape[0], dtype=x.dtype)
         if record.device.type != "cpu" or not self.cpu_kernel:
             out.copy_(self.head.forward(self.head_of(record), x))
             return
+        ones = torch.ones(x.shape[0], dtype=x.dtype)
         int4.cpu_expert_into()(record, record.view(int4.SCALE_DTYPE), [self._head_spans], self.group, x, ones, out)
 
     def prepare_host_job(self) -> None:

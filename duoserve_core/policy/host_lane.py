@@ -161,7 +161,7 @@ class HostLane:
         return LaneChoice(set(chosen), shared)
 
     def describe(self) -> dict:
-        out: dict = {"cpu_experts": self.mode, "cpu_split": self.split}
+        out: dict = {"cpu_experts": self.mode}
         if self.costs is not None:
             out["cpu_lane_costs"] = self.costs.describe()
             out["cpu_lane_slowdown"] = {"now": self.slowdown, "jobs_timed": self.jobs_timed}

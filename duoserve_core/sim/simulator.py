@@ -191,36 +191,30 @@ class SimTransferEngine:
 
     def copy_tail(self, key: tuple[int, int]) -> None:
         """A shared expert's tail into the first device's tail buffer: ``tail_share`` of a copy and a relayout."""
-        c = self.clocks
-        c.host += self.per_copy_s
-        start = max(c.copies[0], c.host, self.tail_free)
-        c.copies[0] = self.tail_ready = start + self.copy_s * self.tail_share
-        if self.synchronous:
-            c.host = c.copies[0]
-        self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.tail_bytes,
-                                   start_s=start, end_s=c.copies[0], device=0))
-        relayout_s = self.relayout_s[self.phase] * self.tail_share
-        if relayout_s:
-            begin = max(c.copies[0], self.relayouts[0])
-            self.relayouts[0] = self.tail_ready = begin + relayout_s
-            self.events.emit(SpanEvent("whole", "relayout", "relayout", key[0], key[1],
-                                       start_s=begin, end_s=self.tail_ready, device=0))
+        self.tail_ready = self._copy(key, 0, self.tail_free, self.tail_share, self.tail_bytes)
 
     def copy_in(self, index: int, key: tuple[int, int]) -> None:
-        c, d = self.clocks, self.device_of_slot[index]
+        d = self.device_of_slot[index]
+        self.ready[index] = self._copy(key, d, self.free[index], 1.0, self.store.record_bytes)
+
+    def _copy(self, key: tuple[int, int], d: int, not_before: float, share: float, nbytes: int) -> float:
+        """``share`` of a record's copy on device ``d``'s link, after ``not_before`` (its buffer's last reader),
+        then that share of its relayout; returns when the buffer is usable."""
+        c = self.clocks
         c.host += self.per_copy_s
-        start = max(c.copies[d], c.host, self.free[index])
-        c.copies[d] = self.ready[index] = start + self.copy_s
+        start = max(c.copies[d], c.host, not_before)
+        c.copies[d] = ready = start + self.copy_s * share
         if self.synchronous:
             c.host = c.copies[d]
-        self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], self.store.record_bytes,
+        self.events.emit(SpanEvent("whole", "copy", "h2d", key[0], key[1], nbytes,
                                    start_s=start, end_s=c.copies[d], device=d))
-        relayout_s = self.relayout_s[self.phase]
+        relayout_s = self.relayout_s[self.phase] * share
         if relayout_s:
             begin = max(c.copies[d], self.relayouts[d])
-            self.relayouts[d] = self.ready[index] = begin + relayout_s
+            self.relayouts[d] = ready = begin + relayout_s
             self.events.emit(SpanEvent("whole", "relayout", "relayout", key[0], key[1],
-                                       start_s=begin, end_s=self.ready[index], device=d))
+                                       start_s=begin, end_s=ready, device=d))
+        return ready
 
 
 class _SimLayer:
