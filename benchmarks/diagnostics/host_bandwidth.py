@@ -45,20 +45,6 @@ def packed_record(fmt: SplitInt4Format, pin: bool) -> torch.Tensor:
     return record
 
 
-def lane_times(worker: HostLaneWorker, job, repeats: int) -> list[float]:
-    """``job()`` ``repeats`` times on the lane's thread (one warm-up first), each timed."""
-    def run() -> list[float]:
-        with torch.inference_mode():
-            job()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                job()
-                times.append(time.perf_counter() - t0)
-        return times
-    return worker._pool.submit(run).result()
-
-
 def copy_rate(copies: BackgroundCopies, nbytes: int, seconds: float) -> float:
     """GB/s of the running copies over ``seconds``."""
     start, t0 = copies.copies, time.perf_counter()
@@ -89,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         with BackgroundCopies(record, into) as copies:
             rows.append({"case": "copies alone", "copy_GBps": copy_rate(copies, fmt.nbytes, 1.0)})
     for name, (job, nbytes) in jobs.items():
-        ms = statistics.median(lane_times(worker, job, args.repeats)) * 1e3
+        ms = statistics.median(worker.time_job(job, args.repeats)) * 1e3
         rows.append({"case": f"lane alone: {name}", "lane_ms": ms, "lane_GBps": nbytes / ms / 1e6})
         if cuda:
             with BackgroundCopies(record, into) as copies:
                 start, t0 = copies.copies, time.perf_counter()
-                times = lane_times(worker, job, args.repeats)
+                times = worker.time_job(job, args.repeats)
                 rate = (copies.copies - start) * fmt.nbytes / (time.perf_counter() - t0) / 1e9
             ms = statistics.median(times) * 1e3
             rows.append({"case": f"lane beside copies: {name}", "lane_ms": ms, "lane_GBps": nbytes / ms / 1e6,

@@ -159,20 +159,25 @@ class HostLaneWorker:
             job.clear()
         return start, time.perf_counter()
 
-    def time_expert(self, record: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
-        """Median seconds of one expert on this lane for ``tokens`` tokens (on the worker's thread)."""
-        def run() -> float:
-            x = torch.randn(tokens, self.fmt.hidden, dtype=dtype)
-            weights, out = torch.ones(tokens), torch.empty_like(x)
+    def time_job(self, job, repeats: int) -> list[float]:
+        """Seconds of each of ``repeats`` calls of ``job()`` on this lane's thread, after one untimed call
+        (first-call allocations and kernel selection)."""
+        def run() -> list[float]:
             with torch.inference_mode():
-                self.fmt.host_job(record, x, weights, out)  # warm-up: first-call allocations and kernel selection
+                job()
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    self.fmt.host_job(record, x, weights, out)
+                    job()
                     times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+            return times
         return self._pool.submit(run).result()
+
+    def time_expert(self, record: torch.Tensor, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
+        """Median seconds of one expert on this lane for ``tokens`` tokens (on the worker's thread)."""
+        x = torch.randn(tokens, self.fmt.hidden, dtype=dtype)
+        weights, out = torch.ones(tokens), torch.empty_like(x)
+        return statistics.median(self.time_job(lambda: self.fmt.host_job(record, x, weights, out), repeats))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
